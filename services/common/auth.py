@@ -1,0 +1,115 @@
+"""Who is calling: bearer token -> Principal, resolved once per call and kept in a context variable."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from services.common.errors import Unauthenticated, Unavailable
+from vers.registry.v1 import registry_pb2, registry_pb2_grpc
+
+
+@dataclass(frozen=True)
+class Principal:
+    org_id: str
+    org_name: str
+    key_id: str
+    key_label: str
+    is_admin: bool
+    token: str
+
+
+_current: ContextVar[Principal | None] = ContextVar("vers_principal", default=None)
+
+
+def current_principal() -> Principal:
+    principal = _current.get()
+    if principal is None:
+        raise Unauthenticated("this call needs an API key: send the header 'Authorization: Bearer <key>'")
+    return principal
+
+
+def set_principal(principal: Principal | None):  # type: ignore[no-untyped-def]
+    return _current.set(principal)
+
+
+def reset_principal(token) -> None:  # type: ignore[no-untyped-def]
+    _current.reset(token)
+
+
+def caller_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata that forwards the caller's own token to a peer service."""
+    return (("authorization", f"Bearer {current_principal().token}"),)
+
+
+def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+    for key, value in metadata or ():
+        if key.lower() == "authorization" and isinstance(value, str):
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return ""
+
+
+def hash_token(token: str) -> str:
+    # Keys are 256-bit random secrets, so a plain SHA-256 is enough to store them safely.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenResolver(Protocol):
+    async def resolve(self, token: str) -> Principal:
+        """Return the principal behind `token`, or raise Unauthenticated."""
+        ...
+
+
+class CachedResolver:
+    """Trusts a resolved token for a few seconds, so a burst of calls asks the registry once."""
+
+    def __init__(self, inner: TokenResolver, ttl_seconds: float) -> None:
+        self._inner = inner
+        self._ttl = ttl_seconds
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    async def resolve(self, token: str) -> Principal:
+        key = hash_token(token)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit and hit[0] > now:
+            return hit[1]
+        principal = await self._inner.resolve(token)
+        if len(self._cache) > 10_000:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        self._cache[key] = (now + self._ttl, principal)
+        return principal
+
+
+class RegistryResolver:
+    """Resolves tokens through the registry's Authenticate RPC (every service but the registry)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = registry_pb2_grpc.RegistryServiceStub(channel)
+
+    async def resolve(self, token: str) -> Principal:
+        try:
+            answer = await self._stub.Authenticate(
+                registry_pb2.AuthenticateRequest(),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise Unauthenticated(error.details() or "invalid API key") from None
+            raise Unavailable(f"cannot check the API key: registry answered {error.code().name}") from None
+        return Principal(
+            org_id=answer.org.id,
+            org_name=answer.org.name,
+            key_id=answer.api_key.id,
+            key_label=answer.api_key.label,
+            is_admin=answer.api_key.is_admin,
+            token=token,
+        )

@@ -1,0 +1,81 @@
+"""The one database module: an async engine per service database, SQLite by default, PostgreSQL by URL.
+
+SQLite gets WAL (readers never block the writer), busy_timeout, foreign keys, and write transactions
+that start with BEGIN IMMEDIATE: the write lock is taken up front, so a transaction that reads and
+then writes never has to upgrade its lock and cannot fail with "database is locked" midway. Writes of
+one process are also serialized in-process, so they queue on an asyncio lock instead of SQLite's.
+The models and queries are portable SQL; PostgreSQL runs them with ordinary transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager, nullcontext
+from pathlib import Path
+
+from sqlalchemy import Table, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
+    engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        # Leave transaction control to the "begin" hook below, not to the driver.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql(begin)
+
+    return engine
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            if parsed.database:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self._read_engine = _sqlite_engine(url, "BEGIN")
+            self._write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE")
+            self._write_lock: asyncio.Lock | None = asyncio.Lock()
+        else:
+            self._read_engine = self._write_engine = create_async_engine(url, pool_pre_ping=True)
+            self._write_lock = None
+
+    async def create_tables(self, tables: Iterable[Table]) -> None:
+        async with self._write_engine.begin() as conn:
+            await conn.run_sync(SQLModel.metadata.create_all, tables=list(tables))
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(self._read_engine, expire_on_commit=False) as session:
+            yield session
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A transaction that commits when the block ends and rolls back if it raises."""
+        async with self._write_lock or nullcontext():
+            async with AsyncSession(self._write_engine, expire_on_commit=False) as session:
+                async with session.begin():
+                    yield session
+
+    async def close(self) -> None:
+        await self._read_engine.dispose()
+        if self._write_engine is not self._read_engine:
+            await self._write_engine.dispose()

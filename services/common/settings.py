@@ -1,0 +1,67 @@
+"""Settings of every process, read once from the environment (deploy/vers.env lists them all)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICES = ("registry", "tagging", "orchestrator")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(Path(".vers"), validation_alias="VERS_DATA_DIR")
+    log_level: str = Field("INFO", validation_alias="VERS_LOG_LEVEL")
+
+    # Where each service is reached by its peers and by the gateway.
+    registry_addr: str = Field("127.0.0.1:50051", validation_alias="REGISTRY_ADDR")
+    tagging_addr: str = Field("127.0.0.1:50052", validation_alias="TAGGING_ADDR")
+    orchestrator_addr: str = Field("127.0.0.1:50053", validation_alias="ORCHESTRATOR_ADDR")
+    # Where each service listens; its *_ADDR when empty (set e.g. 0.0.0.0:50051 in a container).
+    registry_listen_addr: str = Field("", validation_alias="REGISTRY_LISTEN_ADDR")
+    tagging_listen_addr: str = Field("", validation_alias="TAGGING_LISTEN_ADDR")
+    orchestrator_listen_addr: str = Field("", validation_alias="ORCHESTRATOR_LISTEN_ADDR")
+
+    # SQLAlchemy URLs; SQLite files in the data folder when empty.
+    registry_database_url: str = Field("", validation_alias="REGISTRY_DATABASE_URL")
+    tagging_database_url: str = Field("", validation_alias="TAGGING_DATABASE_URL")
+    orchestrator_database_url: str = Field("", validation_alias="ORCHESTRATOR_DATABASE_URL")
+
+    http_host: str = Field("127.0.0.1", validation_alias="VERS_HTTP_HOST")
+    http_port: int = Field(8080, validation_alias="VERS_HTTP_PORT")
+    http_max_body_bytes: int = Field(4 * 1024 * 1024, validation_alias="VERS_HTTP_MAX_BODY_BYTES")
+
+    # How long a resolved bearer token is trusted before asking the registry again.
+    auth_cache_seconds: float = Field(5.0, validation_alias="VERS_AUTH_CACHE_SECONDS")
+    # How long in-flight calls may finish after SIGTERM.
+    shutdown_grace_seconds: float = Field(5.0, validation_alias="VERS_SHUTDOWN_GRACE_SECONDS")
+
+    def addr(self, service: str) -> str:
+        return getattr(self, f"{service}_addr")
+
+    def listen_addr(self, service: str) -> str:
+        return getattr(self, f"{service}_listen_addr") or self.addr(service)
+
+    def database_url(self, service: str) -> str:
+        url = getattr(self, f"{service}_database_url")
+        if url:
+            return url
+        return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    @property
+    def admin_key_file(self) -> Path:
+        """The platform administrator's API key, written by the registry on its first start."""
+        return self.data_dir / "admin.key"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from services.common.auth import CachedResolver
+from services.common.db import Database
+from services.common.errors import Unauthenticated
+from services.common.server import Service
+from services.common.settings import Settings
+from services.registry.models import TABLES
+from services.registry.servicer import RegistryServicer
+from services.registry.store import RegistryStore
+from vers.registry.v1 import registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# The org that publishes the supported images; the administrator's key belongs to it.
+PLATFORM_ORG = "vers"
+
+
+async def ensure_admin_key(store: RegistryStore, platform_org_id: str, key_file: Path) -> None:
+    """Make sure `key_file` holds a working administrator key, creating one on the first start."""
+    if key_file.exists():
+        try:
+            if (await store.resolve(key_file.read_text().strip())).is_admin:
+                return
+        except Unauthenticated:
+            log.warning("%s holds an unknown key; writing a new administrator key", key_file)
+    new_key = await store.create_api_key(platform_org_id, "platform administrator", is_admin=True)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = key_file.with_suffix(".tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(new_key.token + "\n")
+    partial.replace(key_file)
+    log.info("administrator key written to %s", key_file)
+
+
+async def build(settings: Settings) -> Service:
+    db = Database(settings.database_url("registry"))
+    await db.create_tables(TABLES)
+    store = RegistryStore(db)
+    platform_org = await store.ensure_org(PLATFORM_ORG)
+    await ensure_admin_key(store, platform_org.id, settings.admin_key_file)
+    servicer = RegistryServicer(store)
+    return Service(
+        name="registry",
+        service_names=[registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name],
+        register=lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server),
+        resolver=CachedResolver(store, settings.auth_cache_seconds),
+        on_close=[db.close],
+    )

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, DateTime, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from services.common.timestamps import utcnow
+
+
+def _time_column(nullable: bool = False) -> Column:  # type: ignore[type-arg]
+    return Column(DateTime(timezone=True), nullable=nullable)
+
+
+class OrgRow(SQLModel, table=True):
+    __tablename__ = "orgs"
+
+    id: str = Field(primary_key=True)
+    name: str = Field(unique=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time_column())
+
+
+class ApiKeyRow(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True)
+    org_id: str = Field(foreign_key="orgs.id", index=True, ondelete="CASCADE")
+    label: str = ""
+    token_hash: str = Field(unique=True)
+    is_admin: bool = False
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time_column())
+    expires_at: datetime | None = Field(default=None, sa_column=_time_column(nullable=True))
+
+
+class RepositoryRow(SQLModel, table=True):
+    __tablename__ = "repositories"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_repositories_org_name"),)
+
+    id: str = Field(primary_key=True)
+    org_id: str = Field(foreign_key="orgs.id", index=True, ondelete="CASCADE")
+    name: str
+    description: str = ""
+    is_public: bool = Field(default=False, index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time_column())
+
+
+TABLES = [OrgRow.__table__, ApiKeyRow.__table__, RepositoryRow.__table__]  # type: ignore[attr-defined]

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import grpc
+
+from services.common.auth import bearer_token, current_principal
+from services.common.errors import Unauthenticated
+from services.common.timestamps import to_timestamp
+from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow
+from services.registry.store import PublicRepo, RegistryStore
+from vers.registry.v1 import registry_pb2 as pb
+from vers.registry.v1 import registry_pb2_grpc
+
+
+def org_pb(org: OrgRow) -> pb.Org:
+    return pb.Org(id=org.id, name=org.name, created_at=to_timestamp(org.created_at))
+
+
+def key_pb(key: ApiKeyRow) -> pb.ApiKey:
+    return pb.ApiKey(
+        id=key.id,
+        label=key.label,
+        created_at=to_timestamp(key.created_at),
+        expires_at=to_timestamp(key.expires_at),
+        is_admin=key.is_admin,
+    )
+
+
+def repository_pb(repo: RepositoryRow) -> pb.Repository:
+    return pb.Repository(
+        repo_id=repo.id,
+        name=repo.name,
+        description=repo.description,
+        is_public=repo.is_public,
+        created_at=to_timestamp(repo.created_at),
+    )
+
+
+def public_repository_pb(public: PublicRepo) -> pb.PublicRepository:
+    repo = public.repo
+    return pb.PublicRepository(
+        repo_id=repo.id,
+        name=repo.name,
+        org_name=public.org_name,
+        full_name=f"{public.org_name}/{repo.name}",
+        description=repo.description,
+        created_at=to_timestamp(repo.created_at),
+    )
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, store: RegistryStore) -> None:
+        self.store = store
+
+    async def Authenticate(self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext) -> pb.AuthenticateResponse:
+        caller = current_principal()
+        key = await self.store.get_api_key(caller.key_id)
+        return pb.AuthenticateResponse(org=pb.Org(id=caller.org_id, name=caller.org_name), api_key=key_pb(key))
+
+    async def ValidateKey(self, request: pb.ValidateKeyRequest, context: grpc.aio.ServicerContext) -> pb.ValidateKeyResponse:
+        token = request.api_key or bearer_token(context.invocation_metadata())
+        if not token:
+            return pb.ValidateKeyResponse(valid=False, message="no API key given: send it as api_key or as the bearer token")
+        try:
+            principal = await self.store.resolve(token)
+        except Unauthenticated as error:
+            return pb.ValidateKeyResponse(valid=False, message=error.message)
+        return pb.ValidateKeyResponse(valid=True, message=f"valid API key of organization {principal.org_name!r}")
+
+    async def CreateOrg(self, request: pb.CreateOrgRequest, context: grpc.aio.ServicerContext) -> pb.CreateOrgResponse:
+        org, new_key = await self.store.create_org(request.name)
+        return pb.CreateOrgResponse(org=org_pb(org), api_key=key_pb(new_key.key), token=new_key.token)
+
+    async def ListOrgs(self, request: pb.ListOrgsRequest, context: grpc.aio.ServicerContext) -> pb.ListOrgsResponse:
+        return pb.ListOrgsResponse(orgs=[org_pb(org) for org in await self.store.list_orgs()])
+
+    async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.CreateApiKeyResponse:
+        new_key = await self.store.create_api_key(current_principal().org_id, request.label)
+        return pb.CreateApiKeyResponse(api_key=key_pb(new_key.key), token=new_key.token)
+
+    async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: grpc.aio.ServicerContext) -> pb.ListApiKeysResponse:
+        keys = await self.store.list_api_keys(current_principal().org_id)
+        return pb.ListApiKeysResponse(api_keys=[key_pb(key) for key in keys])
+
+    async def DeleteApiKey(self, request: pb.DeleteApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.DeleteApiKeyResponse:
+        await self.store.delete_api_key(current_principal().org_id, request.key_id)
+        return pb.DeleteApiKeyResponse()
+
+    async def CreateRepository(self, request: pb.CreateRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.CreateRepositoryResponse:
+        repo = await self.store.create_repository(current_principal().org_id, request.name, request.description)
+        return pb.CreateRepositoryResponse(repo_id=repo.id, name=repo.name)
+
+    async def ListRepositories(self, request: pb.ListRepositoriesRequest, context: grpc.aio.ServicerContext) -> pb.ListRepositoriesResponse:
+        repos = await self.store.list_repositories(current_principal().org_id)
+        return pb.ListRepositoriesResponse(repositories=[repository_pb(repo) for repo in repos])
+
+    async def GetRepository(self, request: pb.GetRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.GetRepositoryResponse:
+        repo = await self.store.get_repository(current_principal().org_id, request.repo_name)
+        return pb.GetRepositoryResponse(repository=repository_pb(repo))
+
+    async def DeleteRepository(self, request: pb.DeleteRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryResponse:
+        # Tags refer to the repository's id, so a repository made again under this name starts empty.
+        await self.store.delete_repository(current_principal().org_id, request.repo_name)
+        return pb.DeleteRepositoryResponse()
+
+    async def SetRepositoryVisibility(
+        self, request: pb.SetRepositoryVisibilityRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetRepositoryVisibilityResponse:
+        repo = await self.store.set_visibility(current_principal().org_id, request.repo_name, request.is_public)
+        return pb.SetRepositoryVisibilityResponse(repository=repository_pb(repo))
+
+    async def ListPublicRepositories(
+        self, request: pb.ListPublicRepositoriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPublicRepositoriesResponse:
+        repos = await self.store.list_public_repositories()
+        return pb.ListPublicRepositoriesResponse(repositories=[public_repository_pb(repo) for repo in repos])
+
+    async def GetPublicRepository(
+        self, request: pb.GetPublicRepositoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetPublicRepositoryResponse:
+        repo = await self.store.get_public_repository(request.org_name, request.repo_name)
+        return pb.GetPublicRepositoryResponse(repository=public_repository_pb(repo))
