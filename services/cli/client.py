@@ -1,0 +1,44 @@
+"""The REST client the `vers` command and the platform launcher use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+class Unreachable(Exception):
+    pass
+
+
+class ApiClient:
+    def __init__(self, base_url: str, api_key: str = "", timeout: float = 600.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise Unreachable(f"cannot reach the Vers API at {self.base_url}: {error}") from None
+        if response.is_success:
+            return response.json() if response.content else None
+        try:
+            body = response.json()
+            raise ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""))
+        except ValueError:
+            raise ApiError(response.status_code, response.text.strip() or response.reason_phrase) from None
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,154 @@
+"""The REST gateway: holds no business logic; every route comes from a descriptor's google.api.http option."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import grpc
+from google.protobuf import message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.common.settings import SERVICES, Settings
+from services.gateway.bindings import Binding, all_bindings
+from services.gateway.openapi import openapi_document
+from services.gateway.transcode import BadRequest, build_request, response_json
+
+log = logging.getLogger(__name__)
+
+# grpc-gateway's mapping of gRPC status codes to HTTP.
+HTTP_STATUS = {
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+_STATUS_CODE_NAMES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
+# Forwarded from HTTP to gRPC so every service checks the caller itself.
+FORWARDED_HEADERS = ("authorization", "x-request-id")
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "success": False, "code": code}, status_code=status)
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bindings = all_bindings()
+        self.channels: dict[str, grpc.aio.Channel] = {}
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        self.channels = {name: grpc.aio.insecure_channel(self.settings.addr(name)) for name in SERVICES}
+        try:
+            yield
+        finally:
+            for channel in self.channels.values():
+                await channel.close()
+
+    def endpoint(self, binding: Binding) -> Callable[[Request], Awaitable[Response]]:
+        request_class = message_factory.GetMessageClass(binding.method.input_type)
+        response_class = message_factory.GetMessageClass(binding.method.output_type)
+
+        async def handle(request: Request) -> Response:
+            if binding.streaming:
+                return error_response(501, "UNIMPLEMENTED", f"{binding.path} is a stream: open it as a WebSocket")
+            try:
+                body = await read_body(request, self.settings.http_max_body_bytes)
+                message = build_request(
+                    binding, request_class(), request.path_params, request.query_params.multi_items(), body
+                )
+            except PayloadTooLarge:
+                limit = self.settings.http_max_body_bytes
+                return error_response(413, "RESOURCE_EXHAUSTED", f"request body is larger than {limit} bytes")
+            except BadRequest as error:
+                return error_response(400, "INVALID_ARGUMENT", str(error))
+            call = self.channels[binding.backend].unary_unary(
+                binding.grpc_path,
+                request_serializer=request_class.SerializeToString,
+                response_deserializer=response_class.FromString,
+            )
+            metadata = tuple((name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers)
+            try:
+                answer = await call(message, metadata=metadata)
+            except grpc.aio.AioRpcError as error:
+                details = error.details() or error.code().name
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    details = f"the {binding.backend} service is unavailable: {details}"
+                return error_response(HTTP_STATUS.get(error.code(), 500), error.code().name, details)
+            if binding.success_code == 204:
+                return Response(status_code=204)
+            return JSONResponse(response_json(binding, answer), status_code=binding.success_code)
+
+        handle.__name__ = binding.method.name
+        return handle
+
+    async def healthz(self, _request: Request) -> Response:
+        states = {}
+        for name, channel in self.channels.items():
+            try:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                states[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+            except grpc.aio.AioRpcError as error:
+                states[name] = error.code().name
+        healthy = all(state == "SERVING" for state in states.values())
+        return JSONResponse({"status": "ok" if healthy else "degraded", "services": states}, status_code=200 if healthy else 503)
+
+    async def openapi(self, _request: Request) -> Response:
+        return JSONResponse(openapi_document(self.bindings))
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    code = _STATUS_CODE_NAMES.get(error.status_code, "UNKNOWN")
+    if error.status_code == 404:
+        return error_response(404, code, f"no such endpoint: {request.method} {request.url.path}")
+    if error.status_code == 405:
+        return error_response(405, code, f"{request.method} is not allowed on {request.url.path}")
+    return error_response(error.status_code, code, str(error.detail))
+
+
+def create_app(settings: Settings) -> Starlette:
+    gateway = Gateway(settings)
+    routes = [
+        Route("/openapi.json", gateway.openapi, methods=["GET"]),
+        Route("/healthz", gateway.healthz, methods=["GET"]),
+        *(Route(b.path, gateway.endpoint(b), methods=[b.verb]) for b in gateway.bindings),
+    ]
+    return Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: _http_error})

@@ -1,0 +1,124 @@
+"""JSON <-> protobuf for one binding: path variables, query parameters and body into the request,
+the response (or its `response_body` field) into JSON with every declared field present."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from services.gateway.bindings import Binding
+
+_TRUE = {"true", "1", "yes", "on", ""}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class BadRequest(ValueError):
+    """The HTTP request cannot become the RPC's request message; the message says what to fix."""
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def _field_names(descriptor: Descriptor) -> str:
+    return ", ".join(field.name for field in descriptor.fields)
+
+
+def _query_value(field: FieldDescriptor, name: str, value: str) -> Any:
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        lowered = value.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise BadRequest(f"query parameter {name!r} must be true or false, not {value!r}")
+    return value
+
+
+def _place_query(target: dict[str, Any], descriptor: Descriptor, name: str, values: Sequence[str], allowed: str) -> None:
+    head, _, rest = name.partition(".")
+    field = descriptor.fields_by_name.get(head)
+    if field is None:
+        raise BadRequest(f"unknown query parameter {name!r}; this endpoint takes: {allowed or 'none'}")
+    if rest:
+        if field.message_type is None or _is_map(field) or field.is_repeated:
+            raise BadRequest(f"query parameter {name!r}: {head!r} has no fields")
+        _place_query(target.setdefault(head, {}), field.message_type, rest, values, allowed)
+    elif field.is_repeated:
+        target[head] = [_query_value(field, name, value) for value in values]
+    elif field.message_type is not None:
+        raise BadRequest(f"query parameter {name!r} is an object: send it in the JSON body")
+    else:
+        target[head] = _query_value(field, name, values[-1])
+
+
+def _parse(data: Any, message: Message, where: str) -> None:
+    try:
+        json_format.ParseDict(data, message)
+    except json_format.ParseError as error:
+        raise BadRequest(f"{where}: {error}") from None
+
+
+def build_request(
+    binding: Binding,
+    message: Message,
+    path_params: Mapping[str, str],
+    query: Sequence[tuple[str, str]],
+    body: bytes,
+) -> Message:
+    descriptor = message.DESCRIPTOR
+    if body.strip():
+        if not binding.body:
+            raise BadRequest(f"{binding.verb} {binding.path} takes no request body")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise BadRequest(f"request body is not valid JSON: {error}") from None
+        if binding.body == "*":
+            if not isinstance(data, dict):
+                raise BadRequest(f"request body must be a JSON object with fields: {_field_names(descriptor)}")
+            path_fields = set(binding.path_params) & set(data)
+            if path_fields:
+                raise BadRequest(f"{', '.join(sorted(path_fields))} comes from the URL path, not the body")
+            _parse(data, message, "request body")
+        else:
+            _parse({binding.body: data}, message, "request body")
+    grouped: dict[str, list[str]] = {}
+    for name, value in query:
+        grouped.setdefault(name, []).append(value)
+    queryable = [f.name for f in descriptor.fields if f.name not in binding.path_params and f.name != binding.body]
+    from_query: dict[str, Any] = {}
+    for name, values in grouped.items():
+        if name.partition(".")[0] in binding.path_params:
+            raise BadRequest(f"{name!r} comes from the URL path, not the query string")
+        _place_query(from_query, descriptor, name, values, ", ".join(queryable))
+    _parse(from_query, message, "query string")
+    _parse(dict(path_params), message, "URL path")
+    return message
+
+
+def _fill_absent(descriptor: Descriptor, data: dict[str, Any]) -> None:
+    """Unset optional and message fields come out as null rather than missing, as clients expect every field."""
+    for field in descriptor.fields:
+        value = data.get(field.name)
+        if field.name not in data:
+            data[field.name] = None
+        elif field.message_type is not None and not _is_map(field) and not field.message_type.full_name.startswith("google.protobuf."):
+            for item in value if field.is_repeated else [value]:
+                _fill_absent(field.message_type, item)
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    _fill_absent(message.DESCRIPTOR, data)
+    return data
+
+
+def response_json(binding: Binding, message: Message) -> Any:
+    data = to_json(message)
+    return data[binding.response_body] if binding.response_body else data

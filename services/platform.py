@@ -1,0 +1,113 @@
+"""`make run`: start the three services and the gateway on the embedded defaults, stop them together.
+
+The first start also creates an organization for the person at the keyboard and keeps its key in the
+data folder (mode 0600), so every start can print what to export.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from services.cli.client import ApiClient
+from services.common.settings import SERVICES, Settings, get_settings
+
+PROCESSES = (*SERVICES, "gateway")
+FIRST_ORG_KEY_FILE = "first-org.key"
+
+
+def start_processes(settings: Settings) -> dict[str, subprocess.Popen[bytes]]:
+    env = {**os.environ, "VERS_DATA_DIR": str(settings.data_dir.resolve())}
+    return {name: subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env) for name in PROCESSES}
+
+
+def wait_healthy(settings: Settings, children: dict[str, subprocess.Popen[bytes]], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [name for name, child in children.items() if child.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited during start-up; see the log above")
+        try:
+            if httpx.get(f"{settings.http_url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the platform was not healthy within {timeout:.0f} s")
+
+
+def first_org_key(settings: Settings) -> tuple[str, str]:
+    """(org name, API key) of the first organization, created on the first start."""
+    key_file = settings.data_dir / FIRST_ORG_KEY_FILE
+    if key_file.exists():
+        name, _, key = key_file.read_text().strip().partition(" ")
+        return name, key
+    name = os.environ.get("VERS_FIRST_ORG", "default")
+    admin = ApiClient(settings.http_url, settings.admin_key_file.read_text().strip())
+    answer = admin.request("POST", "/api/v1/admin/orgs", json={"name": name})
+    admin.close()
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(f"{name} {answer['token']}\n")
+    return name, answer["token"]
+
+
+def stop(children: dict[str, subprocess.Popen[bytes]], grace: float) -> int:
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace + 5
+    for child in children.values():
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return max((abs(child.returncode or 0) for child in children.values()), default=0)
+
+
+def main() -> int:
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    stopping = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    children = start_processes(settings)
+    try:
+        wait_healthy(settings, children)
+        org, key = first_org_key(settings)
+    except Exception as error:  # noqa: BLE001 - said plainly, then everything is stopped
+        print(f"vers: {error}", file=sys.stderr)
+        stop(children, settings.shutdown_grace_seconds)
+        return 1
+    print(
+        f"\nVers is running (data in {settings.data_dir.resolve()}). Organization {org!r} is ready:\n\n"
+        f"  export VERS_URL={settings.http_url}\n"
+        f"  export VERS_API_KEY={key}\n\n"
+        f"Ctrl-C stops every process.\n",
+        flush=True,
+    )
+    while not stopping:
+        exited = [name for name, child in children.items() if child.poll() is not None]
+        if exited:
+            print(f"vers: {', '.join(exited)} exited; stopping the platform", file=sys.stderr)
+            stop(children, settings.shutdown_grace_seconds)
+            return 1
+        time.sleep(0.2)
+    print("vers: stopping", file=sys.stderr)
+    return stop(children, settings.shutdown_grace_seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

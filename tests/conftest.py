@@ -1,0 +1,103 @@
+"""The platform under test: the three services as real grpc.aio servers on port 0, and the REST gateway
+served by uvicorn on a real socket, all in this process's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest_asyncio
+import uvicorn
+
+from services.common.server import RunningService, start
+from services.common.settings import SERVICES, Settings
+from services.gateway.app import create_app
+from services.orchestrator.app import build as build_orchestrator
+from services.registry.app import build as build_registry
+from services.tagging.app import build as build_tagging
+
+BUILDERS = {"registry": build_registry, "tagging": build_tagging, "orchestrator": build_orchestrator}
+
+
+@dataclass(frozen=True)
+class Org:
+    name: str
+    id: str
+    key: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.key}"),)
+
+
+@dataclass
+class Platform:
+    settings: Settings
+    url: str
+    running: dict[str, RunningService] = field(default_factory=dict)
+
+    @property
+    def admin_key(self) -> str:
+        return self.settings.admin_key_file.read_text().strip()
+
+    def client(self, org: Org | None = None, **headers: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, headers={**(org.auth if org else {}), **headers}, timeout=60)
+
+    async def new_org(self, prefix: str = "org") -> Org:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        async with self.client(Authorization=f"Bearer {self.admin_key}") as http:
+            answer = await http.post("/api/v1/admin/orgs", json={"name": name})
+        assert answer.status_code == 201, answer.text
+        body = answer.json()
+        return Org(name=name, id=body["org"]["id"], key=body["token"])
+
+
+def test_settings(data_dir: Path) -> Settings:
+    return Settings(data_dir=data_dir, auth_cache_seconds=0.5, shutdown_grace_seconds=1)
+
+
+async def serve_gateway(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    return server, task, f"http://127.0.0.1:{port}"
+
+
+@pytest_asyncio.fixture(scope="session")
+async def platform(tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore[no-untyped-def]
+    settings = test_settings(tmp_path_factory.mktemp("vers-data"))
+    running: dict[str, RunningService] = {}
+    for name in SERVICES:
+        running[name] = await start(await BUILDERS[name](settings), "127.0.0.1:0")
+        settings = settings.model_copy(update={f"{name}_addr": f"127.0.0.1:{running[name].port}"})
+    server, task, url = await serve_gateway(settings)
+    yield Platform(settings=settings, url=url, running=running)
+    server.should_exit = True
+    await task
+    for service in reversed(list(running.values())):
+        await service.stop(0)
+
+
+@pytest_asyncio.fixture
+async def org(platform: Platform) -> Org:
+    return await platform.new_org("acme")
+
+
+@pytest_asyncio.fixture
+async def other_org(platform: Platform) -> Org:
+    return await platform.new_org("globex")
