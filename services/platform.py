@@ -69,7 +69,11 @@ def stop(children: dict[str, subprocess.Popen[bytes]], grace: float) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-    return max((abs(child.returncode or 0) for child in children.values()), default=0)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly
+    failed = [name for name, child in children.items() if child.returncode not in (0, -signal.SIGTERM)]
+    if failed:
+        print(f"vers: {', '.join(failed)} did not stop cleanly", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main() -> int:

@@ -1,0 +1,176 @@
+"""`make run` as a user meets it: every process started by the launcher, stopped by a signal, restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VERS = Path(sys.executable).parent / "vers"
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.fixture
+def platform_env(tmp_path: Path) -> dict[str, str]:
+    registry, tagging, orchestrator, http = free_ports(4)
+    return {
+        **os.environ,
+        "VERS_DATA_DIR": str(tmp_path / "data"),
+        "REGISTRY_ADDR": f"127.0.0.1:{registry}",
+        "TAGGING_ADDR": f"127.0.0.1:{tagging}",
+        "ORCHESTRATOR_ADDR": f"127.0.0.1:{orchestrator}",
+        "VERS_HTTP_PORT": str(http),
+        "VERS_URL": f"http://127.0.0.1:{http}",
+        "VERS_LOG_LEVEL": "WARNING",
+    }
+
+
+class Launched:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.platform"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+        )
+        self.banner = self._read_banner()
+
+    def _read_banner(self) -> str:
+        lines = []
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise AssertionError(f"launcher exited early: {''.join(lines)}")
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                return "".join(lines)
+        raise AssertionError("no banner within 60 s")
+
+    @property
+    def api_key(self) -> str:
+        return self.banner.split("export VERS_API_KEY=")[1].split()[0]
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
+        return self.process.wait(30)
+
+
+@pytest.fixture
+def launch(platform_env: dict[str, str]) -> Iterator[type[Launched]]:
+    started: list[Launched] = []
+
+    def start(env: dict[str, str] = platform_env) -> Launched:
+        launched = Launched(env)
+        started.append(launched)
+        return launched
+
+    yield start  # type: ignore[misc]
+    for launched in started:
+        if launched.process.poll() is None:
+            launched.process.kill()
+
+
+def ports_closed(env: dict[str, str]) -> bool:
+    addresses = [env[k] for k in ("REGISTRY_ADDR", "TAGGING_ADDR", "ORCHESTRATOR_ADDR")]
+    addresses.append(f"127.0.0.1:{env['VERS_HTTP_PORT']}")
+    for address in addresses:
+        host, port = address.rsplit(":", 1)
+        with socket.socket() as sock:
+            if sock.connect_ex((host, int(port))) == 0:
+                return False
+    return True
+
+
+def test_run_prints_url_and_key_and_survives_a_restart(launch, platform_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    first = launch()
+    url = platform_env["VERS_URL"]
+    assert f"export VERS_URL={url}" in first.banner
+    headers = {"Authorization": f"Bearer {first.api_key}"}
+    created = httpx.post(f"{url}/api/v1/repositories", json={"name": "my-app"}, headers=headers)
+    assert created.status_code == 201
+    httpx.patch(f"{url}/api/v1/repositories/my-app/visibility", json={"is_public": True}, headers=headers)
+
+    assert first.stop(signal.SIGTERM) == 0
+    assert ports_closed(platform_env)
+
+    second = launch()
+    assert second.api_key == first.api_key
+    repo = httpx.get(f"{url}/api/v1/repositories/my-app", headers=headers).json()
+    assert (repo["repo_id"], repo["is_public"]) == (created.json()["repo_id"], True)
+    assert second.stop(signal.SIGINT) == 0
+    assert ports_closed(platform_env)
+
+
+def test_admin_org_create_prints_the_key_last(launch, platform_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    launched = launch()
+    result = subprocess.run([VERS, "admin", "org", "create", "acme"], env=platform_env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip().splitlines()[-1]
+    assert key.startswith("vers_")
+    me = httpx.get(f"{platform_env['VERS_URL']}/api/v1/whoami", headers={"Authorization": f"Bearer {key}"})
+    assert me.json()["org"]["name"] == "acme"
+
+    again = subprocess.run([VERS, "admin", "org", "create", "acme"], env=platform_env, capture_output=True, text=True)
+    assert again.returncode == 1
+    assert "organization 'acme' already exists" in again.stderr
+    assert "Traceback" not in again.stderr
+    launched.stop()
+
+
+def test_admin_without_the_data_folder_says_so(platform_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**platform_env, "VERS_DATA_DIR": str(tmp_path / "elsewhere")}
+    result = subprocess.run([VERS, "admin", "org", "create", "acme"], env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "no administrator key" in result.stderr
+
+
+def test_unreachable_platform_is_said_plainly(launch, platform_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    launch().stop()
+    result = subprocess.run([VERS, "admin", "org", "list"], env=platform_env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"cannot reach the Vers API at {platform_env['VERS_URL']}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_crashed_service_stops_the_platform(launch, platform_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    launched = launch()
+    tagging_port = int(platform_env["TAGGING_ADDR"].rsplit(":", 1)[1])
+    pid = _pid_listening_on(tagging_port)
+    os.kill(pid, signal.SIGKILL)
+    assert launched.process.wait(30) == 1
+    assert ports_closed(platform_env)
+
+
+def _pid_listening_on(port: int) -> int:
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inode = fields[9]
+    assert inode, f"nothing listens on {port}"
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == f"socket:[{inode}]":
+                return int(fd.parts[2])
+        except OSError:
+            continue
+    raise AssertionError(f"no process owns port {port}")
