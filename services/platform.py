@@ -48,7 +48,7 @@ def first_org_key(settings: Settings) -> tuple[str, str]:
     if key_file.exists():
         name, _, key = key_file.read_text().strip().partition(" ")
         return name, key
-    name = os.environ.get("VERS_FIRST_ORG", "default")
+    name = settings.first_org
     admin = ApiClient(settings.http_url, settings.admin_key_file.read_text().strip())
     answer = admin.request("POST", "/api/v1/admin/orgs", json={"name": name})
     admin.close()

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # How long in-flight calls may finish after SIGTERM.
     shutdown_grace_seconds: float = Field(5.0, validation_alias="VERS_SHUTDOWN_GRACE_SECONDS")
 
+    # Name of the organization `make run` creates on its first start.
+    first_org: str = Field("default", validation_alias="VERS_FIRST_ORG")
+
     def addr(self, service: str) -> str:
         return getattr(self, f"{service}_addr")
 
