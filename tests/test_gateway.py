@@ -15,6 +15,7 @@ async def test_whoami(platform: Platform, org: Org) -> None:
     body = answer.json()
     assert body["org"]["id"] == org.id
     assert body["org"]["name"] == org.name
+    assert body["org"]["created_at"].endswith("Z")
     assert set(body["api_key"]) >= {"id", "label", "created_at", "expires_at"}
     assert body["api_key"]["label"] == "default"
     assert body["api_key"]["expires_at"] is None

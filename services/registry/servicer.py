@@ -52,9 +52,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self.store = store
 
     async def Authenticate(self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext) -> pb.AuthenticateResponse:
-        caller = current_principal()
-        key = await self.store.get_api_key(caller.key_id)
-        return pb.AuthenticateResponse(org=pb.Org(id=caller.org_id, name=caller.org_name), api_key=key_pb(key))
+        key, org = await self.store.get_api_key(current_principal().key_id)
+        return pb.AuthenticateResponse(org=org_pb(org), api_key=key_pb(key))
 
     async def ValidateKey(self, request: pb.ValidateKeyRequest, context: grpc.aio.ServicerContext) -> pb.ValidateKeyResponse:
         token = request.api_key or bearer_token(context.invocation_metadata())

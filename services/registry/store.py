@@ -96,12 +96,13 @@ class RegistryStore:
         await _insert(session, key, "API key collision; try again")
         return NewKey(key, token)
 
-    async def get_api_key(self, key_id: str) -> ApiKeyRow:
+    async def get_api_key(self, key_id: str) -> tuple[ApiKeyRow, OrgRow]:
         async with self.db.read() as session:
             key = await session.get(ApiKeyRow, key_id)
-        if key is None:
+            org = await session.get(OrgRow, key.org_id) if key else None
+        if key is None or org is None:
             raise Unauthenticated("this API key was revoked")
-        return key
+        return key, org
 
     async def list_api_keys(self, org_id: str) -> list[ApiKeyRow]:
         async with self.db.read() as session:
