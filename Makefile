@@ -3,13 +3,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install gen lint-protos clean
+.PHONY: run test install images gen lint-protos bench-vm clean
 
-run: $(STAMP)
+run: $(STAMP) images
 	$(PY) -m services.platform
 
-test: $(STAMP)
+test: $(STAMP) images
 	$(PY) -m pytest
+
+# Guest kernel, initramfs and root disks from Debian packages, cached in VERS_DATA_DIR/images.
+images: $(STAMP)
+	$(PY) -m services.orchestrator.images build
+
+bench-vm: $(STAMP) images
+	$(PY) bench/vm.py
 
 install: $(STAMP)
 

@@ -8,13 +8,18 @@ apt_packages=()
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11 or newer is needed" >&2; exit 1; }
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_packages+=(python3-venv)
 command -v git >/dev/null || apt_packages+=(git)
+# VMs: QEMU, qcow2 tools, the guest's busybox, mkfs.ext4 and resize2fs for root disks
+command -v qemu-system-x86_64 >/dev/null || apt_packages+=(qemu-system-x86)
+command -v qemu-img >/dev/null || apt_packages+=(qemu-utils)
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || apt_packages+=(busybox-static)
+command -v mkfs.ext4 >/dev/null && [ -x /sbin/resize2fs ] || apt_packages+=(e2fsprogs)
 
 if [ ${#apt_packages[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "Installing Debian packages: ${apt_packages[*]}"
   $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${apt_packages[@]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${apt_packages[@]}"
 fi
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

@@ -4,6 +4,9 @@ served by uvicorn on a real socket, all in this process's event loop."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +21,7 @@ from services.common.server import RunningService, start
 from services.common.settings import SERVICES, Settings
 from services.gateway.app import create_app
 from services.orchestrator.app import build as build_orchestrator
+from services.orchestrator.images import build_all
 from services.registry.app import build as build_registry
 from services.tagging.app import build as build_tagging
 
@@ -61,8 +65,27 @@ class Platform:
         return Org(name=name, id=body["org"]["id"], key=body["token"])
 
 
+ROOT = Path(__file__).resolve().parent.parent
+# `make test` builds the images first (make images); the suite shares that cache.
+IMAGES = Path(os.environ.get("VERS_IMAGES_DIR") or ROOT / ".vers" / "images")
+
+
 def test_settings(data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, auth_cache_seconds=0.5, shutdown_grace_seconds=1)
+    return Settings(
+        data_dir=data_dir, images_dir=str(IMAGES), auth_cache_seconds=0.5, shutdown_grace_seconds=1, accel="auto"
+    )
+
+
+def kill_vms_under(run_dir: Path) -> None:
+    """Kill every QEMU whose sockets live in `run_dir` and remove the folder (RAM files live there)."""
+    marker = str(run_dir).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"qemu-system" in cmdline.read_bytes() and marker in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def serve_gateway(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
@@ -81,6 +104,7 @@ async def serve_gateway(settings: Settings) -> tuple[uvicorn.Server, asyncio.Tas
 @pytest_asyncio.fixture(scope="session")
 async def platform(tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore[no-untyped-def]
     settings = test_settings(tmp_path_factory.mktemp("vers-data"))
+    await asyncio.to_thread(build_all, IMAGES)
     running: dict[str, RunningService] = {}
     for name in SERVICES:
         running[name] = await start(await BUILDERS[name](settings), "127.0.0.1:0")
@@ -91,6 +115,7 @@ async def platform(tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore
     await task
     for service in reversed(list(running.values())):
         await service.stop(0)
+    kill_vms_under(settings.vm_run_dir)
 
 
 @pytest_asyncio.fixture

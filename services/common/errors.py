@@ -53,3 +53,17 @@ class ResourceExhausted(DomainError):
 
 class Unavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(DomainError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class DataLoss(DomainError):
+    """Stored data is missing or damaged (a commit's file failed its checksum)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class Internal(DomainError):
+    code = grpc.StatusCode.INTERNAL

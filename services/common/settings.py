@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,6 +41,16 @@ class Settings(BaseSettings):
     # How long in-flight calls may finish after SIGTERM.
     shutdown_grace_seconds: float = Field(5.0, validation_alias="VERS_SHUTDOWN_GRACE_SECONDS")
 
+    # VMs: accelerator (auto probes KVM and falls back to TCG), where live sockets and RAM files go
+    # (tmpfs; a folder under /dev/shm named after the data folder when empty), per-org limits.
+    accel: str = Field("auto", validation_alias="VERS_ACCEL")
+    # Built guest images (kernel, initramfs, root disks); "images" in the data folder when empty.
+    images_dir: str = Field("", validation_alias="VERS_IMAGES_DIR")
+    run_dir: str = Field("", validation_alias="VERS_RUN_DIR")
+    org_max_vcpus: int = Field(32, validation_alias="VERS_ORG_MAX_VCPUS")
+    org_max_memory_mib: int = Field(32768, validation_alias="VERS_ORG_MAX_MEMORY_MIB")
+    boot_timeout_seconds: float = Field(120.0, validation_alias="VERS_BOOT_TIMEOUT_SECONDS")
+
     # Name of the organization `make run` creates on its first start.
     first_org: str = Field("default", validation_alias="VERS_FIRST_ORG")
 
@@ -59,6 +70,17 @@ class Settings(BaseSettings):
     def admin_key_file(self) -> Path:
         """The platform administrator's API key, written by the registry on its first start."""
         return self.data_dir / "admin.key"
+
+    @property
+    def image_root(self) -> Path:
+        return Path(self.images_dir).resolve() if self.images_dir else self.data_dir.resolve() / "images"
+
+    @property
+    def vm_run_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
+        return Path("/dev/shm") / f"vers-{digest}"
 
     @property
     def http_url(self) -> str:

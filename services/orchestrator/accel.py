@@ -1,0 +1,64 @@
+"""Choose the accelerator: KVM where a probe boot succeeds quickly, TCG otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+from services.orchestrator.images import Image
+
+log = logging.getLogger(__name__)
+PROBE_SECONDS = 8.0
+
+
+def qemu_version() -> str:
+    return subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+
+
+def cpu_args(accel: str) -> list[str]:
+    return ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+
+
+async def probe_kvm(image: Image) -> bool:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    with tempfile.TemporaryDirectory() as scratch:
+        process = await asyncio.create_subprocess_exec(
+            "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            *cpu_args("kvm"), "-m", "128M",
+            "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
+            "-append", "console=ttyS0 quiet panic=-1 vers.probe",
+            "-serial", f"file:{scratch}/serial.log",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            _, stderr = await asyncio.wait_for(process.communicate(), PROBE_SECONDS)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            log.info("KVM probe did not finish within %.0f s", PROBE_SECONDS)
+            return False
+        if process.returncode != 0:
+            log.info("KVM probe failed: %s", stderr.decode(errors="replace").strip()[:300])
+        return process.returncode == 0
+
+
+async def choose_accelerator(setting: str, image: Image, cache_file: Path) -> str:
+    """`setting` is kvm, tcg or auto; auto probes once per host kernel and QEMU version."""
+    if setting in ("kvm", "tcg"):
+        return setting
+    fingerprint = f"{platform.release()} {qemu_version()} {os.path.exists('/dev/kvm')}"
+    if cache_file.exists():
+        cached = json.loads(cache_file.read_text())
+        if cached.get("fingerprint") == fingerprint:
+            return str(cached["accel"])
+    accel = "kvm" if await probe_kvm(image) else "tcg"
+    cache_file.write_text(json.dumps({"fingerprint": fingerprint, "accel": accel}))
+    log.info("accelerator: %s", accel)
+    return accel

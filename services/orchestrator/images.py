@@ -1,0 +1,287 @@
+"""Guest images, built from Debian packages: a kernel (the uncompressed ELF, which boots twice as fast
+under TCG), a busybox initramfs with the virtio and ext4 drivers, and a root disk per image (qcow2).
+
+`python -m services.orchestrator.images build` (`make images`) builds what is missing or out of date
+into VERS_DATA_DIR/images; a second call with nothing changed is a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.settings import get_settings
+
+GUEST_FILES = Path(__file__).resolve().parent / "guest"
+# Drivers the guest needs; their dependencies are found from each module's modinfo.
+MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "ext4", "crc32c_generic")
+BASE_DISK_MIB = 1024
+DEFAULT_IMAGE = "default"
+KERNEL_NAME = "default.bin"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built image: the files a VM boots from. Folders are named by the hash of what went into them
+    and never change, so disks layered on an image keep their backing file when images are rebuilt."""
+
+    name: str
+    folder: Path
+    kernel_folder: Path
+
+    @property
+    def kernel(self) -> Path:
+        return self.kernel_folder / "vmlinux"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.kernel_folder / "initramfs.cpio"
+
+    @property
+    def disk(self) -> Path:
+        return self.folder / "rootfs.qcow2"
+
+    @property
+    def disk_mib(self) -> int:
+        return int(json.loads((self.folder / "manifest.json").read_text())["disk_mib"])
+
+
+def images_dir() -> Path:
+    return get_settings().image_root
+
+
+def find_image(root: Path, name: str) -> Image | None:
+    index_file = root / "index.json"
+    if not index_file.exists():
+        return None
+    index = json.loads(index_file.read_text())
+    folder = index["images"].get(name)
+    return Image(name, root / folder, root / index["kernel"]) if folder else None
+
+
+def list_images(root: Path) -> list[str]:
+    index_file = root / "index.json"
+    return sorted(json.loads(index_file.read_text())["images"]) if index_file.exists() else []
+
+
+def _run(*args: str | Path, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True, **kwargs).stdout
+
+
+def _digest(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()[:16]
+
+
+def kernel_package() -> str:
+    """The Debian package of the current kernel that linux-image-amd64 points at."""
+    for attempt in range(2):
+        for line in _run("apt-cache", "depends", "linux-image-amd64").splitlines():
+            match = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
+            if match:
+                return match.group(1)
+        if attempt == 0 and os.geteuid() == 0:
+            _run("apt-get", "update", "-q")  # a machine whose package lists were never fetched
+    raise RuntimeError("apt-cache cannot say which kernel linux-image-amd64 depends on: run apt-get update")
+
+
+def _download(package: str, cache: Path) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    found = sorted(cache.glob(f"{package}_*.deb"))
+    if not found:
+        _run("apt-get", "download", package, cwd=cache)
+        found = sorted(cache.glob(f"{package}_*.deb"))
+    return found[-1]
+
+
+def uncompressed_kernel(vmlinuz: bytes) -> bytes:
+    """The ELF inside a bzImage: the xz stream after the decompressor stub."""
+    start = vmlinuz.find(b"\xfd7zXZ\x00")
+    if start < 0:
+        raise RuntimeError("no xz stream found in vmlinuz")
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(vmlinuz[start:])
+
+
+def _modinfo_depends(ko: bytes) -> list[str]:
+    match = re.search(rb"(?:^|\x00)depends=([^\x00]*)", ko)
+    return [d for d in match.group(1).decode().split(",") if d] if match else []
+
+
+def module_load_order(modules_root: Path, wanted: tuple[str, ...]) -> list[Path]:
+    """Module files in an order where every module comes after its dependencies."""
+    files = {p.stem.replace("-", "_"): p for p in modules_root.rglob("*.ko")}
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        name = name.replace("-", "_")
+        if name in seen:
+            return
+        seen.add(name)
+        if name not in files:
+            return  # built into the kernel
+        for dependency in _modinfo_depends(files[name].read_bytes()):
+            visit(dependency)
+        order.append(files[name])
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive (the initramfs format) of (path, mode, data) entries."""
+    out = io.BytesIO()
+    for inode, (path, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
+        name = path.encode() + b"\x00"
+        header = "070701" + "".join(
+            f"{value:08X}" for value in (inode, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name), 0)
+        )
+        out.write(header.encode() + name)
+        out.write(b"\x00" * (-(110 + len(name)) % 4))
+        out.write(data)
+        out.write(b"\x00" * (-len(data) % 4))
+    return out.getvalue()
+
+
+def build_kernel(root: Path, cache: Path) -> Path:
+    """vmlinux + initramfs shared by every image, rebuilt when the kernel package or the init change."""
+    package = kernel_package()
+    busybox = Path("/bin/busybox")
+    init = (GUEST_FILES / "initramfs-init").read_bytes()
+    key = _digest(package.encode(), init, busybox.read_bytes(), repr(MODULES).encode())
+    target = root / f"kernel-{key}"
+    if (target / "manifest.json").exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=root) as scratch:
+        extracted = Path(scratch) / "deb"
+        _run("dpkg-deb", "-x", _download(package, cache), extracted)
+        vmlinuz = next((extracted / "boot").glob("vmlinuz-*"))
+        modules_root = next((extracted / "lib" / "modules").iterdir())
+        order = module_load_order(modules_root, MODULES)
+        entries = [
+            ("bin", 0o40755, b""),
+            ("bin/busybox", 0o100755, busybox.read_bytes()),
+            ("init", 0o100755, init),
+            ("lib", 0o40755, b""),
+            ("lib/modules", 0o40755, b""),
+            ("lib/modules/load-order", 0o100644, "".join(f"{p.name}\n" for p in order).encode()),
+            *((f"lib/modules/{p.name}", 0o100644, p.read_bytes()) for p in order),
+        ]
+        staged = Path(scratch) / "kernel"
+        staged.mkdir()
+        (staged / "vmlinux").write_bytes(uncompressed_kernel(vmlinuz.read_bytes()))
+        (staged / "initramfs.cpio").write_bytes(_cpio_newc(entries))
+        manifest = {"key": key, "package": package, "kernel": modules_root.name, "modules": [p.name for p in order]}
+        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        staged.rename(target)
+    return target
+
+
+def _copy_with_libraries(binary: Path, rootfs: Path) -> None:
+    """Copy a dynamically linked host binary and the shared libraries it loads into the root disk."""
+    shutil.copy2(binary, rootfs / binary.relative_to("/"))
+    for line in _run("ldd", binary).splitlines():
+        match = re.search(r"(/\S+) \(0x", line)
+        if match:
+            library = Path(match.group(1))
+            target = rootfs / library.resolve().relative_to("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(library.resolve(), target)
+            link = rootfs / library.relative_to("/")
+            if link != target and not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(library.resolve())
+
+
+def populate_default_rootfs(rootfs: Path) -> None:
+    """A small root: static busybox with every applet, resize2fs, the Vers init."""
+    for folder in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "tmp", "root", "home", "var/log", "lib", "lib64"):
+        (rootfs / folder).mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/bin/busybox", rootfs / "bin" / "busybox")
+    for applet in _run("/bin/busybox", "--list-full").split():
+        link = rootfs / applet
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    _copy_with_libraries(Path("/sbin/resize2fs"), rootfs)
+    (rootfs / "etc" / "hostname").write_text("vers\n")
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc" / "group").write_text("root:x:0:\n")
+    (rootfs / "etc" / "profile").write_text('export PS1="\\u@\\h:\\w# "\n')
+    (rootfs / "etc" / "os-release").write_text('NAME="Vers default (busybox)"\nID=vers\n')
+
+
+def install_vers_init(rootfs: Path) -> None:
+    target = rootfs / "sbin" / "vers-init"
+    shutil.copy2(GUEST_FILES / "vers-init", target)
+    target.chmod(0o755)
+
+
+def build_disk(rootfs: Path, target: Path, size_mib: int) -> None:
+    raw = target.with_suffix(".raw")
+    with raw.open("wb") as out:
+        out.truncate(size_mib * 1024 * 1024)
+    _run("mkfs.ext4", "-q", "-F", "-L", "vers-root", "-d", rootfs, raw)
+    _run("qemu-img", "convert", "-O", "qcow2", raw, target)
+    raw.unlink()
+
+
+def build_default_image(root: Path) -> Path:
+    init = (GUEST_FILES / "vers-init").read_bytes()
+    key = _digest(init, Path("/bin/busybox").read_bytes(), Path(__file__).read_bytes(), str(BASE_DISK_MIB).encode())
+    target = root / f"{DEFAULT_IMAGE}-{key}"
+    if (target / "manifest.json").exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=root) as scratch:
+        rootfs = Path(scratch) / "rootfs"
+        populate_default_rootfs(rootfs)
+        install_vers_init(rootfs)
+        staged = Path(scratch) / "image"
+        staged.mkdir()
+        build_disk(rootfs, staged / "rootfs.qcow2", BASE_DISK_MIB)
+        manifest = {"key": key, "name": DEFAULT_IMAGE, "disk_mib": BASE_DISK_MIB, "contents": "busybox"}
+        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        staged.rename(target)
+    return target
+
+
+def build_all(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    kernel = build_kernel(root, root / "cache")
+    default = build_default_image(root)
+    index_file = root / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else {"images": {}}
+    index["kernel"] = kernel.name
+    index["images"][DEFAULT_IMAGE] = default.name
+    partial = index_file.with_suffix(".tmp")
+    partial.write_text(json.dumps(index, indent=2))
+    partial.replace(index_file)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.orchestrator.images")
+    parser.add_argument("command", choices=["build"])
+    parser.parse_args()
+    root = images_dir()
+    build_all(root)
+    print(f"images ready in {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""One QEMU process: how it is started, restored, snapshotted, watched and stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.orchestrator.accel import cpu_args
+from services.orchestrator.agent import Agent
+from services.orchestrator.qmp import Qmp, QmpClosed, QmpError
+
+log = logging.getLogger(__name__)
+
+# How the VM's RAM is backed. "shared": its own file, mapped shared, so a commit copies the file and
+# migrates only device state (shortest pause). "private": a commit's RAM file mapped copy-on-write, so
+# branches of one commit share its pages. "anonymous": loaded from a migration stream.
+RAM_MODES = ("shared", "private", "anonymous")
+MIGRATION_BANDWIDTH = 100 * 1024**3
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    vm_id: str
+    run_folder: Path
+    accel: str
+    vcpus: int
+    mem_mib: int
+    kernel: Path
+    initramfs: Path
+    disk: Path
+    ram_mode: str
+    ram_file: Path | None
+    incoming: bool
+
+
+def sockets(run_folder: Path) -> dict[str, Path]:
+    return {name: run_folder / f"{name}.sock" for name in ("qmp", "agent", "console")}
+
+
+def qemu_args(spec: LaunchSpec) -> list[str]:
+    paths = sockets(spec.run_folder)
+    if spec.ram_mode == "anonymous":
+        memory = f"memory-backend-ram,id=ram0,size={spec.mem_mib}M"
+    else:
+        share = "on" if spec.ram_mode == "shared" else "off"
+        memory = f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={spec.ram_file},share={share}"
+    args = [
+        "qemu-system-x86_64", "-name", f"vers-{spec.vm_id}",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-machine", "pc,memory-backend=ram0", *cpu_args(spec.accel),
+        "-smp", str(spec.vcpus), "-m", f"{spec.mem_mib}M", "-object", memory,
+        "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
+        "-append", "console=ttyS0 quiet panic=-1",
+        "-drive", f"file={spec.disk},if=virtio,format=qcow2",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=agent,path={paths['agent']},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=agent",
+        "-chardev", f"socket,id=console,path={paths['console']},server=on,wait=off",
+        "-device", "virtconsole,chardev=console",
+        "-device", "virtio-rng-pci",
+        "-serial", f"file:{spec.run_folder / 'serial.log'}",
+        "-qmp", f"unix:{paths['qmp']},server=on,wait=off",
+        "-pidfile", str(spec.run_folder / "qemu.pid"),
+        "-nic", "none",
+    ]  # fmt: skip
+    if spec.incoming:
+        args += ["-incoming", "defer"]
+    return args
+
+
+def process_is_vm(pid: int, vm_id: str) -> bool:
+    try:
+        return f"vers-{vm_id}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class Machine:
+    def __init__(self, vm_id: str, run_folder: Path, pid: int, qmp: Qmp, process: asyncio.subprocess.Process | None) -> None:
+        self.vm_id = vm_id
+        self.run_folder = run_folder
+        self.pid = pid
+        self.qmp = qmp
+        self.process = process
+        self.agent = Agent(sockets(run_folder)["agent"])
+
+    @classmethod
+    async def launch(cls, spec: LaunchSpec) -> Machine:
+        spec.run_folder.mkdir(parents=True, exist_ok=True)
+        for path in sockets(spec.run_folder).values():
+            path.unlink(missing_ok=True)
+        with (spec.run_folder / "qemu.log").open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *qemu_args(spec), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                start_new_session=True,  # a VM outlives an orchestrator restart and is adopted again
+            )  # fmt: skip
+        try:
+            qmp = await Qmp.connect(sockets(spec.run_folder)["qmp"])
+        except Exception:
+            process.kill()
+            await process.wait()
+            raise RuntimeError(f"QEMU did not start: {cls.read_log(spec.run_folder)}") from None
+        machine = cls(spec.vm_id, spec.run_folder, process.pid, qmp, process)
+        await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+        await qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
+        return machine
+
+    @classmethod
+    async def adopt(cls, vm_id: str, run_folder: Path, pid: int) -> Machine | None:
+        """Reconnect to a QEMU started before this orchestrator process; None when it is gone."""
+        if not pid or not process_is_vm(pid, vm_id):
+            return None
+        try:
+            qmp = await Qmp.connect(sockets(run_folder)["qmp"], timeout=5)
+        except (QmpError, OSError):
+            return None
+        return cls(vm_id, run_folder, pid, qmp, None)
+
+    @staticmethod
+    def read_log(run_folder: Path) -> str:
+        try:
+            return (run_folder / "qemu.log").read_text(errors="replace").strip()[-500:]
+        except OSError:
+            return ""
+
+    async def restore(self, state_file: Path) -> float:
+        """Load device state (and RAM, for stream commits) from a commit; the VM stays paused. Seconds taken."""
+        started = time.perf_counter()
+        await self.qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_file))}"})
+        await self._wait_migration("incoming")
+        return time.perf_counter() - started
+
+    async def _wait_migration(self, what: str) -> None:
+        while True:
+            status = (await self.qmp.execute("query-migrate")).get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise QmpError(f"{what} migration {status}")
+            if what == "incoming":
+                state = (await self.qmp.execute("query-status"))["status"]
+                if state not in ("inmigrate", "prelaunch"):
+                    return
+            await asyncio.sleep(0.003)
+
+    async def status(self) -> str:
+        return str((await self.qmp.execute("query-status"))["status"])
+
+    async def pause(self) -> None:
+        await self.qmp.execute("stop")
+
+    async def resume(self) -> None:
+        await self.qmp.execute("cont")
+
+    async def snapshot(self, new_disk: Path, state_file: Path, ram_copy: Path | None, keep_paused: bool) -> float:
+        """Freeze the disk (the VM goes on in `new_disk`), save device state, and RAM: copied from the
+        shared RAM file when `ram_copy` is given, else streamed. Returns the seconds the VM was paused."""
+        was_running = await self.status() == "running"
+        await self.qmp.execute("stop")
+        paused_at = time.perf_counter()
+        try:
+            await self.qmp.execute(
+                "blockdev-snapshot-sync", {"device": "virtio0", "snapshot-file": str(new_disk), "format": "qcow2"}
+            )
+            await self.qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
+            await self._wait_migration("outgoing")
+            if ram_copy is not None:
+                await asyncio.to_thread(copy_sparse, self.ram_file, ram_copy)
+        finally:
+            if was_running and not keep_paused:
+                await self.qmp.execute("cont")
+        return time.perf_counter() - paused_at
+
+    @property
+    def ram_file(self) -> Path:
+        return self.run_folder / "ram"
+
+    async def wait_exit(self) -> None:
+        if self.process is not None:
+            await self.process.wait()
+        else:
+            await self.qmp.closed.wait()
+            while process_is_vm(self.pid, self.vm_id):
+                await asyncio.sleep(0.2)
+
+    async def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await self.wait_exit()
+        await self.agent.close()
+        await self.qmp.close()
+
+
+def copy_sparse(source: Path, target: Path) -> None:
+    """Copy only the allocated parts of `source` (RAM the guest never touched stays a hole)."""
+    with source.open("rb") as src, target.open("wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        dst.truncate(size)
+        offset = 0
+        while offset < size:
+            try:
+                data = os.lseek(src.fileno(), offset, os.SEEK_DATA)
+            except OSError:
+                break  # no data after offset
+            hole = os.lseek(src.fileno(), data, os.SEEK_HOLE)
+            position = data
+            dst.seek(data)
+            while position < hole:
+                # sendfile works across filesystems (tmpfs to disk), where copy_file_range may not
+                copied = os.sendfile(dst.fileno(), src.fileno(), position, hole - position)
+                if copied == 0:
+                    break
+                position += copied
+            offset = hole
+
+
+__all__ = ["RAM_MODES", "LaunchSpec", "Machine", "QmpClosed", "copy_sparse", "qemu_args"]

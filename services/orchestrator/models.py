@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, DateTime
+from sqlmodel import Field, SQLModel
+
+from services.common.timestamps import utcnow
+
+
+def _time(nullable: bool = False) -> Column:  # type: ignore[type-arg]
+    return Column(DateTime(timezone=True), nullable=nullable)
+
+
+class LayerRow(SQLModel, table=True):
+    """A qcow2 file in the layer store. A VM writes to one; a commit freezes one. Each is backed by its
+    parent layer, or by an image's root disk."""
+
+    __tablename__ = "layers"
+
+    id: str = Field(primary_key=True)
+    parent_id: str | None = Field(default=None, foreign_key="layers.id", index=True)
+    base_path: str = ""
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+
+
+class VmRow(SQLModel, table=True):
+    __tablename__ = "vms"
+
+    id: str = Field(primary_key=True)
+    org_id: str = Field(index=True)
+    state: str = "booting"
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    deleted_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    labels: str = "{}"
+    vcpu_count: int
+    mem_size_mib: int
+    fs_size_mib: int
+    image_name: str
+    kernel_path: str
+    initramfs_path: str
+    layer_id: str  # rows outlive their layers once deleted, so no foreign key
+    ram_mode: str
+    ram_source: str = ""
+    parent_commit_id: str | None = Field(default=None, index=True)
+    grandparent_vm_id: str | None = None
+    pid: int = 0
+
+
+class CommitRow(SQLModel, table=True):
+    __tablename__ = "commits"
+
+    id: str = Field(primary_key=True)
+    org_id: str = Field(index=True)
+    name: str = ""
+    description: str = ""
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    deleted_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    parent_vm_id: str | None = None
+    grandparent_commit_id: str | None = None
+    layer_id: str  # rows outlive their layers once deleted, so no foreign key
+    # "file": RAM in its own file (branches map it copy-on-write); "stream": RAM inside the state file.
+    ram_format: str
+    vcpu_count: int
+    mem_size_mib: int
+    fs_size_mib: int
+    image_name: str
+    kernel_path: str
+    initramfs_path: str
+    checksums: str = "{}"
+
+
+TABLES = [LayerRow.__table__, VmRow.__table__, CommitRow.__table__]  # type: ignore[attr-defined]
+LIVE_STATES = ("booting", "running", "paused")

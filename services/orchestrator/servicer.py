@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import json
+import uuid
+
+import grpc
+
+from services.common.auth import caller_metadata, current_principal
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.timestamps import to_timestamp
+from services.orchestrator.engine import Engine, VmConfig
+from services.orchestrator.models import CommitRow, VmRow
+from services.orchestrator.store import OrchestratorStore
+from vers.orchestrator.v1 import orchestrator_pb2 as pb
+from vers.orchestrator.v1 import orchestrator_pb2_grpc
+from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+
+
+def vm_pb(vm: VmRow) -> pb.Vm:
+    return pb.Vm(
+        vm_id=vm.id, owner_id=vm.org_id, state=vm.state, created_at=to_timestamp(vm.created_at), labels=json.loads(vm.labels)
+    )
+
+
+def commit_pb(commit: CommitRow) -> pb.Commit:
+    return pb.Commit(
+        commit_id=commit.id,
+        owner_id=commit.org_id,
+        name=commit.name,
+        description=commit.description,
+        is_public=False,
+        created_at=to_timestamp(commit.created_at),
+        parent_vm_id=commit.parent_vm_id or "",
+        grandparent_commit_id=commit.grandparent_commit_id or "",
+    )
+
+
+def lineage_pb(commit: CommitRow) -> pb.CommitLineageEntry:
+    entry = commit_pb(commit)
+    return pb.CommitLineageEntry(
+        id=entry.commit_id,
+        owner_id=entry.owner_id,
+        name=entry.name,
+        description=entry.description,
+        is_public=entry.is_public,
+        created_at=entry.created_at,
+        parent_vm_id=entry.parent_vm_id,
+        grandparent_commit_id=entry.grandparent_commit_id,
+    )
+
+
+def require_uuid(value: str, what: str, hint: str = "") -> str:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument(f"{what} {value!r} is not a valid ID (a UUID){hint}") from None
+    return value
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    def __init__(self, engine: Engine, store: OrchestratorStore, tagging: grpc.aio.Channel) -> None:
+        self.engine = engine
+        self.store = store
+        self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
+
+    async def _vm(self, vm_id: str) -> VmRow:
+        return await self.store.get_vm(current_principal().org_id, vm_id)
+
+    async def _commit(self, commit_id: str) -> CommitRow:
+        return await self.store.get_commit(current_principal().org_id, commit_id)
+
+    async def _resolve(self, ref: str = "", tag_name: str = "") -> CommitRow:
+        answer = await self.tagging.ResolveReference(
+            tagging_pb2.ResolveReferenceRequest(ref=ref, tag_name=tag_name), metadata=caller_metadata()
+        )
+        return await self._commit(answer.commit_id)
+
+    async def _branch(self, vm_or_commit_id: str, count: int, keep_paused: bool) -> list[pb.NewVm]:
+        org_id = current_principal().org_id
+        vm = await self.store.find_vm(org_id, vm_or_commit_id)
+        if vm is not None:
+            commit, _ = await self.engine.commit(vm, f"branch of {vm.id}", "", keep_paused)
+        else:
+            commit = await self.store.find_commit(org_id, vm_or_commit_id)
+            if commit is None:
+                raise NotFound(f"no VM or commit {vm_or_commit_id!r} in your organization")
+        return [pb.NewVm(vm_id=new.id) for new in await self.engine.restore(org_id, commit, count or 1)]
+
+    async def CreateRootVm(self, request: pb.CreateRootVmRequest, context: grpc.aio.ServicerContext) -> pb.CreateRootVmResponse:
+        config = request.vm_config
+        vm = await self.engine.create_root(
+            current_principal().org_id,
+            VmConfig(config.vcpu_count, config.mem_size_mib, config.fs_size_mib, config.image_name, config.kernel_name, dict(config.labels)),
+            request.wait_boot,
+        )
+        return pb.CreateRootVmResponse(vm_id=vm.id)
+
+    async def RestoreFromCommit(
+        self, request: pb.RestoreFromCommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RestoreFromCommitResponse:
+        given = [name for name in ("commit_id", "tag_name", "ref") if getattr(request, name)]
+        if len(given) != 1:
+            raise InvalidArgument(
+                f"send exactly one of commit_id, tag_name or ref (got {', '.join(given) or 'none'}), "
+                'e.g. {"commit_id": "<uuid>"} or {"ref": "my-app:latest"}'
+            )
+        if request.commit_id:
+            hint = '; to restore by repo:tag send {"ref": "' + request.commit_id + '"}' if ":" in request.commit_id else ""
+            commit = await self._commit(require_uuid(request.commit_id, "commit_id", hint))
+        else:
+            commit = await self._resolve(ref=request.ref, tag_name=request.tag_name)
+        [vm] = await self.engine.restore(current_principal().org_id, commit)
+        return pb.RestoreFromCommitResponse(vm_id=vm.id)
+
+    async def BranchVm(self, request: pb.BranchVmRequest, context: grpc.aio.ServicerContext) -> pb.BranchVmResponse:
+        return pb.BranchVmResponse(vms=await self._branch(request.vm_or_commit_id, request.count, request.keep_paused))
+
+    async def BranchByVm(self, request: pb.BranchByVmRequest, context: grpc.aio.ServicerContext) -> pb.BranchByVmResponse:
+        vm = await self._vm(request.vm_id)
+        return pb.BranchByVmResponse(vms=await self._branch(vm.id, request.count, request.keep_paused))
+
+    async def BranchByCommit(self, request: pb.BranchByCommitRequest, context: grpc.aio.ServicerContext) -> pb.BranchByCommitResponse:
+        commit = await self._commit(request.commit_id)
+        vms = await self.engine.restore(current_principal().org_id, commit, request.count or 1)
+        return pb.BranchByCommitResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
+
+    async def BranchByTag(self, request: pb.BranchByTagRequest, context: grpc.aio.ServicerContext) -> pb.BranchByTagResponse:
+        commit = await self._resolve(tag_name=request.tag_name)
+        vms = await self.engine.restore(current_principal().org_id, commit, request.count or 1)
+        return pb.BranchByTagResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
+
+    async def BranchByRef(self, request: pb.BranchByRefRequest, context: grpc.aio.ServicerContext) -> pb.BranchByRefResponse:
+        commit = await self._resolve(ref=f"{request.repo_name}:{request.tag_name}")
+        vms = await self.engine.restore(current_principal().org_id, commit, request.count or 1)
+        return pb.BranchByRefResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
+
+    async def CommitVm(self, request: pb.CommitVmRequest, context: grpc.aio.ServicerContext) -> pb.CommitVmResponse:
+        vm = await self._vm(request.vm_id)
+        commit, _ = await self.engine.commit(vm, request.name, request.description, request.keep_paused)
+        return pb.CommitVmResponse(commit_id=commit.id)
+
+    async def UpdateVmState(self, request: pb.UpdateVmStateRequest, context: grpc.aio.ServicerContext) -> pb.UpdateVmStateResponse:
+        vm = await self.engine.set_state(await self._vm(request.vm_id), request.state, request.skip_wait_boot)
+        return pb.UpdateVmStateResponse(vm=vm_pb(vm))
+
+    async def ListVms(self, request: pb.ListVmsRequest, context: grpc.aio.ServicerContext) -> pb.ListVmsResponse:
+        return pb.ListVmsResponse(vms=[vm_pb(vm) for vm in await self.store.list_vms(current_principal().org_id)])
+
+    async def GetVmStatus(self, request: pb.GetVmStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetVmStatusResponse:
+        return pb.GetVmStatusResponse(vm=vm_pb(await self._vm(request.vm_id)))
+
+    async def GetVmMetadata(self, request: pb.GetVmMetadataRequest, context: grpc.aio.ServicerContext) -> pb.GetVmMetadataResponse:
+        vm = await self._vm(request.vm_id)
+        metadata = pb.VmMetadata(
+            vm_id=vm.id,
+            owner_id=vm.org_id,
+            state=vm.state,
+            created_at=to_timestamp(vm.created_at),
+            mem_size_mib=vm.mem_size_mib,
+            vcpu_count=vm.vcpu_count,
+            parent_commit_id=vm.parent_commit_id or "",
+            grandparent_vm_id=vm.grandparent_vm_id or "",
+        )
+        return pb.GetVmMetadataResponse(metadata=metadata)
+
+    async def ExecVm(self, request: pb.ExecVmRequest, context: grpc.aio.ServicerContext) -> pb.ExecVmResponse:
+        vm = await self._vm(request.vm_id)
+        if vm.state == "paused":
+            raise FailedPrecondition(f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}})')
+        machine = await self.engine.wait_booted(vm)
+        result = await machine.agent.exec(
+            list(request.command),
+            env=dict(request.env),
+            stdin=request.stdin.encode() if request.stdin else None,
+            working_dir=request.working_dir,
+            timeout_secs=request.timeout_secs,
+        )
+        return pb.ExecVmResponse(
+            exit_code=result.exit_code,
+            stdout=result.stdout.decode(errors="replace"),
+            stderr=result.stderr.decode(errors="replace"),
+            exec_id=request.exec_id or str(uuid.uuid4()),
+        )
+
+    async def DeleteVm(self, request: pb.DeleteVmRequest, context: grpc.aio.ServicerContext) -> pb.DeleteVmResponse:
+        vm = await self._vm(request.vm_id)
+        await self.engine.delete_vm(vm)
+        return pb.DeleteVmResponse(vm_id=vm.id)
+
+    async def ListCommits(self, request: pb.ListCommitsRequest, context: grpc.aio.ServicerContext) -> pb.ListCommitsResponse:
+        limit = request.limit or DEFAULT_PAGE
+        if not 1 <= limit <= MAX_PAGE or request.offset < 0:
+            raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE} and offset at least 0")
+        commits, total = await self.store.list_commits(current_principal().org_id, limit, request.offset)
+        return pb.ListCommitsResponse(commits=[commit_pb(c) for c in commits], total=total, limit=limit, offset=request.offset)
+
+    async def GetCommit(self, request: pb.GetCommitRequest, context: grpc.aio.ServicerContext) -> pb.GetCommitResponse:
+        return pb.GetCommitResponse(commit=commit_pb(await self._commit(request.commit_id)))
+
+    async def ListCommitParents(
+        self, request: pb.ListCommitParentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCommitParentsResponse:
+        chain = await self.store.lineage(current_principal().org_id, request.commit_id)
+        return pb.ListCommitParentsResponse(commits=[lineage_pb(c) for c in chain])
+
+    async def DeleteCommit(self, request: pb.DeleteCommitRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCommitResponse:
+        await self.engine.delete_commit(current_principal().org_id, request.commit_id)
+        return pb.DeleteCommitResponse()

@@ -1,0 +1,203 @@
+"""Orchestrator data: VMs, commits and the disk layers they stand on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.common.db import Database
+from services.common.errors import Conflict, NotFound, ResourceExhausted
+from services.common.timestamps import utcnow
+from services.orchestrator.models import LIVE_STATES, CommitRow, LayerRow, VmRow
+
+
+def _is_uuid_shaped(value: str) -> bool:
+    return len(value) == 36 and value.count("-") == 4
+
+
+class OrchestratorStore:
+    def __init__(self, db: Database, max_vcpus: int, max_memory_mib: int) -> None:
+        self.db = db
+        self.max_vcpus = max_vcpus
+        self.max_memory_mib = max_memory_mib
+
+    # VMs
+
+    async def add_vms(self, org_id: str, vms: Sequence[VmRow], layers: Sequence[LayerRow]) -> None:
+        """Insert new VMs and their layers, within the org's vCPU and memory limits, in one transaction."""
+        async with self.db.write() as session:
+            used_vcpus, used_memory = (
+                await session.exec(
+                    select(func.coalesce(func.sum(VmRow.vcpu_count), 0), func.coalesce(func.sum(VmRow.mem_size_mib), 0)).where(
+                        VmRow.org_id == org_id, col(VmRow.state).in_(LIVE_STATES), col(VmRow.deleted_at).is_(None)
+                    )
+                )
+            ).one()
+            vcpus = used_vcpus + sum(vm.vcpu_count for vm in vms)
+            memory = used_memory + sum(vm.mem_size_mib for vm in vms)
+            if vcpus > self.max_vcpus or memory > self.max_memory_mib:
+                raise ResourceExhausted(
+                    f"your organization's VMs may use {self.max_vcpus} vCPUs and {self.max_memory_mib} MiB of memory "
+                    f"in all; this request would bring them to {vcpus} vCPUs and {memory} MiB: delete or commit and "
+                    f"delete VMs you no longer need"
+                )
+            for layer in layers:
+                session.add(layer)
+            await session.flush()
+            for vm in vms:
+                session.add(vm)
+
+    async def get_vm(self, org_id: str, vm_id: str) -> VmRow:
+        async with self.db.read() as session:
+            vm = await session.get(VmRow, vm_id) if _is_uuid_shaped(vm_id) else None
+        if vm is None or vm.org_id != org_id or vm.deleted_at is not None:
+            raise NotFound(f"VM {vm_id!r} not found in your organization")
+        return vm
+
+    async def find_vm(self, org_id: str, vm_id: str) -> VmRow | None:
+        try:
+            return await self.get_vm(org_id, vm_id)
+        except NotFound:
+            return None
+
+    async def list_vms(self, org_id: str) -> list[VmRow]:
+        async with self.db.read() as session:
+            query = select(VmRow).where(VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None)).order_by(VmRow.created_at)
+            return list(await session.exec(query))
+
+    async def live_vms(self) -> list[VmRow]:
+        async with self.db.read() as session:
+            query = select(VmRow).where(col(VmRow.state).in_(LIVE_STATES), col(VmRow.deleted_at).is_(None))
+            return list(await session.exec(query))
+
+    async def update_vm(self, vm_id: str, **changes: Any) -> VmRow:
+        async with self.db.write() as session:
+            vm = await session.get(VmRow, vm_id)
+            if vm is None:
+                raise NotFound(f"VM {vm_id!r} not found")
+            for key, value in changes.items():
+                setattr(vm, key, value)
+            session.add(vm)
+            return vm
+
+    async def mark_vm_deleted(self, vm_id: str) -> None:
+        await self.update_vm(vm_id, state="dead", deleted_at=utcnow(), pid=0)
+
+    # Commits
+
+    async def add_commit(self, commit: CommitRow, vm_id: str, new_layer: LayerRow) -> None:
+        """Record a commit and move its VM onto the new layer it now writes to, together."""
+        async with self.db.write() as session:
+            session.add(new_layer)
+            await session.flush()
+            session.add(commit)
+            vm = await session.get(VmRow, vm_id)
+            assert vm is not None
+            vm.layer_id = new_layer.id
+            session.add(vm)
+
+    async def move_vm_to_layer(self, vm_id: str, new_layer: LayerRow) -> None:
+        async with self.db.write() as session:
+            session.add(new_layer)
+            await session.flush()
+            vm = await session.get(VmRow, vm_id)
+            assert vm is not None
+            vm.layer_id = new_layer.id
+            session.add(vm)
+
+    async def get_commit(self, org_id: str, commit_id: str) -> CommitRow:
+        commit = await self._commit(commit_id)
+        if commit is None or commit.org_id != org_id:
+            raise NotFound(f"commit {commit_id!r} not found in your organization")
+        return commit
+
+    async def find_commit(self, org_id: str, commit_id: str) -> CommitRow | None:
+        commit = await self._commit(commit_id)
+        return commit if commit is not None and commit.org_id == org_id else None
+
+    async def _commit(self, commit_id: str) -> CommitRow | None:
+        if not _is_uuid_shaped(commit_id):
+            return None
+        async with self.db.read() as session:
+            commit = await session.get(CommitRow, commit_id)
+        return commit if commit is not None and commit.deleted_at is None else None
+
+    async def list_commits(self, org_id: str, limit: int, offset: int) -> tuple[list[CommitRow], int]:
+        mine = (CommitRow.org_id == org_id, col(CommitRow.deleted_at).is_(None))
+        async with self.db.read() as session:
+            total = (await session.exec(select(func.count()).select_from(CommitRow).where(*mine))).one()
+            query = select(CommitRow).where(*mine).order_by(col(CommitRow.created_at).desc()).limit(limit).offset(offset)
+            return list(await session.exec(query)), int(total)
+
+    async def lineage(self, org_id: str, commit_id: str) -> list[CommitRow]:
+        """The commit and the commits it descends from, newest first, as far as the org's own commits go."""
+        chain = [await self.get_commit(org_id, commit_id)]
+        async with self.db.read() as session:
+            while (parent_id := chain[-1].grandparent_commit_id) is not None:
+                parent = await session.get(CommitRow, parent_id)
+                if parent is None or parent.org_id != org_id:
+                    break
+                chain.append(parent)
+        return [commit for commit in chain if commit.deleted_at is None]
+
+    async def delete_commit(self, org_id: str, commit_id: str) -> CommitRow:
+        async with self.db.write() as session:
+            commit = await session.get(CommitRow, commit_id) if _is_uuid_shaped(commit_id) else None
+            if commit is None or commit.org_id != org_id or commit.deleted_at is not None:
+                raise NotFound(f"commit {commit_id!r} not found in your organization")
+            users = await session.exec(
+                select(VmRow.id).where(VmRow.parent_commit_id == commit_id, col(VmRow.deleted_at).is_(None))
+            )
+            vm_ids = list(users)
+            if vm_ids:
+                raise Conflict(
+                    f"commit {commit_id} is in use by VM {', '.join(vm_ids)}: delete the VM first"
+                )
+            commit.deleted_at = utcnow()
+            session.add(commit)
+            return commit
+
+    # Layers
+
+    async def layer_chain(self, layer_id: str) -> list[LayerRow]:
+        async with self.db.read() as session:
+            chain = []
+            current: str | None = layer_id
+            while current is not None:
+                layer = await session.get(LayerRow, current)
+                assert layer is not None
+                chain.append(layer)
+                current = layer.parent_id
+            return chain
+
+    async def collect_garbage_layers(self) -> list[str]:
+        """Delete the rows of layers no live VM or commit stands on; return their ids (files to remove)."""
+        async with self.db.write() as session:
+            layers = {layer.id: layer for layer in await session.exec(select(LayerRow))}
+            roots = set(await session.exec(select(VmRow.layer_id).where(col(VmRow.deleted_at).is_(None))))
+            roots |= set(await session.exec(select(CommitRow.layer_id).where(col(CommitRow.deleted_at).is_(None))))
+            reachable: set[str] = set()
+            for root in roots:
+                current: str | None = root
+                while current is not None and current not in reachable:
+                    reachable.add(current)
+                    current = layers[current].parent_id
+            garbage = [layer_id for layer_id in layers if layer_id not in reachable]
+            # children before parents, for the foreign key
+            depth = {layer_id: self._depth(layers, layer_id) for layer_id in garbage}
+            for layer_id in sorted(garbage, key=depth.__getitem__, reverse=True):
+                await session.delete(layers[layer_id])
+                await session.flush()
+            return garbage
+
+    @staticmethod
+    def _depth(layers: dict[str, LayerRow], layer_id: str) -> int:
+        depth, current = 0, layers[layer_id].parent_id
+        while current is not None:
+            depth, current = depth + 1, layers[current].parent_id
+        return depth
+
