@@ -56,6 +56,14 @@ class Platform:
     def client(self, org: Org | None = None, **headers: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, headers={**(org.auth if org else {}), **headers}, timeout=60)
 
+    async def restart(self, service: str) -> None:
+        """Stop one service and start it again on the same address, data and VMs."""
+        await self.running[service].stop(0)
+        self.running[service] = await start(await BUILDERS[service](self.settings), self.settings.addr(service))
+
+    def vm_pid(self, vm_id: str) -> int:
+        return int((self.settings.vm_run_dir / vm_id / "qemu.pid").read_text())
+
     async def new_org(self, prefix: str = "org") -> Org:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         async with self.client(Authorization=f"Bearer {self.admin_key}") as http:

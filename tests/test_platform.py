@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from services.common.settings import Settings
+from tests.conftest import IMAGES, ROOT, kill_vms_under
+
 VERS = Path(sys.executable).parent / "vers"
 
 
@@ -40,6 +42,7 @@ def platform_env(tmp_path: Path) -> dict[str, str]:
         "VERS_HTTP_PORT": str(http),
         "VERS_URL": f"http://127.0.0.1:{http}",
         "VERS_LOG_LEVEL": "WARNING",
+        "VERS_IMAGES_DIR": str(IMAGES),
     }
 
 
@@ -86,6 +89,7 @@ def launch(platform_env: dict[str, str]) -> Iterator[type[Launched]]:
     for launched in started:
         if launched.process.poll() is None:
             launched.process.kill()
+    kill_vms_under(Settings(data_dir=Path(platform_env["VERS_DATA_DIR"])).vm_run_dir)
 
 
 def ports_closed(env: dict[str, str]) -> bool:

@@ -45,15 +45,17 @@ def guest_script(
     run = " ".join(words)
     if working_dir:
         run = f"cd {shlex.quote(working_dir)} && {run}"
-    err = f"/run/vers/{nonce}.err"
+    # Commands run one at a time, so one stderr file serves; it is only read when not empty. Every
+    # fork counts right after a restore, when the emulator's translation cache is still cold.
+    err = "/run/vers/stderr"
     source = "/dev/null"
     prepare = ""
     if stdin:
-        source = f"/run/vers/{nonce}.in"
+        source = "/run/vers/stdin"
         prepare = f"printf %s {base64.b64encode(stdin).decode()} | base64 -d > {source}; "
     line = (
         f"{prepare}printf '\\n<<B:{nonce}>>\\n'; ( {run} ) <{source} 2>{err}; vers_rc=$?; "
-        f"printf '\\n<<O:{nonce}>>\\n'; cat {err}; rm -f {err} /run/vers/{nonce}.in; "
+        f"printf '\\n<<O:{nonce}>>\\n'; [ -s {err} ] && cat {err}; "
         f"printf '\\n<<E:{nonce}:%s>>\\n' \"$vers_rc\"\n"
     )
     # The leading newline ends any half line a restored or restarted guest shell may hold.
@@ -89,13 +91,13 @@ class Agent:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_unix_connection(str(self.socket_path), limit=64 * 1024 * 1024)
 
     async def run(self, script: bytes, nonce: str, timeout: float | None) -> ExecResult:
         async with self.lock:
-            await self._connect()
+            await self.connect()
             assert self._reader is not None and self._writer is not None
             self._writer.write(script)
             await self._writer.drain()
@@ -132,8 +134,17 @@ class Agent:
             wait = timeout_secs + 10.0
         return await self.run(script, nonce, wait)
 
-    async def ping(self, timeout: float) -> None:
-        await self.exec(["true"], wait=timeout)
+    async def wait_ready(self, timeout: float, attempt: float = 1.0) -> None:
+        """Ping until the guest answers. The guest driver drops what arrives after it loads but before
+        the agent shell opens the port, so one ping may vanish: each attempt has its own nonce."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                await self.exec(["true"], wait=attempt)
+                return
+            except DeadlineExceeded:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise DeadlineExceeded(f"the guest did not answer within {timeout:.0f} s") from None
 
     async def close(self) -> None:
         if self._writer is not None:

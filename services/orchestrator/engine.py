@@ -11,7 +11,8 @@ import shutil
 import signal
 import subprocess
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._deleting: set[str] = set()
         self._verified: dict[Path, tuple[int, int, int, int]] = {}
+        self._consoles: dict[str, asyncio.Lock] = {}
 
     # Start-up and shutdown
 
@@ -85,7 +87,8 @@ class Engine:
         if image is None:
             log.warning("no images in %s: run `make images`", self.images_root)
         else:
-            self.accel = await choose_accelerator(self.settings.accel, image, self.run_dir / "accel.json")
+            # the probe result is a fact about this host, kept beside the images every data folder shares
+            self.accel = await choose_accelerator(self.settings.accel, image, self.images_root / "accel.json")
         log.info("VMs run with %s", self.accel.upper())
         await self._adopt_all()
 
@@ -143,7 +146,7 @@ class Engine:
 
     async def _wait_boot(self, vm_id: str, machine: Machine) -> None:
         try:
-            await machine.agent.ping(self.settings.boot_timeout_seconds)
+            await machine.agent.wait_ready(self.settings.boot_timeout_seconds)
         except Exception as error:  # noqa: BLE001 - a VM that does not boot is dead, said in the log
             log.warning("VM %s did not boot: %s; %s", vm_id, error, Machine.read_log(machine.run_folder))
             await machine.kill()
@@ -362,6 +365,19 @@ class Engine:
             self.layer_path(layer_id).unlink(missing_ok=True)
 
     # Running VMs
+
+    @asynccontextmanager
+    async def console(self, vm: VmRow) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """The VM's console; one person at a time, as on a physical terminal."""
+        lock = self._consoles.setdefault(vm.id, asyncio.Lock())
+        if lock.locked():
+            raise FailedPrecondition(f"someone is already connected to the console of VM {vm.id}")
+        async with lock:
+            reader, writer = await asyncio.open_unix_connection(str(self.run_folder(vm.id) / "console.sock"))
+            try:
+                yield reader, writer
+            finally:
+                writer.close()
 
     async def set_state(self, vm: VmRow, state: str, skip_wait_boot: bool = False) -> VmRow:
         wanted = state.lower()

@@ -26,7 +26,7 @@ from services.common.settings import get_settings
 GUEST_FILES = Path(__file__).resolve().parent / "guest"
 # Drivers the guest needs; their dependencies are found from each module's modinfo.
 MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "ext4", "crc32c_generic")
-BASE_DISK_MIB = 1024
+BASE_DISK_MIB = 64
 DEFAULT_IMAGE = "default"
 KERNEL_NAME = "default.bin"
 

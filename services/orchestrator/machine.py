@@ -107,6 +107,9 @@ class Machine:
             await process.wait()
             raise RuntimeError(f"QEMU did not start: {cls.read_log(spec.run_folder)}") from None
         machine = cls(spec.vm_id, spec.run_folder, process.pid, qmp, process)
+        # Connected before the guest runs: the guest learns the host side is open before it can read
+        # a command, so its answer is never written to a port it believes closed.
+        await machine.agent.connect()
         await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
         await qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
         return machine
@@ -120,7 +123,9 @@ class Machine:
             qmp = await Qmp.connect(sockets(run_folder)["qmp"], timeout=5)
         except (QmpError, OSError):
             return None
-        return cls(vm_id, run_folder, pid, qmp, None)
+        machine = cls(vm_id, run_folder, pid, qmp, None)
+        await machine.agent.connect()
+        return machine
 
     @staticmethod
     def read_log(run_folder: Path) -> str:
@@ -136,8 +141,11 @@ class Machine:
         await self._wait_migration("incoming")
         return time.perf_counter() - started
 
-    async def _wait_migration(self, what: str) -> None:
+    async def _wait_migration(self, what: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
         while True:
+            if time.monotonic() > deadline:
+                raise QmpError(f"{what} migration did not finish within {timeout:.0f} s")
             status = (await self.qmp.execute("query-migrate")).get("status")
             if status == "completed":
                 return

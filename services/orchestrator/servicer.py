@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -209,3 +210,35 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def DeleteCommit(self, request: pb.DeleteCommitRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCommitResponse:
         await self.engine.delete_commit(current_principal().org_id, request.commit_id)
         return pb.DeleteCommitResponse()
+
+    async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        """Relay keystrokes to the VM's console (hvc0, a login shell) and its output back."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.vm_id:
+            raise InvalidArgument("the first message of Connect names the VM: {vm_id}")
+        vm = await self._vm(first.vm_id)
+        await self.engine.wait_booted(vm)
+        async with self.engine.console(vm) as (reader, writer):
+            if first.input:
+                writer.write(first.input)
+
+            async def forward_input() -> None:
+                async for message in request_iterator:
+                    if message.input:
+                        writer.write(message.input)
+                        await writer.drain()
+
+            sending = asyncio.ensure_future(forward_input())
+            try:
+                while True:
+                    reading = asyncio.ensure_future(reader.read(1 << 16))
+                    await asyncio.wait({reading, sending}, return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        reading.cancel()
+                        break  # the client is done
+                    chunk = reading.result()
+                    if not chunk:
+                        break  # the VM went away
+                    yield pb.ConnectResponse(output=chunk)
+            finally:
+                sending.cancel()

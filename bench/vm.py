@@ -1,0 +1,170 @@
+"""VM engine benchmark: boot, commit pause, branch latency, disk-size independence, memory of branches.
+
+Runs the orchestrator's engine in this process on a temporary data folder, with the same images
+as the platform. Prints the figures and writes them as JSON (default bench/results/vm.json).
+
+    python bench/vm.py [--runs 10] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services.common.db import Database  # noqa: E402
+from services.common.settings import Settings  # noqa: E402
+from services.orchestrator.engine import Engine, VmConfig  # noqa: E402
+from services.orchestrator.models import TABLES, CommitRow, VmRow  # noqa: E402
+from services.orchestrator.store import OrchestratorStore  # noqa: E402
+
+ORG = "bench"
+GUEST_MIB = 256
+
+
+def pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Pss for {pid}")
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000, 1)
+
+
+class Bench:
+    def __init__(self, engine: Engine, runs: int) -> None:
+        self.engine = engine
+        self.runs = runs
+
+    async def exec(self, vm: VmRow, script: str) -> str:
+        result = await self.engine.machine(vm).agent.exec(["sh", "-c", script])
+        assert result.exit_code == 0, result
+        return result.stdout.decode()
+
+    async def delete(self, *vms: VmRow) -> None:
+        for vm in vms:
+            await self.engine.delete_vm(vm)
+
+    async def boot(self, **config: int) -> tuple[VmRow, float]:
+        started = time.perf_counter()
+        vm = await self.engine.create_root(ORG, VmConfig(mem_size_mib=GUEST_MIB, **config), wait_boot=True)
+        return vm, time.perf_counter() - started
+
+    async def branch(self, commit: CommitRow) -> tuple[VmRow, float, float]:
+        """(VM, seconds to running, seconds to the first exec answered)."""
+        started = time.perf_counter()
+        [vm] = await self.engine.restore(ORG, commit)
+        running = time.perf_counter() - started
+        await self.exec(vm, "true")
+        return vm, running, time.perf_counter() - started
+
+    async def run(self) -> dict[str, object]:
+        print(f"accelerator: {self.engine.accel}, {GUEST_MIB} MiB guests, {self.runs} runs each")
+        boots = []
+        for _ in range(self.runs):
+            vm, seconds = await self.boot()
+            boots.append(seconds)
+            await self.delete(vm)
+        print(f"boot to first exec: median {median_ms(boots)} ms")
+
+        base, _ = await self.boot()
+        await self.exec(base, "(i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done) >/dev/null 2>&1 &")
+        pauses, commit = [], None
+        for _ in range(self.runs):
+            commit, paused = await self.engine.commit(base, "bench", "", keep_paused=False)
+            base = await self.engine.store.get_vm(ORG, base.id)
+            pauses.append(paused)
+        assert commit is not None
+        print(f"commit pause: median {median_ms(pauses)} ms")
+
+        to_running, to_exec = [], []
+        for _ in range(self.runs):
+            vm, running, answered = await self.branch(commit)
+            to_running.append(running)
+            to_exec.append(answered)
+            await self.delete(vm)
+        print(f"branch to running: median {median_ms(to_running)} ms; to first exec answered: median {median_ms(to_exec)} ms")
+
+        disk_times = {}
+        for size, fill in ((64, 0), (4096, 256)):
+            vm, _ = await self.boot(fs_size_mib=size)
+            if fill:
+                await self.exec(vm, f"dd if=/dev/urandom of=/root/fill bs=1M count={fill} 2>/dev/null && sync")
+            disk_commit, _ = await self.engine.commit(vm, f"{size} MiB disk", "", keep_paused=False)
+            samples = []
+            for _ in range(self.runs):
+                branch, running, _ = await self.branch(disk_commit)
+                samples.append(running)
+                await self.delete(branch)
+            disk_times[size] = statistics.median(samples)
+            await self.delete(vm)
+        ratio = disk_times[4096] / disk_times[64]
+        print(f"branch to running, 64 MiB disk {disk_times[64] * 1000:.1f} ms, 4 GiB disk with 256 MiB written "
+              f"{disk_times[4096] * 1000:.1f} ms: ratio {ratio:.2f}")
+
+        one, _, _ = await self.branch(commit)
+        await asyncio.sleep(1)
+        one_pss = pss_kib(self.engine.machine(one).pid)
+        await self.delete(one)
+        ten = await self.engine.restore(ORG, commit, 10)
+        for vm in ten:
+            await self.exec(vm, "true")
+        await asyncio.sleep(1)
+        ten_pss = sum(pss_kib(self.engine.machine(vm).pid) for vm in ten)
+        await self.delete(*ten, base)
+        print(f"memory (PSS): 1 branch {one_pss / 1024:.0f} MiB, 10 branches {ten_pss / 1024:.0f} MiB: "
+              f"{ten_pss / one_pss:.2f}x")
+        return {
+            "accelerator": self.engine.accel,
+            "guest_mem_mib": GUEST_MIB,
+            "runs": self.runs,
+            "boot_ms_median": median_ms(boots),
+            "commit_pause_ms_median": median_ms(pauses),
+            "branch_to_running_ms_median": median_ms(to_running),
+            "branch_to_first_exec_ms_median": median_ms(to_exec),
+            "branch_ms_64mib_disk": round(disk_times[64] * 1000, 1),
+            "branch_ms_4gib_disk": round(disk_times[4096] * 1000, 1),
+            "branch_disk_size_ratio": round(ratio, 3),
+            "pss_mib_1_branch": round(one_pss / 1024, 1),
+            "pss_mib_10_branches": round(ten_pss / 1024, 1),
+            "memory_ratio_10_vs_1": round(ten_pss / one_pss, 2),
+        }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "vm.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vers-bench-") as data:
+        settings = Settings(data_dir=Path(data), images_dir=str(Settings().image_root))
+        db = Database(settings.database_url("orchestrator"))
+        await db.create_tables(TABLES)
+        engine = Engine(settings, OrchestratorStore(db, max_vcpus=1000, max_memory_mib=10**7))
+        await engine.start()
+        try:
+            figures = await Bench(engine, args.runs).run()
+        finally:
+            for vm_id in list(engine.machines):
+                await engine.machines[vm_id].kill()
+            await engine.close()
+            await db.close()
+            shutil.rmtree(settings.vm_run_dir, ignore_errors=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

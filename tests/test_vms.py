@@ -1,0 +1,334 @@
+"""Real VMs through the REST gateway: boot, exec, commit (disk + memory), copy-on-write branches."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from tests.conftest import Org, Platform
+
+COUNTER = "(i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done) >/dev/null 2>&1 &"
+
+
+async def sh(http: httpx.AsyncClient, vm_id: str, script: str, **extra: Any) -> dict[str, Any]:
+    answer = await http.post(f"/api/v1/vm/{vm_id}/exec", json={"command": ["sh", "-c", script], **extra})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+async def out(http: httpx.AsyncClient, vm_id: str, script: str) -> str:
+    result = await sh(http, vm_id, script)
+    assert result["exit_code"] == 0, result
+    return result["stdout"]
+
+
+async def new_vm(http: httpx.AsyncClient, **config: Any) -> str:
+    answer = await http.post("/api/v1/vm/new_root?wait_boot=true", json={"vm_config": config})
+    assert answer.status_code == 201, answer.text
+    return answer.json()["vm_id"]
+
+
+@dataclass
+class Booted:
+    org: Org
+    http: httpx.AsyncClient
+    vm_id: str
+    commit_id: str
+    committed_counter: int
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def booted(platform: Platform) -> AsyncIterator[Booted]:
+    """One root VM with a file and a running counter, committed once; shared by the tests below."""
+    org = await platform.new_org("vmtest")
+    async with platform.client(org) as http:
+        vm_id = await new_vm(http)
+        await out(http, vm_id, "echo from-parent > /root/before-commit && " + COUNTER)
+        await asyncio.sleep(0.5)
+        committed = await http.post(f"/api/v1/vm/{vm_id}/commit", json={"name": "with counter"})
+        assert committed.status_code == 201, committed.text
+        counter = int(await out(http, vm_id, "cat /run/counter"))
+        yield Booted(org, http, vm_id, committed.json()["commit_id"], counter)
+
+
+async def test_exec_answers_stdout_stderr_and_exit_code(booted: Booted) -> None:
+    result = await sh(booted.http, booted.vm_id, "echo hello; echo oops >&2; exit 3")
+    assert (result["stdout"], result["stderr"], result["exit_code"]) == ("hello\n", "oops\n", 3)
+    assert result["exec_id"]
+
+
+async def test_exec_stdin_env_working_dir_and_timeout(booted: Booted) -> None:
+    http, vm = booted.http, booted.vm_id
+    assert (await sh(http, vm, "tr a-z A-Z", stdin="shout\n"))["stdout"] == "SHOUT\n"
+    assert (await sh(http, vm, 'echo "$GREETING"', env={"GREETING": "hi there"}))["stdout"] == "hi there\n"
+    assert (await sh(http, vm, "pwd", working_dir="/run"))["stdout"] == "/run\n"
+    killed = await sh(http, vm, "sleep 30", timeout_secs=1)
+    assert killed["exit_code"] == 137
+    assert (await sh(http, vm, "echo still-serving"))["stdout"] == "still-serving\n"
+
+
+async def test_exec_large_output_and_argv_quoting(booted: Booted) -> None:
+    big = await sh(booted.http, booted.vm_id, "head -c 3000000 /dev/zero | tr '\\0' x")
+    assert len(big["stdout"]) == 3_000_000
+    answer = await booted.http.post(
+        f"/api/v1/vm/{booted.vm_id}/exec", json={"command": ["echo", "it's", "$HOME", "a  b", "<<E:x:0>>"]}
+    )
+    assert answer.json()["stdout"] == "it's $HOME a  b <<E:x:0>>\n"
+
+
+async def test_branches_continue_processes_and_keep_writes_apart(booted: Booted) -> None:
+    http = booted.http
+    answer = await http.post(f"/api/v1/vm/branch/by_commit/{booted.commit_id}?count=2")
+    assert answer.status_code == 201, answer.text
+    first, second = [vm["vm_id"] for vm in answer.json()["vms"]]
+    for branch in (first, second):
+        assert await out(http, branch, "cat /root/before-commit") == "from-parent\n"
+        await asyncio.sleep(0.3)
+        counter = int(await out(http, branch, "cat /run/counter"))
+        assert counter > booted.committed_counter - 5, "the counter restarted instead of continuing"
+    await out(http, first, "echo only-in-first > /root/branch-file && sync")
+    assert (await sh(http, second, "cat /root/branch-file"))["exit_code"] != 0
+    assert (await sh(http, booted.vm_id, "cat /root/branch-file"))["exit_code"] != 0
+    before = int(await out(http, booted.vm_id, "cat /run/counter"))
+    await asyncio.sleep(0.5)
+    assert int(await out(http, booted.vm_id, "cat /run/counter")) > before, "the parent stopped running"
+    metadata = (await http.get(f"/api/v1/vm/{first}/metadata")).json()
+    assert metadata["parent_commit_id"] == booted.commit_id
+    assert metadata["grandparent_vm_id"] == booted.vm_id
+    for branch in (first, second):
+        assert (await http.delete(f"/api/v1/vm/{branch}")).status_code == 200
+
+
+async def test_branch_of_a_running_vm_keeps_the_parent_running(booted: Booted) -> None:
+    http = booted.http
+    answer = await http.post(f"/api/v1/vm/{booted.vm_id}/branch")
+    assert answer.status_code == 201, answer.text
+    [child] = [vm["vm_id"] for vm in answer.json()["vms"]]
+    assert (await http.get(f"/api/v1/vm/{booted.vm_id}/status")).json()["state"] == "running"
+    assert await out(http, child, "cat /root/before-commit") == "from-parent\n"
+    # a branch of a branch: its memory is streamed into the commit, and restores as well
+    grandchild = (await http.post(f"/api/v1/vm/branch/by_vm/{child}")).json()["vms"][0]["vm_id"]
+    assert await out(http, grandchild, "cat /root/before-commit") == "from-parent\n"
+    lineage = (await http.get(f"/api/v1/vm/commits/{(await http.get(f'/api/v1/vm/{grandchild}/metadata')).json()['parent_commit_id']}/parents")).json()
+    assert len(lineage) == 2
+    assert lineage[1]["parent_vm_id"] == booted.vm_id
+    for vm in (grandchild, child):
+        await http.delete(f"/api/v1/vm/{vm}")
+
+
+async def test_pause_and_resume(booted: Booted) -> None:
+    http, vm = booted.http, booted.vm_id
+    paused = await http.patch(f"/api/v1/vm/{vm}/state", json={"state": "Paused"})
+    assert paused.status_code == 200
+    assert paused.json()["state"] == "paused"
+    assert (await http.get(f"/api/v1/vm/{vm}/status")).json()["state"] == "paused"
+    refused = await http.post(f"/api/v1/vm/{vm}/exec", json={"command": ["true"]})
+    assert refused.status_code == 400
+    assert "paused" in refused.json()["error"]
+    await asyncio.sleep(1.0)
+    resumed = await http.patch(f"/api/v1/vm/{vm}/state", json={"state": "Running"})
+    assert resumed.json()["state"] == "running"
+    first = int(await out(http, vm, "cat /run/counter"))
+    await asyncio.sleep(0.6)
+    assert int(await out(http, vm, "cat /run/counter")) > first
+
+
+async def test_commit_keep_paused(booted: Booted) -> None:
+    http, vm = booted.http, booted.vm_id
+    answer = await http.post(f"/api/v1/vm/{vm}/commit?keep_paused=true", json={})
+    assert answer.status_code == 201
+    assert (await http.get(f"/api/v1/vm/{vm}/status")).json()["state"] == "paused"
+    await http.patch(f"/api/v1/vm/{vm}/state", json={"state": "Running"})
+    await http.delete(f"/api/v1/commits/{answer.json()['commit_id']}")
+
+
+async def test_restore_from_commit_and_commit_in_use(booted: Booted) -> None:
+    http = booted.http
+    restored = await http.post("/api/v1/vm/from_commit", json={"commit_id": booted.commit_id})
+    assert restored.status_code == 201, restored.text
+    vm = restored.json()["vm_id"]
+    assert await out(http, vm, "cat /root/before-commit") == "from-parent\n"
+    in_use = await http.delete(f"/api/v1/commits/{booted.commit_id}")
+    assert in_use.status_code == 409
+    assert vm in in_use.json()["error"]
+    assert (await http.delete(f"/api/v1/vm/{vm}")).status_code == 200
+
+
+async def test_commit_listing_get_and_lineage(booted: Booted) -> None:
+    http = booted.http
+    listed = (await http.get("/api/v1/commits", params={"limit": 1, "offset": 0})).json()
+    assert listed["limit"] == 1 and listed["offset"] == 0 and listed["total"] >= 1
+    assert len(listed["commits"]) == 1
+    commit = (await http.get(f"/api/v1/commits/{booted.commit_id}")).json()
+    assert set(commit) >= {"commit_id", "owner_id", "name", "description", "is_public", "created_at", "parent_vm_id", "grandparent_commit_id"}
+    assert (commit["name"], commit["parent_vm_id"], commit["owner_id"]) == ("with counter", booted.vm_id, booted.org.id)
+    parents = (await http.get(f"/api/v1/vm/commits/{booted.commit_id}/parents")).json()
+    assert [entry["id"] for entry in parents] == [booted.commit_id]
+
+
+async def test_other_org_sees_nothing(platform: Platform, booted: Booted, other_org: Org) -> None:
+    vm, commit = booted.vm_id, booted.commit_id
+    async with platform.client(other_org) as http:
+        calls = [
+            http.get(f"/api/v1/vm/{vm}/status"),
+            http.get(f"/api/v1/vm/{vm}/metadata"),
+            http.post(f"/api/v1/vm/{vm}/exec", json={"command": ["id"]}),
+            http.post(f"/api/v1/vm/{vm}/commit", json={}),
+            http.post(f"/api/v1/vm/{vm}/branch"),
+            http.post(f"/api/v1/vm/branch/by_vm/{vm}"),
+            http.patch(f"/api/v1/vm/{vm}/state", json={"state": "Paused"}),
+            http.delete(f"/api/v1/vm/{vm}"),
+            http.get(f"/api/v1/commits/{commit}"),
+            http.post(f"/api/v1/vm/branch/by_commit/{commit}"),
+            http.post(f"/api/v1/vm/{commit}/branch"),
+            http.post("/api/v1/vm/from_commit", json={"commit_id": commit}),
+            http.get(f"/api/v1/vm/commits/{commit}/parents"),
+            http.delete(f"/api/v1/commits/{commit}"),
+        ]
+        for answer in await asyncio.gather(*calls):
+            assert answer.status_code == 404, (answer.request.url, answer.text)
+        assert vm not in [v["vm_id"] for v in (await http.get("/api/v1/vm")).json()]
+        assert commit not in [c["commit_id"] for c in (await http.get("/api/v1/commits")).json()["commits"]]
+    async with platform.client() as http:
+        assert (await http.get(f"/api/v1/vm/{vm}/status")).status_code == 401
+    assert (await booted.http.get(f"/api/v1/vm/{vm}/status")).json()["state"] == "running"
+
+
+async def test_delete_removes_the_vm_and_its_disk(platform: Platform, booted: Booted) -> None:
+    http = booted.http
+    vm = (await http.post(f"/api/v1/vm/branch/by_commit/{booted.commit_id}")).json()["vms"][0]["vm_id"]
+    layers = platform.settings.data_dir / "layers"
+    before = set(layers.iterdir())
+    pid = platform.vm_pid(vm)
+    assert (await http.delete(f"/api/v1/vm/{vm}")).json() == {"vm_id": vm}
+    assert len(set(layers.iterdir())) == len(before) - 1
+    assert not os.path.exists(f"/proc/{pid}")
+    assert (await http.get(f"/api/v1/vm/{vm}/status")).status_code == 404
+    assert vm not in [v["vm_id"] for v in (await http.get("/api/v1/vm")).json()]
+
+
+async def test_a_killed_qemu_shows_as_dead(platform: Platform, booted: Booted) -> None:
+    http = booted.http
+    vm = (await http.post(f"/api/v1/vm/branch/by_commit/{booted.commit_id}")).json()["vms"][0]["vm_id"]
+    os.kill(platform.vm_pid(vm), signal.SIGKILL)
+    for _ in range(50):
+        if (await http.get(f"/api/v1/vm/{vm}/status")).json()["state"] == "dead":
+            break
+        await asyncio.sleep(0.1)
+    assert (await http.get(f"/api/v1/vm/{vm}/status")).json()["state"] == "dead"
+    refused = await http.post(f"/api/v1/vm/{vm}/exec", json={"command": ["true"]})
+    assert refused.status_code == 400 and "dead" in refused.json()["error"]
+    assert (await http.delete(f"/api/v1/vm/{vm}")).status_code == 200
+
+
+async def test_orchestrator_restart_adopts_running_vms(platform: Platform, booted: Booted) -> None:
+    http = booted.http
+    survivor, victim = [v["vm_id"] for v in (await http.post(f"/api/v1/vm/branch/by_commit/{booted.commit_id}?count=2")).json()["vms"]]
+    await platform.running["orchestrator"].stop(0)
+    os.kill(platform.vm_pid(victim), signal.SIGKILL)
+    await platform.restart("orchestrator")
+    states = {v["vm_id"]: v["state"] for v in (await http.get("/api/v1/vm")).json()}
+    assert states[survivor] == "running"
+    assert states[victim] == "dead"
+    assert states[booted.vm_id] == "running"
+    assert await out(http, survivor, "cat /root/before-commit") == "from-parent\n"
+    assert int(await out(http, booted.vm_id, "cat /run/counter")) > 0
+    for vm in (survivor, victim):
+        await http.delete(f"/api/v1/vm/{vm}")
+
+
+async def test_damaged_commit_is_refused_clearly(platform: Platform, booted: Booted) -> None:
+    http = booted.http
+    commit = (await http.post(f"/api/v1/vm/{booted.vm_id}/commit", json={"name": "to damage"})).json()["commit_id"]
+    state = platform.settings.data_dir / "commits" / commit / "state"
+    original = state.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0xFF
+    state.write_bytes(bytes(damaged))
+    answer = await http.post("/api/v1/vm/from_commit", json={"commit_id": commit})
+    assert answer.status_code == 500
+    assert answer.json()["code"] == "DATA_LOSS"
+    assert "state file does not match its checksum" in answer.json()["error"]
+    state.write_bytes(original)
+    (platform.settings.data_dir / "commits" / commit / "ram").unlink()
+    missing = await http.post(f"/api/v1/vm/branch/by_commit/{commit}")
+    assert "file is missing" in missing.json()["error"]
+    assert len((await http.get("/api/v1/vm")).json()) == 1
+    assert (await http.delete(f"/api/v1/commits/{commit}")).status_code == 204
+
+
+async def test_console_stream_over_grpc(platform: Platform, booted: Booted) -> None:
+    import grpc
+
+    from vers.orchestrator.v1 import orchestrator_pb2 as pb
+    from vers.orchestrator.v1 import orchestrator_pb2_grpc
+
+    async def keystrokes() -> AsyncIterator[pb.ConnectRequest]:
+        yield pb.ConnectRequest(vm_id=booted.vm_id)
+        yield pb.ConnectRequest(input=b"echo console-$((6*7))\n")
+        await asyncio.sleep(2)
+
+    async with grpc.aio.insecure_channel(platform.settings.orchestrator_addr) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        seen = b""
+        async for answer in stub.Connect(keystrokes(), metadata=booted.org.metadata):
+            seen += answer.output
+            if b"console-42" in seen:
+                break
+    assert b"console-42" in seen
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"vm_config": {"vcpu_count": 99}}, "vcpu_count must be between 1 and 16"),
+        ({"vm_config": {"mem_size_mib": 16}}, "mem_size_mib must be between 128"),
+        ({"vm_config": {"fs_size_mib": 10}}, "fs_size_mib must be between 64"),
+        ({"vm_config": {"image_name": "nope"}}, "image 'nope' does not exist; images: default"),
+        ({"vm_config": {"kernel_name": "other.bin"}}, "kernel_name must be 'default.bin'"),
+    ],
+)
+async def test_invalid_vm_config_is_400(platform: Platform, org: Org, body: dict[str, Any], message: str) -> None:
+    async with platform.client(org) as http:
+        answer = await http.post("/api/v1/vm/new_root", json=body)
+        assert answer.status_code == 400
+        assert message in answer.json()["error"]
+        assert (await http.get("/api/v1/vm")).json() == []
+
+
+async def test_org_limits_are_resource_exhausted(platform: Platform, org: Org) -> None:
+    async with platform.client(org) as http:
+        answer = await http.post("/api/v1/vm/new_root", json={"vm_config": {"mem_size_mib": 65536, "vcpu_count": 16}})
+        assert answer.status_code == 429
+        assert answer.json()["code"] == "RESOURCE_EXHAUSTED"
+        assert "32768 MiB" in answer.json()["error"]
+        assert (await http.get("/api/v1/vm")).json() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "send exactly one of commit_id, tag_name or ref (got none)"),
+        ({"commit_id": "x", "ref": "a:b"}, "(got commit_id, ref)"),
+        ({"commit_id": "my-app:latest"}, 'not a valid ID (a UUID); to restore by repo:tag send {"ref": "my-app:latest"}'),
+    ],
+)
+async def test_from_commit_body_rules(platform: Platform, org: Org, body: dict[str, Any], message: str) -> None:
+    async with platform.client(org) as http:
+        answer = await http.post("/api/v1/vm/from_commit", json=body)
+    assert answer.status_code == 400
+    assert message in answer.json()["error"]
+
+
+async def test_branch_count_is_bounded(booted: Booted) -> None:
+    answer = await booted.http.post(f"/api/v1/vm/branch/by_commit/{booted.commit_id}?count=99")
+    assert answer.status_code == 400
+    assert "count must be between 1 and 16" in answer.json()["error"]
