@@ -126,6 +126,7 @@ async def test_branch_of_a_running_vm_keeps_the_parent_running(booted: Booted) -
 
 async def test_pause_and_resume(booted: Booted) -> None:
     http, vm = booted.http, booted.vm_id
+    before_pause = int(await out(http, vm, "cat /run/counter"))
     paused = await http.patch(f"/api/v1/vm/{vm}/state", json={"state": "Paused"})
     assert paused.status_code == 200
     assert paused.json()["state"] == "paused"
@@ -137,6 +138,8 @@ async def test_pause_and_resume(booted: Booted) -> None:
     resumed = await http.patch(f"/api/v1/vm/{vm}/state", json={"state": "Running"})
     assert resumed.json()["state"] == "running"
     first = int(await out(http, vm, "cat /run/counter"))
+    # 1 s paused would be ~10 ticks of a running guest; a stopped one barely moved
+    assert first - before_pause < 6, (before_pause, first)
     await asyncio.sleep(0.6)
     assert int(await out(http, vm, "cat /run/counter")) > first
 
@@ -160,6 +163,13 @@ async def test_restore_from_commit_and_commit_in_use(booted: Booted) -> None:
     assert in_use.status_code == 409
     assert vm in in_use.json()["error"]
     assert (await http.delete(f"/api/v1/vm/{vm}")).status_code == 200
+
+    own = (await http.post(f"/api/v1/vm/{booted.vm_id}/commit", json={"name": "short-lived"})).json()["commit_id"]
+    user = (await http.post("/api/v1/vm/from_commit", json={"commit_id": own})).json()["vm_id"]
+    assert (await http.delete(f"/api/v1/commits/{own}")).status_code == 409
+    await http.delete(f"/api/v1/vm/{user}")
+    assert (await http.delete(f"/api/v1/commits/{own}")).status_code == 204
+    assert (await http.get(f"/api/v1/commits/{own}")).status_code == 404
 
 
 async def test_commit_listing_get_and_lineage(booted: Booted) -> None:
@@ -332,3 +342,31 @@ async def test_branch_count_is_bounded(booted: Booted) -> None:
     answer = await booted.http.post(f"/api/v1/vm/branch/by_commit/{booted.commit_id}?count=99")
     assert answer.status_code == 400
     assert "count must be between 1 and 16" in answer.json()["error"]
+
+
+async def test_the_official_sdk_drives_vms(platform: Platform, booted: Booted) -> None:
+    from vers_sdk import BadRequestError, NotFoundError, VersSdkClient
+
+    async with VersSdkClient(base_url=platform.url, api_key=booted.org.key, max_retries=0) as sdk:
+        assert booted.vm_id in [vm["vm_id"] for vm in await sdk.list_vms()]
+        assert (await sdk.vm_status(booted.vm_id))["state"] == "running"
+        ran = await sdk.exec_vm(booted.vm_id, {"command": ["cat", "/root/before-commit"]})
+        assert (ran["exit_code"], ran["stdout"]) == (0, "from-parent\n")
+        [branch] = (await sdk.branch_by_commit(booted.commit_id))["vms"]
+        metadata = await sdk.get_vm_metadata(branch["vm_id"])
+        assert metadata["parent_commit_id"] == booted.commit_id
+        assert (await sdk.update_vm_state(branch["vm_id"], {"state": "Paused"}))["state"] == "paused"
+        await sdk.update_vm_state(branch["vm_id"], {"state": "Running"})
+        commit = await sdk.commit_vm(branch["vm_id"], {"name": "from the sdk"})
+        assert commit["commit_id"] in [c["commit_id"] for c in (await sdk.list_commits())["commits"]]
+        lineage = await sdk.list_parent_commits(commit["commit_id"])
+        assert [entry["id"] for entry in lineage] == [commit["commit_id"], booted.commit_id]
+        restored = await sdk.restore_from_commit({"commit_id": commit["commit_id"]})
+        assert (await sdk.exec_vm(restored["vm_id"], {"command": ["true"]}))["exit_code"] == 0
+        with pytest.raises(BadRequestError):
+            await sdk.restore_from_commit({"commit_id": "my-app:latest"})
+        for vm in (restored["vm_id"], branch["vm_id"]):
+            assert (await sdk.delete_vm(vm))["vm_id"] == vm
+        await sdk.delete_commit(commit["commit_id"])
+        with pytest.raises(NotFoundError):
+            await sdk.vm_status(branch["vm_id"])
