@@ -118,12 +118,14 @@ async def platform(tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore
         running[name] = await start(await BUILDERS[name](settings), "127.0.0.1:0")
         settings = settings.model_copy(update={f"{name}_addr": f"127.0.0.1:{running[name].port}"})
     server, task, url = await serve_gateway(settings)
-    yield Platform(settings=settings, url=url, running=running)
+    platform = Platform(settings=settings, url=url, running=running)
+    yield platform
     server.should_exit = True
     await task
-    for service in reversed(list(running.values())):
-        await service.stop(0)
     kill_vms_under(settings.vm_run_dir)
+    await asyncio.sleep(0.3)  # let the orchestrator see its VMs exit while the loop still runs
+    for service in reversed(list(platform.running.values())):
+        await service.stop(0)
 
 
 @pytest_asyncio.fixture

@@ -21,7 +21,7 @@ from services.common.settings import Settings
 from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
 from services.orchestrator.machine import LaunchSpec, Machine, process_is_vm
-from services.orchestrator.models import CommitRow, LayerRow, VmRow
+from services.orchestrator.models import CommitRow, LayerRow, MachineShape, VmRow
 from services.orchestrator.store import OrchestratorStore
 
 log = logging.getLogger(__name__)
@@ -254,11 +254,10 @@ class Engine:
             raise InvalidArgument(f"count must be between 1 and {MAX_BRANCH_COUNT}, not {count}")
         await asyncio.to_thread(self.verify_commit, commit)
         layers = [LayerRow(id=str(uuid.uuid4()), parent_id=commit.layer_id) for _ in range(count)]
+        shape = commit.model_dump(include=set(MachineShape.model_fields))
         vms = [
             VmRow(
-                id=str(uuid.uuid4()), org_id=org_id, vcpu_count=commit.vcpu_count, mem_size_mib=commit.mem_size_mib,
-                fs_size_mib=commit.fs_size_mib, image_name=commit.image_name, kernel_path=commit.kernel_path,
-                initramfs_path=commit.initramfs_path, layer_id=layer.id,
+                id=str(uuid.uuid4()), org_id=org_id, **shape, layer_id=layer.id,
                 ram_mode="private" if commit.ram_format == "file" else "anonymous",
                 ram_source=str(self.commit_folder(commit.id) / "ram") if commit.ram_format == "file" else "",
                 parent_commit_id=commit.id, grandparent_vm_id=commit.parent_vm_id,
@@ -314,9 +313,8 @@ class Engine:
         commit = CommitRow(
             id=commit_id, org_id=vm.org_id, name=name or f"commit of {vm.id}", description=description,
             parent_vm_id=vm.id, grandparent_commit_id=vm.parent_commit_id, layer_id=vm.layer_id,
-            ram_format="file" if ram_copy else "stream", vcpu_count=vm.vcpu_count, mem_size_mib=vm.mem_size_mib,
-            fs_size_mib=vm.fs_size_mib, image_name=vm.image_name, kernel_path=vm.kernel_path,
-            initramfs_path=vm.initramfs_path, checksums=json.dumps(checksums),
+            ram_format="file" if ram_copy else "stream", checksums=json.dumps(checksums),
+            **vm.model_dump(include=set(MachineShape.model_fields)),
         )  # fmt: skip
         await self.store.add_commit(commit, vm.id, new_layer)
         if keep_paused:

@@ -24,7 +24,18 @@ class LayerRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
 
 
-class VmRow(SQLModel, table=True):
+class MachineShape(SQLModel):
+    """What a VM is made of; a commit keeps it so VMs started from it get the same."""
+
+    vcpu_count: int
+    mem_size_mib: int
+    fs_size_mib: int
+    image_name: str
+    kernel_path: str
+    initramfs_path: str
+
+
+class VmRow(MachineShape, table=True):
     __tablename__ = "vms"
 
     id: str = Field(primary_key=True)
@@ -33,12 +44,6 @@ class VmRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
     deleted_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
     labels: str = "{}"
-    vcpu_count: int
-    mem_size_mib: int
-    fs_size_mib: int
-    image_name: str
-    kernel_path: str
-    initramfs_path: str
     layer_id: str  # rows outlive their layers once deleted, so no foreign key
     ram_mode: str
     ram_source: str = ""
@@ -47,7 +52,7 @@ class VmRow(SQLModel, table=True):
     pid: int = 0
 
 
-class CommitRow(SQLModel, table=True):
+class CommitRow(MachineShape, table=True):
     __tablename__ = "commits"
 
     id: str = Field(primary_key=True)
@@ -61,12 +66,6 @@ class CommitRow(SQLModel, table=True):
     layer_id: str  # rows outlive their layers once deleted, so no foreign key
     # "file": RAM in its own file (branches map it copy-on-write); "stream": RAM inside the state file.
     ram_format: str
-    vcpu_count: int
-    mem_size_mib: int
-    fs_size_mib: int
-    image_name: str
-    kernel_path: str
-    initramfs_path: str
     checksums: str = "{}"
 
 
