@@ -78,6 +78,16 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGES = Path(os.environ.get("VERS_IMAGES_DIR") or ROOT / ".vers" / "images")
 
 
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
 def test_settings(data_dir: Path) -> Settings:
     return Settings(
         data_dir=data_dir, images_dir=str(IMAGES), auth_cache_seconds=0.5, shutdown_grace_seconds=1, accel="auto"
@@ -111,12 +121,12 @@ async def serve_gateway(settings: Settings) -> tuple[uvicorn.Server, asyncio.Tas
 
 @pytest_asyncio.fixture(scope="session")
 async def platform(tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore[no-untyped-def]
-    settings = test_settings(tmp_path_factory.mktemp("vers-data"))
+    addresses = {f"{name}_addr": f"127.0.0.1:{port}" for name, port in zip(SERVICES, free_ports(len(SERVICES)))}
+    settings = test_settings(tmp_path_factory.mktemp("vers-data")).model_copy(update=addresses)
     await asyncio.to_thread(build_all, IMAGES)
     running: dict[str, RunningService] = {}
     for name in SERVICES:
-        running[name] = await start(await BUILDERS[name](settings), "127.0.0.1:0")
-        settings = settings.model_copy(update={f"{name}_addr": f"127.0.0.1:{running[name].port}"})
+        running[name] = await start(await BUILDERS[name](settings), settings.addr(name))
     server, task, url = await serve_gateway(settings)
     platform = Platform(settings=settings, url=url, running=running)
     yield platform

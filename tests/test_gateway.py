@@ -121,10 +121,11 @@ async def test_literal_path_beats_variable(platform: Platform, org: Org) -> None
 
 
 async def test_methods_of_later_issues_answer_501_after_auth(platform: Platform, org: Org) -> None:
+    fork = {"source_org": "vers", "source_repo": "python", "source_tag": "latest"}
     async with platform.client() as http:
-        assert (await http.get("/api/v1/commit_tags")).status_code == 401
+        assert (await http.post("/api/v1/repositories/fork", json=fork)).status_code == 401
     async with platform.client(org) as http:
-        answer = await http.get("/api/v1/commit_tags")
+        answer = await http.post("/api/v1/repositories/fork", json=fork)
     assert answer.status_code == 501
     assert answer.json()["code"] == "UNIMPLEMENTED"
 

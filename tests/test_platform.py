@@ -15,19 +15,9 @@ import httpx
 import pytest
 
 from services.common.settings import Settings
-from tests.conftest import IMAGES, ROOT, kill_vms_under
+from tests.conftest import IMAGES, ROOT, free_ports, kill_vms_under
 
 VERS = Path(sys.executable).parent / "vers"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 @pytest.fixture

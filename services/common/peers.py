@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import grpc
 
 from services.common.auth import CachedResolver, RegistryResolver
@@ -12,7 +14,10 @@ class Peers:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self.resolver = CachedResolver(RegistryResolver(self.channel("registry")), settings.auth_cache_seconds)
+
+    @cached_property
+    def resolver(self) -> CachedResolver:
+        return CachedResolver(RegistryResolver(self.channel("registry")), self._settings.auth_cache_seconds)
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:

@@ -7,7 +7,7 @@ import uuid
 import grpc
 
 from services.common.auth import caller_metadata, current_principal
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.timestamps import to_timestamp
 from services.orchestrator.engine import Engine, VmConfig
 from services.orchestrator.models import CommitRow, VmRow
@@ -208,7 +208,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.ListCommitParentsResponse(commits=[lineage_pb(c) for c in chain])
 
     async def DeleteCommit(self, request: pb.DeleteCommitRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCommitResponse:
-        await self.engine.delete_commit(current_principal().org_id, request.commit_id)
+        commit = await self._commit(request.commit_id)
+        used = await self.tagging.ListCommitReferences(
+            tagging_pb2.ListCommitReferencesRequest(commit_id=commit.id), metadata=caller_metadata()
+        )
+        tags = [*used.references, *(f"{name} (legacy tag)" for name in used.legacy_tags)]
+        if tags:
+            raise Conflict(f"commit {commit.id} is still tagged: {', '.join(tags)}; delete or move those tags first")
+        await self.engine.delete_commit(current_principal().org_id, commit.id)
         return pb.DeleteCommitResponse()
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]

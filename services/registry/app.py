@@ -7,6 +7,7 @@ from pathlib import Path
 from services.common.auth import CachedResolver
 from services.common.db import Database
 from services.common.errors import Unauthenticated
+from services.common.peers import Peers
 from services.common.server import Service
 from services.common.settings import Settings
 from services.registry.models import TABLES
@@ -44,11 +45,12 @@ async def build(settings: Settings) -> Service:
     store = RegistryStore(db)
     platform_org = await store.ensure_org(PLATFORM_ORG)
     await ensure_admin_key(store, platform_org.id, settings.admin_key_file)
-    servicer = RegistryServicer(store)
+    peers = Peers(settings)
+    servicer = RegistryServicer(store, peers.channel("tagging"))
     return Service(
         name="registry",
         service_names=[registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name],
         register=lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server),
         resolver=CachedResolver(store, settings.auth_cache_seconds),
-        on_close=[db.close],
+        on_close=[db.close, peers.close],
     )

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import grpc
 
-from services.common.auth import bearer_token, current_principal
+from services.common.auth import bearer_token, caller_metadata, current_principal
 from services.common.errors import Unauthenticated
 from services.common.timestamps import to_timestamp
 from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow
 from services.registry.store import PublicRepo, RegistryStore
 from vers.registry.v1 import registry_pb2 as pb
 from vers.registry.v1 import registry_pb2_grpc
+from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
 
 def org_pb(org: OrgRow) -> pb.Org:
@@ -48,8 +49,9 @@ def public_repository_pb(public: PublicRepo) -> pb.PublicRepository:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, store: RegistryStore) -> None:
+    def __init__(self, store: RegistryStore, tagging: grpc.aio.Channel) -> None:
         self.store = store
+        self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
 
     async def Authenticate(self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext) -> pb.AuthenticateResponse:
         key, org = await self.store.get_api_key(current_principal().key_id)
@@ -97,7 +99,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return pb.GetRepositoryResponse(repository=repository_pb(repo))
 
     async def DeleteRepository(self, request: pb.DeleteRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryResponse:
+        # Its tags go first (tagging owns them; commits are never touched), then the repository itself.
         # Tags refer to the repository's id, so a repository made again under this name starts empty.
+        await self.tagging.DeleteRepositoryTags(
+            tagging_pb2.DeleteRepositoryTagsRequest(repo_name=request.repo_name), metadata=caller_metadata()
+        )
         await self.store.delete_repository(current_principal().org_id, request.repo_name)
         return pb.DeleteRepositoryResponse()
 

@@ -367,6 +367,44 @@ class DeleteRepositoryTagResponse(_message.Message):
 Global___DeleteRepositoryTagResponse: _TypeAlias = DeleteRepositoryTagResponse  # noqa: Y015
 
 @_typing.final
+class DeleteRepositoryTagsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPO_NAME_FIELD_NUMBER: _builtins.int
+    repo_name: _builtins.str
+    def __init__(
+        self,
+        *,
+        repo_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["repo_name", b"repo_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRepositoryTagsRequest: _TypeAlias = DeleteRepositoryTagsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRepositoryTagsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.int
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRepositoryTagsResponse: _TypeAlias = DeleteRepositoryTagsResponse  # noqa: Y015
+
+@_typing.final
 class ListRepositoryTagHistoryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -710,6 +748,53 @@ class DeleteCommitTagResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteCommitTagResponse: _TypeAlias = DeleteCommitTagResponse  # noqa: Y015
+
+@_typing.final
+class ListCommitReferencesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMIT_ID_FIELD_NUMBER: _builtins.int
+    commit_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        commit_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_id", b"commit_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCommitReferencesRequest: _TypeAlias = ListCommitReferencesRequest  # noqa: Y015
+
+@_typing.final
+class ListCommitReferencesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCES_FIELD_NUMBER: _builtins.int
+    LEGACY_TAGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def references(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """`repo:tag` of each repository tag."""
+
+    @_builtins.property
+    def legacy_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of legacy org-scoped tags."""
+
+    def __init__(
+        self,
+        *,
+        references: _abc.Iterable[_builtins.str] | None = ...,
+        legacy_tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["legacy_tags", b"legacy_tags", "references", b"references"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCommitReferencesResponse: _TypeAlias = ListCommitReferencesResponse  # noqa: Y015
 
 @_typing.final
 class ResolveReferenceRequest(_message.Message):

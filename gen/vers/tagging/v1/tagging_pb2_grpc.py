@@ -60,6 +60,11 @@ class TaggingServiceStub:
                 request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagRequest.SerializeToString,
                 response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagResponse.FromString,
                 _registered_method=True)
+        self.DeleteRepositoryTags = channel.unary_unary(
+                '/vers.tagging.v1.TaggingService/DeleteRepositoryTags',
+                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsRequest.SerializeToString,
+                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsResponse.FromString,
+                _registered_method=True)
         self.ListRepositoryTagHistory = channel.unary_unary(
                 '/vers.tagging.v1.TaggingService/ListRepositoryTagHistory',
                 request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListRepositoryTagHistoryRequest.SerializeToString,
@@ -100,6 +105,11 @@ class TaggingServiceStub:
                 request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagRequest.SerializeToString,
                 response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagResponse.FromString,
                 _registered_method=True)
+        self.ListCommitReferences = channel.unary_unary(
+                '/vers.tagging.v1.TaggingService/ListCommitReferences',
+                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesRequest.SerializeToString,
+                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesResponse.FromString,
+                _registered_method=True)
         self.ResolveReference = channel.unary_unary(
                 '/vers.tagging.v1.TaggingService/ResolveReference',
                 request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceRequest.SerializeToString,
@@ -138,6 +148,13 @@ class TaggingServiceServicer:
 
     def DeleteRepositoryTag(self, request, context):
         """Deletes the tag; never the commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRepositoryTags(self, request, context):
+        """Deletes every tag of the repository (never a commit); the registry calls it when a repository is deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +211,13 @@ class TaggingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCommitReferences(self, request, context):
+        """The caller's tags and legacy tags that point at a commit (a commit is kept while any does).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResolveReference(self, request, context):
         """Resolves `repo:tag` (in the caller's org) or a legacy tag name to the commit it names.
         """
@@ -228,6 +252,11 @@ def add_TaggingServiceServicer_to_server(servicer, server):
                     servicer.DeleteRepositoryTag,
                     request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagRequest.FromString,
                     response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagResponse.SerializeToString,
+            ),
+            'DeleteRepositoryTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRepositoryTags,
+                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsRequest.FromString,
+                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsResponse.SerializeToString,
             ),
             'ListRepositoryTagHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRepositoryTagHistory,
@@ -268,6 +297,11 @@ def add_TaggingServiceServicer_to_server(servicer, server):
                     servicer.DeleteCommitTag,
                     request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagRequest.FromString,
                     response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagResponse.SerializeToString,
+            ),
+            'ListCommitReferences': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCommitReferences,
+                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesRequest.FromString,
+                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesResponse.SerializeToString,
             ),
             'ResolveReference': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolveReference,
@@ -411,6 +445,33 @@ class TaggingService:
             '/vers.tagging.v1.TaggingService/DeleteRepositoryTag',
             vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagRequest.SerializeToString,
             vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRepositoryTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.tagging.v1.TaggingService/DeleteRepositoryTags',
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsRequest.SerializeToString,
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -627,6 +688,33 @@ class TaggingService:
             '/vers.tagging.v1.TaggingService/DeleteCommitTag',
             vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagRequest.SerializeToString,
             vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCommitReferences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.tagging.v1.TaggingService/ListCommitReferences',
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesRequest.SerializeToString,
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesResponse.FromString,
             options,
             channel_credentials,
             insecure,

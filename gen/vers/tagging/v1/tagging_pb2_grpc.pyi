@@ -40,6 +40,8 @@ class TaggingServiceStub:
     """Moves the tag to another commit and/or changes its description, in one atomic update."""
     DeleteRepositoryTag: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagRequest, _tagging_pb2.DeleteRepositoryTagResponse]
     """Deletes the tag; never the commit."""
+    DeleteRepositoryTags: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagsRequest, _tagging_pb2.DeleteRepositoryTagsResponse]
+    """Deletes every tag of the repository (never a commit); the registry calls it when a repository is deleted."""
     ListRepositoryTagHistory: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ListRepositoryTagHistoryRequest, _tagging_pb2.ListRepositoryTagHistoryResponse]
     """Every create, move and delete of the tag, newest first."""
     ListPublicRepositoryTags: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ListPublicRepositoryTagsRequest, _tagging_pb2.ListPublicRepositoryTagsResponse]
@@ -51,6 +53,8 @@ class TaggingServiceStub:
     GetCommitTag: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.GetCommitTagRequest, _tagging_pb2.GetCommitTagResponse]
     UpdateCommitTag: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.UpdateCommitTagRequest, _tagging_pb2.UpdateCommitTagResponse]
     DeleteCommitTag: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.DeleteCommitTagRequest, _tagging_pb2.DeleteCommitTagResponse]
+    ListCommitReferences: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ListCommitReferencesRequest, _tagging_pb2.ListCommitReferencesResponse]
+    """The caller's tags and legacy tags that point at a commit (a commit is kept while any does)."""
     ResolveReference: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ResolveReferenceRequest, _tagging_pb2.ResolveReferenceResponse]
     """Resolves `repo:tag` (in the caller's org) or a legacy tag name to the commit it names."""
 
@@ -66,6 +70,8 @@ class TaggingServiceAsyncStub(TaggingServiceStub):
     """Moves the tag to another commit and/or changes its description, in one atomic update."""
     DeleteRepositoryTag: _aio.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagRequest, _tagging_pb2.DeleteRepositoryTagResponse]  # type: ignore[assignment]
     """Deletes the tag; never the commit."""
+    DeleteRepositoryTags: _aio.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagsRequest, _tagging_pb2.DeleteRepositoryTagsResponse]  # type: ignore[assignment]
+    """Deletes every tag of the repository (never a commit); the registry calls it when a repository is deleted."""
     ListRepositoryTagHistory: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ListRepositoryTagHistoryRequest, _tagging_pb2.ListRepositoryTagHistoryResponse]  # type: ignore[assignment]
     """Every create, move and delete of the tag, newest first."""
     ListPublicRepositoryTags: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ListPublicRepositoryTagsRequest, _tagging_pb2.ListPublicRepositoryTagsResponse]  # type: ignore[assignment]
@@ -77,6 +83,8 @@ class TaggingServiceAsyncStub(TaggingServiceStub):
     GetCommitTag: _aio.UnaryUnaryMultiCallable[_tagging_pb2.GetCommitTagRequest, _tagging_pb2.GetCommitTagResponse]  # type: ignore[assignment]
     UpdateCommitTag: _aio.UnaryUnaryMultiCallable[_tagging_pb2.UpdateCommitTagRequest, _tagging_pb2.UpdateCommitTagResponse]  # type: ignore[assignment]
     DeleteCommitTag: _aio.UnaryUnaryMultiCallable[_tagging_pb2.DeleteCommitTagRequest, _tagging_pb2.DeleteCommitTagResponse]  # type: ignore[assignment]
+    ListCommitReferences: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ListCommitReferencesRequest, _tagging_pb2.ListCommitReferencesResponse]  # type: ignore[assignment]
+    """The caller's tags and legacy tags that point at a commit (a commit is kept while any does)."""
     ResolveReference: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ResolveReferenceRequest, _tagging_pb2.ResolveReferenceResponse]  # type: ignore[assignment]
     """Resolves `repo:tag` (in the caller's org) or a legacy tag name to the commit it names."""
 
@@ -119,6 +127,14 @@ class TaggingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tagging_pb2.DeleteRepositoryTagResponse, _abc.Awaitable[_tagging_pb2.DeleteRepositoryTagResponse]]:
         """Deletes the tag; never the commit."""
+
+    @_abc_1.abstractmethod
+    def DeleteRepositoryTags(
+        self,
+        request: _tagging_pb2.DeleteRepositoryTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tagging_pb2.DeleteRepositoryTagsResponse, _abc.Awaitable[_tagging_pb2.DeleteRepositoryTagsResponse]]:
+        """Deletes every tag of the repository (never a commit); the registry calls it when a repository is deleted."""
 
     @_abc_1.abstractmethod
     def ListRepositoryTagHistory(
@@ -178,6 +194,14 @@ class TaggingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tagging_pb2.DeleteCommitTagRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tagging_pb2.DeleteCommitTagResponse, _abc.Awaitable[_tagging_pb2.DeleteCommitTagResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCommitReferences(
+        self,
+        request: _tagging_pb2.ListCommitReferencesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tagging_pb2.ListCommitReferencesResponse, _abc.Awaitable[_tagging_pb2.ListCommitReferencesResponse]]:
+        """The caller's tags and legacy tags that point at a commit (a commit is kept while any does)."""
 
     @_abc_1.abstractmethod
     def ResolveReference(

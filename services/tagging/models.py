@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, DateTime, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from services.common.timestamps import utcnow
+
+
+def _time() -> Column:  # type: ignore[type-arg]
+    return Column(DateTime(timezone=True), nullable=False)
+
+
+class RepoTagRow(SQLModel, table=True):
+    """A tag points at a repository by id, so a repository deleted and made again starts empty."""
+
+    __tablename__ = "repo_tags"
+    __table_args__ = (UniqueConstraint("repo_id", "name", name="uq_repo_tags_repo_name"),)
+
+    id: str = Field(primary_key=True)
+    repo_id: str = Field(index=True)
+    # Repositories cannot be renamed, so the name kept here stays true; it makes references readable.
+    repo_name: str
+    org_id: str = Field(index=True)
+    name: str
+    commit_id: str = Field(index=True)
+    description: str = ""
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+
+
+class TagEventRow(SQLModel, table=True):
+    __tablename__ = "tag_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    repo_id: str = Field(index=True)
+    tag_name: str
+    action: str
+    old_commit_id: str = ""
+    new_commit_id: str = ""
+    org_id: str
+    api_key_id: str
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+
+
+class CommitTagRow(SQLModel, table=True):
+    """Legacy org-scoped tags (pre-repositories commit_tags)."""
+
+    __tablename__ = "commit_tags"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_commit_tags_org_name"),)
+
+    id: str = Field(primary_key=True)
+    org_id: str = Field(index=True)
+    name: str
+    commit_id: str = Field(index=True)
+    description: str = ""
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+
+
+TABLES = [RepoTagRow.__table__, TagEventRow.__table__, CommitTagRow.__table__]  # type: ignore[attr-defined]

@@ -1,0 +1,158 @@
+"""Tagging data: repository tags with their history, and legacy org-scoped commit tags."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, delete, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.common.auth import Principal
+from services.common.db import Database
+from services.common.errors import AlreadyExists, NotFound
+from services.common.names import validate_tag_name
+from services.common.timestamps import utcnow
+from services.tagging.models import CommitTagRow, RepoTagRow, TagEventRow
+
+def _event(tag: RepoTagRow, caller: Principal, action: str, old: str, new: str) -> TagEventRow:
+    return TagEventRow(
+        repo_id=tag.repo_id, tag_name=tag.name, action=action, old_commit_id=old, new_commit_id=new,
+        org_id=caller.org_id, api_key_id=caller.key_id,
+    )  # fmt: skip
+
+
+class TaggingStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # Repository tags
+
+    async def create_tag(
+        self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str, description: str
+    ) -> RepoTagRow:
+        validate_tag_name(name)
+        tag = RepoTagRow(
+            id=str(uuid.uuid4()), repo_id=repo_id, repo_name=repo_name, org_id=caller.org_id, name=name, commit_id=commit_id,
+            description=description,
+        )  # fmt: skip
+        async with self.db.write() as session:
+            session.add(tag)
+            try:
+                await session.flush()
+            except IntegrityError:
+                raise AlreadyExists(
+                    f"tag {name!r} already exists in repository {repo_name!r}: move it with PATCH "
+                    f"(vers repo tag update), delete it first, or choose another name"
+                ) from None
+            session.add(_event(tag, caller, "created", "", commit_id))
+            return tag
+
+    async def list_tags(self, repo_id: str) -> list[RepoTagRow]:
+        async with self.db.read() as session:
+            query = select(RepoTagRow).where(RepoTagRow.repo_id == repo_id).order_by(RepoTagRow.name)
+            return list(await session.exec(query))
+
+    async def get_tag(self, repo_id: str, repo_name: str, name: str) -> RepoTagRow:
+        async with self.db.read() as session:
+            return await self._tag(session, repo_id, repo_name, name)
+
+    async def _tag(self, session: AsyncSession, repo_id: str, repo_name: str, name: str) -> RepoTagRow:
+        validate_tag_name(name)
+        query = select(RepoTagRow).where(RepoTagRow.repo_id == repo_id, RepoTagRow.name == name)
+        tag = (await session.exec(query)).first()
+        if tag is None:
+            raise NotFound(f"tag {name!r} not found in repository {repo_name!r}")
+        return tag
+
+    async def update_tag(
+        self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str | None, description: str | None
+    ) -> RepoTagRow:
+        """Move and/or describe a tag in one transaction, with its history event."""
+        async with self.db.write() as session:
+            tag = await self._tag(session, repo_id, repo_name, name)
+            old = tag.commit_id
+            if commit_id is not None:
+                tag.commit_id = commit_id
+            if description is not None:
+                tag.description = description
+            tag.updated_at = utcnow()
+            session.add(tag)
+            action = "moved" if commit_id is not None and commit_id != old else "updated"
+            session.add(_event(tag, caller, action, old, tag.commit_id))
+            return tag
+
+    async def delete_tag(self, caller: Principal, repo_id: str, repo_name: str, name: str) -> None:
+        async with self.db.write() as session:
+            tag = await self._tag(session, repo_id, repo_name, name)
+            await session.delete(tag)
+            session.add(_event(tag, caller, "deleted", tag.commit_id, ""))
+
+    async def history(self, repo_id: str, name: str) -> list[TagEventRow]:
+        async with self.db.read() as session:
+            query = (
+                select(TagEventRow)
+                .where(TagEventRow.repo_id == repo_id, TagEventRow.tag_name == name)
+                .order_by(col(TagEventRow.id).desc())
+            )
+            return list(await session.exec(query))
+
+    async def delete_repository_tags(self, repo_id: str) -> int:
+        async with self.db.write() as session:
+            result = await session.exec(delete(RepoTagRow).where(col(RepoTagRow.repo_id) == repo_id))
+            return int(result.rowcount or 0)
+
+    async def references(self, org_id: str, commit_id: str) -> tuple[list[str], list[str]]:
+        async with self.db.read() as session:
+            tags = await session.exec(
+                select(RepoTagRow).where(RepoTagRow.org_id == org_id, RepoTagRow.commit_id == commit_id)
+            )
+            legacy = await session.exec(
+                select(CommitTagRow.name).where(CommitTagRow.org_id == org_id, CommitTagRow.commit_id == commit_id)
+            )
+            return sorted(f"{t.repo_name}:{t.name}" for t in tags), sorted(legacy)
+
+    # Legacy commit tags
+
+    async def create_commit_tag(self, org_id: str, name: str, commit_id: str, description: str) -> CommitTagRow:
+        validate_tag_name(name)
+        tag = CommitTagRow(id=str(uuid.uuid4()), org_id=org_id, name=name, commit_id=commit_id, description=description)
+        async with self.db.write() as session:
+            session.add(tag)
+            try:
+                await session.flush()
+            except IntegrityError:
+                raise AlreadyExists(f"tag {name!r} already exists in your organization") from None
+            return tag
+
+    async def list_commit_tags(self, org_id: str) -> list[CommitTagRow]:
+        async with self.db.read() as session:
+            query = select(CommitTagRow).where(CommitTagRow.org_id == org_id).order_by(CommitTagRow.name)
+            return list(await session.exec(query))
+
+    async def get_commit_tag(self, org_id: str, name: str) -> CommitTagRow:
+        async with self.db.read() as session:
+            return await self._commit_tag(session, org_id, name)
+
+    async def _commit_tag(self, session: AsyncSession, org_id: str, name: str) -> CommitTagRow:
+        validate_tag_name(name)
+        query = select(CommitTagRow).where(CommitTagRow.org_id == org_id, CommitTagRow.name == name)
+        tag = (await session.exec(query)).first()
+        if tag is None:
+            raise NotFound(f"tag {name!r} not found in your organization")
+        return tag
+
+    async def update_commit_tag(self, org_id: str, name: str, commit_id: str | None, description: str | None) -> CommitTagRow:
+        async with self.db.write() as session:
+            tag = await self._commit_tag(session, org_id, name)
+            if commit_id is not None:
+                tag.commit_id = commit_id
+            if description is not None:
+                tag.description = description
+            tag.updated_at = utcnow()
+            session.add(tag)
+            return tag
+
+    async def delete_commit_tag(self, org_id: str, name: str) -> None:
+        async with self.db.write() as session:
+            await session.delete(await self._commit_tag(session, org_id, name))
