@@ -117,17 +117,15 @@ async def test_literal_path_beats_variable(platform: Platform, org: Org) -> None
         got = await http.get("/api/v1/repositories/fork")
         forked = await http.post("/api/v1/repositories/fork", json={"source_org": "x", "source_repo": "y", "source_tag": "z"})
     assert got.json()["name"] == "fork"
-    assert "RegistryService/ForkRepository" in forked.json()["error"]
+    assert forked.json()["error"] == "public repository 'x/y' not found"
 
 
-async def test_methods_of_later_issues_answer_501_after_auth(platform: Platform, org: Org) -> None:
-    fork = {"source_org": "vers", "source_repo": "python", "source_tag": "latest"}
-    async with platform.client() as http:
-        assert (await http.post("/api/v1/repositories/fork", json=fork)).status_code == 401
+async def test_streaming_route_says_to_use_a_websocket(platform: Platform, org: Org) -> None:
     async with platform.client(org) as http:
-        answer = await http.post("/api/v1/repositories/fork", json=fork)
+        answer = await http.get("/api/v1/vm/00000000-0000-0000-0000-000000000000/console")
     assert answer.status_code == 501
     assert answer.json()["code"] == "UNIMPLEMENTED"
+    assert "WebSocket" in answer.json()["error"]
 
 
 async def test_openapi_document_lists_every_route(platform: Platform) -> None:

@@ -255,12 +255,14 @@ class Engine:
         await asyncio.to_thread(self.verify_commit, commit)
         layers = [LayerRow(id=str(uuid.uuid4()), parent_id=commit.layer_id) for _ in range(count)]
         shape = commit.model_dump(include=set(MachineShape.model_fields))
+        # A fork keeps no link upstream: a VM started from another org's commit does not name it.
+        own = commit.org_id == org_id
         vms = [
             VmRow(
                 id=str(uuid.uuid4()), org_id=org_id, **shape, layer_id=layer.id,
                 ram_mode="private" if commit.ram_format == "file" else "anonymous",
                 ram_source=str(self.commit_folder(commit.id) / "ram") if commit.ram_format == "file" else "",
-                parent_commit_id=commit.id, grandparent_vm_id=commit.parent_vm_id,
+                parent_commit_id=commit.id if own else None, grandparent_vm_id=commit.parent_vm_id if own else None,
             )  # fmt: skip
             for layer in layers
         ]

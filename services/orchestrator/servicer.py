@@ -138,6 +138,21 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         vms = await self.engine.restore(current_principal().org_id, commit, request.count or 1)
         return pb.BranchByRefResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
 
+    async def ForkPublicTag(self, request: pb.ForkPublicTagRequest, context: grpc.aio.ServicerContext) -> pb.ForkPublicTagResponse:
+        # The orchestrator checks for itself that the commit is published: the tag of a public repository.
+        public = await self.tagging.GetPublicRepositoryTag(
+            tagging_pb2.GetPublicRepositoryTagRequest(
+                org_name=request.org_name, repo_name=request.repo_name, tag_name=request.tag_name
+            ),
+            metadata=caller_metadata(),
+        )
+        source = await self.store.published_commit(public.tag.commit_id)
+        org_id = current_principal().org_id
+        [vm] = await self.engine.restore(org_id, source)
+        name = f"fork of {request.org_name}/{request.repo_name}:{request.tag_name}"
+        commit, _ = await self.engine.commit(vm, name, public.tag.description, keep_paused=False)
+        return pb.ForkPublicTagResponse(vm_id=vm.id, commit_id=commit.id)
+
     async def CommitVm(self, request: pb.CommitVmRequest, context: grpc.aio.ServicerContext) -> pb.CommitVmResponse:
         vm = await self._vm(request.vm_id)
         commit, _ = await self.engine.commit(vm, request.name, request.description, request.keep_paused)

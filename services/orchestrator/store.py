@@ -119,6 +119,13 @@ class OrchestratorStore:
         commit = await self._commit(commit_id)
         return commit if commit is not None and commit.org_id == org_id else None
 
+    async def published_commit(self, commit_id: str) -> CommitRow:
+        """A commit of any org, for a fork: the caller has shown it is the tag of a public repository."""
+        commit = await self._commit(commit_id)
+        if commit is None:
+            raise NotFound("the public tag points at a commit that no longer exists")
+        return commit
+
     async def _commit(self, commit_id: str) -> CommitRow | None:
         if not _is_uuid_shaped(commit_id):
             return None

@@ -46,7 +46,7 @@ async def build(settings: Settings) -> Service:
     platform_org = await store.ensure_org(PLATFORM_ORG)
     await ensure_admin_key(store, platform_org.id, settings.admin_key_file)
     peers = Peers(settings)
-    servicer = RegistryServicer(store, peers.channel("tagging"))
+    servicer = RegistryServicer(store, peers.channel("tagging"), peers.channel("orchestrator"))
     return Service(
         name="registry",
         service_names=[registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name],

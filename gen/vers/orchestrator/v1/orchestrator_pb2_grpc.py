@@ -70,6 +70,11 @@ class OrchestratorServiceStub:
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefRequest.SerializeToString,
                 response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefResponse.FromString,
                 _registered_method=True)
+        self.ForkPublicTag = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/ForkPublicTag',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.FromString,
+                _registered_method=True)
         self.CommitVm = channel.unary_unary(
                 '/vers.orchestrator.v1.OrchestratorService/CommitVm',
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CommitVmRequest.SerializeToString,
@@ -176,6 +181,14 @@ class OrchestratorServiceServicer:
 
     def BranchByRef(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkPublicTag(self, request, context):
+        """Starts a VM in the caller's org from a public repository's tag (copy-on-write) and commits it there:
+        the fork's own copy. The only way to use another org's commit.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -292,6 +305,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.BranchByRef,
                     request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefRequest.FromString,
                     response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefResponse.SerializeToString,
+            ),
+            'ForkPublicTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkPublicTag,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.SerializeToString,
             ),
             'CommitVm': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitVm,
@@ -544,6 +562,33 @@ class OrchestratorService:
             '/vers.orchestrator.v1.OrchestratorService/BranchByRef',
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefRequest.SerializeToString,
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkPublicTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/ForkPublicTag',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.FromString,
             options,
             channel_credentials,
             insecure,

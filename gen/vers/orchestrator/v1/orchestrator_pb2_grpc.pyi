@@ -42,6 +42,10 @@ class OrchestratorServiceStub:
     BranchByCommit: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByCommitRequest, _orchestrator_pb2.BranchByCommitResponse]
     BranchByTag: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByTagRequest, _orchestrator_pb2.BranchByTagResponse]
     BranchByRef: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByRefRequest, _orchestrator_pb2.BranchByRefResponse]
+    ForkPublicTag: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkPublicTagRequest, _orchestrator_pb2.ForkPublicTagResponse]
+    """Starts a VM in the caller's org from a public repository's tag (copy-on-write) and commits it there:
+    the fork's own copy. The only way to use another org's commit.
+    """
     CommitVm: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CommitVmRequest, _orchestrator_pb2.CommitVmResponse]
     UpdateVmState: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateVmStateRequest, _orchestrator_pb2.UpdateVmStateResponse]
     ListVms: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListVmsRequest, _orchestrator_pb2.ListVmsResponse]
@@ -72,6 +76,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     BranchByCommit: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByCommitRequest, _orchestrator_pb2.BranchByCommitResponse]  # type: ignore[assignment]
     BranchByTag: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByTagRequest, _orchestrator_pb2.BranchByTagResponse]  # type: ignore[assignment]
     BranchByRef: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByRefRequest, _orchestrator_pb2.BranchByRefResponse]  # type: ignore[assignment]
+    ForkPublicTag: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkPublicTagRequest, _orchestrator_pb2.ForkPublicTagResponse]  # type: ignore[assignment]
+    """Starts a VM in the caller's org from a public repository's tag (copy-on-write) and commits it there:
+    the fork's own copy. The only way to use another org's commit.
+    """
     CommitVm: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CommitVmRequest, _orchestrator_pb2.CommitVmResponse]  # type: ignore[assignment]
     UpdateVmState: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateVmStateRequest, _orchestrator_pb2.UpdateVmStateResponse]  # type: ignore[assignment]
     ListVms: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListVmsRequest, _orchestrator_pb2.ListVmsResponse]  # type: ignore[assignment]
@@ -141,6 +149,16 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.BranchByRefRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.BranchByRefResponse, _abc.Awaitable[_orchestrator_pb2.BranchByRefResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ForkPublicTag(
+        self,
+        request: _orchestrator_pb2.ForkPublicTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ForkPublicTagResponse, _abc.Awaitable[_orchestrator_pb2.ForkPublicTagResponse]]:
+        """Starts a VM in the caller's org from a public repository's tag (copy-on-write) and commits it there:
+        the fork's own copy. The only way to use another org's commit.
+        """
 
     @_abc_1.abstractmethod
     def CommitVm(
