@@ -1,0 +1,67 @@
+"""The whole platform in one event loop: the three services on their addresses and the gateway on a real
+socket. Used by the test suite and the benchmarks; `make run` starts separate processes instead."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from services.common.server import RunningService, start
+from services.common.settings import SERVICES, Settings
+from services.gateway.app import create_app
+from services.orchestrator.app import build as build_orchestrator
+from services.registry.app import build as build_registry
+from services.tagging.app import build as build_tagging
+
+BUILDERS = {"registry": build_registry, "tagging": build_tagging, "orchestrator": build_orchestrator}
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@dataclass
+class InProcessPlatform:
+    settings: Settings
+    url: str = ""
+    running: dict[str, RunningService] = field(default_factory=dict)
+    _server: uvicorn.Server | None = None
+    _task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings) -> InProcessPlatform:
+        addresses = {f"{name}_addr": f"127.0.0.1:{port}" for name, port in zip(SERVICES, free_ports(len(SERVICES)))}
+        platform = cls(settings.model_copy(update=addresses))
+        for name in SERVICES:
+            platform.running[name] = await start(await BUILDERS[name](platform.settings), platform.settings.addr(name))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        platform._server = uvicorn.Server(uvicorn.Config(create_app(platform.settings), log_level="warning", lifespan="on"))
+        platform._task = asyncio.create_task(platform._server.serve(sockets=[sock]))
+        while not platform._server.started:
+            if platform._task.done():
+                platform._task.result()
+            await asyncio.sleep(0.01)
+        platform.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return platform
+
+    async def restart(self, service: str) -> None:
+        """Stop one service and start it again on the same address, data and VMs."""
+        await self.running[service].stop(0)
+        self.running[service] = await start(await BUILDERS[service](self.settings), self.settings.addr(service))
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+        for service in reversed(list(self.running.values())):
+            await service.stop(0)
