@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install images gen lint-protos bench-vm clean
+.PHONY: run test install images gen lint-protos bench-vm bench-registry clean
 
 run: $(STAMP) images
 	$(PY) -m services.platform
@@ -17,6 +17,9 @@ images: $(STAMP)
 
 bench-vm: $(STAMP) images
 	$(PY) bench/vm.py
+
+bench-registry: $(STAMP) images
+	$(PY) bench/registry.py
 
 install: $(STAMP)
 

@@ -43,7 +43,9 @@ class InProcessPlatform:
         platform = cls(settings.model_copy(update=addresses))
         for name in SERVICES:
             platform.running[name] = await start(await BUILDERS[name](platform.settings), platform.settings.addr(name))
-        sock = socket.socket()
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+        # every keep-alive response waits ~40 ms for a delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         platform._server = uvicorn.Server(uvicorn.Config(create_app(platform.settings), log_level="warning", lifespan="on"))
         platform._task = asyncio.create_task(platform._server.serve(sockets=[sock]))
