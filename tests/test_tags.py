@@ -227,6 +227,13 @@ async def test_public_tags(platform: Platform, commits: Commits, other_org: Org)
         ("GET", "/api/v1/commit_tags/x", None),
         ("PATCH", "/api/v1/commit_tags/x", {"description": "x"}),
         ("DELETE", "/api/v1/commit_tags/x", None),
+        ("DELETE", "/api/v1/repositories/my-app/tags", None),
+        ("GET", "/api/v1/refs/resolve?ref=my-app:latest", None),
+        ("GET", "/api/v1/commits/00000000-0000-0000-0000-000000000000/references", None),
+        ("POST", "/api/v1/repositories/fork", {"source_org": "a", "source_repo": "b", "source_tag": "c"}),
+        ("POST", "/api/v1/vm/fork/a/b/c", None),
+        ("POST", "/api/v1/vm/branch/by_ref/my-app/latest", None),
+        ("POST", "/api/v1/vm/branch/by_tag/x", None),
     ],
 )
 @pytest.mark.parametrize("header", [None, "Bearer vers_wrong"])
@@ -257,3 +264,30 @@ async def test_other_org_cannot_see_or_change_private_tags(platform: Platform, c
             assert (await other.request(method, path, json=body)).status_code == 404, path
     assert (await http.get("/api/v1/repositories/private-tags/tags/latest")).json()["description"] == ""
     await http.delete("/api/v1/commit_tags/private-legacy")
+
+
+async def test_typical_workflow_release_tagging_and_rollback(commits: Commits) -> None:
+    """repositories.md, "Typical Workflows" and "Release tagging", over REST with real VMs."""
+    http = commits.http
+    await new_repo(http, "release-app")
+    await new_repo(http, "internal-tools")
+    for repo in ("release-app", "internal-tools"):  # one commit, tagged in two repositories
+        await http.post(f"/api/v1/repositories/{repo}/tags", json={"tag_name": "latest", "commit_id": commits.first})
+    await http.post("/api/v1/repositories/release-app/tags", json={"tag_name": "known-good", "commit_id": commits.first})
+    dev = (await http.post("/api/v1/vm/from_commit", json={"ref": "release-app:latest"})).json()["vm_id"]
+    assert await version_of(http, dev) == "1"
+    # after a successful release build
+    await http.post("/api/v1/repositories/release-app/tags", json={"tag_name": "v1.4.2", "commit_id": commits.second})
+    await http.patch("/api/v1/repositories/release-app/tags/latest", json={"commit_id": commits.second})
+    newer = (await http.post("/api/v1/vm/from_commit", json={"ref": "release-app:latest"})).json()["vm_id"]
+    assert await version_of(http, newer) == "2"
+    assert (await http.get("/api/v1/repositories/internal-tools/tags/latest")).json()["commit_id"] == commits.first
+    # roll back latest in a pinch: the previous commit is one history lookup away
+    history = (await http.get("/api/v1/repositories/release-app/tags/latest/history")).json()["events"]
+    previous = history[0]["old_commit_id"]
+    await http.patch("/api/v1/repositories/release-app/tags/latest", json={"commit_id": previous})
+    rolled_back = (await http.post("/api/v1/vm/from_commit", json={"ref": "release-app:latest"})).json()["vm_id"]
+    assert await version_of(http, rolled_back) == "1"
+    assert await version_of(http, dev) == "1", "moving a tag touches no VM"
+    for vm in (dev, newer, rolled_back):
+        await http.delete(f"/api/v1/vm/{vm}")
