@@ -39,7 +39,7 @@ class InProcessPlatform:
 
     @classmethod
     async def start(cls, settings: Settings) -> InProcessPlatform:
-        addresses = {f"{name}_addr": f"127.0.0.1:{port}" for name, port in zip(SERVICES, free_ports(len(SERVICES)))}
+        addresses = {f"{name}_addr": f"127.0.0.1:{port}" for name, port in zip(SERVICES, free_ports(len(SERVICES)), strict=True)}
         platform = cls(settings.model_copy(update=addresses))
         for name in SERVICES:
             platform.running[name] = await start(await BUILDERS[name](platform.settings), platform.settings.addr(name))

@@ -113,7 +113,7 @@ async def test_concurrent_moves_are_atomic_and_none_is_lost(commits: Commits) ->
     assert len(events) == 201
     final = (await http.get("/api/v1/repositories/race/tags/latest")).json()["commit_id"]
     assert final == events[0]["new_commit_id"]
-    for newer, older in zip(events, events[1:]):
+    for newer, older in zip(events, events[1:], strict=False):
         assert newer["old_commit_id"] == older["new_commit_id"], "a move was lost between two history events"
 
 

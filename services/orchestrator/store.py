@@ -7,7 +7,6 @@ from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.db import Database
 from services.common.errors import Conflict, NotFound, ResourceExhausted

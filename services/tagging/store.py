@@ -22,6 +22,15 @@ def _event(tag: RepoTagRow, caller: Principal, action: str, old: str, new: str) 
     )  # fmt: skip
 
 
+def _change(tag: RepoTagRow | CommitTagRow, commit_id: str | None, description: str | None) -> None:
+    """Move a tag and/or change its description; None leaves that part as it is."""
+    if commit_id is not None:
+        tag.commit_id = commit_id
+    if description is not None:
+        tag.description = description
+    tag.updated_at = utcnow()
+
+
 class TaggingStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -72,11 +81,7 @@ class TaggingStore:
         async with self.db.write() as session:
             tag = await self._tag(session, repo_id, repo_name, name)
             old = tag.commit_id
-            if commit_id is not None:
-                tag.commit_id = commit_id
-            if description is not None:
-                tag.description = description
-            tag.updated_at = utcnow()
+            _change(tag, commit_id, description)
             session.add(tag)
             action = "moved" if commit_id is not None and commit_id != old else "updated"
             session.add(_event(tag, caller, action, old, tag.commit_id))
@@ -145,11 +150,7 @@ class TaggingStore:
     async def update_commit_tag(self, org_id: str, name: str, commit_id: str | None, description: str | None) -> CommitTagRow:
         async with self.db.write() as session:
             tag = await self._commit_tag(session, org_id, name)
-            if commit_id is not None:
-                tag.commit_id = commit_id
-            if description is not None:
-                tag.description = description
-            tag.updated_at = utcnow()
+            _change(tag, commit_id, description)
             session.add(tag)
             return tag
 
