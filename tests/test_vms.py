@@ -234,6 +234,7 @@ async def test_a_killed_qemu_shows_as_dead(platform: Platform, booted: Booted) -
             break
         await asyncio.sleep(0.1)
     assert (await http.get(f"/api/v1/vm/{vm}/status")).json()["state"] == "dead"
+    assert not (platform.settings.vm_run_dir / vm / "ram").exists()
     refused = await http.post(f"/api/v1/vm/{vm}/exec", json={"command": ["true"]})
     assert refused.status_code == 400 and "dead" in refused.json()["error"]
     assert (await http.delete(f"/api/v1/vm/{vm}")).status_code == 200

@@ -90,34 +90,49 @@ class Agent:
         self.lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._handshake = False
 
-    async def connect(self) -> None:
+    async def connect(self, handshake: bool = False) -> None:
+        """Open the port. With `handshake`, for a guest that is already running (adopted), the first
+        command waits until a ping is answered: the guest may still believe the host side closed, and
+        would drop an answer, so only idempotent pings are risked until one comes back."""
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_unix_connection(str(self.socket_path), limit=64 * 1024 * 1024)
+            self._handshake = handshake
 
-    async def run(self, script: bytes, nonce: str, timeout: float | None) -> ExecResult:
-        async with self.lock:
-            await self.connect()
-            assert self._reader is not None and self._writer is not None
-            self._writer.write(script)
-            await self._writer.drain()
-            buffer = bytearray()
-            end_marker = f"\n<<E:{nonce}:".encode()
+    async def _roundtrip(self, script: bytes, nonce: str, timeout: float | None) -> ExecResult:
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(script)
+        await self._writer.drain()
+        buffer = bytearray()
+        end_marker = f"\n<<E:{nonce}:".encode()
 
-            async def read_until_done() -> ExecResult:
-                assert self._reader is not None
-                while True:
-                    chunk = await self._reader.read(1 << 20)
-                    if not chunk:
-                        raise ConnectionError("the VM's agent port closed")
-                    buffer.extend(chunk)
-                    if end_marker in buffer and (result := parse_output(bytes(buffer), nonce)):
-                        return result
+        async def read_until_done() -> ExecResult:
+            assert self._reader is not None
+            while True:
+                chunk = await self._reader.read(1 << 20)
+                if not chunk:
+                    raise ConnectionError("the VM's agent port closed")
+                buffer.extend(chunk)
+                if end_marker in buffer and (result := parse_output(bytes(buffer), nonce)):
+                    return result
 
+        try:
+            return await asyncio.wait_for(read_until_done(), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the guest did not answer within {timeout:.0f} s") from None
+
+    async def _ping_until_answered(self, timeout: float, attempt: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            nonce = secrets.token_hex(8)
             try:
-                return await asyncio.wait_for(read_until_done(), timeout)
-            except TimeoutError:
-                raise DeadlineExceeded(f"the guest did not answer within {timeout:.0f} s") from None
+                await self._roundtrip(guest_script(nonce, ["true"]), nonce, attempt)
+                self._handshake = False
+                return
+            except DeadlineExceeded:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise DeadlineExceeded(f"the guest did not answer within {timeout:.0f} s") from None
 
     async def exec(
         self,
@@ -132,21 +147,24 @@ class Agent:
         script = guest_script(nonce, command, env, stdin, working_dir, timeout_secs)
         if wait is None and timeout_secs > 0:
             wait = timeout_secs + 10.0
-        return await self.run(script, nonce, wait)
+        async with self.lock:
+            await self.connect()
+            if self._handshake:
+                await self._ping_until_answered(timeout=60.0, attempt=1.0)
+            return await self._roundtrip(script, nonce, wait)
 
     async def wait_ready(self, timeout: float, attempt: float = 1.0) -> None:
         """Ping until the guest answers. The guest driver drops what arrives after it loads but before
         the agent shell opens the port, so one ping may vanish: each attempt has its own nonce."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                await self.exec(["true"], wait=attempt)
-                return
-            except DeadlineExceeded:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise DeadlineExceeded(f"the guest did not answer within {timeout:.0f} s") from None
+        async with self.lock:
+            await self.connect()
+            await self._ping_until_answered(timeout, attempt)
 
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
             self._writer = None

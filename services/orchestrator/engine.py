@@ -107,7 +107,7 @@ class Engine:
             machine = await Machine.adopt(vm.id, self.run_folder(vm.id), vm.pid)
             if machine is None:
                 log.warning("VM %s is gone (its QEMU is not running): marked dead", vm.id)
-                await self.store.update_vm(vm.id, state="dead", pid=0)
+                await self._mark_dead(vm.id)
                 continue
             status = await machine.status()
             booted = vm.state != "booting"
@@ -160,9 +160,14 @@ class Engine:
             del self.machines[vm_id]
         if vm_id not in self._deleting:
             log.warning("VM %s stopped: %s", vm_id, Machine.read_log(machine.run_folder) or "its QEMU exited")
-            await self.store.update_vm(vm_id, state="dead", pid=0)
+            await self._mark_dead(vm_id)
         self._booted.pop(vm_id, None)
         await machine.agent.close()
+
+    async def _mark_dead(self, vm_id: str) -> None:
+        """A dead VM cannot run again: its RAM file (in tmpfs, as large as its memory) goes at once."""
+        (self.run_folder(vm_id) / "ram").unlink(missing_ok=True)
+        await self.store.update_vm(vm_id, state="dead", pid=0)
 
     def machine(self, vm: VmRow) -> Machine:
         machine = self.machines.get(vm.id)

@@ -124,7 +124,7 @@ class Machine:
         except (QmpError, OSError):
             return None
         machine = cls(vm_id, run_folder, pid, qmp, None)
-        await machine.agent.connect()
+        await machine.agent.connect(handshake=True)
         return machine
 
     @staticmethod
