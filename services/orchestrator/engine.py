@@ -20,7 +20,7 @@ from services.common.errors import DataLoss, FailedPrecondition, Internal, Inval
 from services.common.settings import Settings
 from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
-from services.orchestrator.machine import LaunchSpec, Machine, process_is_vm
+from services.orchestrator.machine import LaunchSpec, Machine, copy_sparse, process_is_vm
 from services.orchestrator.models import CommitRow, LayerRow, MachineShape, VmRow
 from services.orchestrator.store import OrchestratorStore
 
@@ -305,15 +305,22 @@ class Engine:
         folder = self.commit_folder(commit_id)
         folder.mkdir(parents=True)
         new_layer = LayerRow(id=str(uuid.uuid4()), parent_id=vm.layer_id)
-        ram_copy = folder / "ram" if vm.ram_mode == "shared" else None
+        # While the VM is paused its RAM is copied within tmpfs, which disk writeback cannot slow down;
+        # it goes to the commit folder once the VM runs again.
+        ram_copy = self.run_folder(vm.id) / f"ram-{commit_id}" if vm.ram_mode == "shared" else None
         async with machine.agent.lock:  # never snapshot in the middle of an exec
             try:
                 paused = await machine.snapshot(self.layer_path(new_layer.id), folder / "state", ram_copy, keep_paused)
+                if ram_copy is not None:
+                    await asyncio.to_thread(copy_sparse, ram_copy, folder / "ram")
             except Exception as error:
                 if self.layer_path(new_layer.id).exists():
                     await self.store.move_vm_to_layer(vm.id, new_layer)
                 shutil.rmtree(folder, ignore_errors=True)
                 raise Internal(f"commit of VM {vm.id} failed: {error}") from error
+            finally:
+                if ram_copy is not None:
+                    ram_copy.unlink(missing_ok=True)
         for path in (*folder.iterdir(), self.layer_path(vm.layer_id)):
             path.chmod(0o444)  # immutable from here on
         checksums = await asyncio.to_thread(self._checksums, folder, self.layer_path(vm.layer_id))
