@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.common.auth import Principal, caller_metadata, current_principal
+from services.common.auth import caller_metadata, current_principal
 from services.common.errors import InvalidArgument, NotFound
 from services.common.names import validate_repo_name, validate_tag_name
 from services.common.timestamps import to_timestamp
@@ -95,15 +95,11 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
             ) from None
         return commit_id
 
-    @staticmethod
-    def _caller() -> Principal:
-        return current_principal()
-
     async def CreateRepositoryTag(self, request: pb.CreateRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.CreateRepositoryTagResponse:
         validate_tag_name(request.tag_name)
         repo = await self._repo(request.repo_name)
         commit_id = await self._own_commit(request.commit_id)
-        tag = await self.store.create_tag(self._caller(), repo.repo_id, repo.name, request.tag_name, commit_id, request.description)
+        tag = await self.store.create_tag(current_principal(), repo.repo_id, repo.name, request.tag_name, commit_id, request.description)
         return pb.CreateRepositoryTagResponse(tag_id=tag.id, commit_id=tag.commit_id, reference=f"{repo.name}:{tag.name}")
 
     async def ListRepositoryTags(self, request: pb.ListRepositoryTagsRequest, context: grpc.aio.ServicerContext) -> pb.ListRepositoryTagsResponse:
@@ -119,12 +115,12 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         repo = await self._repo(request.repo_name)
         commit_id = await self._own_commit(request.commit_id) if request.HasField("commit_id") else None
         description = request.description if request.HasField("description") else None
-        tag = await self.store.update_tag(self._caller(), repo.repo_id, repo.name, request.tag_name, commit_id, description)
+        tag = await self.store.update_tag(current_principal(), repo.repo_id, repo.name, request.tag_name, commit_id, description)
         return pb.UpdateRepositoryTagResponse(tag=tag_pb(tag))
 
     async def DeleteRepositoryTag(self, request: pb.DeleteRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryTagResponse:
         repo = await self._repo(request.repo_name)
-        await self.store.delete_tag(self._caller(), repo.repo_id, repo.name, request.tag_name)
+        await self.store.delete_tag(current_principal(), repo.repo_id, repo.name, request.tag_name)
         return pb.DeleteRepositoryTagResponse()
 
     async def DeleteRepositoryTags(self, request: pb.DeleteRepositoryTagsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryTagsResponse:
@@ -158,36 +154,36 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
     async def CreateCommitTag(self, request: pb.CreateCommitTagRequest, context: grpc.aio.ServicerContext) -> pb.CreateCommitTagResponse:
         validate_tag_name(request.tag_name)
         commit_id = await self._own_commit(request.commit_id)
-        tag = await self.store.create_commit_tag(self._caller().org_id, request.tag_name, commit_id, request.description)
+        tag = await self.store.create_commit_tag(current_principal().org_id, request.tag_name, commit_id, request.description)
         return pb.CreateCommitTagResponse(tag_id=tag.id, tag_name=tag.name, commit_id=tag.commit_id)
 
     async def ListCommitTags(self, request: pb.ListCommitTagsRequest, context: grpc.aio.ServicerContext) -> pb.ListCommitTagsResponse:
-        return pb.ListCommitTagsResponse(tags=[commit_tag_pb(t) for t in await self.store.list_commit_tags(self._caller().org_id)])
+        return pb.ListCommitTagsResponse(tags=[commit_tag_pb(t) for t in await self.store.list_commit_tags(current_principal().org_id)])
 
     async def GetCommitTag(self, request: pb.GetCommitTagRequest, context: grpc.aio.ServicerContext) -> pb.GetCommitTagResponse:
-        return pb.GetCommitTagResponse(tag=commit_tag_pb(await self.store.get_commit_tag(self._caller().org_id, request.tag_name)))
+        return pb.GetCommitTagResponse(tag=commit_tag_pb(await self.store.get_commit_tag(current_principal().org_id, request.tag_name)))
 
     async def UpdateCommitTag(self, request: pb.UpdateCommitTagRequest, context: grpc.aio.ServicerContext) -> pb.UpdateCommitTagResponse:
         commit_id = await self._own_commit(request.commit_id) if request.HasField("commit_id") else None
         description = request.description if request.HasField("description") else None
-        tag = await self.store.update_commit_tag(self._caller().org_id, request.tag_name, commit_id, description)
+        tag = await self.store.update_commit_tag(current_principal().org_id, request.tag_name, commit_id, description)
         return pb.UpdateCommitTagResponse(tag=commit_tag_pb(tag))
 
     async def DeleteCommitTag(self, request: pb.DeleteCommitTagRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCommitTagResponse:
-        await self.store.delete_commit_tag(self._caller().org_id, request.tag_name)
+        await self.store.delete_commit_tag(current_principal().org_id, request.tag_name)
         return pb.DeleteCommitTagResponse()
 
     async def ListCommitReferences(
         self, request: pb.ListCommitReferencesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCommitReferencesResponse:
-        references, legacy = await self.store.references(self._caller().org_id, request.commit_id)
+        references, legacy = await self.store.references(current_principal().org_id, request.commit_id)
         return pb.ListCommitReferencesResponse(references=references, legacy_tags=legacy)
 
     async def ResolveReference(self, request: pb.ResolveReferenceRequest, context: grpc.aio.ServicerContext) -> pb.ResolveReferenceResponse:
         if bool(request.ref) == bool(request.tag_name):
             raise InvalidArgument("give exactly one of ref (repo:tag) or tag_name (a legacy tag)")
         if request.tag_name:
-            tag = await self.store.get_commit_tag(self._caller().org_id, request.tag_name)
+            tag = await self.store.get_commit_tag(current_principal().org_id, request.tag_name)
             return pb.ResolveReferenceResponse(commit_id=tag.commit_id, reference=tag.name)
         repo_name, tag_name = parse_reference(request.ref)
         repo = await self._repo(repo_name)
