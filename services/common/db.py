@@ -15,10 +15,13 @@ from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import Table, event
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.common.errors import AlreadyExists
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -79,3 +82,12 @@ class Database:
         await self._read_engine.dispose()
         if self._write_engine is not self._read_engine:
             await self._write_engine.dispose()
+
+
+async def insert_unique(session: AsyncSession, row: object, conflict: str) -> None:
+    """Insert a row; the database's unique constraints decide conflicts, reported as AlreadyExists(conflict)."""
+    session.add(row)
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise AlreadyExists(conflict) from None

@@ -6,13 +6,12 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.auth import Principal, hash_token
-from services.common.db import Database
-from services.common.errors import AlreadyExists, NotFound, Unauthenticated
+from services.common.db import Database, insert_unique
+from services.common.errors import NotFound, Unauthenticated
 from services.common.names import validate_org_name, validate_repo_name
 from services.common.timestamps import as_utc, utcnow
 from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow
@@ -34,15 +33,6 @@ class PublicRepo:
 
 def _new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-async def _insert(session: AsyncSession, row: object, conflict: str) -> None:
-    """Insert a row; the database's unique constraints decide conflicts, reported as AlreadyExists."""
-    session.add(row)
-    try:
-        await session.flush()
-    except IntegrityError:
-        raise AlreadyExists(conflict) from None
 
 
 class RegistryStore:
@@ -71,7 +61,7 @@ class RegistryStore:
         validate_org_name(name)
         async with self.db.write() as session:
             org = OrgRow(id=str(uuid.uuid4()), name=name)
-            await _insert(session, org, f"organization {name!r} already exists: choose another name")
+            await insert_unique(session, org, f"organization {name!r} already exists: choose another name")
             return org, await self._add_key(session, org.id, key_label, is_admin=False)
 
     async def ensure_org(self, name: str) -> OrgRow:
@@ -79,7 +69,7 @@ class RegistryStore:
             org = (await session.exec(select(OrgRow).where(OrgRow.name == name))).first()
             if org is None:
                 org = OrgRow(id=str(uuid.uuid4()), name=name)
-                await _insert(session, org, f"organization {name!r} already exists")
+                await insert_unique(session, org, f"organization {name!r} already exists")
             return org
 
     async def list_orgs(self) -> list[OrgRow]:
@@ -93,7 +83,7 @@ class RegistryStore:
     async def _add_key(self, session: AsyncSession, org_id: str, label: str, *, is_admin: bool) -> NewKey:
         token = _new_token()
         key = ApiKeyRow(id=str(uuid.uuid4()), org_id=org_id, label=label, token_hash=hash_token(token), is_admin=is_admin)
-        await _insert(session, key, "API key collision; try again")
+        await insert_unique(session, key, "API key collision; try again")
         return NewKey(key, token)
 
     async def get_api_key(self, key_id: str) -> tuple[ApiKeyRow, OrgRow]:
@@ -122,7 +112,7 @@ class RegistryStore:
         validate_repo_name(name)
         async with self.db.write() as session:
             repo = RepositoryRow(id=str(uuid.uuid4()), org_id=org_id, name=name, description=description)
-            await _insert(session, repo, f"repository {name!r} already exists in your organization")
+            await insert_unique(session, repo, f"repository {name!r} already exists in your organization")
             return repo
 
     async def list_repositories(self, org_id: str) -> list[RepositoryRow]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.auth import Principal
-from services.common.db import Database
-from services.common.errors import AlreadyExists, NotFound
+from services.common.db import Database, insert_unique
+from services.common.errors import NotFound
 from services.common.names import validate_tag_name
 from services.common.timestamps import utcnow
 from services.tagging.models import CommitTagRow, RepoTagRow, TagEventRow
@@ -46,14 +45,11 @@ class TaggingStore:
             description=description,
         )  # fmt: skip
         async with self.db.write() as session:
-            session.add(tag)
-            try:
-                await session.flush()
-            except IntegrityError:
-                raise AlreadyExists(
-                    f"tag {name!r} already exists in repository {repo_name!r}: move it with PATCH "
-                    f"(vers repo tag update), delete it first, or choose another name"
-                ) from None
+            conflict = (
+                f"tag {name!r} already exists in repository {repo_name!r}: move it with PATCH "
+                f"(vers repo tag update), delete it first, or choose another name"
+            )
+            await insert_unique(session, tag, conflict)
             session.add(_event(tag, caller, "created", "", commit_id))
             return tag
 
@@ -123,11 +119,7 @@ class TaggingStore:
         validate_tag_name(name)
         tag = CommitTagRow(id=str(uuid.uuid4()), org_id=org_id, name=name, commit_id=commit_id, description=description)
         async with self.db.write() as session:
-            session.add(tag)
-            try:
-                await session.flush()
-            except IntegrityError:
-                raise AlreadyExists(f"tag {name!r} already exists in your organization") from None
+            await insert_unique(session, tag, f"tag {name!r} already exists in your organization")
             return tag
 
     async def list_commit_tags(self, org_id: str) -> list[CommitTagRow]:
