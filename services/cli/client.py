@@ -36,9 +36,11 @@ class ApiClient:
             return response.json() if response.content else None
         try:
             body = response.json()
-            raise ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""))
         except ValueError:
-            raise ApiError(response.status_code, response.text.strip() or response.reason_phrase) from None
+            body = None
+        if not isinstance(body, dict):
+            raise ApiError(response.status_code, response.text.strip() or response.reason_phrase)
+        raise ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""))
 
     def close(self) -> None:
         self._http.close()
