@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.db import Database
 from services.common.errors import Conflict, NotFound, ResourceExhausted
@@ -91,22 +92,21 @@ class OrchestratorStore:
     async def add_commit(self, commit: CommitRow, vm_id: str, new_layer: LayerRow) -> None:
         """Record a commit and move its VM onto the new layer it now writes to, together."""
         async with self.db.write() as session:
-            session.add(new_layer)
-            await session.flush()
             session.add(commit)
-            vm = await session.get(VmRow, vm_id)
-            assert vm is not None
-            vm.layer_id = new_layer.id
-            session.add(vm)
+            await self._move(session, vm_id, new_layer)
 
     async def move_vm_to_layer(self, vm_id: str, new_layer: LayerRow) -> None:
         async with self.db.write() as session:
-            session.add(new_layer)
-            await session.flush()
-            vm = await session.get(VmRow, vm_id)
-            assert vm is not None
-            vm.layer_id = new_layer.id
-            session.add(vm)
+            await self._move(session, vm_id, new_layer)
+
+    @staticmethod
+    async def _move(session: AsyncSession, vm_id: str, new_layer: LayerRow) -> None:
+        session.add(new_layer)
+        await session.flush()
+        vm = await session.get(VmRow, vm_id)
+        assert vm is not None
+        vm.layer_id = new_layer.id
+        session.add(vm)
 
     async def get_commit(self, org_id: str, commit_id: str) -> CommitRow:
         commit = await self._commit(commit_id)
