@@ -11,7 +11,7 @@ import uvicorn
 
 from services.common.server import RunningService, start
 from services.common.settings import SERVICES, Settings
-from services.gateway.app import create_app
+from services.gateway.app import UVICORN_WS, create_app
 from services.orchestrator.app import build as build_orchestrator
 from services.registry.app import build as build_registry
 from services.tagging.app import build as build_tagging
@@ -47,7 +47,7 @@ class InProcessPlatform:
         # every keep-alive response waits ~40 ms for a delayed ACK.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
-        platform._server = uvicorn.Server(uvicorn.Config(create_app(platform.settings), log_level="warning", lifespan="on"))
+        platform._server = uvicorn.Server(uvicorn.Config(create_app(platform.settings), log_level="warning", lifespan="on", ws=UVICORN_WS))
         platform._task = asyncio.create_task(platform._server.serve(sockets=[sock]))
         while not platform._server.started:
             if platform._task.done():

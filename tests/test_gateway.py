@@ -123,8 +123,8 @@ async def test_literal_path_beats_variable(platform: Platform, org: Org) -> None
 async def test_streaming_route_says_to_use_a_websocket(platform: Platform, org: Org) -> None:
     async with platform.client(org) as http:
         answer = await http.get("/api/v1/vm/00000000-0000-0000-0000-000000000000/console")
-    assert answer.status_code == 501
-    assert answer.json()["code"] == "UNIMPLEMENTED"
+    assert answer.status_code == 426
+    assert answer.json()["code"] == "FAILED_PRECONDITION"
     assert "WebSocket" in answer.json()["error"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -12,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+import websockets
+from websockets.asyncio.client import ClientConnection
 
 from tests.conftest import Org, Platform
 
@@ -295,6 +298,71 @@ async def test_console_stream_over_grpc(platform: Platform, booted: Booted) -> N
             if b"console-42" in seen:
                 break
     assert b"console-42" in seen
+
+
+def console_url(platform: Platform, vm_id: str, query: str = "") -> str:
+    return platform.url.replace("http://", "ws://") + f"/api/v1/vm/{vm_id}/console{query}"
+
+
+async def read_until(socket: ClientConnection, wanted: bytes, timeout: float = 30) -> bytes:
+    seen = b""
+    async with asyncio.timeout(timeout):
+        while wanted not in seen:
+            frame = await socket.recv()
+            assert isinstance(frame, bytes), frame
+            seen += frame
+    return seen
+
+
+async def test_console_websocket_resizes_and_ends_when_the_shell_exits(platform: Platform, booted: Booted) -> None:
+    async with websockets.connect(console_url(platform, booted.vm_id), additional_headers=booted.org.auth) as socket:
+        await socket.send(json.dumps({"rows": 33, "cols": 101}))
+        await socket.send(b"echo ws-$((6*7))\r")
+        await read_until(socket, b"ws-42")
+        await asyncio.sleep(0.5)  # the size is set through the agent, beside the typing
+        await socket.send(b"stty size\r")
+        await read_until(socket, b"33 101")
+        await socket.send(b"exit\r")
+        with pytest.raises(websockets.ConnectionClosedOK):
+            async with asyncio.timeout(30):
+                while True:
+                    await socket.recv()
+    assert socket.close_code == 1000
+    # A new shell waits for the next person.
+    async with websockets.connect(console_url(platform, booted.vm_id), additional_headers=booted.org.auth) as socket:
+        await socket.send(b"echo again-$((2+3))\r")
+        await read_until(socket, b"again-5")
+
+
+async def test_console_websocket_refuses_with_http_errors(platform: Platform, booted: Booted) -> None:
+    stranger = await platform.new_org("console-stranger")
+    cases = [
+        (booted.vm_id, "", stranger.auth, 404, "NOT_FOUND"),
+        (booted.vm_id, "", {"Authorization": "Bearer nope"}, 401, "UNAUTHENTICATED"),
+        (booted.vm_id, "?rows=tall", booted.org.auth, 400, "INVALID_ARGUMENT"),
+    ]
+    for vm_id, query, headers, status, code in cases:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(console_url(platform, vm_id, query), additional_headers=headers):
+                pass
+        assert refused.value.response.status_code == status
+        assert json.loads(refused.value.response.body)["code"] == code
+    async with websockets.connect(console_url(platform, booted.vm_id), additional_headers=booted.org.auth):
+        with pytest.raises(websockets.InvalidStatus) as busy:
+            async with websockets.connect(console_url(platform, booted.vm_id), additional_headers=booted.org.auth):
+                pass
+    assert "already connected" in json.loads(busy.value.response.body)["error"]
+
+
+async def test_console_websocket_rejects_a_bad_frame(platform: Platform, booted: Booted) -> None:
+    async with websockets.connect(console_url(platform, booted.vm_id), additional_headers=booted.org.auth) as socket:
+        await socket.send(json.dumps({"rows": -1, "cols": 5}))
+        with pytest.raises(websockets.ConnectionClosedError):
+            async with asyncio.timeout(30):
+                while True:
+                    await socket.recv()
+    assert socket.close_code == 1011
+    assert "rows and cols must both be between 1 and" in socket.close_reason
 
 
 @pytest.mark.parametrize(

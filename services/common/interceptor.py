@@ -104,12 +104,11 @@ def _wrap(handler: grpc.RpcMethodHandler, interceptor: ServiceInterceptor, acces
 
         async def stream_stream(request_iterator, context):  # type: ignore[no-untyped-def]
             try:
-                token = await enter(context)
-                try:
-                    async for response in handler.stream_stream(request_iterator, context):
-                        yield response
-                finally:
-                    reset_principal(token)
+                # No reset afterwards: the call runs in a task of its own, whose context ends with it,
+                # and a stream the client abandons is closed from another context, where a reset fails.
+                await enter(context)
+                async for response in handler.stream_stream(request_iterator, context):
+                    yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as error:  # noqa: BLE001

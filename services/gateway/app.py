@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -11,43 +12,27 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from services.common.settings import SERVICES, Settings
 from services.gateway.bindings import Binding, all_bindings
+from services.gateway.errors import STATUS_CODE_NAMES, error_response, rpc_error_response
 from services.gateway.openapi import openapi_document
+from services.gateway.streams import StreamBridge
 from services.gateway.transcode import BadRequest, build_request, response_json
 
 log = logging.getLogger(__name__)
-
-# grpc-gateway's mapping of gRPC status codes to HTTP.
-HTTP_STATUS = {
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-}
-_STATUS_CODE_NAMES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
+# uvicorn's WebSocket implementation: wsproto, because websockets-sansio logs an error after every refused
+# handshake (Kludex/uvicorn#3138) and the legacy websockets one is deprecated.
+UVICORN_WS = "wsproto"
 # Forwarded from HTTP to gRPC so every service checks the caller itself.
 FORWARDED_HEADERS = ("authorization", "x-request-id")
 
-
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "success": False, "code": code}, status_code=status)
+def forwarded(connection: HTTPConnection) -> tuple[tuple[str, str], ...]:
+    return tuple((name, connection.headers[name]) for name in FORWARDED_HEADERS if name in connection.headers)
 
 
 class PayloadTooLarge(Exception):
@@ -88,7 +73,7 @@ class Gateway:
 
         async def handle(request: Request) -> Response:
             if binding.streaming:
-                return error_response(501, "UNIMPLEMENTED", f"{binding.path} is a stream: open it as a WebSocket")
+                return error_response(426, "FAILED_PRECONDITION", f"{binding.path} is a stream: open it as a WebSocket")
             try:
                 body = await read_body(request, self.settings.http_max_body_bytes)
                 message = build_request(
@@ -104,19 +89,28 @@ class Gateway:
                 request_serializer=request_class.SerializeToString,
                 response_deserializer=response_class.FromString,
             )
-            metadata = tuple((name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers)
             try:
-                answer = await call(message, metadata=metadata)
+                answer = await call(message, metadata=forwarded(request))
             except grpc.aio.AioRpcError as error:
-                details = error.details() or error.code().name
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    details = f"the {binding.backend} service is unavailable: {details}"
-                return error_response(HTTP_STATUS.get(error.code(), 500), error.code().name, details)
+                return rpc_error_response(binding, error)
             if binding.success_code == 204:
                 return Response(status_code=204)
             return JSONResponse(response_json(binding, answer), status_code=binding.success_code)
 
         handle.__name__ = binding.method.name
+        return handle
+
+    def stream_endpoint(self, binding: Binding) -> Callable[[WebSocket], Awaitable[None]]:
+        bridge_for = functools.partial(
+            StreamBridge,
+            binding,
+            request_class=message_factory.GetMessageClass(binding.method.input_type),
+            response_class=message_factory.GetMessageClass(binding.method.output_type),
+        )
+
+        async def handle(websocket: WebSocket) -> None:
+            await bridge_for(self.channels[binding.backend])(websocket, forwarded(websocket))
+
         return handle
 
     async def healthz(self, _request: Request) -> Response:
@@ -136,7 +130,7 @@ class Gateway:
 
 async def _http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
-    code = _STATUS_CODE_NAMES.get(error.status_code, "UNKNOWN")
+    code = STATUS_CODE_NAMES.get(error.status_code, "UNKNOWN")
     if error.status_code == 404:
         return error_response(404, code, f"no such endpoint: {request.method} {request.url.path}")
     if error.status_code == 405:
@@ -150,5 +144,6 @@ def create_app(settings: Settings) -> Starlette:
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         *(Route(b.path, gateway.endpoint(b), methods=[b.verb]) for b in gateway.bindings),
+        *(WebSocketRoute(b.path, gateway.stream_endpoint(b)) for b in gateway.bindings if b.streaming),
     ]
     return Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: _http_error})

@@ -57,11 +57,12 @@ def _place_query(target: dict[str, Any], descriptor: Descriptor, name: str, valu
         target[head] = _query_value(field, name, values[-1])
 
 
-def _parse(data: Any, message: Message, where: str) -> None:
+def parse_json(data: Any, message: Message, where: str) -> Message:
     try:
         json_format.ParseDict(data, message)
     except json_format.ParseError as error:
         raise BadRequest(f"{where}: {error}") from None
+    return message
 
 
 def build_request(
@@ -85,9 +86,9 @@ def build_request(
             path_fields = set(binding.path_params) & set(data)
             if path_fields:
                 raise BadRequest(f"{', '.join(sorted(path_fields))} comes from the URL path, not the body")
-            _parse(data, message, "request body")
+            parse_json(data, message, "request body")
         else:
-            _parse({binding.body: data}, message, "request body")
+            parse_json({binding.body: data}, message, "request body")
     grouped: dict[str, list[str]] = {}
     for name, value in query:
         grouped.setdefault(name, []).append(value)
@@ -97,8 +98,8 @@ def build_request(
         if name.partition(".")[0] in binding.path_params:
             raise BadRequest(f"{name!r} comes from the URL path, not the query string")
         _place_query(from_query, descriptor, name, values, ", ".join(queryable))
-    _parse(from_query, message, "query string")
-    _parse(dict(path_params), message, "URL path")
+    parse_json(from_query, message, "query string")
+    parse_json(dict(path_params), message, "URL path")
     return message
 
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
@@ -9,6 +8,7 @@ import grpc
 from services.common.auth import caller_metadata, current_principal
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.timestamps import to_timestamp
+from services.orchestrator import console
 from services.orchestrator.engine import Engine, VmConfig
 from services.orchestrator.models import CommitRow, VmRow
 from services.orchestrator.store import OrchestratorStore
@@ -51,6 +51,11 @@ def lineage_pb(commit: CommitRow) -> pb.CommitLineageEntry:
         parent_vm_id=entry.parent_vm_id,
         grandparent_commit_id=entry.grandparent_commit_id,
     )
+
+
+def require_not_paused(vm: VmRow) -> None:
+    if vm.state == "paused":
+        raise FailedPrecondition(f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}})')
 
 
 def require_uuid(value: str, what: str, hint: str = "") -> str:
@@ -184,8 +189,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def ExecVm(self, request: pb.ExecVmRequest, context: grpc.aio.ServicerContext) -> pb.ExecVmResponse:
         vm = await self._vm(request.vm_id)
-        if vm.state == "paused":
-            raise FailedPrecondition(f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}})')
+        require_not_paused(vm)
         machine = await self.engine.wait_booted(vm)
         result = await machine.agent.exec(
             list(request.command),
@@ -234,33 +238,19 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.DeleteCommitResponse()
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-        """Relay keystrokes to the VM's console (hvc0, a login shell) and its output back."""
+        """Relay keystrokes to the VM's console (hvc0, a login shell) and its output back. The first
+        answer is empty: it says the console is open. The stream ends when the guest's shell exits."""
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.vm_id:
             raise InvalidArgument("the first message of Connect names the VM: {vm_id}")
         vm = await self._vm(first.vm_id)
-        await self.engine.wait_booted(vm)
+        require_not_paused(vm)
+        machine = await self.engine.wait_booted(vm)
+
+        async def resize(rows: int, cols: int) -> None:
+            await machine.agent.exec(["stty", "-F", "/dev/hvc0", "rows", str(rows), "cols", str(cols)], wait=10.0)
+
         async with self.engine.console(vm) as (reader, writer):
-            if first.input:
-                writer.write(first.input)
-
-            async def forward_input() -> None:
-                async for message in request_iterator:
-                    if message.input:
-                        writer.write(message.input)
-                        await writer.drain()
-
-            sending = asyncio.ensure_future(forward_input())
-            try:
-                while True:
-                    reading = asyncio.ensure_future(reader.read(1 << 16))
-                    await asyncio.wait({reading, sending}, return_when=asyncio.FIRST_COMPLETED)
-                    if not reading.done():
-                        reading.cancel()
-                        break  # the client is done
-                    chunk = reading.result()
-                    if not chunk:
-                        break  # the VM went away
-                    yield pb.ConnectResponse(output=chunk)
-            finally:
-                sending.cancel()
+            yield pb.ConnectResponse()
+            async for output in console.relay(first, request_iterator, reader, writer, resize):
+                yield pb.ConnectResponse(output=output)
