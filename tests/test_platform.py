@@ -6,8 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,55 +13,13 @@ import httpx
 import pytest
 
 from services.common.settings import Settings
-from tests.conftest import IMAGES, ROOT, free_ports, kill_vms_under
-
-VERS = Path(sys.executable).parent / "vers"
+from tests.conftest import kill_vms_under
+from tests.launcher import VERS, Launched, launcher_env
 
 
 @pytest.fixture
 def platform_env(tmp_path: Path) -> dict[str, str]:
-    registry, tagging, orchestrator, http = free_ports(4)
-    return {
-        **os.environ,
-        "VERS_DATA_DIR": str(tmp_path / "data"),
-        "REGISTRY_ADDR": f"127.0.0.1:{registry}",
-        "TAGGING_ADDR": f"127.0.0.1:{tagging}",
-        "ORCHESTRATOR_ADDR": f"127.0.0.1:{orchestrator}",
-        "VERS_HTTP_PORT": str(http),
-        "VERS_URL": f"http://127.0.0.1:{http}",
-        "VERS_LOG_LEVEL": "WARNING",
-        "VERS_IMAGES_DIR": str(IMAGES),
-    }
-
-
-class Launched:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.platform"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
-        )
-        self.banner = self._read_banner()
-
-    def _read_banner(self) -> str:
-        lines = []
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise AssertionError(f"launcher exited early: {''.join(lines)}")
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                return "".join(lines)
-        raise AssertionError("no banner within 60 s")
-
-    @property
-    def api_key(self) -> str:
-        return self.banner.split("export VERS_API_KEY=")[1].split()[0]
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        self.process.send_signal(signum)
-        return self.process.wait(30)
+    return launcher_env(tmp_path)
 
 
 @pytest.fixture

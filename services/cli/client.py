@@ -21,9 +21,14 @@ class Unreachable(Exception):
     pass
 
 
+def unreachable(url: str, error: object) -> str:
+    return f"cannot reach the Vers API at {url} ({error}): is the platform running, and is VERS_URL (or `vers login --url`) right?"
+
+
 class ApiClient:
     def __init__(self, base_url: str, api_key: str = "", timeout: float = 600.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_key = api_key
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
@@ -31,7 +36,7 @@ class ApiClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as error:
-            raise Unreachable(f"cannot reach the Vers API at {self.base_url}: {error}") from None
+            raise Unreachable(unreachable(self.base_url, error)) from None
         if response.is_success:
             return response.json() if response.content else None
         try:

@@ -1,47 +1,569 @@
-"""The `vers` command line."""
+"""The `vers` command line: VMs, commits, repositories and tags over the REST gateway."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+from click_default_group import DefaultGroup
 
-from services.cli.client import DEFAULT_URL, ApiClient, ApiError, Unreachable
+from services.cli import config
+from services.cli.client import ApiClient, ApiError, Unreachable
+from services.cli.config import ConfigError, LocalState, check_alias, is_uuid
+from services.cli.console import open_console
+from services.cli.output import Output, progress, when, with_format
+from services.cli.refs import parse_public_ref, split_org
+
+
+class Context:
+    """What a command needs, made on first use so `--help` and usage errors never touch the network."""
+
+    def __init__(self) -> None:
+        self._client: ApiClient | None = None
+        self._state: LocalState | None = None
+
+    @property
+    def credentials(self) -> config.Credentials:
+        return config.credentials()
+
+    @property
+    def client(self) -> ApiClient:
+        if self._client is None:
+            found = self.credentials
+            if not found.api_key:
+                raise click.ClickException("no API key: run `vers login`, or set VERS_API_KEY")
+            self._client = ApiClient(found.url, found.api_key)
+        return self._client
+
+    @property
+    def state(self) -> LocalState:
+        if self._state is None:
+            self._state = LocalState(self.credentials.url)
+        return self._state
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.client.request(method, path, **kwargs)
+
+    def vm(self, given: str | None) -> str:
+        """The VM a command acts on: an alias, an ID or a unique ID prefix; the VM used last when none is given."""
+        if not given:
+            if not self.state.last_vm:
+                raise click.UsageError("no VM given and none used yet: pass a VM ID or alias")
+            return self.state.last_vm
+        if given in self.state.aliases:
+            return self.state.aliases[given]
+        if is_uuid(given):
+            return given
+        prefix = given.rstrip("…").rstrip(".")
+        matches = [vm["vm_id"] for vm in self.call("GET", "/api/v1/vm") if vm["vm_id"].startswith(prefix)]
+        if len(matches) > 1:
+            raise click.ClickException(f"{given!r} matches {len(matches)} VMs: give more of the ID")
+        if not matches:
+            raise click.ClickException(f"no VM {given!r}: not an alias here, nor the start of a VM ID in your organization")
+        return matches[0]
+
+    def remember(self, vm_id: str, alias: str = "") -> None:
+        previous = self.state.remember(vm_id, alias)
+        if previous:
+            click.echo(f"alias {alias} now names VM {vm_id} (it named {previous})", err=True)
+
+
+def api_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The server's message on one line and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ApiError as error:
+            raise click.ClickException(f"{error.message} (HTTP {error.status})") from None
+        except (Unreachable, ConfigError) as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def command(group: click.Group, name: str, formatted: bool = True, **settings: Any) -> Callable[..., Any]:
+    """A subcommand with `--format` (unless interactive), the shared Context and error handling."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        wrapped = api_errors(function)
+        if formatted:
+            wrapped = with_format(wrapped)
+        return group.command(name, **settings)(click.pass_obj(wrapped))
+
+    return decorate
+
+
+def alias_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    def checked(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+        if not value:
+            return ""
+        try:
+            return check_alias(value)
+        except ConfigError as error:
+            raise click.BadParameter(str(error)) from None
+
+    return click.option("--vm-alias", "alias", callback=checked, help="A local name for the new VM.")(function)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vers-platform", prog_name="vers")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Run VMs, commit them, branch them, and tag commits in repositories."""
+    ctx.obj = Context()
+
+
+# --- identity -------------------------------------------------------------------------------------
+
+
+@command(cli, "login")
+@click.option("--url", default=None, help="The gateway, e.g. http://vers.example:8080 (default: VERS_URL or the saved one).")
+@click.option("--api-key", default=None, help="Your API key (asked for when not given).")
+def login(ctx: Context, out: Output, url: str | None, api_key: str | None) -> None:
+    """Check a URL and API key against the server and save them for later commands."""
+    url = (url or ctx.credentials.url).rstrip("/")
+    if not api_key:
+        api_key = click.prompt("API key", hide_input=True, err=True).strip()
+    with contextlib.closing(ApiClient(url, api_key)) as client:
+        who = client.request("GET", "/api/v1/whoami")
+    path = config.save_credentials(url, api_key)
+    out.result({"url": url, "org": who["org"], "config": str(path)}, f"✓ Logged in to {url} as organization {who['org']['name']}")
+
+
+@command(cli, "whoami")
+def whoami(ctx: Context, out: Output) -> None:
+    """The organization and API key in use."""
+    who = ctx.call("GET", "/api/v1/whoami")
+    out.fields(who, [("Server", ctx.credentials.url), ("Organization", who["org"]["name"]), ("API key", who["api_key"]["label"])])
+
+
+# --- VMs ------------------------------------------------------------------------------------------
+
+
+@command(cli, "run")
+@alias_option
+@click.option("--mem-size", type=click.IntRange(1), help="Memory in MiB.")
+@click.option("--vcpu-count", type=click.IntRange(1), help="Virtual CPUs.")
+@click.option("--fs-size", type=click.IntRange(1), help="Root filesystem size in MiB.")
+@click.option("--image", help="Image to boot (default: default).")
+def run(ctx: Context, out: Output, alias: str, mem_size: int | None, vcpu_count: int | None, fs_size: int | None, image: str | None) -> None:
+    """Boot a new VM and wait until it answers."""
+    wanted = {"mem_size_mib": mem_size, "vcpu_count": vcpu_count, "fs_size_mib": fs_size, "image_name": image}
+    vm_config = {name: value for name, value in wanted.items() if value is not None}
+    with progress("Booting a VM…"):
+        vm_id = ctx.call("POST", "/api/v1/vm/new_root", params={"wait_boot": "true"}, json={"vm_config": vm_config})["vm_id"]
+    ctx.remember(vm_id, alias)
+    out.result({"vm_id": vm_id, "alias": alias or None}, f"✓ VM {vm_id} is running" + (f" (alias {alias})" if alias else ""))
+
+
+@command(cli, "connect", formatted=False)
+@click.argument("vm", required=False)
+def connect(ctx: Context, vm: str | None) -> None:
+    """The VM's console in this terminal. Ctrl-] or `exit` leaves."""
+    vm_id = ctx.vm(vm)
+    session = open_console(ctx.credentials.url, ctx.client.api_key, vm_id)
+    ctx.remember(vm_id)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"Connected to VM {vm_id}. Ctrl-] or `exit` leaves.", err=True)
+    session.run()
+    if interactive:
+        click.echo(f"\r\n{'Left' if session.detached else 'Closed'} the console of VM {vm_id}.", err=True)
+
+
+@command(cli, "exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-i", "--stdin", "send_stdin", is_flag=True, help="Send this command's stdin to the guest command.")
+@click.option("-e", "--env", multiple=True, metavar="NAME=VALUE", help="An environment variable; repeatable.")
+@click.option("-w", "--workdir", default="", help="Working directory in the guest.")
+@click.option("-t", "--timeout", type=click.IntRange(0), default=0, help="Kill the command after this many seconds.")
+@click.argument("vm")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(ctx: Context, out: Output, send_stdin: bool, env: tuple[str, ...], workdir: str, timeout: int, vm: str, cmd: tuple[str, ...]) -> None:
+    """Run CMD in the VM (`vers exec VM -- CMD...`); its exit code becomes this one's.
+
+    One argument runs as a shell line (`vers exec dev -- 'ls | wc -l'`); several run as they are."""
+    if cmd[0] == "--":  # everything after VM is the command, so click keeps the separator
+        cmd = cmd[1:]
+    if not cmd:
+        raise click.UsageError("no command: vers exec VM -- CMD...")
+    variables = {}
+    for item in env:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--env")
+        variables[name] = value
+    command_line = ["sh", "-c", cmd[0]] if len(cmd) == 1 else list(cmd)
+    body: dict[str, Any] = {"command": command_line, "env": variables, "working_dir": workdir, "timeout_secs": timeout}
+    if send_stdin:
+        body["stdin"] = sys.stdin.read()
+    vm_id = ctx.vm(vm)
+    result = ctx.call("POST", f"/api/v1/vm/{vm_id}/exec", json=body)
+    ctx.remember(vm_id)
+    if out.json:
+        out.result(result)
+    else:
+        sys.stdout.write(result["stdout"])
+        sys.stdout.flush()
+        sys.stderr.write(result["stderr"])
+    sys.exit(result["exit_code"])
+
+
+class CommitGroup(DefaultGroup):
+    """`vers commit [VM]` commits; `vers commit list` lists."""
+
+
+@cli.group("commit", cls=CommitGroup, default="create", default_if_no_args=True)
+def commit_group() -> None:
+    """Commit a VM (`vers commit [VM]`), or list commits (`vers commit list`)."""
+
+
+@command(commit_group, "create")
+@click.argument("vm", required=False)
+@click.option("--name", default="", help="A name for the commit.")
+@click.option("--description", default="", help="What the commit holds.")
+@click.option("--keep-paused", is_flag=True, help="Leave the VM paused afterwards.")
+def commit_create(ctx: Context, out: Output, vm: str | None, name: str, description: str, keep_paused: bool) -> None:
+    """Commit the VM's disk and memory as an immutable commit (the VM used last if none is given)."""
+    vm_id = ctx.vm(vm)
+    params = {"keep_paused": "true"} if keep_paused else {}
+    with progress(f"Committing VM {vm_id}…"):
+        answer = ctx.call("POST", f"/api/v1/vm/{vm_id}/commit", params=params, json={"name": name, "description": description})
+    ctx.remember(vm_id)
+    out.result({"vm_id": vm_id, "commit_id": answer["commit_id"]}, f"✓ Committed VM {vm_id}", f"→ commit {answer['commit_id']}")
+
+
+@command(commit_group, "list")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+def commit_list(ctx: Context, out: Output, limit: int, offset: int) -> None:
+    """Your organization's commits, newest first."""
+    page = ctx.call("GET", "/api/v1/commits", params={"limit": limit, "offset": offset})
+    rows = [[c["commit_id"], c["name"] or "-", when(c["created_at"]), c["parent_vm_id"] or "-"] for c in page["commits"]]
+    out.table(page, ["COMMIT", "NAME", "CREATED", "FROM VM"], rows, "No commits yet: `vers commit` makes one.")
+    if not out.json and page["total"] > offset + len(rows):
+        click.echo(f"({len(rows)} of {page['total']}; --offset {offset + len(rows)} for more)")
+
+
+@command(cli, "branch")
+@click.argument("source", required=False, metavar="[VM|COMMIT]")
+@click.option("--count", type=click.IntRange(1, 64), default=1, show_default=True, help="How many VMs.")
+@click.option("--keep-paused", is_flag=True, help="Leave the source VM paused afterwards.")
+@alias_option
+def branch(ctx: Context, out: Output, source: str | None, count: int, keep_paused: bool, alias: str) -> None:
+    """New VMs branched copy-on-write from a VM (the VM used last if none is given) or a commit."""
+    if alias and count > 1:
+        raise click.UsageError("--vm-alias names one VM: drop it or use --count 1")
+    source_id = source if source and is_uuid(source) and source not in ctx.state.aliases else ctx.vm(source)
+    params = {"count": count, **({"keep_paused": "true"} if keep_paused else {})}
+    with progress(f"Branching {source_id}…"):
+        vms = [vm["vm_id"] for vm in ctx.call("POST", f"/api/v1/vm/{source_id}/branch", params=params)["vms"]]
+    for vm_id in vms:
+        ctx.remember(vm_id, alias)
+    lines = [f"✓ Branched {source_id} → {len(vms)} VM{'s' if len(vms) > 1 else ''}", *(f"  VM: {vm_id}" for vm_id in vms)]
+    out.result({"source": source_id, "vms": [{"vm_id": vm_id} for vm_id in vms], "alias": alias or None}, *lines)
+
+
+@command(cli, "run-commit")
+@click.argument("source", metavar="ID|REF")
+@click.option("--ref", "by_ref", is_flag=True, help="SOURCE is a repo:tag reference.")
+@click.option("--tag", "by_tag", is_flag=True, help="SOURCE is a legacy organization tag name.")
+@alias_option
+def run_commit(ctx: Context, out: Output, source: str, by_ref: bool, by_tag: bool, alias: str) -> None:
+    """Start a VM from a commit ID, or from a repo:tag reference with --ref."""
+    if by_ref and by_tag:
+        raise click.UsageError("--ref and --tag are exclusive: a source is a reference or a legacy tag")
+    if by_ref:
+        if ":" not in source:
+            raise click.UsageError(f"{source!r} is not a repo:tag reference (e.g. my-app:latest)")
+        if "/" in source.partition(":")[0]:
+            raise click.UsageError(f"{source!r} belongs to another organization: fork it first with `vers repo fork {source}`")
+        body = {"ref": source}
+    elif by_tag:
+        body = {"tag_name": source}
+    elif ":" in source:
+        raise click.UsageError(f"{source!r} looks like a repo:tag reference; add --ref: vers run-commit {source} --ref")
+    else:
+        body = {"commit_id": source}
+    with progress(f"Starting a VM from {source}…"):
+        vm_id = ctx.call("POST", "/api/v1/vm/from_commit", json=body)["vm_id"]
+    ctx.remember(vm_id, alias)
+    out.result(
+        {"vm_id": vm_id, "source": source, "alias": alias or None},
+        f"✓ VM {vm_id} is running from {source}" + (f" (alias {alias})" if alias else ""),
+    )
+
+
+def _set_state(ctx: Context, out: Output, vm: str | None, state: str, done: str) -> None:
+    vm_id = ctx.vm(vm)
+    answer = ctx.call("PATCH", f"/api/v1/vm/{vm_id}/state", json={"state": state})
+    ctx.remember(vm_id)
+    out.result(answer, f"✓ {done} VM {vm_id}")
+
+
+@command(cli, "pause")
+@click.argument("vm", required=False)
+def pause(ctx: Context, out: Output, vm: str | None) -> None:
+    """Pause a VM: its CPUs stop, its memory is kept."""
+    _set_state(ctx, out, vm, "Paused", "Paused")
+
+
+@command(cli, "resume")
+@click.argument("vm", required=False)
+def resume(ctx: Context, out: Output, vm: str | None) -> None:
+    """Resume a paused VM."""
+    _set_state(ctx, out, vm, "Running", "Resumed")
+
+
+@command(cli, "kill")
+@click.argument("vm", required=False)
+def kill(ctx: Context, out: Output, vm: str | None) -> None:
+    """Stop a VM and delete it (its commits stay)."""
+    vm_id = ctx.vm(vm)
+    ctx.call("DELETE", f"/api/v1/vm/{vm_id}")
+    ctx.state.forget(vm_id)
+    out.result({"vm_id": vm_id}, f"✓ Killed VM {vm_id}")
+
+
+@command(cli, "status")
+@click.argument("vm", required=False)
+def status(ctx: Context, out: Output, vm: str | None) -> None:
+    """All your VMs, or one VM in detail."""
+    if vm:
+        vm_id = ctx.vm(vm)
+        meta = ctx.call("GET", f"/api/v1/vm/{vm_id}/metadata")
+        ctx.remember(vm_id)
+        out.fields(
+            meta,
+            [
+                ("VM", meta["vm_id"]),
+                ("Alias", ctx.state.alias_of(vm_id)),
+                ("State", meta["state"]),
+                ("Created", when(meta["created_at"])),
+                ("vCPUs", meta["vcpu_count"]),
+                ("Memory", f"{meta['mem_size_mib']} MiB"),
+                ("From commit", meta["parent_commit_id"]),
+            ],
+        )
+        return
+    vms = ctx.call("GET", "/api/v1/vm")
+    last = ctx.state.last_vm
+    rows = [
+        [vm["vm_id"] + (" *" if vm["vm_id"] == last else ""), ctx.state.alias_of(vm["vm_id"]) or "-", vm["state"], when(vm["created_at"])]
+        for vm in vms
+    ]
+    out.table(vms, ["VM", "ALIAS", "STATE", "CREATED"], rows, "No VMs: `vers run` starts one.")
+
+
+# --- repositories ---------------------------------------------------------------------------------
+
+
+@cli.group("repo")
+def repo() -> None:
+    """Repositories of tagged commits, private or public."""
+
+
+@command(repo, "create")
+@click.argument("name")
+@click.option("--description", default="", help="What the repository is for.")
+def repo_create(ctx: Context, out: Output, name: str, description: str) -> None:
+    """Create a private repository; `vers repo visibility NAME --public` publishes it."""
+    answer = ctx.call("POST", "/api/v1/repositories", json={"name": name, "description": description})
+    out.result(answer, f"✓ Created repository {answer['name']} (private)")
+
+
+@command(repo, "list")
+@click.option("--public", "public", is_flag=True, help="Public repositories of every organization instead.")
+def repo_list(ctx: Context, out: Output, public: bool) -> None:
+    """Your organization's repositories, or with --public everyone's public ones."""
+    if public:
+        answer = ctx.call("GET", "/api/v1/public/repositories")
+        rows = [[r["full_name"], r["description"] or "-", when(r["created_at"])] for r in answer["repositories"]]
+        out.table(answer, ["REPOSITORY", "DESCRIPTION", "CREATED"], rows, "No public repositories.")
+        return
+    answer = ctx.call("GET", "/api/v1/repositories")
+    rows = [
+        [r["name"], "public" if r["is_public"] else "private", r["description"] or "-", when(r["created_at"])]
+        for r in answer["repositories"]
+    ]
+    out.table(answer, ["NAME", "VISIBILITY", "DESCRIPTION", "CREATED"], rows, "No repositories: `vers repo create NAME` makes one.")
+
+
+@command(repo, "get")
+@click.argument("name", metavar="NAME|ORG/NAME")
+def repo_get(ctx: Context, out: Output, name: str) -> None:
+    """One repository: yours by NAME, or a public one by ORG/NAME."""
+    org, repo_name = split_org(name)
+    if org:
+        found = ctx.call("GET", f"/api/v1/public/repositories/{org}/{repo_name}")
+        out.fields(found, [("Repository", found["full_name"]), ("Visibility", "public"), ("Description", found["description"]),
+                           ("Created", when(found["created_at"])), ("ID", found["repo_id"])])
+        return
+    found = ctx.call("GET", f"/api/v1/repositories/{repo_name}")
+    out.fields(found, [("Repository", found["name"]), ("Visibility", "public" if found["is_public"] else "private"),
+                       ("Description", found["description"]), ("Created", when(found["created_at"])), ("ID", found["repo_id"])])
+
+
+@command(repo, "delete")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+def repo_delete(ctx: Context, out: Output, names: tuple[str, ...]) -> None:
+    """Delete repositories and their tags; the commits stay."""
+    _each(out, names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{name}"), "Deleted repository {} (commits kept)")
+
+
+@command(repo, "visibility")
+@click.argument("name")
+@click.option("--public", type=click.BOOL, is_flag=False, flag_value="true", default=None, metavar="[=true|false]",
+              help="--public publishes, --public=false makes it private.")
+@click.option("--private", is_flag=True, help="Same as --public=false.")
+def repo_visibility(ctx: Context, out: Output, name: str, public: bool | None, private: bool) -> None:
+    """Publish a repository (--public) or make it private (--public=false)."""
+    if (public is None) == (not private):
+        raise click.UsageError("say --public or --public=false (or --private)")
+    is_public = bool(public) if public is not None else False
+    answer = ctx.call("PATCH", f"/api/v1/repositories/{name}/visibility", json={"is_public": is_public})
+    out.result(answer, f"✓ {answer['name']} is now {'public' if answer['is_public'] else 'private'}")
+
+
+@command(repo, "fork")
+@click.argument("source", metavar="ORG/REPO:TAG")
+@click.option("--repo-name", default="", help="Repository in your organization (default: the source's name).")
+@click.option("--tag-name", default="", help="Tag in that repository (default: the source's tag).")
+@alias_option
+def repo_fork(ctx: Context, out: Output, source: str, repo_name: str, tag_name: str, alias: str) -> None:
+    """Copy a public repository's tag into your organization: a running VM, a commit and a tag."""
+    org, source_repo, source_tag = parse_public_ref(source)
+    body = {"source_org": org, "source_repo": source_repo, "source_tag": source_tag, "repo_name": repo_name, "tag_name": tag_name}
+    with progress(f"Forking {source}…"):
+        answer = ctx.call("POST", "/api/v1/repositories/fork", json=body)
+    ctx.remember(answer["vm_id"], alias)
+    out.result(answer, f"✓ Forked → {answer['reference']}", f"  VM:     {answer['vm_id']}", f"  Commit: {answer['commit_id']}")
+
+
+# --- tags -----------------------------------------------------------------------------------------
+
+
+@repo.group("tag")
+def tag() -> None:
+    """Tags: movable names for commits inside a repository."""
+
+
+@command(tag, "create")
+@click.argument("repo_name", metavar="REPO")
+@click.argument("tag_name", metavar="TAG")
+@click.argument("commit_id", metavar="COMMIT")
+@click.option("--description", default="", help="What this tag marks.")
+def tag_create(ctx: Context, out: Output, repo_name: str, tag_name: str, commit_id: str, description: str) -> None:
+    """Point a new tag at a commit your organization owns."""
+    body = {"tag_name": tag_name, "commit_id": commit_id, "description": description}
+    answer = ctx.call("POST", f"/api/v1/repositories/{repo_name}/tags", json=body)
+    out.result(answer, f"✓ Tagged {answer['reference']} → {answer['commit_id']}")
+
+
+@command(tag, "list")
+@click.argument("repo_name", metavar="REPO|ORG/REPO")
+def tag_list(ctx: Context, out: Output, repo_name: str) -> None:
+    """A repository's tags: yours, or a public one's as ORG/REPO."""
+    org, name = split_org(repo_name)
+    path = f"/api/v1/public/repositories/{org}/{name}/tags" if org else f"/api/v1/repositories/{name}/tags"
+    answer = ctx.call("GET", path)
+    rows = [[t["tag_name"], t["commit_id"], when(t["updated_at"]), t["description"] or "-"] for t in answer["tags"]]
+    out.table(answer, ["TAG", "COMMIT", "UPDATED", "DESCRIPTION"], rows, f"No tags in {repo_name}.")
+
+
+@command(tag, "get")
+@click.argument("repo_name", metavar="REPO|ORG/REPO")
+@click.argument("tag_name", metavar="TAG")
+def tag_get(ctx: Context, out: Output, repo_name: str, tag_name: str) -> None:
+    """One tag: the commit it names and when it last moved."""
+    org, name = split_org(repo_name)
+    path = f"/api/v1/public/repositories/{org}/{name}/tags/{tag_name}" if org else f"/api/v1/repositories/{name}/tags/{tag_name}"
+    found = ctx.call("GET", path)
+    reference = f"{org}/{found['reference']}" if org else found["reference"]
+    out.fields(found, [("Tag", reference), ("Commit", found["commit_id"]), ("Description", found["description"]),
+                       ("Created", when(found["created_at"])), ("Updated", when(found["updated_at"]))])
+
+
+@command(tag, "update")
+@click.argument("repo_name", metavar="REPO")
+@click.argument("tag_name", metavar="TAG")
+@click.option("--commit", "commit_id", default=None, help="Move the tag to this commit.")
+@click.option("--description", default=None, help="New description.")
+def tag_update(ctx: Context, out: Output, repo_name: str, tag_name: str, commit_id: str | None, description: str | None) -> None:
+    """Move a tag to another commit, or change its description."""
+    if commit_id is None and description is None:
+        raise click.UsageError("nothing to change: give --commit ID and/or --description TEXT")
+    before = ctx.call("GET", f"/api/v1/repositories/{repo_name}/tags/{tag_name}")
+    body = {name: value for name, value in (("commit_id", commit_id), ("description", description)) if value is not None}
+    after = ctx.call("PATCH", f"/api/v1/repositories/{repo_name}/tags/{tag_name}", json=body)
+    if after["commit_id"] != before["commit_id"]:
+        line = f"✓ Moved {after['reference']} → {after['commit_id']} (was {before['commit_id']})"
+    else:
+        line = f"✓ Updated {after['reference']} (still {after['commit_id']})"
+    out.result({**after, "previous_commit_id": before["commit_id"]}, line)
+
+
+@command(tag, "delete")
+@click.argument("repo_name", metavar="REPO")
+@click.argument("tag_names", nargs=-1, required=True, metavar="TAG...")
+def tag_delete(ctx: Context, out: Output, repo_name: str, tag_names: tuple[str, ...]) -> None:
+    """Delete tags; the commits they named stay."""
+    _each(out, tag_names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{repo_name}/tags/{name}"),
+          f"Deleted tag {repo_name}:{{}} (commit kept)")
+
+
+@command(tag, "history")
+@click.argument("repo_name", metavar="REPO")
+@click.argument("tag_name", metavar="TAG")
+def tag_history(ctx: Context, out: Output, repo_name: str, tag_name: str) -> None:
+    """Where a tag pointed over time, newest first: the commit to roll back to."""
+    answer = ctx.call("GET", f"/api/v1/repositories/{repo_name}/tags/{tag_name}/history")
+    rows = [[when(e["created_at"]), e["action"], e["old_commit_id"] or "-", e["new_commit_id"] or "-", e["api_key_id"]]
+            for e in answer["events"]]
+    out.table(answer, ["WHEN", "ACTION", "FROM", "TO", "BY KEY"], rows, f"No history for {repo_name}:{tag_name}.")
+
+
+def _each(out: Output, names: tuple[str, ...], action: Callable[[str], Any], done: str) -> None:
+    """Act on several names; report each, go on after a failure, exit 1 if any failed."""
+    results, failed = [], False
+    for name in names:
+        try:
+            action(name)
+            results.append({"name": name, "deleted": True, "error": None})
+            if not out.json:
+                click.echo(f"✓ {done.format(name)}")
+        except ApiError as error:
+            failed = True
+            results.append({"name": name, "deleted": False, "error": error.message})
+            if not out.json:
+                click.echo(f"Error: {name}: {error.message} (HTTP {error.status})", err=True)
+    if out.json:
+        out.result({"results": results})
+    if failed:
+        sys.exit(1)
+
+
+# --- administration -------------------------------------------------------------------------------
 
 
 def _data_dir() -> Path:
     return Path(os.environ.get("VERS_DATA_DIR", ".vers"))
 
 
-def _url() -> str:
-    return os.environ.get("VERS_URL", DEFAULT_URL)
-
-
-def _admin_client() -> ApiClient:
+@contextlib.contextmanager
+def _admin_client(ctx: Context) -> Iterator[ApiClient]:
     key_file = _data_dir() / "admin.key"
     if not key_file.exists():
-        raise click.ClickException(
-            f"no administrator key at {key_file}: run this on the platform's machine with its VERS_DATA_DIR"
-        )
-    return ApiClient(_url(), key_file.read_text().strip())
-
-
-def _call(action: Callable[[], Any]) -> Any:
-    try:
-        return action()
-    except ApiError as error:
-        raise click.ClickException(f"{error.message} (HTTP {error.status})") from None
-    except Unreachable as error:
-        raise click.ClickException(str(error)) from None
-
-
-@click.group()
-def cli() -> None:
-    """Run VMs, commit them, branch them, and tag commits in repositories."""
+        raise click.ClickException(f"no administrator key at {key_file}: run this on the platform's machine with its VERS_DATA_DIR")
+    with contextlib.closing(ApiClient(ctx.credentials.url, key_file.read_text().strip())) as client:
+        yield client
 
 
 @cli.group()
@@ -54,22 +576,21 @@ def admin_org() -> None:
     """Organizations."""
 
 
-@admin_org.command("create")
+@command(admin_org, "create")
 @click.argument("name")
-def admin_org_create(name: str) -> None:
+def admin_org_create(ctx: Context, out: Output, name: str) -> None:
     """Create an organization and print its first API key (shown once) on the last line."""
-    answer = _call(lambda: _admin_client().request("POST", "/api/v1/admin/orgs", json={"name": name}))
-    click.echo(f"Created organization {answer['org']['name']} ({answer['org']['id']})")
-    click.echo("Its API key, shown only now:")
-    click.echo(answer["token"])
+    with _admin_client(ctx) as client:
+        answer = client.request("POST", "/api/v1/admin/orgs", json={"name": name})
+    out.result(answer, f"Created organization {answer['org']['name']} ({answer['org']['id']})", "Its API key, shown only now:", answer["token"])
 
 
-@admin_org.command("list")
-def admin_org_list() -> None:
-    """List every organization."""
-    answer = _call(lambda: _admin_client().request("GET", "/api/v1/admin/orgs"))
-    for org in answer["orgs"]:
-        click.echo(f"{org['name']}\t{org['id']}")
+@command(admin_org, "list")
+def admin_org_list(ctx: Context, out: Output) -> None:
+    """Every organization."""
+    with _admin_client(ctx) as client:
+        answer = client.request("GET", "/api/v1/admin/orgs")
+    out.table(answer, ["NAME", "ID"], [[org["name"], org["id"]] for org in answer["orgs"]], "No organizations.")
 
 
 def main() -> None:
@@ -77,4 +598,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

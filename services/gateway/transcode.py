@@ -61,7 +61,8 @@ def parse_json(data: Any, message: Message, where: str) -> Message:
     try:
         json_format.ParseDict(data, message)
     except json_format.ParseError as error:
-        raise BadRequest(f"{where}: {error}") from None
+        # protobuf's message spans lines; an error body is one line
+        raise BadRequest(f"{where}: {' '.join(str(error).split())}") from None
     return message
 
 

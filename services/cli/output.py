@@ -1,0 +1,89 @@
+"""What `vers` prints: lines and tables for people, or with `--format json` one JSON document on stdout
+and nothing else. Progress goes to stderr, and only when stderr is a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+FORMATS = ("text", "json")
+
+
+class Output:
+    def __init__(self, format: str) -> None:
+        self.json = format == "json"
+        # Off a terminal rich would wrap tables at 80 columns and cut IDs; scripts want whole lines.
+        width = None if sys.stdout.isatty() else max(shutil.get_terminal_size().columns, 250)
+        self.console = Console(width=width, highlight=False, soft_wrap=True)
+
+    def result(self, data: Any, *lines: str) -> None:
+        """The command's answer: `data` as JSON, or the lines."""
+        if self.json:
+            click.echo(json.dumps(data, indent=2))
+        else:
+            for line in lines:
+                click.echo(line)
+
+    def table(self, data: Any, columns: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> None:
+        if self.json:
+            click.echo(json.dumps(data, indent=2))
+            return
+        if not rows:
+            click.echo(empty)
+            return
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        self.console.print(table)
+
+    def fields(self, data: Any, pairs: Sequence[tuple[str, Any]]) -> None:
+        width = max(len(name) for name, _ in pairs) + 1
+        self.result(data, *(f"{name + ':':<{width}} {'-' if value in (None, '') else value}" for name, value in pairs))
+
+
+@contextlib.contextmanager
+def progress(message: str) -> Iterator[None]:
+    """A spinner on stderr while a long call runs, when someone is watching."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    with Console(stderr=True).status(message):
+        yield
+
+
+def when(timestamp: str | None) -> str:
+    """An RFC 3339 timestamp from the API as local, readable time."""
+    if not timestamp:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return timestamp
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def with_format(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds `--format text|json` and hands the command an Output as `out`."""
+
+    @click.option(
+        "--format", "format_", type=click.Choice(FORMATS), default="text", show_default=True,
+        help="json: one JSON document on stdout, for scripts.",
+    )
+    @functools.wraps(command)
+    def wrapper(*args: Any, format_: str, **kwargs: Any) -> Any:
+        return command(*args, out=Output(format_), **kwargs)
+
+    return wrapper
