@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install images gen lint-protos bench-vm bench-registry clean
+.PHONY: run test install images images-all gen lint-protos bench-vm bench-registry clean
 
 run: $(STAMP) images
 	$(PY) -m services.platform
@@ -14,6 +14,11 @@ test: $(STAMP) images
 # Guest kernel, initramfs and root disks from Debian packages, cached in VERS_DATA_DIR/images.
 images: $(STAMP)
 	$(PY) -m services.orchestrator.images build
+
+# Every supported image (vers/node, python, rust, go, pi-agent, cc-agent) baked and published as
+# vers/<name>:latest and vers/<name>:<date>, against the platform `make run` started (VERS_URL).
+images-all: $(STAMP) images
+	$(VENV)/bin/vers admin images bake
 
 bench-vm: $(STAMP) images
 	$(PY) bench/vm.py

@@ -13,6 +13,8 @@ command -v qemu-system-x86_64 >/dev/null || apt_packages+=(qemu-system-x86)
 command -v qemu-img >/dev/null || apt_packages+=(qemu-utils)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || apt_packages+=(busybox-static)
 command -v mkfs.ext4 >/dev/null && [ -x /sbin/resize2fs ] || apt_packages+=(e2fsprogs)
+# supported images (vers admin images bake): Debian root disks
+command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
 
 if [ ${#apt_packages[@]} -gt 0 ]; then
   sudo=""

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import IMAGES, ROOT, free_ports
+import click
+import pexpect
+from click_default_group import DefaultGroup
+
+from services.cli.main import cli
+from services.common.settings import Settings
+
+from tests.conftest import IMAGES, ROOT, free_ports, kill_vms_under
 
 VERS = Path(sys.executable).parent / "vers"
 
@@ -62,3 +76,83 @@ class Launched:
         return self.process.wait(30)
 
 
+
+
+FORKED = re.compile(r"\A✓ Forked → (?P<reference>\S+)\n  VM:     (?P<vm>\S+)\n  Commit: (?P<commit>\S+)\n\Z")
+COMMITTED = re.compile(r"^→ commit (?P<commit>\S+)$", re.MULTILINE)
+STARTED = re.compile(r"^✓ VM (?P<vm>\S+) is running", re.MULTILINE)
+
+
+@dataclass
+class User:
+    """Someone at a terminal: their own config folder, the platform's URL, no key in the environment."""
+
+    env: dict[str, str]
+    ran: list[tuple[str, ...]] = field(default_factory=list)
+
+    def vers(self, *args: str, expect: int = 0, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        self.ran.append(args)
+        result = subprocess.run([VERS, *args], env=self.env, capture_output=True, text=True, input=stdin, timeout=300)
+        assert result.returncode == expect, f"vers {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    def json(self, *args: str, expect: int = 0) -> Any:
+        """With `--format json` right after the command's name, where `vers exec` reads its options."""
+        at = len([name for name in command_path(args) if name in args])
+        return json.loads(self.vers(*args[:at], "--format", "json", *args[at:], expect=expect).stdout)
+
+    def console(self, *args: str) -> pexpect.spawn:
+        return pexpect.spawn(str(VERS), ["connect", *args], env=self.env, encoding="utf-8", timeout=60, dimensions=(40, 120))
+
+
+@dataclass
+class Site:
+    launched: Launched
+    folder: Path
+    users: list[User] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.launched.env
+
+    def vers_org(self) -> User:
+        """The `vers` organization, which publishes the supported images, through the administrator's key."""
+        key = Settings(data_dir=Path(self.env["VERS_DATA_DIR"])).admin_key_file.read_text().strip()
+        return User({**self.env, "VERS_API_KEY": key, "VERS_CONFIG_DIR": str(self.folder / "config-vers")})
+
+    def user(self, name: str) -> User:
+        """A new organization, and a person logged in to it with `vers login`."""
+        created = subprocess.run([VERS, "admin", "org", "create", name], env=self.env, capture_output=True, text=True, check=True)
+        key = created.stdout.strip().splitlines()[-1]
+        config = self.folder / f"config-{name}"
+        user = User({**self.env, "VERS_CONFIG_DIR": str(config)})
+        assert user.vers("login", "--api-key", key).stdout == f"✓ Logged in to {self.env['VERS_URL']} as organization {name}\n"
+        assert stat.S_IMODE((config / "config.json").stat().st_mode) == 0o600
+        self.users.append(user)
+        return user
+
+
+def command_path(args: tuple[str, ...]) -> tuple[str, ...]:
+    """The command the arguments run, e.g. ("repo", "tag", "list"); `vers commit VM` is ("commit", "create")."""
+    command: click.Command = cli
+    path: list[str] = []
+    for arg in args:
+        if not isinstance(command, click.Group) or arg not in command.commands:
+            break
+        path.append(arg)
+        command = command.commands[arg]
+    if isinstance(command, DefaultGroup):
+        path.append(command.default_cmd_name)
+    return tuple(path)
+
+
+@contextlib.contextmanager
+def running_site(folder: Path) -> Iterator[Site]:
+    """A platform launched as `make run` does, stopped afterwards with every VM it left."""
+    launched = Launched(launcher_env(folder))
+    try:
+        yield Site(launched, folder)
+    finally:
+        launched.stop()
+        kill_vms_under(Settings(data_dir=Path(launched.env["VERS_DATA_DIR"])).vm_run_dir)

@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -300,6 +301,42 @@ async def test_console_stream_over_grpc(platform: Platform, booted: Booted) -> N
     assert b"console-42" in seen
 
 
+async def test_sleep_frees_the_vm_and_wakes_it_where_it_was(platform: Platform, org: Org) -> None:
+    async with platform.client(org) as http:
+        vm = await new_vm(http)
+        await out(http, vm, "echo kept > /root/on-disk && echo in-ram > /run/in-ram && " + COUNTER)
+        await asyncio.sleep(0.5)
+        pid = platform.vm_pid(vm)
+        counted = int(await out(http, vm, "cat /run/counter"))
+
+        slept = await http.patch(f"/api/v1/vm/{vm}/state", json={"state": "Sleeping"})
+        assert (slept.status_code, slept.json()["state"]) == (200, "sleeping"), slept.text
+        assert not Path(f"/proc/{pid}").exists()  # no QEMU, no memory
+        assert not (platform.settings.vm_run_dir / vm / "ram").exists()
+        refused = await http.post(f"/api/v1/vm/{vm}/exec", json={"command": ["true"]})
+        assert refused.status_code == 400 and "is sleeping: wake it first" in refused.json()["error"]
+        assert (await http.get(f"/api/v1/vm/{vm}/status")).json()["state"] == "sleeping"
+
+        await platform.restart("orchestrator")  # sleeping outlives the service
+        woke = await http.patch(f"/api/v1/vm/{vm}/state", json={"state": "Running"})
+        assert (woke.status_code, woke.json()["state"]) == (200, "running"), woke.text
+        assert await out(http, vm, "cat /root/on-disk /run/in-ram") == "kept\nin-ram\n"
+        resumed = int(await out(http, vm, "cat /run/counter"))
+        assert counted <= resumed < counted + 30, "the counter restarted instead of going on"
+        await asyncio.sleep(0.5)
+        assert int(await out(http, vm, "cat /run/counter")) > resumed
+
+        # A branch (its memory a private mapping of a commit) sleeps too, and "Paused" wakes it paused.
+        branch = (await http.post(f"/api/v1/vm/{vm}/branch")).json()["vms"][0]["vm_id"]
+        assert (await http.patch(f"/api/v1/vm/{branch}/state", json={"state": "Sleeping"})).json()["state"] == "sleeping"
+        assert (await http.patch(f"/api/v1/vm/{branch}/state", json={"state": "Paused"})).json()["state"] == "paused"
+        assert (await http.patch(f"/api/v1/vm/{branch}/state", json={"state": "Running"})).json()["state"] == "running"
+        assert await out(http, branch, "cat /root/on-disk") == "kept\n"
+        await http.patch(f"/api/v1/vm/{branch}/state", json={"state": "Sleeping"})
+        assert (await http.delete(f"/api/v1/vm/{branch}")).status_code == 200
+        assert not (platform.settings.data_dir / "sleeping" / branch).exists()
+
+
 def console_url(platform: Platform, vm_id: str, query: str = "") -> str:
     return platform.url.replace("http://", "ws://") + f"/api/v1/vm/{vm_id}/console{query}"
 
@@ -371,7 +408,7 @@ async def test_console_websocket_rejects_a_bad_frame(platform: Platform, booted:
         ({"vm_config": {"vcpu_count": 99}}, "vcpu_count must be between 1 and 16"),
         ({"vm_config": {"mem_size_mib": 16}}, "mem_size_mib must be between 128"),
         ({"vm_config": {"fs_size_mib": 10}}, "fs_size_mib must be between 64"),
-        ({"vm_config": {"image_name": "nope"}}, "image 'nope' does not exist; images: default"),
+        ({"vm_config": {"image_name": "nope"}}, "image 'nope' does not exist; images: "),
         ({"vm_config": {"kernel_name": "other.bin"}}, "kernel_name must be 'default.bin'"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -261,7 +262,7 @@ def branch(ctx: Context, out: Output, source: str | None, count: int, keep_pause
     """New VMs branched copy-on-write from a VM (the VM used last if none is given) or a commit."""
     if alias and count > 1:
         raise click.UsageError("--vm-alias names one VM: drop it or use --count 1")
-    source_id = source if source and is_uuid(source) and source not in ctx.state.aliases else ctx.vm(source)
+    source_id = ctx.vm(source)  # an ID passes as it is, so a commit ID works too
     params = {"count": count, **({"keep_paused": "true"} if keep_paused else {})}
     with progress(f"Branching {source_id}…"):
         vms = [vm["vm_id"] for vm in ctx.call("POST", f"/api/v1/vm/{source_id}/branch", params=params)["vms"]]
@@ -318,8 +319,16 @@ def pause(ctx: Context, out: Output, vm: str | None) -> None:
 @command(cli, "resume")
 @click.argument("vm", required=False)
 def resume(ctx: Context, out: Output, vm: str | None) -> None:
-    """Resume a paused VM."""
+    """Resume a paused VM, or wake a sleeping one where it was."""
     _set_state(ctx, out, vm, "Running", "Resumed")
+
+
+@command(cli, "sleep")
+@click.argument("vm", required=False)
+def sleep(ctx: Context, out: Output, vm: str | None) -> None:
+    """Put a VM to sleep: its memory saved to disk, no QEMU left running; `vers resume` wakes it."""
+    with progress("Saving the VM's memory…"):
+        _set_state(ctx, out, vm, "Sleeping", "Put to sleep")
 
 
 @command(cli, "kill")
@@ -591,6 +600,52 @@ def admin_org_list(ctx: Context, out: Output) -> None:
     with _admin_client(ctx) as client:
         answer = client.request("GET", "/api/v1/admin/orgs")
     out.table(answer, ["NAME", "ID"], [[org["name"], org["id"]] for org in answer["orgs"]], "No organizations.")
+
+
+@admin.group("images")
+def admin_images() -> None:
+    """Supported images: vers/node, python, rust, go, pi-agent, cc-agent."""
+
+
+@command(admin_images, "bake")
+@click.argument("names", nargs=-1, metavar="[NAME...]")
+@click.option("--extra-package", "extra", multiple=True, metavar="PKG", help="Another Debian package for this bake; repeatable.")
+def admin_images_bake(ctx: Context, out: Output, names: tuple[str, ...], extra: tuple[str, ...]) -> None:
+    """Build, boot, commit and publish supported images (all when no NAME is given) as vers/NAME:latest
+    and vers/NAME:<date>. Needs root (debootstrap) and the platform running; a failed bake moves no tag."""
+    from services.bake.disk import Sources
+    from services.bake.errors import BakeError
+    from services.bake.pipeline import bake
+    from services.bake.recipes import RECIPES, recipe
+    from services.common.settings import Settings
+
+    unknown = [name for name in names if name not in RECIPES]
+    if unknown:
+        raise click.BadParameter(f"no supported image {', '.join(unknown)}; there are: {', '.join(RECIPES)}", param_hint="NAME")
+    # SIGTERM (a CI job cancelled) unwinds like Ctrl-C, so mounts in the scratch root are undone.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    settings = Settings(data_dir=_data_dir())
+    sources = Sources(settings.image_suite, settings.debian_mirror, settings.debian_security_mirror, settings.npm_registry)
+    results, failed = [], []
+    with _admin_client(ctx) as client:
+        for name in names or tuple(RECIPES):
+            try:
+                baked = bake(client, recipe(name, extra), settings.image_root, sources,
+                             lambda line, name=name: click.echo(f"{name}: {line}", err=True))
+            except (BakeError, ApiError) as error:
+                failed.append(name)
+                results.append({"name": name, "error": str(error.message if isinstance(error, ApiError) else error)})
+                click.echo(f"Error: baking {name}: {results[-1]['error']} (latest not moved)", err=True)
+                continue
+            results.append({"name": name, "commit_id": baked.commit_id, "dated_tag": baked.dated_tag, "versions": baked.versions})
+            if not out.json:
+                click.echo(f"✓ Baked vers/{name}:latest → {baked.commit_id}")
+                click.echo(f"  Dated:    vers/{name}:{baked.dated_tag}")
+                click.echo(f"  Versions: {'; '.join(f'{tool}: {text}' for tool, text in baked.versions.items())}")
+    if out.json:
+        out.result({"results": results})
+    if failed:
+        sys.exit(1)
 
 
 def main() -> None:

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     org_max_memory_mib: int = Field(32768, validation_alias="VERS_ORG_MAX_MEMORY_MIB")
     boot_timeout_seconds: float = Field(120.0, validation_alias="VERS_BOOT_TIMEOUT_SECONDS")
 
+    # Supported images (`vers admin images bake`): the Debian suite and archives their root disks come
+    # from, and the npm registry for Node.js and tools that ship there.
+    image_suite: str = Field("trixie", validation_alias="VERS_IMAGE_SUITE")
+    debian_mirror: str = Field("http://deb.debian.org/debian", validation_alias="VERS_DEBIAN_MIRROR")
+    debian_security_mirror: str = Field("http://deb.debian.org/debian-security", validation_alias="VERS_DEBIAN_SECURITY_MIRROR")
+    npm_registry: str = Field("https://registry.npmjs.org", validation_alias="VERS_NPM_REGISTRY")
+
     # Name of the organization `make run` creates on its first start.
     first_org: str = Field("default", validation_alias="VERS_FIRST_ORG")
 

@@ -69,19 +69,22 @@ class Engine:
         self.images_root = settings.image_root
         self.layers_dir = data / "layers"
         self.commits_dir = data / "commits"
+        self.sleep_dir = data / "sleeping"
         self.run_dir = settings.vm_run_dir
         self.accel = "tcg"
         self.machines: dict[str, Machine] = {}
         self._booted: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._deleting: set[str] = set()
+        self._asleep: set[str] = set()  # VMs whose QEMU ends because they go to sleep, not because they died
         self._verified: dict[Path, tuple[int, int, int, int]] = {}
         self._consoles: dict[str, asyncio.Lock] = {}
+        self._transitions: dict[str, asyncio.Lock] = {}
 
     # Start-up and shutdown
 
     async def start(self) -> None:
-        for folder in (self.layers_dir, self.commits_dir, self.run_dir):
+        for folder in (self.layers_dir, self.commits_dir, self.sleep_dir, self.run_dir):
             folder.mkdir(parents=True, exist_ok=True)
         image = find_image(self.images_root, DEFAULT_IMAGE)
         if image is None:
@@ -158,7 +161,7 @@ class Engine:
         await machine.wait_exit()
         if self.machines.get(vm_id) is machine:
             del self.machines[vm_id]
-        if vm_id not in self._deleting:
+        if vm_id not in self._deleting and vm_id not in self._asleep:
             log.warning("VM %s stopped: %s", vm_id, Machine.read_log(machine.run_folder) or "its QEMU exited")
             await self._mark_dead(vm_id)
         self._booted.pop(vm_id, None)
@@ -171,6 +174,8 @@ class Engine:
 
     def machine(self, vm: VmRow) -> Machine:
         machine = self.machines.get(vm.id)
+        if machine is None and vm.state == "sleeping":
+            raise FailedPrecondition(f'VM {vm.id} is sleeping: wake it first (PATCH /vm/{vm.id}/state {{"state": "Running"}}, or vers resume)')
         if machine is None:
             raise FailedPrecondition(f"VM {vm.id} is {vm.state}, not running: start a new VM from one of its commits")
         return machine
@@ -393,14 +398,77 @@ class Engine:
 
     async def set_state(self, vm: VmRow, state: str, skip_wait_boot: bool = False) -> VmRow:
         wanted = state.lower()
-        if wanted not in ("paused", "running"):
-            raise InvalidArgument(f"state must be \"Paused\" or \"Running\", not {state!r}")
-        machine = await self.wait_booted(vm, skip_wait_boot)
-        if wanted == "paused":
-            await machine.pause()
-        else:
+        if wanted not in ("paused", "running", "sleeping"):
+            raise InvalidArgument(f"state must be \"Paused\", \"Sleeping\" or \"Running\", not {state!r}")
+        async with self._transitions.setdefault(vm.id, asyncio.Lock()):  # one change of state at a time
+            vm = await self.store.get_vm(vm.org_id, vm.id)
+            if vm.state == "sleeping" and wanted != "sleeping":
+                vm = await self.wake(vm)
+            elif wanted == "sleeping":
+                return vm if vm.state == "sleeping" else await self.sleep(vm)
+            machine = await self.wait_booted(vm, skip_wait_boot)
+            if wanted == "paused":
+                await machine.pause()
+            else:
+                await machine.resume()
+            return await self.store.update_vm(vm.id, state=wanted)
+
+    def sleep_folder(self, vm_id: str) -> Path:
+        return self.sleep_dir / vm_id
+
+    async def sleep(self, vm: VmRow) -> VmRow:
+        """Save the VM's devices and memory to disk and end its QEMU: it uses no memory until it wakes,
+        where it was. Its disk layer stays as it is. A failed save leaves the VM as it was."""
+        machine = await self.wait_booted(vm)
+        folder = self.sleep_folder(vm.id)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        shared = vm.ram_mode == "shared"
+        async with machine.agent.lock:  # never in the middle of an exec
+            self._asleep.add(vm.id)
+            try:
+                await machine.save_and_quit(folder / "state", folder / "ram" if shared else None)
+            except Exception as error:
+                self._asleep.discard(vm.id)
+                shutil.rmtree(folder, ignore_errors=True)
+                if vm.state == "running" and await machine.status() != "running":
+                    await machine.resume()
+                raise Internal(f"VM {vm.id} could not go to sleep: {error}; it goes on as it was") from error
+        self.machines.pop(vm.id, None)
+        self._booted.pop(vm.id, None)
+        (self.run_folder(vm.id) / "ram").unlink(missing_ok=True)
+        # Memory that was not a shared file was saved inside the state: it wakes with anonymous memory.
+        return await self.store.update_vm(vm.id, state="sleeping", pid=0, ram_mode="shared" if shared else "anonymous", ram_source="")
+
+    async def wake(self, vm: VmRow) -> VmRow:
+        """A sleeping VM running again where it was, within its org's limits. If it cannot start, it stays
+        asleep with its saved state kept, so nothing is lost."""
+        folder = self.sleep_folder(vm.id)
+        if not (folder / "state").exists():
+            raise DataLoss(f"VM {vm.id} is sleeping but its saved state is missing from {folder}")
+        vm = await self.store.claim_wake(vm.id)
+        run = self.run_folder(vm.id)
+        run.mkdir(parents=True, exist_ok=True)
+        machine = None
+        try:
+            ram_file = None
+            if vm.ram_mode == "shared":
+                ram_file = run / "ram"
+                await asyncio.to_thread(copy_sparse, folder / "ram", ram_file)
+            machine = await Machine.launch(self._spec(vm, incoming=True, ram_file=ram_file))
+            await machine.restore(folder / "state")
             await machine.resume()
-        return await self.store.update_vm(vm.id, state=wanted)
+        except Exception as error:
+            if machine is not None:
+                await machine.kill()
+            (run / "ram").unlink(missing_ok=True)
+            await self.store.update_vm(vm.id, state="sleeping", pid=0)
+            raise Internal(f"VM {vm.id} could not wake: {error}; it is still asleep, its saved state kept") from error
+        self._asleep.discard(vm.id)
+        vm = await self.store.update_vm(vm.id, state="running", pid=machine.pid)
+        self._attach(vm.id, machine, booted=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        return vm
 
     async def delete_vm(self, vm: VmRow) -> None:
         self._deleting.add(vm.id)
@@ -412,6 +480,8 @@ class Engine:
                 os.kill(vm.pid, signal.SIGKILL)
             await self.store.mark_vm_deleted(vm.id)
             shutil.rmtree(self.run_folder(vm.id), ignore_errors=True)
+            shutil.rmtree(self.sleep_folder(vm.id), ignore_errors=True)
+            self._asleep.discard(vm.id)
             await self.collect_garbage()
         finally:
             self._deleting.discard(vm.id)

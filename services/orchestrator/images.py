@@ -8,6 +8,7 @@ into VERS_DATA_DIR/images; a second call with nothing changed is a no-op.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import io
 import json
@@ -259,17 +260,25 @@ def build_default_image(root: Path) -> Path:
     return target
 
 
+def register(root: Path, images: dict[str, Path], kernel: Path | None = None) -> None:
+    """Point image names at built folders in index.json: under a lock, replaced atomically, so a bake and
+    `make images` at once both land and a reader never sees half a file."""
+    index_file = root / "index.json"
+    with open(root / ".index.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        index = json.loads(index_file.read_text()) if index_file.exists() else {"images": {}}
+        if kernel is not None:
+            index["kernel"] = kernel.name
+        index["images"].update({name: folder.name for name, folder in images.items()})
+        partial = index_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(index, indent=2))
+        partial.replace(index_file)
+
+
 def build_all(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     kernel = build_kernel(root, root / "cache")
-    default = build_default_image(root)
-    index_file = root / "index.json"
-    index = json.loads(index_file.read_text()) if index_file.exists() else {"images": {}}
-    index["kernel"] = kernel.name
-    index["images"][DEFAULT_IMAGE] = default.name
-    partial = index_file.with_suffix(".tmp")
-    partial.write_text(json.dumps(index, indent=2))
-    partial.replace(index_file)
+    register(root, {DEFAULT_IMAGE: build_default_image(root)}, kernel)
 
 
 def main() -> int:

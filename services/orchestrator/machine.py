@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
@@ -176,14 +177,28 @@ class Machine:
             await self.qmp.execute(
                 "blockdev-snapshot-sync", {"device": "virtio0", "snapshot-file": str(new_disk), "format": "qcow2"}
             )
-            await self.qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
-            await self._wait_migration("outgoing")
-            if ram_copy is not None:
-                await asyncio.to_thread(copy_sparse, self.ram_file, ram_copy)
+            await self._save_state(state_file, ram_copy)
         finally:
             if was_running and not keep_paused:
                 await self.qmp.execute("cont")
         return time.perf_counter() - paused_at
+
+    async def _save_state(self, state_file: Path, ram_copy: Path | None) -> None:
+        await self.qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
+        await self._wait_migration("outgoing")
+        if ram_copy is not None:
+            await asyncio.to_thread(copy_sparse, self.ram_file, ram_copy)
+
+    async def save_and_quit(self, state_file: Path, ram_copy: Path | None) -> None:
+        """Stop the VM, save its device state and RAM (as `snapshot` does, the disk left as it is), and end
+        QEMU cleanly, its disk flushed and closed. If saving fails the VM is left stopped, QEMU running."""
+        await self.qmp.execute("stop")
+        await self._save_state(state_file, ram_copy)
+        with contextlib.suppress(QmpError, QmpClosed, ConnectionError, OSError):
+            await self.qmp.execute("quit")  # QEMU may close the socket before it answers
+        await self.wait_exit()
+        await self.agent.close()
+        await self.qmp.close()
 
     @property
     def ram_file(self) -> Path:

@@ -10,7 +10,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.db import Database
-from services.common.errors import Conflict, NotFound, ResourceExhausted
+from services.common.errors import Conflict, FailedPrecondition, NotFound, ResourceExhausted
 from services.common.timestamps import utcnow
 from services.orchestrator.models import LIVE_STATES, CommitRow, LayerRow, VmRow
 
@@ -30,26 +30,44 @@ class OrchestratorStore:
     async def add_vms(self, org_id: str, vms: Sequence[VmRow], layers: Sequence[LayerRow]) -> None:
         """Insert new VMs and their layers, within the org's vCPU and memory limits, in one transaction."""
         async with self.db.write() as session:
-            used_vcpus, used_memory = (
-                await session.exec(
-                    select(func.coalesce(func.sum(VmRow.vcpu_count), 0), func.coalesce(func.sum(VmRow.mem_size_mib), 0)).where(
-                        VmRow.org_id == org_id, col(VmRow.state).in_(LIVE_STATES), col(VmRow.deleted_at).is_(None)
-                    )
-                )
-            ).one()
-            vcpus = used_vcpus + sum(vm.vcpu_count for vm in vms)
-            memory = used_memory + sum(vm.mem_size_mib for vm in vms)
-            if vcpus > self.max_vcpus or memory > self.max_memory_mib:
-                raise ResourceExhausted(
-                    f"your organization's VMs may use {self.max_vcpus} vCPUs and {self.max_memory_mib} MiB of memory "
-                    f"in all; this request would bring them to {vcpus} vCPUs and {memory} MiB: delete or commit and "
-                    f"delete VMs you no longer need"
-                )
+            await self._check_capacity(session, org_id, vms)
             for layer in layers:
                 session.add(layer)
             await session.flush()
             for vm in vms:
                 session.add(vm)
+
+    async def _check_capacity(self, session: AsyncSession, org_id: str, vms: Sequence[VmRow]) -> None:
+        """Within the org's limits with `vms` running too? Sleeping and dead VMs use nothing."""
+        used_vcpus, used_memory = (
+            await session.exec(
+                select(func.coalesce(func.sum(VmRow.vcpu_count), 0), func.coalesce(func.sum(VmRow.mem_size_mib), 0)).where(
+                    VmRow.org_id == org_id, col(VmRow.state).in_(LIVE_STATES), col(VmRow.deleted_at).is_(None)
+                )
+            )
+        ).one()
+        vcpus = used_vcpus + sum(vm.vcpu_count for vm in vms)
+        memory = used_memory + sum(vm.mem_size_mib for vm in vms)
+        if vcpus > self.max_vcpus or memory > self.max_memory_mib:
+            raise ResourceExhausted(
+                f"your organization's VMs may use {self.max_vcpus} vCPUs and {self.max_memory_mib} MiB of memory "
+                f"in all; this request would bring them to {vcpus} vCPUs and {memory} MiB: delete, or put to sleep, "
+                f"VMs you are not using"
+            )
+
+    async def claim_wake(self, vm_id: str) -> VmRow:
+        """A sleeping VM becomes `booting` if its org has room for it, in one transaction, so two wakes at
+        once cannot both pass the limit; FailedPrecondition if it is no longer asleep."""
+        async with self.db.write() as session:
+            vm = await session.get(VmRow, vm_id)
+            if vm is None or vm.state != "sleeping":
+                raise FailedPrecondition(f"VM {vm_id} is not sleeping")
+            await self._check_capacity(session, vm.org_id, [vm])
+            vm.state = "booting"
+            session.add(vm)
+            await session.flush()
+            await session.refresh(vm)
+            return vm
 
     async def get_vm(self, org_id: str, vm_id: str) -> VmRow:
         async with self.db.read() as session:

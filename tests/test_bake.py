@@ -1,0 +1,140 @@
+"""Supported images baked for real (Debian root disk by debootstrap, booted, committed, published as
+vers/python), consumed as the documentation shows, rebaked, and a bake that fails; the CI recipe script."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pexpect
+import pytest
+
+from tests.launcher import COMMITTED, FORKED, ROOT, VERS, Site, User, running_site
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    with running_site(tmp_path_factory.mktemp("bake")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def publisher(site: Site) -> User:
+    return site.vers_org()
+
+
+@pytest.fixture(scope="module")
+def first_bake(publisher: User) -> dict[str, object]:
+    """vers/python baked once; the root disk is cached in the images folder between runs."""
+    results = publisher.json("admin", "images", "bake", "python")["results"]
+    assert len(results) == 1 and "error" not in results[0], results
+    return results[0]
+
+
+def test_a_baked_python_image_forks_and_runs_python(site: Site, publisher: User, first_bake: dict[str, object]) -> None:
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    assert str(first_bake["dated_tag"]).startswith(today)
+    assert str(first_bake["versions"]["python"]).startswith("Python 3.")  # type: ignore[index]
+
+    description = publisher.json("repo", "tag", "get", "python", "latest")
+    assert description["commit_id"] == first_bake["commit_id"]
+    commit = site_commit(publisher, str(first_bake["commit_id"]))
+    for promised in ("python3 ", "python3-pip ", "python3-venv ", "git ", "curl ", "nginx ", "iproute2 "):
+        assert promised in commit["description"], commit["description"]
+
+    # "Consuming a supported image", as the documentation shows it.
+    me = site.user("pyuser")
+    forked = FORKED.match(me.vers("repo", "fork", "vers/python:latest", "--repo-name", "py-base", "--tag-name", "latest").stdout)
+    assert forked and forked["reference"] == "py-base:latest"
+    assert me.vers("exec", forked["vm"], "--", "python3 --version").stdout.startswith("Python 3.")
+    for tool in ("pip3 --version", "python3 -m venv /tmp/env && /tmp/env/bin/python -c 'import sys; print(sys.prefix)'",
+                 "git --version", "curl --version", "nginx -v", "ip -V"):
+        me.vers("exec", forked["vm"], "--", tool)
+    console = me.console(forked["vm"])
+    console.expect("Connected to VM")
+    console.sendline("python3 -c 'print(40 + 2)'")
+    console.expect("42")
+    console.sendline("exit")
+    console.expect(pexpect.EOF)
+
+
+def site_commit(user: User, commit_id: str) -> dict[str, str]:
+    answer = httpx.get(f"{user.env['VERS_URL']}/api/v1/commits/{commit_id}", headers={"Authorization": f"Bearer {user.env['VERS_API_KEY']}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_rebake_moves_latest_and_keeps_dated_tags_and_forks(site: Site, publisher: User, first_bake: dict[str, object]) -> None:
+    me = site.user("pinner")
+    earlier = FORKED.match(me.vers("repo", "fork", "vers/python:latest", "--repo-name", "pinned").stdout)
+    assert earlier
+
+    again = publisher.json("admin", "images", "bake", "python")["results"][0]
+    assert again["commit_id"] != first_bake["commit_id"]
+    assert again["dated_tag"] != first_bake["dated_tag"]  # a counter on the same day
+
+    public = {t["tag_name"]: t["commit_id"] for t in me.json("repo", "tag", "list", "vers/python")["tags"]}
+    assert public["latest"] == again["commit_id"]
+    assert public[str(first_bake["dated_tag"])] == first_bake["commit_id"]
+    assert public[str(again["dated_tag"])] == again["commit_id"]
+    # The earlier fork is the user's own copy: untouched by the rebake.
+    assert me.json("repo", "tag", "get", "pinned", "latest")["commit_id"] == earlier["commit"]
+    assert me.vers("exec", earlier["vm"], "--", "python3 -c 'print(7)'").stdout == "7\n"
+    pinned = me.vers("run-commit", earlier["commit"]).stdout
+    assert "is running from" in pinned
+
+
+def test_a_failed_bake_leaves_latest_and_says_why(publisher: User, first_bake: dict[str, object]) -> None:
+    before = publisher.json("repo", "tag", "get", "python", "latest")["commit_id"]
+    failed = publisher.vers("admin", "images", "bake", "python", "--extra-package", "no-such-package-vers", expect=1)
+    assert "Error: baking python:" in failed.stderr
+    assert "no-such-package-vers" in failed.stderr
+    assert "(latest not moved)" in failed.stderr
+    assert publisher.json("repo", "tag", "get", "python", "latest")["commit_id"] == before
+
+
+def test_ci_recipe_moves_latest_to_a_vm_with_the_new_app(site: Site, tmp_path: Path) -> None:
+    team = site.user("citeam")
+    app = tmp_path / "app"
+    app.mkdir()
+    install = "#!/bin/sh\nset -e\nmkdir -p /opt/app\ncp VERSION /opt/app/installed-version\n"
+    (app / "install.sh").write_text(install)
+    (app / "install.sh").chmod(0o755)
+
+    def release(version: str) -> None:
+        (app / "VERSION").write_text(version + "\n")
+        subprocess.run(["git", "init", "-q"], cwd=app, check=True)
+        subprocess.run(["git", "add", "-A"], cwd=app, check=True)
+        subprocess.run(["git", "-c", "user.name=ci", "-c", "user.email=ci@example.com", "commit", "-qm", version], cwd=app, check=True)
+
+    team.vers("run", "--vm-alias", "seed")
+    first = COMMITTED.search(team.vers("commit", "seed").stdout)["commit"]  # type: ignore[index]
+    team.vers("repo", "create", "my-app")
+    team.vers("repo", "tag", "create", "my-app", "latest", first)
+
+    release("2.0.0")
+    env = {**team.env, "REPO": "my-app", "APP_DIR": str(app), "PATH": f"{VERS.parent}:{os.environ['PATH']}"}
+    script = subprocess.run([ROOT / "examples" / "ci-latest.sh"], env=env, capture_output=True, text=True, timeout=600)
+    assert script.returncode == 0, script.stdout + script.stderr
+    latest = team.json("repo", "tag", "get", "my-app", "latest")["commit_id"]
+    assert latest != first
+    assert f"✓ Moved my-app:latest → {latest} (was {first})" in script.stdout
+
+    team.vers("run-commit", "my-app:latest", "--ref", "--vm-alias", "dev")
+    assert team.vers("exec", "dev", "--", "cat /opt/app/installed-version").stdout == "2.0.0\n"
+    scratch = [vm for vm in team.json("status") if vm["vm_id"] not in (team.json("status", "dev")["vm_id"],)]
+    assert len(scratch) == 1  # the seed VM; the CI's scratch VM was killed
+
+    # A failing install moves nothing.
+    (app / "install.sh").write_text("#!/bin/sh\necho migrations failed >&2\nexit 1\n")
+    release("2.0.1")
+    broken = subprocess.run([ROOT / "examples" / "ci-latest.sh"], env=env, capture_output=True, text=True, timeout=600)
+    assert broken.returncode != 0
+    assert "migrations failed" in broken.stderr
+    assert team.json("repo", "tag", "get", "my-app", "latest")["commit_id"] == latest
+    assert json.dumps(team.json("status")).count("vm_id") == 2
