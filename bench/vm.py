@@ -1,4 +1,5 @@
-"""VM engine benchmark: boot, commit pause, branch latency, disk-size independence, memory of branches.
+"""VM engine benchmark: boot, commit pause, sleep and wake, branch latency, disk-size independence,
+memory of branches.
 
 Runs the orchestrator's engine in this process on a temporary data folder, with the same images
 as the platform. Prints the figures and writes them as JSON (default bench/results/vm.json).
@@ -88,6 +89,19 @@ class Bench:
         assert commit is not None
         print(f"commit pause: median {median_ms(pauses)} ms")
 
+        sleeps, wakes, woken_exec = [], [], []
+        for _ in range(self.runs):
+            started = time.perf_counter()
+            base = await self.engine.sleep(base)
+            sleeps.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            base = await self.engine.wake(base)
+            wakes.append(time.perf_counter() - started)
+            await self.exec(base, "true")
+            woken_exec.append(time.perf_counter() - started)
+        print(f"sleep (memory to disk, QEMU gone): median {median_ms(sleeps)} ms; wake to running: median "
+              f"{median_ms(wakes)} ms, to first exec answered: median {median_ms(woken_exec)} ms")
+
         to_running, to_exec = [], []
         for _ in range(self.runs):
             vm, running, answered = await self.branch(commit)
@@ -131,6 +145,9 @@ class Bench:
             "runs": self.runs,
             "boot_ms_median": median_ms(boots),
             "commit_pause_ms_median": median_ms(pauses),
+            "sleep_ms_median": median_ms(sleeps),
+            "wake_to_running_ms_median": median_ms(wakes),
+            "wake_to_first_exec_ms_median": median_ms(woken_exec),
             "branch_to_running_ms_median": median_ms(to_running),
             "branch_to_first_exec_ms_median": median_ms(to_exec),
             "branch_ms_64mib_disk": round(disk_times[64] * 1000, 1),
