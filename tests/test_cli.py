@@ -294,3 +294,9 @@ def test_unreachable_server_is_said_plainly(tmp_path: Path) -> None:
         assert result.returncode == 1
         assert result.stderr.startswith("Error: cannot reach the Vers API at http://127.0.0.1:9"), result.stderr
         assert result.stderr.count("\n") == 1
+
+
+def test_a_short_vm_prefix_is_refused_before_any_request(tmp_path: Path) -> None:
+    env = {**os.environ, "VERS_URL": "http://127.0.0.1:9", "VERS_API_KEY": "vers_x", "VERS_CONFIG_DIR": str(tmp_path)}
+    result = subprocess.run([VERS, "status", "2b…"], env=env, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (1, "Error: no VM '2b…': not an alias here; an ID prefix needs at least 4 characters\n")

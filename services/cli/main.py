@@ -61,7 +61,9 @@ class Context:
             return self.state.aliases[given]
         if is_uuid(given):
             return given
-        prefix = given.rstrip("…").rstrip(".")
+        prefix = given.rstrip("…").rstrip(".")  # IDs as the documentation abbreviates them: 2b4a…
+        if len(prefix) < 4:
+            raise click.ClickException(f"no VM {given!r}: not an alias here; an ID prefix needs at least 4 characters")
         matches = [vm["vm_id"] for vm in self.call("GET", "/api/v1/vm") if vm["vm_id"].startswith(prefix)]
         if len(matches) > 1:
             raise click.ClickException(f"{given!r} matches {len(matches)} VMs: give more of the ID")
@@ -217,11 +219,8 @@ def exec_(ctx: Context, out: Output, send_stdin: bool, env: tuple[str, ...], wor
     sys.exit(result["exit_code"])
 
 
-class CommitGroup(DefaultGroup):
-    """`vers commit [VM]` commits; `vers commit list` lists."""
-
-
-@cli.group("commit", cls=CommitGroup, default="create", default_if_no_args=True)
+# `vers commit [VM]` commits (the default subcommand); `vers commit list` lists.
+@cli.group("commit", cls=DefaultGroup, default="create", default_if_no_args=True)
 def commit_group() -> None:
     """Commit a VM (`vers commit [VM]`), or list commits (`vers commit list`)."""
 
