@@ -14,7 +14,7 @@ import httpx
 import pexpect
 import pytest
 
-from tests.launcher import COMMITTED, FORKED, ROOT, VERS, Site, User, running_site
+from tests.launcher import COMMITTED, FORKED, IMAGES, ROOT, VERS, Site, User, running_site
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def first_bake(publisher: User) -> dict[str, object]:
 
 def test_a_baked_python_image_forks_and_runs_python(site: Site, publisher: User, first_bake: dict[str, object]) -> None:
     today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    assert not [name for name in image_index() if name.startswith("python-")], "a candidate disk left registered"
     assert str(first_bake["dated_tag"]).startswith(today)
     assert str(first_bake["versions"]["python"]).startswith("Python 3.")  # type: ignore[index]
 
@@ -89,13 +90,19 @@ def test_rebake_moves_latest_and_keeps_dated_tags_and_forks(site: Site, publishe
     assert "is running from" in pinned
 
 
+def image_index() -> dict[str, str]:
+    return dict(json.loads((IMAGES / "index.json").read_text())["images"])
+
+
 def test_a_failed_bake_leaves_latest_and_says_why(publisher: User, first_bake: dict[str, object]) -> None:
     before = publisher.json("repo", "tag", "get", "python", "latest")["commit_id"]
+    images = image_index()
     failed = publisher.vers("admin", "images", "bake", "python", "--extra-package", "no-such-package-vers", expect=1)
     assert "Error: baking python:" in failed.stderr
     assert "no-such-package-vers" in failed.stderr
     assert "(latest not moved)" in failed.stderr
     assert publisher.json("repo", "tag", "get", "python", "latest")["commit_id"] == before
+    assert image_index() == images  # `--image python` still boots the published disk
 
 
 def test_ci_recipe_moves_latest_to_a_vm_with_the_new_app(site: Site, tmp_path: Path) -> None:

@@ -263,7 +263,8 @@ def _size_mib(rootfs: Path) -> int:
 
 
 def build_image(recipe: Recipe, root: Path, sources: Sources, log: Log, day: datetime.date) -> Path:
-    """The image folder for this recipe, built unless an identical one exists, and registered by name."""
+    """The image folder for this recipe, built unless an identical one exists. It is registered under its
+    folder's name, a candidate: the recipe's own name moves to it only once a bake publishes it."""
     upstream = Upstream.resolve(recipe, sources, day, log)
     key = _key(recipe, sources, upstream)
     target = root / f"{recipe.name}-{key}"
@@ -289,5 +290,5 @@ def build_image(recipe: Recipe, root: Path, sources: Sources, log: Log, day: dat
             manifest = {"key": key, "name": recipe.name, "disk_mib": size, "suite": sources.suite, "contents": recipe.summary, **contents}
             (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
             staged.rename(target)
-    register(root, {recipe.name: target})
+    register(root, {target.name: target})
     return target

@@ -17,6 +17,7 @@ from services.bake.disk import Sources, build_image
 from services.bake.errors import BakeError, Log
 from services.bake.recipes import Recipe
 from services.cli.client import ApiClient, ApiError, Unreachable
+from services.orchestrator.images import register
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _commit_image(client: ApiClient, recipe: Recipe, folder: Path, day: str, log
     log(f"booting {recipe.name}")
     vm_id = client.request(
         "POST", "/api/v1/vm/new_root", params={"wait_boot": "true"},
-        json={"vm_config": {"image_name": recipe.name, "mem_size_mib": recipe.mem_size_mib}},
+        json={"vm_config": {"image_name": folder.name, "mem_size_mib": recipe.mem_size_mib}},
     )["vm_id"]
     try:
         versions = _versions(client, vm_id, recipe)
@@ -105,6 +106,12 @@ def _publish(client: ApiClient, recipe: Recipe, commit_id: str, day: str, summar
 def bake(client: ApiClient, recipe: Recipe, image_root: Path, sources: Sources, log: Log, day: datetime.date | None = None) -> Baked:
     day = day or datetime.datetime.now(datetime.UTC).date()
     folder = build_image(recipe, image_root, sources, log, day)
-    commit_id, versions = _commit_image(client, recipe, folder, day.isoformat(), log)
-    dated = _publish(client, recipe, commit_id, day.isoformat(), "; ".join(f"{tool} {text}" for tool, text in versions.items()))
+    try:
+        commit_id, versions = _commit_image(client, recipe, folder, day.isoformat(), log)
+        dated = _publish(client, recipe, commit_id, day.isoformat(), "; ".join(f"{tool} {text}" for tool, text in versions.items()))
+    except BaseException:
+        register(image_root, {}, remove=(folder.name,))
+        raise
+    # `vers run --image <name>` boots what vers/<name>:latest was baked from, never a disk that failed
+    register(image_root, {recipe.name: folder}, remove=(folder.name,))
     return Baked(recipe.name, commit_id, dated, versions)

@@ -108,6 +108,10 @@ class Engine:
     async def _adopt_all(self) -> None:
         for vm in await self.store.live_vms():
             machine = await Machine.adopt(vm.id, self.run_folder(vm.id), vm.pid)
+            if machine is None and (self.sleep_folder(vm.id) / "state").exists():
+                log.warning("VM %s was waking when the orchestrator stopped: it is asleep again", vm.id)
+                await self.store.update_vm(vm.id, state="sleeping", pid=0)
+                continue
             if machine is None:
                 log.warning("VM %s is gone (its QEMU is not running): marked dead", vm.id)
                 await self._mark_dead(vm.id)

@@ -260,7 +260,7 @@ def build_default_image(root: Path) -> Path:
     return target
 
 
-def register(root: Path, images: dict[str, Path], kernel: Path | None = None) -> None:
+def register(root: Path, images: dict[str, Path], kernel: Path | None = None, remove: tuple[str, ...] = ()) -> None:
     """Point image names at built folders in index.json: under a lock, replaced atomically, so a bake and
     `make images` at once both land and a reader never sees half a file."""
     index_file = root / "index.json"
@@ -270,6 +270,8 @@ def register(root: Path, images: dict[str, Path], kernel: Path | None = None) ->
         if kernel is not None:
             index["kernel"] = kernel.name
         index["images"].update({name: folder.name for name, folder in images.items()})
+        for name in remove:
+            index["images"].pop(name, None)
         partial = index_file.with_suffix(".tmp")
         partial.write_text(json.dumps(index, indent=2))
         partial.replace(index_file)
