@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 
-from sqlalchemy import Table, event
+from sqlalchemy import Column, DateTime, Table, event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -22,6 +22,12 @@ from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.errors import AlreadyExists
+
+
+def time_column(nullable: bool = False) -> Column:  # type: ignore[type-arg]
+    """A timestamp column that keeps its time zone (UTC), alike in SQLite and PostgreSQL."""
+    return Column(DateTime(timezone=True), nullable=nullable)
+
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 

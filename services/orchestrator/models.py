@@ -2,14 +2,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, DateTime
 from sqlmodel import Field, SQLModel
 
+from services.common.db import time_column
 from services.common.timestamps import utcnow
-
-
-def _time(nullable: bool = False) -> Column:  # type: ignore[type-arg]
-    return Column(DateTime(timezone=True), nullable=nullable)
 
 
 class LayerRow(SQLModel, table=True):
@@ -21,7 +17,7 @@ class LayerRow(SQLModel, table=True):
     id: str = Field(primary_key=True)
     parent_id: str | None = Field(default=None, foreign_key="layers.id", index=True)
     base_path: str = ""
-    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
 class MachineShape(SQLModel):
@@ -41,8 +37,8 @@ class VmRow(MachineShape, table=True):
     id: str = Field(primary_key=True)
     org_id: str = Field(index=True)
     state: str = "booting"
-    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
-    deleted_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    deleted_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
     labels: str = "{}"
     layer_id: str  # rows outlive their layers once deleted, so no foreign key
     ram_mode: str
@@ -59,8 +55,8 @@ class CommitRow(MachineShape, table=True):
     org_id: str = Field(index=True)
     name: str = ""
     description: str = ""
-    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
-    deleted_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    deleted_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
     parent_vm_id: str | None = None
     grandparent_commit_id: str | None = None
     layer_id: str  # rows outlive their layers once deleted, so no foreign key

@@ -2,14 +2,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, DateTime, UniqueConstraint
+from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from services.common.db import time_column
 from services.common.timestamps import utcnow
-
-
-def _time_column(nullable: bool = False) -> Column:  # type: ignore[type-arg]
-    return Column(DateTime(timezone=True), nullable=nullable)
 
 
 class OrgRow(SQLModel, table=True):
@@ -17,7 +14,7 @@ class OrgRow(SQLModel, table=True):
 
     id: str = Field(primary_key=True)
     name: str = Field(unique=True)
-    created_at: datetime = Field(default_factory=utcnow, sa_column=_time_column())
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
 class ApiKeyRow(SQLModel, table=True):
@@ -28,8 +25,8 @@ class ApiKeyRow(SQLModel, table=True):
     label: str = ""
     token_hash: str = Field(unique=True)
     is_admin: bool = False
-    created_at: datetime = Field(default_factory=utcnow, sa_column=_time_column())
-    expires_at: datetime | None = Field(default=None, sa_column=_time_column(nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    expires_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
 
 
 class RepositoryRow(SQLModel, table=True):
@@ -41,7 +38,7 @@ class RepositoryRow(SQLModel, table=True):
     name: str
     description: str = ""
     is_public: bool = Field(default=False, index=True)
-    created_at: datetime = Field(default_factory=utcnow, sa_column=_time_column())
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
 TABLES = [OrgRow.__table__, ApiKeyRow.__table__, RepositoryRow.__table__]  # type: ignore[attr-defined]

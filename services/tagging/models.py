@@ -2,14 +2,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, DateTime, UniqueConstraint
+from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from services.common.db import time_column
 from services.common.timestamps import utcnow
-
-
-def _time() -> Column:  # type: ignore[type-arg]
-    return Column(DateTime(timezone=True), nullable=False)
 
 
 class RepoTagRow(SQLModel, table=True):
@@ -26,8 +23,8 @@ class RepoTagRow(SQLModel, table=True):
     name: str
     commit_id: str = Field(index=True)
     description: str = ""
-    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
-    updated_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
 class TagEventRow(SQLModel, table=True):
@@ -41,7 +38,7 @@ class TagEventRow(SQLModel, table=True):
     new_commit_id: str = ""
     org_id: str
     api_key_id: str
-    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
 class CommitTagRow(SQLModel, table=True):
@@ -55,8 +52,8 @@ class CommitTagRow(SQLModel, table=True):
     name: str
     commit_id: str = Field(index=True)
     description: str = ""
-    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
-    updated_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
 TABLES = [RepoTagRow.__table__, TagEventRow.__table__, CommitTagRow.__table__]  # type: ignore[attr-defined]
