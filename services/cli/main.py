@@ -29,7 +29,7 @@ class Context:
         self._client: ApiClient | None = None
         self._state: LocalState | None = None
 
-    @property
+    @functools.cached_property
     def credentials(self) -> config.Credentials:
         return config.credentials()
 
