@@ -15,6 +15,7 @@ import time
 import httpx
 
 from services.cli.client import ApiClient
+from services.common.files import write_atomic
 from services.common.settings import SERVICES, Settings, get_settings
 
 PROCESSES = (*SERVICES, "gateway")
@@ -44,25 +45,27 @@ def wait_healthy(settings: Settings, children: dict[str, subprocess.Popen[bytes]
 def first_org_key(settings: Settings) -> tuple[str, str]:
     """(org name, API key) of the first organization, created on the first start."""
     key_file = settings.data_dir / FIRST_ORG_KEY_FILE
-    if key_file.exists():
-        name, _, key = key_file.read_text().strip().partition(" ")
-        return name, key
-    name = settings.first_org
-    admin = ApiClient(settings.http_url, settings.admin_key_file.read_text().strip())
-    answer = admin.request("POST", "/api/v1/admin/orgs", json={"name": name})
-    admin.close()
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(f"{name} {answer['token']}\n")
-    return name, answer["token"]
+    if not key_file.exists():
+        admin = ApiClient(settings.http_url, settings.admin_key_file.read_text().strip())
+        answer = admin.request("POST", "/api/v1/admin/orgs", json={"name": settings.first_org})
+        admin.close()
+        # whole or absent after a crash, 0600 from the first byte; a file already there is kept
+        write_atomic(key_file, f"{settings.first_org} {answer['token']}\n", 0o600, exclusive=True)
+    name, _, key = key_file.read_text().strip().partition(" ")
+    return name, key
+
+
+# How long the orchestrator may take on a stop, beyond the grace period: it puts running VMs to sleep.
+ORCHESTRATOR_STOP_SECONDS = 300
 
 
 def stop(children: dict[str, subprocess.Popen[bytes]], grace: float) -> int:
     for child in children.values():
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace + 5
-    for child in children.values():
+    started = time.monotonic()
+    for name, child in children.items():
+        deadline = started + grace + 5 + (ORCHESTRATOR_STOP_SECONDS if name == "orchestrator" else 0)
         try:
             child.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:

@@ -64,7 +64,8 @@ IMAGES = Path(os.environ.get("VERS_IMAGES_DIR") or ROOT / ".vers" / "images")
 
 def test_settings(data_dir: Path) -> Settings:
     return Settings(
-        data_dir=data_dir, images_dir=str(IMAGES), auth_cache_seconds=0.5, shutdown_grace_seconds=1, accel="auto"
+        data_dir=data_dir, images_dir=str(IMAGES), auth_cache_seconds=0.5, shutdown_grace_seconds=1, accel="auto",
+        keep_vms_running=True,  # a restart in these tests is one under systemd: VMs are adopted, not put to sleep
     )
 
 

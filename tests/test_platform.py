@@ -124,3 +124,30 @@ def _pid_listening_on(port: int) -> int:
         except OSError:
             continue
     raise AssertionError(f"no process owns port {port}")
+
+
+def test_ctrl_c_puts_vms_to_sleep_and_the_next_start_wakes_them(launch, platform_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """`make run`, Ctrl-C, `make run`: no QEMU runs while the platform is stopped, and afterwards the VM's
+    files and its counter are where they were (the counter goes on, it does not start again)."""
+    from services.orchestrator.machine import find_processes
+    from tests.test_faults import counter, sh
+    from tests.test_vms import COUNTER
+
+    first = launch()
+    http = httpx.Client(base_url=platform_env["VERS_URL"], headers={"Authorization": f"Bearer {first.api_key}"}, timeout=180)
+    answer = http.post("/api/v1/vm/new_root?wait_boot=true", json={"vm_config": {"mem_size_mib": 128}})
+    assert answer.status_code == 201, answer.text
+    vm = answer.json()["vm_id"]
+    sh(http, vm, "echo kept > /root/file && " + COUNTER)
+    while (before := counter(http, vm)) < 5:
+        pass
+    assert first.stop(signal.SIGINT) == 0
+    run_dir = Settings(data_dir=Path(platform_env["VERS_DATA_DIR"])).vm_run_dir
+    assert find_processes(run_dir) == {}, "a VM kept running with nothing to manage it"
+
+    second = launch()
+    assert http.get(f"/api/v1/vm/{vm}/status").json()["state"] == "running"
+    assert sh(http, vm, "cat /root/file") == "kept\n"
+    woken = counter(http, vm)
+    assert before <= woken < before + 50, (before, woken)
+    assert second.stop(signal.SIGINT) == 0

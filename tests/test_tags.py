@@ -231,7 +231,6 @@ async def test_public_tags(platform: Platform, commits: Commits, other_org: Org)
         ("GET", "/api/v1/refs/resolve?ref=my-app:latest", None),
         ("GET", "/api/v1/commits/00000000-0000-0000-0000-000000000000/references", None),
         ("POST", "/api/v1/repositories/fork", {"source_org": "a", "source_repo": "b", "source_tag": "c"}),
-        ("POST", "/api/v1/vm/fork/a/b/c", None),
         ("POST", "/api/v1/vm/branch/by_ref/my-app/latest", None),
         ("POST", "/api/v1/vm/branch/by_tag/x", None),
     ],

@@ -27,7 +27,7 @@ from pathlib import Path
 from services.bake.errors import BakeError, Log
 from services.bake.recipes import COMMON_PACKAGES, Recipe
 from services.bake.upstream import NODE_BINARY_PACKAGE, NpmPackage, debian_index_dates, fetch_verified, node_lts_major, npm_resolve
-from services.orchestrator.images import GUEST_FILES, build_disk, install_vers_init, register
+from services.orchestrator.images import GUEST_FILES, build_disk, install_folder, install_vers_init, register
 
 # What the Node.js build from the npm registry links against, beyond libc.
 NODE_RUNTIME_PACKAGES = ("libatomic1", "libstdc++6")
@@ -288,7 +288,6 @@ def build_image(recipe: Recipe, root: Path, sources: Sources, log: Log, day: dat
             log(f"root disk of {size} MiB")
             build_disk(rootfs, staged / "rootfs.qcow2", size)
             manifest = {"key": key, "name": recipe.name, "disk_mib": size, "suite": sources.suite, "contents": recipe.summary, **contents}
-            (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            staged.rename(target)
+            install_folder(staged, target, manifest)
     register(root, {target.name: target})
     return target

@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.client import DEFAULT_URL
+from services.common.files import write_atomic
 
 ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -48,18 +48,9 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:
-    """Atomically, readable by the owner only: the file may hold an API key."""
+    """Whole or not at all, readable by the owner only from the first byte: the file may hold an API key."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2, sort_keys=True)
-            file.write("\n")
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", 0o600)
 
 
 @dataclass(frozen=True)

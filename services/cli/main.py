@@ -647,6 +647,50 @@ def admin_images_bake(ctx: Context, out: Output, names: tuple[str, ...], extra: 
         sys.exit(1)
 
 
+@command(admin, "fsck")
+@click.option("--repair", is_flag=True, help="Fix what is safe to fix (orphan files and processes, garbage layers, rows of VMs "
+              "that are gone) and say what was done; commits and tags are only reported.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--grace", type=click.FloatRange(0), default=60.0, show_default=True, metavar="SECONDS",
+              help="A change younger than this is an operation in flight, not a problem.")
+def admin_fsck(ctx: Context, out: Output, repair: bool, as_json: bool, grace: float) -> None:
+    """Check the platform's databases, files and QEMU processes against each other; exit 0 only when clean.
+    Runs on the platform's machine (its VERS_DATA_DIR), the platform running or stopped."""
+    import asyncio
+
+    from services.common.settings import Settings
+    from services.fsck import fsck
+
+    if as_json:
+        out = Output("json")
+    settings = Settings(data_dir=_data_dir())
+    if not settings.data_dir.is_dir():
+        raise click.ClickException(f"no data folder at {settings.data_dir}: run this on the platform's machine with its VERS_DATA_DIR")
+    report = asyncio.run(fsck(settings, repair=repair, grace=grace))
+    if out.json:
+        out.result(report.as_dict())
+        sys.exit(0 if report.clean else 1)
+    columns = ["CODE", "OBJECT", "PROBLEM", "--REPAIR"]
+    if report.problems:
+        out.table(None, columns, [[p.code, p.object, p.message, p.repair or "-"] for p in report.problems], "")
+    for done in report.repaired:
+        if "action" in done:
+            click.echo(f"✓ {done['action']}")
+        else:
+            click.echo(f"✗ {done['code']} {done['object']}: {done.get('error') or 'not repaired: ' + done.get('skipped', '')}")
+    if repair and report.remaining and report.repaired:
+        click.echo("Still there after the repairs:")
+        out.table(None, columns, [[p.code, p.object, p.message, p.repair or "-"] for p in report.remaining], "")
+    checked = ", ".join(f"{count} {'VMs' if what == 'vms' else what}" for what, count in report.checked.items())
+    if report.clean:
+        click.echo(f"✓ Clean{' after the repairs' if report.problems else ''} ({checked} checked)")
+        return
+    repairable = sum(1 for p in report.left if p.action is not None)
+    hint = f", {repairable} repairable with --repair" if repairable and not repair else ""
+    click.echo(f"✗ {len(report.left)} problem{'s' if len(report.left) != 1 else ''}{hint} ({checked} checked)")
+    sys.exit(1)
+
+
 def main() -> None:
     cli(prog_name="vers")
 

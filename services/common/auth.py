@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import grpc
 
 from services.common.errors import Unauthenticated, Unavailable
+from services.common.files import write_atomic
 from vers.registry.v1 import registry_pb2, registry_pb2_grpc
 
 
@@ -22,6 +26,8 @@ class Principal:
     key_label: str
     is_admin: bool
     token: str
+    # The platform's own services acting for the org (a saga's undo, a start-up repair), not a person.
+    is_service: bool = False
 
 
 _current: ContextVar[Principal | None] = ContextVar("vers_principal", default=None)
@@ -113,3 +119,55 @@ class RegistryResolver:
             is_admin=answer.api_key.is_admin,
             token=token,
         )
+
+
+SERVICE_TOKEN_PREFIX = "vers-svc."
+
+
+class ServiceCredential:
+    """How the services call each other for an org when no person's key is at hand (a crashed fork finished
+    on start-up, a deletion reserved in the tagging service): a token `vers-svc.<org_id>.<HMAC>` signed with
+    the platform's secret, which every service checks locally. It is never handed to anyone."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    @classmethod
+    def load(cls, value: str, secret_file: Path) -> ServiceCredential:
+        """From VERS_SERVICE_SECRET, or else the data folder's secret file, created (mode 0600) on first use."""
+        if value:
+            return cls(value.encode())
+        if not secret_file.exists():
+            write_atomic(secret_file, secrets.token_hex(32) + "\n", 0o600, exclusive=True)  # the first service wins
+        secret = secret_file.read_text().strip()
+        if not secret:
+            raise RuntimeError(f"{secret_file} is empty: remove it and start the services again")
+        return cls(secret.encode())
+
+    def _signature(self, org_id: str) -> str:
+        return hmac.new(self._secret, org_id.encode(), hashlib.sha256).hexdigest()
+
+    def token(self, org_id: str) -> str:
+        return f"{SERVICE_TOKEN_PREFIX}{org_id}.{self._signature(org_id)}"
+
+    def metadata(self, org_id: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token(org_id)}"),)
+
+    def principal(self, token: str) -> Principal:
+        org_id, _, signature = token.removeprefix(SERVICE_TOKEN_PREFIX).rpartition(".")
+        if not org_id or not hmac.compare_digest(signature, self._signature(org_id)):
+            raise Unauthenticated("invalid API key")
+        return Principal(org_id, "", "platform", "platform service", False, token, is_service=True)
+
+
+class ServiceAwareResolver:
+    """Service tokens are checked here, with the shared secret; every other token goes to `inner`."""
+
+    def __init__(self, inner: TokenResolver, credential: ServiceCredential) -> None:
+        self._inner = inner
+        self.credential = credential
+
+    async def resolve(self, token: str) -> Principal:
+        if token.startswith(SERVICE_TOKEN_PREFIX):
+            return self.credential.principal(token)
+        return await self._inner.resolve(token)

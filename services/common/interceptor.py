@@ -22,6 +22,7 @@ class Access(Enum):
     PUBLIC = "public"
     ORG = "org"
     ADMIN = "admin"
+    INTERNAL = "internal"
 
 
 @lru_cache(maxsize=None)
@@ -39,6 +40,8 @@ def method_access(full_method: str) -> Access | None:
         return Access.PUBLIC
     if options.Extensions[annotations_pb2.admin_method]:
         return Access.ADMIN
+    if options.Extensions[annotations_pb2.internal_method]:
+        return Access.INTERNAL
     return Access.ORG
 
 
@@ -62,6 +65,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         principal = await self._resolver.resolve(token)
         if access is Access.ADMIN and not principal.is_admin:
             raise PermissionDenied("this call needs the platform administrator's key (admin.key in VERS_DATA_DIR)")
+        if access is Access.INTERNAL and not principal.is_service:
+            raise PermissionDenied("this call is made only between the platform's own services")
         return principal
 
 

@@ -6,7 +6,7 @@ from functools import cached_property
 
 import grpc
 
-from services.common.auth import CachedResolver, RegistryResolver
+from services.common.auth import CachedResolver, RegistryResolver, ServiceAwareResolver, ServiceCredential, TokenResolver
 from services.common.settings import Settings
 
 
@@ -16,8 +16,16 @@ class Peers:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     @cached_property
-    def resolver(self) -> CachedResolver:
-        return CachedResolver(RegistryResolver(self.channel("registry")), self._settings.auth_cache_seconds)
+    def credential(self) -> ServiceCredential:
+        return ServiceCredential.load(self._settings.service_secret, self._settings.service_secret_file)
+
+    @cached_property
+    def resolver(self) -> ServiceAwareResolver:
+        return self.resolver_over(RegistryResolver(self.channel("registry")))
+
+    def resolver_over(self, inner: TokenResolver) -> ServiceAwareResolver:
+        """Service tokens checked here; other tokens resolved by `inner`, each trusted for a few seconds."""
+        return ServiceAwareResolver(CachedResolver(inner, self._settings.auth_cache_seconds), self.credential)
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:

@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     debian_security_mirror: str = Field("http://deb.debian.org/debian-security", validation_alias="VERS_DEBIAN_SECURITY_MIRROR")
     npm_registry: str = Field("https://registry.npmjs.org", validation_alias="VERS_NPM_REGISTRY")
 
+    # The secret the services sign their calls to each other with (see ServiceCredential); when empty,
+    # `service.secret` in the data folder, made on first start. Set it where services share no folder.
+    service_secret: str = Field("", validation_alias="VERS_SERVICE_SECRET")
+    # On a stop, running VMs are put to sleep and woken on the next start; true leaves them running for
+    # the next orchestrator to adopt (deployments under systemd, where restarts are short).
+    keep_vms_running: bool = Field(False, validation_alias="VERS_KEEP_VMS_RUNNING")
+
     # Name of the organization `make run` creates on its first start.
     first_org: str = Field("default", validation_alias="VERS_FIRST_ORG")
 
@@ -77,6 +84,10 @@ class Settings(BaseSettings):
     def admin_key_file(self) -> Path:
         """The platform administrator's API key, written by the registry on its first start."""
         return self.data_dir / "admin.key"
+
+    @property
+    def service_secret_file(self) -> Path:
+        return self.data_dir / "service.secret"
 
     @property
     def image_root(self) -> Path:

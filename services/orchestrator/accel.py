@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from services.common.files import write_atomic
 from services.orchestrator.images import Image
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,6 @@ async def choose_accelerator(setting: str, image: Image, cache_file: Path) -> st
         if cached.get("fingerprint") == fingerprint:
             return str(cached["accel"])
     accel = "kvm" if await probe_kvm(image) else "tcg"
-    cache_file.write_text(json.dumps({"fingerprint": fingerprint, "accel": accel}))
+    write_atomic(cache_file, json.dumps({"fingerprint": fingerprint, "accel": accel}))  # a torn cache would stop every start
     log.info("accelerator: %s", accel)
     return accel

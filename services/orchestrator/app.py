@@ -1,14 +1,35 @@
 from __future__ import annotations
 
+import grpc
+
 from services.common.db import Database
+from services.common.errors import Conflict, Unavailable
 from services.common.peers import Peers
 from services.common.server import Service
 from services.common.settings import Settings
 from services.orchestrator.engine import Engine
 from services.orchestrator.models import TABLES
-from services.orchestrator.servicer import OrchestratorServicer
+from services.orchestrator.servicer import OrchestratorInternalServicer, OrchestratorServicer
 from services.orchestrator.store import OrchestratorStore
 from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
+
+
+def _deletion_reserver(peers: Peers):  # type: ignore[no-untyped-def]
+    """Asks the tagging service, as the org, to refuse tags to a commit being deleted (Conflict when tagged)."""
+    tagging = tagging_pb2_grpc.TaggingInternalServiceStub(peers.channel("tagging"))
+
+    async def reserve(org_id: str, commit_id: str) -> None:
+        try:
+            await tagging.ReserveCommitDeletion(
+                tagging_pb2.ReserveCommitDeletionRequest(commit_id=commit_id), metadata=peers.credential.metadata(org_id), timeout=30
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.ABORTED:
+                raise Conflict(error.details() or f"commit {commit_id} is still tagged") from None
+            raise Unavailable(f"cannot ask the tagging service whether commit {commit_id} is tagged: {error.code().name}") from None
+
+    return reserve
 
 
 async def build(settings: Settings) -> Service:
@@ -16,13 +37,22 @@ async def build(settings: Settings) -> Service:
     await db.create_tables(TABLES)
     store = OrchestratorStore(db, settings.org_max_vcpus, settings.org_max_memory_mib)
     engine = Engine(settings, store)
-    await engine.start()
     peers = Peers(settings)
+    engine.reserve_deletion = _deletion_reserver(peers)
+    await engine.start()
     servicer = OrchestratorServicer(engine, store, peers.channel("tagging"))
+    internal = OrchestratorInternalServicer(engine, store, peers.channel("tagging"))
+
+    def register(server: grpc.aio.Server) -> None:
+        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
+        orchestrator_pb2_grpc.add_OrchestratorInternalServiceServicer_to_server(internal, server)
+
     return Service(
         name="orchestrator",
-        service_names=[orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name],
-        register=lambda server: orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server),
+        service_names=[
+            orchestrator_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("OrchestratorService", "OrchestratorInternalService")
+        ],
+        register=register,
         resolver=peers.resolver,
         on_close=[db.close, peers.close, engine.close],
     )

@@ -3,34 +3,37 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
-from services.common.errors import DataLoss, FailedPrecondition, Internal, InvalidArgument
+from services.common.errors import Conflict, DataLoss, FailedPrecondition, Internal, InvalidArgument, Unavailable
+from services.common.faults import fault_point
+from services.common.files import fsync_dir, fsync_tree, write_atomic
 from services.common.settings import Settings
 from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
-from services.orchestrator.machine import LaunchSpec, Machine, copy_sparse, process_is_vm
-from services.orchestrator.models import CommitRow, LayerRow, MachineShape, VmRow
+from services.orchestrator.integrity import Verifier
+from services.orchestrator.machine import LaunchSpec, Machine, copy_sparse, find_processes, kill_process
+from services.orchestrator.models import LIVE_STATES, CommitRow, LayerRow, MachineShape, OperationRow, VmRow
 from services.orchestrator.store import OrchestratorStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_VCPUS = 16
 MEMORY_RANGE_MIB = (128, 65536)
 MAX_DISK_MIB = 1024 * 1024
 MAX_BRANCH_COUNT = 16
-HEAD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -43,22 +46,29 @@ class VmConfig:
     labels: Mapping[str, str] | None = None
 
 
-def _file_digest(path: Path, limit: int | None = None) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        remaining = limit
-        while chunk := source.read(min(8 << 20, remaining) if remaining is not None else 8 << 20):
-            digest.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-                if remaining <= 0:
-                    break
-    return digest.hexdigest()
+# Deletes a commit's reservation in the tagging service: raises Conflict when a tag still names it.
+ReserveDeletion = Callable[[str, str], Awaitable[None]]
+SHUTDOWN_SLEEPS_AT_ONCE = 2
 
 
-def _stat_key(path: Path) -> tuple[int, int, int, int]:
-    stat = path.stat()
-    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+@dataclass
+class LiveVm:
+    """What this process knows of one VM: its QEMU while it runs, whether it has booted, and the locks
+    that keep the changes to it (commit, branch, sleep, wake, state, delete) one at a time."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    console: asyncio.Lock = field(default_factory=asyncio.Lock)
+    booted: asyncio.Event = field(default_factory=asyncio.Event)
+    machine: Machine | None = None
+    # Its QEMU is being ended on purpose (sleep, delete): its exit is not a death.
+    ending: bool = False
+
+
+def _manifest(folder: Path) -> dict[str, str] | None:
+    try:
+        return dict(json.loads((folder / "manifest.json").read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 class Engine:
@@ -72,14 +82,12 @@ class Engine:
         self.sleep_dir = data / "sleeping"
         self.run_dir = settings.vm_run_dir
         self.accel = "tcg"
-        self.machines: dict[str, Machine] = {}
-        self._booted: dict[str, asyncio.Event] = {}
+        self.vms: dict[str, LiveVm] = {}
+        self.verifier = Verifier()
+        self.reserve_deletion: ReserveDeletion | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._deleting: set[str] = set()
-        self._asleep: set[str] = set()  # VMs whose QEMU ends because they go to sleep, not because they died
-        self._verified: dict[Path, tuple[int, int, int, int]] = {}
-        self._consoles: dict[str, asyncio.Lock] = {}
-        self._transitions: dict[str, asyncio.Lock] = {}
+        self._changes: set[asyncio.Future[Any]] = set()
+        self._finishing_deletions: asyncio.Task[None] | None = None
 
     # Start-up and shutdown
 
@@ -93,35 +101,220 @@ class Engine:
             # the probe result is a fact about this host, kept beside the images every data folder shares
             self.accel = await choose_accelerator(self.settings.accel, image, self.images_root / "accel.json")
         log.info("VMs run with %s", self.accel.upper())
-        await self._adopt_all()
+        await self._recover()
+        await self._wake_after_shutdown()
+        if await self.store.commit_deletions():
+            self._finish_deletions_later()
 
     async def close(self) -> None:
-        """Stop watching; the VMs keep running and a new orchestrator adopts them."""
-        for task in list(self._tasks):
+        """Stop managing the VMs: put them to sleep (memory to disk), so nothing runs unmanaged and the next
+        start wakes them where they were; with VERS_KEEP_VMS_RUNNING they go on running, to be adopted."""
+        await asyncio.gather(*self._changes, return_exceptions=True)
+        for task in list(self._tasks):  # watchers and boot waits (a booting VM sleeps as it is)
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for machine in self.machines.values():
-            await machine.agent.close()
-            await machine.qmp.close()
-        self.machines.clear()
+        if not self.settings.keep_vms_running:
+            await self._sleep_for_shutdown()
+        for record in self.vms.values():
+            if record.machine is not None:
+                await record.machine.agent.close()
+                await record.machine.qmp.close()
+                record.machine = None
+        self.vms.clear()
 
-    async def _adopt_all(self) -> None:
+    async def _sleep_for_shutdown(self) -> None:
+        running = [vm_id for vm_id, record in self.vms.items() if record.machine is not None]
+        limit = asyncio.Semaphore(SHUTDOWN_SLEEPS_AT_ONCE)
+
+        async def sleep_one(vm_id: str) -> None:
+            record = self.live(vm_id)
+            async with limit, record.lock:
+                vm = await self.store.vm(vm_id)
+                if vm is None or vm.deleted_at is not None or vm.state not in LIVE_STATES or record.machine is None:
+                    return
+                try:
+                    await self._sleep(vm, by_shutdown=True)
+                    log.info("VM %s is asleep until the next start", vm_id)
+                except Exception as error:  # noqa: BLE001 - the others still go to sleep; this one runs on
+                    log.warning("VM %s could not go to sleep on shutdown: %s; it keeps running", vm_id, error)
+
+        if running:
+            log.info("putting %d VMs to sleep", len(running))
+        await asyncio.gather(*(sleep_one(vm_id) for vm_id in running))
+
+    async def _wake_after_shutdown(self) -> None:
+        for vm in await self.store.all_vms():
+            manifest = _manifest(self.sleep_folder(vm.id))
+            if vm.state != "sleeping" or not manifest or not manifest.get("by_shutdown"):
+                continue
+            try:
+                async with self.live(vm.id).lock:
+                    await self._wake(vm, manifest.get("state", "running"))
+                log.info("woke VM %s, asleep since the last shutdown", vm.id)
+            except Exception as error:  # noqa: BLE001 - each VM alone; it stays asleep, its state kept
+                log.warning("VM %s could not wake after the restart: %s", vm.id, error)
+
+    # Recovery: what a crash left half-done is finished or undone, before any request is served
+
+    async def _recover(self) -> None:
+        processes = find_processes(self.run_dir)
+        for operation in await self.store.operations():
+            try:
+                await self._recover_operation(operation, processes)
+            except Exception as error:  # noqa: BLE001 - one broken VM never stops the others
+                log.error("could not finish or undo the %s of VM %s: %s", operation.kind, operation.vm_id, error)
         for vm in await self.store.live_vms():
-            machine = await Machine.adopt(vm.id, self.run_folder(vm.id), vm.pid)
-            if machine is None and (self.sleep_folder(vm.id) / "state").exists():
-                log.warning("VM %s was waking when the orchestrator stopped: it is asleep again", vm.id)
-                await self.store.update_vm(vm.id, state="sleeping", pid=0)
-                continue
-            if machine is None:
-                log.warning("VM %s is gone (its QEMU is not running): marked dead", vm.id)
+            try:
+                await self._adopt(vm, processes.get(vm.id))
+            except Exception as error:  # noqa: BLE001
+                log.error("VM %s could not be adopted: %s; it is marked dead", vm.id, error)
+                if vm.id in processes:
+                    kill_process(processes[vm.id], vm.id)
                 await self._mark_dead(vm.id)
-                continue
-            status = await machine.status()
-            booted = vm.state != "booting"
-            state = "paused" if status != "running" and booted else vm.state
-            await self.store.update_vm(vm.id, state=state)
-            self._attach(vm.id, machine, booted=booted)
-            log.info("adopted VM %s (%s)", vm.id, state)
+        live = {vm.id for vm in await self.store.live_vms()}
+        for vm_id, pid in find_processes(self.run_dir).items():
+            if vm_id not in live:
+                log.warning("stopping QEMU %d of VM %s, which no live VM owns", pid, vm_id)
+                kill_process(pid, vm_id)
+        await self._remove_orphans()
+        await self.collect_garbage()
+
+    async def _recover_operation(self, op: OperationRow, processes: dict[str, int]) -> None:
+        vm = await self.store.vm(op.vm_id)
+        pid = processes.get(op.vm_id)
+        log.warning("finishing or undoing the %s of VM %s that a crash interrupted", op.kind, op.vm_id)
+        if op.kind == "restore":
+            # The caller never learned of these VMs: they go.
+            for vm_id in json.loads(op.vm_ids):
+                if vm_id in processes:
+                    kill_process(processes.pop(vm_id), vm_id)
+                await self.store.mark_vm_deleted(vm_id)
+                shutil.rmtree(self.run_folder(vm_id), ignore_errors=True)
+            await self.store.finish(op.id)
+        elif op.kind == "delete":
+            if pid is not None:
+                kill_process(processes.pop(op.vm_id), op.vm_id)
+            await self.store.mark_vm_deleted(op.vm_id, op.id)
+            shutil.rmtree(self.run_folder(op.vm_id), ignore_errors=True)
+            shutil.rmtree(self.sleep_folder(op.vm_id), ignore_errors=True)
+        elif op.kind == "commit":
+            await self._recover_commit(op, vm, pid)
+        elif op.kind == "sleep":
+            await self._recover_sleep(op, vm, pid, processes)
+        elif op.kind == "wake":
+            await self._recover_wake(op, vm, pid, processes)
+        else:  # create: the VM is adopted (and boots on) if its QEMU runs, and is dead if not
+            await self.store.finish(op.id)
+
+    async def _recover_commit(self, op: OperationRow, vm: VmRow | None, pid: int | None) -> None:
+        """A commit is recorded together with the drop of its intent, so an intent left means no commit:
+        its files go. Whether QEMU already writes to the new layer is asked of QEMU itself."""
+        assert op.commit_id and op.old_layer_id and op.new_layer_id
+        new_layer = self.layer_path(op.new_layer_id)
+        if pid is not None and vm is not None:
+            machine = await Machine.control(op.vm_id, self.run_folder(op.vm_id), pid)
+            try:
+                switched = str(new_layer) in await machine.disk_chain()
+                await machine.cancel_migration()
+                if vm.state == "running" and await machine.status() != "running":
+                    await machine.resume()
+            finally:
+                await machine.qmp.close()
+        else:
+            # No QEMU to ask: an overlay it never wrote to reads as the layer under it, so keeping one is safe.
+            switched = new_layer.exists()
+        shutil.rmtree(self.commit_folder(op.commit_id), ignore_errors=True)
+        (self.run_folder(op.vm_id) / f"ram-{op.commit_id}").unlink(missing_ok=True)
+        if not switched:
+            new_layer.unlink(missing_ok=True)
+            await self.store.finish(op.id)
+        elif vm is not None and vm.layer_id == op.old_layer_id:
+            await self.store.add_commit(None, op.vm_id, LayerRow(id=op.new_layer_id, parent_id=op.old_layer_id), op.id)
+        else:
+            raise RuntimeError(
+                f"QEMU writes to layer {op.new_layer_id}, but the VM's row names layer {vm.layer_id if vm else '?'}: "
+                f"left for an operator (vers admin fsck)"
+            )
+
+    async def _recover_sleep(self, op: OperationRow, vm: VmRow | None, pid: int | None, processes: dict[str, int]) -> None:
+        folder = self.sleep_folder(op.vm_id)
+        manifest = _manifest(folder)
+        if pid is not None and vm is not None:
+            # QEMU still runs: the sleep is undone, the VM goes on as it was.
+            machine = await Machine.control(op.vm_id, self.run_folder(op.vm_id), pid)
+            try:
+                await machine.cancel_migration()
+                if vm.state == "running" and await machine.status() != "running":
+                    await machine.resume()
+            finally:
+                await machine.qmp.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            await self.store.finish(op.id)
+        elif manifest is not None:
+            # Saved whole, and QEMU ended: the sleep is finished.
+            shutil.rmtree(self.run_folder(op.vm_id), ignore_errors=True)
+            await self.store.finish(op.id, op.vm_id, state="sleeping", pid=0, ram_mode=manifest["ram_mode"], ram_source="")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            await self.store.finish(op.id)  # QEMU gone, nothing saved: adoption finds it dead
+
+    async def _recover_wake(self, op: OperationRow, vm: VmRow | None, pid: int | None, processes: dict[str, int]) -> None:
+        if pid is not None:
+            machine = await Machine.control(op.vm_id, self.run_folder(op.vm_id), pid)
+            try:
+                running = await machine.status() == "running"
+            finally:
+                await machine.qmp.close()
+            if running:  # it had woken: the wake is finished, adoption attaches it
+                await self.store.finish(op.id, op.vm_id, state="running", pid=pid)
+                shutil.rmtree(self.sleep_folder(op.vm_id), ignore_errors=True)
+                return
+            kill_process(processes.pop(op.vm_id), op.vm_id)
+        shutil.rmtree(self.run_folder(op.vm_id), ignore_errors=True)
+        log.warning("VM %s was waking when the orchestrator stopped: it is asleep again", op.vm_id)
+        await self.store.finish(op.id, op.vm_id, state="sleeping", pid=0)
+
+    async def _adopt(self, vm: VmRow, pid: int | None) -> None:
+        machine = await Machine.adopt(vm.id, self.run_folder(vm.id), pid) if pid else None
+        if machine is None and (self.sleep_folder(vm.id) / "state").exists():
+            log.warning("VM %s was waking when the orchestrator stopped: it is asleep again", vm.id)
+            await self.store.update_vm(vm.id, state="sleeping", pid=0)
+            return
+        if machine is None:
+            log.warning("VM %s is gone (its QEMU is not running): marked dead", vm.id)
+            await self._mark_dead(vm.id)
+            return
+        status = await machine.status()
+        booted = vm.state != "booting"
+        state = "paused" if status != "running" and booted else vm.state
+        await self.store.update_vm(vm.id, state=state, pid=machine.pid)
+        self._attach(vm.id, machine, booted=booted)
+        log.info("adopted VM %s (%s)", vm.id, state)
+
+    async def _remove_orphans(self) -> None:
+        """Files no row owns: commit folders of no commit, layers of no layer row, saved states of VMs
+        that are not asleep, run folders of VMs that do not run, RAM copies of interrupted commits."""
+        vms = {vm.id: vm for vm in await self.store.all_vms()}
+        commits = {commit.id for commit in await self.store.live_commits()}
+        commits |= {row.commit_id for row in await self.store.commit_deletions()}
+        layers = set(await self.store.layer_ids())
+        # What an intent recovery could not settle names is kept for an operator, whatever its rows say.
+        unsettled = await self.store.operations()
+        busy_vms = {vm_id for op in unsettled for vm_id in (op.vm_id, *json.loads(op.vm_ids))}
+        commits |= {op.commit_id for op in unsettled if op.commit_id}
+        layers |= {layer for op in unsettled for layer in (op.old_layer_id, op.new_layer_id) if layer}
+        orphans: list[Path] = []
+        orphans += [p for p in self.commits_dir.iterdir() if p.name not in commits]
+        orphans += [p for p in self.layers_dir.glob("*.qcow2") if p.stem not in layers]
+        orphans += [p for p in self.sleep_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state != "sleeping")]
+        orphans += [p for p in self.run_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state not in LIVE_STATES)]
+        orphans += [p for p in self.run_dir.glob("*/ram-*") if p.parent.name not in busy_vms]
+        for path in orphans:
+            log.warning("removing %s, which nothing owns", path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     # Paths
 
@@ -134,7 +327,28 @@ class Engine:
     def commit_folder(self, commit_id: str) -> Path:
         return self.commits_dir / commit_id
 
+    def sleep_folder(self, vm_id: str) -> Path:
+        return self.sleep_dir / vm_id
+
     # Watching
+
+    def live(self, vm_id: str) -> LiveVm:
+        return self.vms.setdefault(vm_id, LiveVm())
+
+    @asynccontextmanager
+    async def _exclusive(self, vm: VmRow) -> AsyncIterator[VmRow]:
+        """One change of a VM at a time, made on its row as it is once the change's turn comes."""
+        async with self.live(vm.id).lock:
+            yield await self.store.get_vm(vm.org_id, vm.id)
+
+    async def _whole(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a change to its end even when its caller goes away (a cancelled call, a stop's grace running
+        out): a change stopped halfway is for crash recovery, not for a cancellation. A stop waits for it."""
+        task = asyncio.ensure_future(coroutine)
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # its caller may be gone
+        return await asyncio.shield(task)
 
     def _spawn(self, coroutine) -> asyncio.Task[None]:  # type: ignore[no-untyped-def]
         task = asyncio.create_task(coroutine)
@@ -143,15 +357,17 @@ class Engine:
         return task
 
     def _attach(self, vm_id: str, machine: Machine, booted: bool) -> None:
-        self.machines[vm_id] = machine
-        event = self._booted.setdefault(vm_id, asyncio.Event())
+        record = self.live(vm_id)
+        record.machine = machine
+        record.ending = False
+        record.booted = asyncio.Event()
         if booted:
-            event.set()
+            record.booted.set()
         else:
-            self._spawn(self._wait_boot(vm_id, machine))
+            self._spawn(self._wait_boot(vm_id, machine, record.booted))
         self._spawn(self._watch(vm_id, machine))
 
-    async def _wait_boot(self, vm_id: str, machine: Machine) -> None:
+    async def _wait_boot(self, vm_id: str, machine: Machine, booted: asyncio.Event) -> None:
         try:
             await machine.agent.wait_ready(self.settings.boot_timeout_seconds)
         except Exception as error:  # noqa: BLE001 - a VM that does not boot is dead, said in the log
@@ -159,25 +375,27 @@ class Engine:
             await machine.kill()
             return
         await self.store.update_vm(vm_id, state="running")
-        self._booted[vm_id].set()
+        booted.set()
 
     async def _watch(self, vm_id: str, machine: Machine) -> None:
         await machine.wait_exit()
-        if self.machines.get(vm_id) is machine:
-            del self.machines[vm_id]
-        if vm_id not in self._deleting and vm_id not in self._asleep:
-            log.warning("VM %s stopped: %s", vm_id, Machine.read_log(machine.run_folder) or "its QEMU exited")
-            await self._mark_dead(vm_id)
-        self._booted.pop(vm_id, None)
+        record = self.vms.get(vm_id)
+        if record is not None and record.machine is machine:
+            record.machine = None
+            if not record.ending:
+                log.warning("VM %s stopped: %s", vm_id, Machine.read_log(machine.run_folder) or "its QEMU exited")
+                await self._mark_dead(vm_id)
         await machine.agent.close()
 
     async def _mark_dead(self, vm_id: str) -> None:
-        """A dead VM cannot run again: its RAM file (in tmpfs, as large as its memory) goes at once."""
-        (self.run_folder(vm_id) / "ram").unlink(missing_ok=True)
+        """A dead VM cannot run again: its run folder (its RAM file is in tmpfs, as large as its memory)
+        goes at once; its QEMU log was logged when it stopped."""
+        shutil.rmtree(self.run_folder(vm_id), ignore_errors=True)
         await self.store.update_vm(vm_id, state="dead", pid=0)
 
     def machine(self, vm: VmRow) -> Machine:
-        machine = self.machines.get(vm.id)
+        record = self.vms.get(vm.id)
+        machine = record.machine if record is not None else None
         if machine is None and vm.state == "sleeping":
             raise FailedPrecondition(f'VM {vm.id} is sleeping: wake it first (PATCH /vm/{vm.id}/state {{"state": "Running"}}, or vers resume)')
         if machine is None:
@@ -186,8 +404,8 @@ class Engine:
 
     async def wait_booted(self, vm: VmRow, skip_wait: bool = False) -> Machine:
         machine = self.machine(vm)
-        event = self._booted.get(vm.id)
-        if event is not None and not event.is_set():
+        event = self.live(vm.id).booted
+        if not event.is_set():
             if skip_wait:
                 raise FailedPrecondition(f"VM {vm.id} is still booting")
             waiter = asyncio.ensure_future(event.wait())
@@ -228,6 +446,13 @@ class Engine:
         return vcpus, memory, disk
 
     async def create_root(self, org_id: str, config: VmConfig, wait_boot: bool) -> VmRow:
+        vm = await self._whole(self._create_root(org_id, config))
+        if wait_boot:
+            await self.wait_booted(vm)
+            return await self.store.get_vm(org_id, vm.id)
+        return vm
+
+    async def _create_root(self, org_id: str, config: VmConfig) -> VmRow:
         image = self._image(config.image_name)
         vcpus, memory, disk = self._validate(config, image)
         layer = LayerRow(id=str(uuid.uuid4()), base_path=str(image.disk))
@@ -236,7 +461,10 @@ class Engine:
             vcpu_count=vcpus, mem_size_mib=memory, fs_size_mib=disk, image_name=image.name,
             kernel_path=str(image.kernel), initramfs_path=str(image.initramfs), layer_id=layer.id, ram_mode="shared",
         )  # fmt: skip
-        await self.store.add_vms(org_id, [vm], [layer])
+        # The row (with the VM's id, which names its QEMU) exists before QEMU does, so a crash in between
+        # leaves a process that the next start finds and adopts.
+        operation = OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="create")
+        await self.store.add_vms(org_id, [vm], [layer], operation)
         folder = self.run_folder(vm.id)
         try:
             await _qemu_img("create", "-f", "qcow2", "-b", image.disk, "-F", "qcow2", self.layer_path(layer.id), f"{disk}M")
@@ -245,14 +473,14 @@ class Engine:
                 ram.truncate(memory * 1024 * 1024)
             machine = await Machine.launch(self._spec(vm, incoming=False, ram_file=folder / "ram"))
         except Exception as error:
-            await self.store.update_vm(vm.id, state="dead")
+            shutil.rmtree(folder, ignore_errors=True)
+            await self.store.finish(operation.id, vm.id, state="dead")
             raise Internal(f"VM {vm.id} could not start: {error}") from error
-        vm = await self.store.update_vm(vm.id, pid=machine.pid)
+        fault_point("create.after_launch")
+        done = await self.store.finish(operation.id, vm.id, pid=machine.pid)
+        assert done is not None
         self._attach(vm.id, machine, booted=False)
-        if wait_boot:
-            await self.wait_booted(vm)
-            vm = await self.store.get_vm(org_id, vm.id)
-        return vm
+        return done
 
     def _spec(self, vm: VmRow, incoming: bool, ram_file: Path | None) -> LaunchSpec:
         return LaunchSpec(
@@ -261,11 +489,21 @@ class Engine:
             disk=self.layer_path(vm.layer_id), ram_mode=vm.ram_mode, ram_file=ram_file, incoming=incoming,
         )  # fmt: skip
 
-    async def restore(self, org_id: str, commit: CommitRow, count: int = 1) -> list[VmRow]:
+    def verify_commit(self, commit: CommitRow) -> None:
+        """DataLoss, naming the file, when a commit's files are missing or damaged."""
+        self.verifier.verify(commit.id, commit.checksums, self.commit_folder(commit.id), self.layer_path(commit.layer_id))
+
+    async def restore(self, org_id: str, commit: CommitRow, count: int = 1, vm_ids: Sequence[str] = ()) -> list[VmRow]:
+        return await self._whole(self._restore(org_id, commit, count, vm_ids))
+
+    async def _restore(self, org_id: str, commit: CommitRow, count: int, vm_ids: Sequence[str]) -> list[VmRow]:
         """Start `count` VMs from a commit: each a new qcow2 overlay on the commit's frozen layer, its RAM
-        the commit's memory file mapped copy-on-write, its devices loaded from the saved state."""
+        the commit's memory file mapped copy-on-write, its devices loaded from the saved state. All start
+        or none does. `vm_ids` are their ids when the caller noted them before (a fork's saga)."""
         if not 1 <= count <= MAX_BRANCH_COUNT:
             raise InvalidArgument(f"count must be between 1 and {MAX_BRANCH_COUNT}, not {count}")
+        ids = list(vm_ids) or [str(uuid.uuid4()) for _ in range(count)]
+        assert len(ids) == count
         await asyncio.to_thread(self.verify_commit, commit)
         layers = [LayerRow(id=str(uuid.uuid4()), parent_id=commit.layer_id) for _ in range(count)]
         shape = commit.model_dump(include=set(MachineShape.model_fields))
@@ -273,19 +511,37 @@ class Engine:
         own = commit.org_id == org_id
         vms = [
             VmRow(
-                id=str(uuid.uuid4()), org_id=org_id, **shape, layer_id=layer.id,
+                id=vm_id, org_id=org_id, **shape, layer_id=layer.id,
                 ram_mode="private" if commit.ram_format == "file" else "anonymous",
                 ram_source=str(self.commit_folder(commit.id) / "ram") if commit.ram_format == "file" else "",
                 parent_commit_id=commit.id if own else None, grandparent_vm_id=commit.parent_vm_id if own else None,
             )  # fmt: skip
-            for layer in layers
+            for vm_id, layer in zip(ids, layers, strict=True)
         ]
-        await self.store.add_vms(org_id, vms, layers)
+        operation = OperationRow(
+            id=str(uuid.uuid4()), vm_id=vms[0].id, kind="restore", commit_id=commit.id, vm_ids=json.dumps([vm.id for vm in vms])
+        )
+        await self.store.add_vms(org_id, vms, layers, operation, source=commit)
         results = await asyncio.gather(*(self._start_restored(vm, commit) for vm in vms), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
+            for vm in vms:
+                await self._discard(vm.id)
+            await self.store.finish(operation.id)
+            await self.collect_garbage()
             raise failures[0]
+        fault_point("restore.after_start")
+        await self.store.finish(operation.id)
         return [r for r in results if isinstance(r, VmRow)]
+
+    async def _discard(self, vm_id: str) -> None:
+        """A VM that never reached its caller: stopped and deleted."""
+        record = self.vms.pop(vm_id, None)
+        if record is not None and record.machine is not None:
+            record.ending = True
+            await record.machine.kill()
+        await self.store.mark_vm_deleted(vm_id)
+        shutil.rmtree(self.run_folder(vm_id), ignore_errors=True)
 
     async def _start_restored(self, vm: VmRow, commit: CommitRow) -> VmRow:
         frozen = self.layer_path(commit.layer_id)
@@ -294,6 +550,7 @@ class Engine:
             await _qemu_img("create", "-f", "qcow2", "-b", frozen, "-F", "qcow2", self.layer_path(vm.layer_id))
             ram_file = Path(vm.ram_source) if vm.ram_source else None
             machine = await Machine.launch(self._spec(vm, incoming=True, ram_file=ram_file))
+            fault_point("restore.after_launch")
             await machine.restore(self.commit_folder(commit.id) / "state")
             await machine.resume()
         except Exception as error:
@@ -307,79 +564,144 @@ class Engine:
 
     # Commits
 
-    async def commit(self, vm: VmRow, name: str, description: str, keep_paused: bool) -> tuple[CommitRow, float]:
-        """Snapshot the VM's disk and memory as a new immutable commit; returns it and the pause in seconds."""
+    async def commit(
+        self, vm: VmRow, name: str, description: str, keep_paused: bool, commit_id: str | None = None
+    ) -> tuple[CommitRow, float]:
+        """Snapshot the VM's disk and memory as a new immutable commit; returns it and the pause in seconds.
+        `commit_id` is its id when the caller noted it before (a fork's saga)."""
+        await self.wait_booted(vm)  # not under the lock: a delete need not wait for a boot
+        return await self._whole(self._commit_exclusive(vm, name, description, keep_paused, commit_id or str(uuid.uuid4())))
+
+    async def _commit_exclusive(self, vm: VmRow, name: str, description: str, keep_paused: bool, commit_id: str) -> tuple[CommitRow, float]:
+        async with self._exclusive(vm) as current:
+            return await self._commit(current, name, description, keep_paused, commit_id)
+
+    async def _commit(self, vm: VmRow, name: str, description: str, keep_paused: bool, commit_id: str) -> tuple[CommitRow, float]:
         machine = await self.wait_booted(vm)
-        commit_id = str(uuid.uuid4())
         folder = self.commit_folder(commit_id)
-        folder.mkdir(parents=True)
         new_layer = LayerRow(id=str(uuid.uuid4()), parent_id=vm.layer_id)
+        operation = await self.store.begin(
+            OperationRow(
+                id=str(uuid.uuid4()), vm_id=vm.id, kind="commit", commit_id=commit_id, old_layer_id=vm.layer_id,
+                new_layer_id=new_layer.id,
+            )
+        )  # fmt: skip
+        fault_point("commit.after_intent")
+        folder.mkdir(parents=True)
         # While the VM is paused its RAM is copied within tmpfs, which disk writeback cannot slow down;
         # it goes to the commit folder once the VM runs again.
         ram_copy = self.run_folder(vm.id) / f"ram-{commit_id}" if vm.ram_mode == "shared" else None
         async with machine.agent.lock:  # never snapshot in the middle of an exec
             try:
                 paused = await machine.snapshot(self.layer_path(new_layer.id), folder / "state", ram_copy, keep_paused)
+                fault_point("commit.after_state")
                 if ram_copy is not None:
                     await asyncio.to_thread(copy_sparse, ram_copy, folder / "ram")
             except Exception as error:
-                if self.layer_path(new_layer.id).exists():
-                    await self.store.move_vm_to_layer(vm.id, new_layer)
-                shutil.rmtree(folder, ignore_errors=True)
+                await self._undo_commit(machine, vm, new_layer, operation.id, folder)
                 raise Internal(f"commit of VM {vm.id} failed: {error}") from error
             finally:
                 if ram_copy is not None:
                     ram_copy.unlink(missing_ok=True)
-        for path in (*folder.iterdir(), self.layer_path(vm.layer_id)):
-            path.chmod(0o444)  # immutable from here on
-        checksums = await asyncio.to_thread(self._checksums, folder, self.layer_path(vm.layer_id))
-        commit = CommitRow(
-            id=commit_id, org_id=vm.org_id, name=name or f"commit of {vm.id}", description=description,
-            parent_vm_id=vm.id, grandparent_commit_id=vm.parent_commit_id, layer_id=vm.layer_id,
-            ram_format="file" if ram_copy else "stream", checksums=json.dumps(checksums),
-            **vm.model_dump(include=set(MachineShape.model_fields)),
-        )  # fmt: skip
-        await self.store.add_commit(commit, vm.id, new_layer)
-        if keep_paused:
-            await self.store.update_vm(vm.id, state="paused")
+        frozen = self.layer_path(vm.layer_id)
+        try:
+            for path in (*folder.iterdir(), frozen):
+                path.chmod(0o444)  # immutable from here on
+            checksums = await asyncio.to_thread(self.verifier.checksums, folder, frozen)
+            # On disk, with the folder entries that name them, before any row says the commit exists.
+            await asyncio.to_thread(self._flush_commit, folder, frozen)
+            fault_point("commit.before_record")
+            commit = CommitRow(
+                id=commit_id, org_id=vm.org_id, name=name or f"commit of {vm.id}", description=description,
+                parent_vm_id=vm.id, grandparent_commit_id=vm.parent_commit_id, layer_id=vm.layer_id,
+                ram_format="file" if ram_copy else "stream", checksums=json.dumps(checksums),
+                **vm.model_dump(include=set(MachineShape.model_fields)),
+            )  # fmt: skip
+            await self.store.add_commit(commit, vm.id, new_layer, operation.id, **({"state": "paused"} if keep_paused else {}))
+        except Exception as error:
+            await self._undo_commit(machine, vm, new_layer, operation.id, folder)
+            raise Internal(f"commit of VM {vm.id} failed: {error}") from error
         return commit, paused
 
-    def _checksums(self, folder: Path, layer: Path) -> dict[str, object]:
-        files = {path.name: {"size": path.stat().st_size, "sha256": _file_digest(path)} for path in folder.iterdir()}
-        for path in folder.iterdir():
-            self._verified[path] = _stat_key(path)
-        head = {"size": layer.stat().st_size, "head_sha256": _file_digest(layer, HEAD_BYTES)}
-        return {"files": files, "layer": head}
+    def _flush_commit(self, folder: Path, frozen: Path) -> None:
+        fsync_tree(folder)
+        with frozen.open("rb") as layer:
+            os.fsync(layer.fileno())
+        fsync_dir(self.commits_dir)
+        fsync_dir(self.layers_dir)
 
-    def verify_commit(self, commit: CommitRow) -> None:
-        """Refuse to restore from damaged or missing files. Whole files are hashed the first time, and
-        again only when their inode, size or times change; the frozen layer is checked by size and head."""
-        recorded = json.loads(commit.checksums)
-        folder = self.commit_folder(commit.id)
-        for name, expected in recorded["files"].items():
-            path = folder / name
-            if not path.exists():
-                raise DataLoss(f"commit {commit.id} is damaged: its {name} file is missing")
-            key = _stat_key(path)
-            if self._verified.get(path) == key:
-                continue
-            if path.stat().st_size != expected["size"] or _file_digest(path) != expected["sha256"]:
-                raise DataLoss(f"commit {commit.id} is damaged: its {name} file does not match its checksum")
-            self._verified[path] = key
-        layer = self.layer_path(commit.layer_id)
-        if not layer.exists():
-            raise DataLoss(f"commit {commit.id} is damaged: its disk layer is missing")
-        expected_layer = recorded["layer"]
-        if layer.stat().st_size != expected_layer["size"] or _file_digest(layer, HEAD_BYTES) != expected_layer["head_sha256"]:
-            raise DataLoss(f"commit {commit.id} is damaged: its disk layer does not match its checksum")
+    async def _undo_commit(self, machine: Machine, vm: VmRow, new_layer: LayerRow, operation_id: str, folder: Path) -> None:
+        """A commit that failed leaves no commit; if QEMU already writes to the new layer, the VM's row moves
+        there with it, so what the VM writes from now on is never lost to a stale row."""
+        shutil.rmtree(folder, ignore_errors=True)
+        if await self._writes_to(machine, self.layer_path(new_layer.id)):
+            await self.store.add_commit(None, vm.id, new_layer, operation_id)
+        else:
+            self.layer_path(new_layer.id).unlink(missing_ok=True)
+            await self.store.finish(operation_id)
+
+    @staticmethod
+    async def _writes_to(machine: Machine, layer: Path) -> bool:
+        """Is `layer` in the disk chain QEMU uses now? Asked of QEMU; when it cannot say, the file's existence:
+        an overlay QEMU never wrote to reads as the layer under it, so keeping it is always safe."""
+        try:
+            return str(layer) in await machine.disk_chain()
+        except Exception:  # noqa: BLE001
+            return layer.exists()
 
     async def delete_commit(self, org_id: str, commit_id: str) -> None:
-        commit = await self.store.delete_commit(org_id, commit_id)
-        folder = self.commit_folder(commit.id)
-        for path in list(folder.glob("*")):
-            self._verified.pop(path, None)
+        """Marked as being deleted first (from then on it cannot be restored or tagged), then the tagging
+        service confirms no tag names it and refuses new ones, then its files go."""
+        await self._whole(self._delete_commit(org_id, commit_id))
+
+    async def _delete_commit(self, org_id: str, commit_id: str) -> None:
+        assert self.reserve_deletion is not None
+        commit = await self.store.begin_commit_deletion(org_id, commit_id)
+        fault_point("commit_delete.after_mark")
+        try:
+            await self.reserve_deletion(org_id, commit.id)
+        except Conflict:
+            await self.store.abandon_commit_deletion(commit.id)
+            raise
+        except Exception as error:
+            # The tagging service may have recorded it before the answer was lost: asked again later.
+            self._finish_deletions_later()
+            raise Unavailable(
+                f"commit {commit.id} is being deleted, but the tagging service did not answer ({error}); the deletion "
+                f"finishes when it does"
+            ) from error
+        await self._finish_commit_deletion(commit.id)
+
+    async def _finish_commit_deletion(self, commit_id: str) -> None:
+        fault_point("commit_delete.after_reserve")
+        folder = self.commit_folder(commit_id)
+        self.verifier.forget(folder)
         shutil.rmtree(folder, ignore_errors=True)
+        await self.store.finish_commit_deletion(commit_id)
         await self.collect_garbage()
+
+    def _finish_deletions_later(self) -> None:
+        if self._finishing_deletions is None or self._finishing_deletions.done():
+            self._finishing_deletions = self._spawn(self._finish_commit_deletions())
+
+    async def _finish_commit_deletions(self) -> None:
+        """Deletions a crash interrupted: asked of the tagging service again until it answers."""
+        assert self.reserve_deletion is not None
+        delay = 0.5
+        while pending := await self.store.commit_deletions():
+            row = pending[0]
+            try:
+                await self.reserve_deletion(row.org_id, row.commit_id)
+            except Conflict as error:
+                log.warning("commit %s stays: %s", row.commit_id, error.message)
+                await self.store.abandon_commit_deletion(row.commit_id)
+            except Exception as error:  # noqa: BLE001 - the tagging service may not be up yet
+                log.info("deletion of commit %s waits for the tagging service: %s", row.commit_id, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+            else:
+                await self._finish_commit_deletion(row.commit_id)
+                log.info("finished deleting commit %s", row.commit_id)
 
     async def collect_garbage(self) -> None:
         for layer_id in await self.store.collect_garbage_layers():
@@ -390,7 +712,7 @@ class Engine:
     @asynccontextmanager
     async def console(self, vm: VmRow) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         """The VM's console; one person at a time, as on a physical terminal."""
-        lock = self._consoles.setdefault(vm.id, asyncio.Lock())
+        lock = self.live(vm.id).console
         if lock.locked():
             raise FailedPrecondition(f"someone is already connected to the console of VM {vm.id}")
         async with lock:
@@ -404,12 +726,16 @@ class Engine:
         wanted = state.lower()
         if wanted not in ("paused", "running", "sleeping"):
             raise InvalidArgument(f"state must be \"Paused\", \"Sleeping\" or \"Running\", not {state!r}")
-        async with self._transitions.setdefault(vm.id, asyncio.Lock()):  # one change of state at a time
-            vm = await self.store.get_vm(vm.org_id, vm.id)
+        if vm.state == "booting" and not skip_wait_boot:
+            await self.wait_booted(vm)  # not under the lock: a delete need not wait for a boot
+        return await self._whole(self._set_state(vm, wanted, skip_wait_boot))
+
+    async def _set_state(self, vm: VmRow, wanted: str, skip_wait_boot: bool) -> VmRow:
+        async with self._exclusive(vm) as vm:
             if vm.state == "sleeping" and wanted != "sleeping":
-                vm = await self.wake(vm)
-            elif wanted == "sleeping":
-                return vm if vm.state == "sleeping" else await self.sleep(vm)
+                return await self._wake(vm, wanted)
+            if wanted == "sleeping":
+                return vm if vm.state == "sleeping" else await self._sleep(vm)
             machine = await self.wait_booted(vm, skip_wait_boot)
             if wanted == "paused":
                 await machine.pause()
@@ -417,40 +743,52 @@ class Engine:
                 await machine.resume()
             return await self.store.update_vm(vm.id, state=wanted)
 
-    def sleep_folder(self, vm_id: str) -> Path:
-        return self.sleep_dir / vm_id
-
-    async def sleep(self, vm: VmRow) -> VmRow:
+    async def _sleep(self, vm: VmRow, by_shutdown: bool = False) -> VmRow:
         """Save the VM's devices and memory to disk and end its QEMU: it uses no memory until it wakes,
         where it was. Its disk layer stays as it is. A failed save leaves the VM as it was."""
-        machine = await self.wait_booted(vm)
+        record = self.live(vm.id)
+        machine = self.machine(vm) if by_shutdown else await self.wait_booted(vm)
         folder = self.sleep_folder(vm.id)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         shared = vm.ram_mode == "shared"
+        operation = await self.store.begin(OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="sleep"))
+        fault_point("sleep.after_intent")
+        # Memory that was not a shared file is saved inside the state: it wakes with anonymous memory.
+        ram_mode = "shared" if shared else "anonymous"
         async with machine.agent.lock:  # never in the middle of an exec
-            self._asleep.add(vm.id)
+            record.ending = True
             try:
-                await machine.save_and_quit(folder / "state", folder / "ram" if shared else None)
+                await machine.save(folder / "state", folder / "ram" if shared else None)
+                manifest = {"ram_mode": ram_mode, "state": vm.state, "by_shutdown": by_shutdown}
+                await asyncio.to_thread(write_atomic, folder / "manifest.json", json.dumps(manifest))
+                await asyncio.to_thread(fsync_tree, folder)
+                await asyncio.to_thread(fsync_dir, self.sleep_dir)
+                fault_point("sleep.after_save")
+                await machine.quit()
             except Exception as error:
-                self._asleep.discard(vm.id)
+                record.ending = False
                 shutil.rmtree(folder, ignore_errors=True)
-                if vm.state == "running" and await machine.status() != "running":
-                    await machine.resume()
+                with contextlib.suppress(Exception):
+                    if vm.state == "running" and await machine.status() != "running":
+                        await machine.resume()
+                await self.store.finish(operation.id)
                 raise Internal(f"VM {vm.id} could not go to sleep: {error}; it goes on as it was") from error
-        self.machines.pop(vm.id, None)
-        self._booted.pop(vm.id, None)
-        (self.run_folder(vm.id) / "ram").unlink(missing_ok=True)
-        # Memory that was not a shared file was saved inside the state: it wakes with anonymous memory.
-        return await self.store.update_vm(vm.id, state="sleeping", pid=0, ram_mode="shared" if shared else "anonymous", ram_source="")
+        fault_point("sleep.after_quit")
+        record.machine = None
+        shutil.rmtree(self.run_folder(vm.id), ignore_errors=True)
+        done = await self.store.finish(operation.id, vm.id, state="sleeping", pid=0, ram_mode=ram_mode, ram_source="")
+        assert done is not None
+        return done
 
-    async def wake(self, vm: VmRow) -> VmRow:
-        """A sleeping VM running again where it was, within its org's limits. If it cannot start, it stays
-        asleep with its saved state kept, so nothing is lost."""
+    async def _wake(self, vm: VmRow, wanted: str = "running") -> VmRow:
+        """A sleeping VM running again where it was (or paused, or booting on, as it was put to sleep),
+        within its org's limits. If it cannot start, it stays asleep with its saved state kept."""
         folder = self.sleep_folder(vm.id)
         if not (folder / "state").exists():
             raise DataLoss(f"VM {vm.id} is sleeping but its saved state is missing from {folder}")
-        vm = await self.store.claim_wake(vm.id)
+        operation = OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="wake")
+        vm = await self.store.claim_wake(vm.id, operation)
         run = self.run_folder(vm.id)
         run.mkdir(parents=True, exist_ok=True)
         machine = None
@@ -460,35 +798,43 @@ class Engine:
                 ram_file = run / "ram"
                 await asyncio.to_thread(copy_sparse, folder / "ram", ram_file)
             machine = await Machine.launch(self._spec(vm, incoming=True, ram_file=ram_file))
+            fault_point("wake.after_launch")
             await machine.restore(folder / "state")
-            await machine.resume()
+            if wanted != "paused":
+                await machine.resume()
         except Exception as error:
             if machine is not None:
                 await machine.kill()
-            (run / "ram").unlink(missing_ok=True)
-            await self.store.update_vm(vm.id, state="sleeping", pid=0)
+            shutil.rmtree(run, ignore_errors=True)
+            await self.store.finish(operation.id, vm.id, state="sleeping", pid=0)
             raise Internal(f"VM {vm.id} could not wake: {error}; it is still asleep, its saved state kept") from error
-        self._asleep.discard(vm.id)
-        vm = await self.store.update_vm(vm.id, state="running", pid=machine.pid)
-        self._attach(vm.id, machine, booted=True)
+        done = await self.store.finish(operation.id, vm.id, state=wanted if wanted in LIVE_STATES else "running", pid=machine.pid)
+        assert done is not None
+        self._attach(vm.id, machine, booted=wanted != "booting")
+        fault_point("wake.after_record")
         shutil.rmtree(folder, ignore_errors=True)
-        return vm
+        return done
 
     async def delete_vm(self, vm: VmRow) -> None:
-        self._deleting.add(vm.id)
-        try:
-            machine = self.machines.pop(vm.id, None)
-            if machine is not None:
-                await machine.kill()
-            elif vm.pid and process_is_vm(vm.pid, vm.id):
-                os.kill(vm.pid, signal.SIGKILL)
-            await self.store.mark_vm_deleted(vm.id)
+        await self._whole(self._delete_vm(vm))
+
+    async def _delete_vm(self, vm: VmRow) -> None:
+        async with self._exclusive(vm) as vm:
+            record = self.live(vm.id)
+            record.ending = True
+            operation = await self.store.begin(OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="delete"))
+            fault_point("delete.after_intent")
+            if record.machine is not None:
+                await record.machine.kill()
+                record.machine = None
+            elif (pid := find_processes(self.run_dir).get(vm.id)) is not None:
+                kill_process(pid, vm.id)
+            fault_point("delete.after_kill")
+            await self.store.mark_vm_deleted(vm.id, operation.id)
             shutil.rmtree(self.run_folder(vm.id), ignore_errors=True)
             shutil.rmtree(self.sleep_folder(vm.id), ignore_errors=True)
-            self._asleep.discard(vm.id)
-            await self.collect_garbage()
-        finally:
-            self._deleting.discard(vm.id)
+            self.vms.pop(vm.id, None)
+        await self.collect_garbage()
 
 
 async def _qemu_img(*args: str | Path) -> None:

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.files import fsync_dir, fsync_tree, write_atomic
 from services.common.settings import get_settings
 
 GUEST_FILES = Path(__file__).resolve().parent / "guest"
@@ -187,8 +188,7 @@ def build_kernel(root: Path, cache: Path) -> Path:
         (staged / "vmlinux").write_bytes(uncompressed_kernel(vmlinuz.read_bytes()))
         (staged / "initramfs.cpio").write_bytes(_cpio_newc(entries))
         manifest = {"key": key, "package": package, "kernel": modules_root.name, "modules": [p.name for p in order]}
-        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        staged.rename(target)
+        install_folder(staged, target, manifest)
     return target
 
 
@@ -241,6 +241,15 @@ def build_disk(rootfs: Path, target: Path, size_mib: int) -> None:
     raw.unlink()
 
 
+def install_folder(staged: Path, target: Path, manifest: dict[str, object]) -> None:
+    """Move a built folder into place whole: a folder with a manifest counts as built, so its files reach the
+    disk before the rename, and the rename before anything registers the folder."""
+    write_atomic(staged / "manifest.json", json.dumps(manifest, indent=2))
+    fsync_tree(staged)
+    staged.rename(target)
+    fsync_dir(target.parent)
+
+
 def build_default_image(root: Path) -> Path:
     init = (GUEST_FILES / "vers-init").read_bytes()
     key = _digest(init, Path("/bin/busybox").read_bytes(), Path(__file__).read_bytes(), str(BASE_DISK_MIB).encode())
@@ -255,8 +264,7 @@ def build_default_image(root: Path) -> Path:
         staged.mkdir()
         build_disk(rootfs, staged / "rootfs.qcow2", BASE_DISK_MIB)
         manifest = {"key": key, "name": DEFAULT_IMAGE, "disk_mib": BASE_DISK_MIB, "contents": "busybox"}
-        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        staged.rename(target)
+        install_folder(staged, target, manifest)
     return target
 
 
@@ -272,9 +280,7 @@ def register(root: Path, images: dict[str, Path], kernel: Path | None = None, re
         index["images"].update({name: folder.name for name, folder in images.items()})
         for name in remove:
             index["images"].pop(name, None)
-        partial = index_file.with_suffix(".tmp")
-        partial.write_text(json.dumps(index, indent=2))
-        partial.replace(index_file)
+        write_atomic(index_file, json.dumps(index, indent=2))
 
 
 def build_all(root: Path) -> None:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.faults import fault_point
 from services.orchestrator.accel import cpu_args
 from services.orchestrator.agent import Agent
 from services.orchestrator.qmp import Qmp, QmpClosed, QmpError
@@ -82,6 +83,30 @@ def process_is_vm(pid: int, vm_id: str) -> bool:
         return False
 
 
+def find_processes(run_dir: Path) -> dict[str, int]:
+    """The QEMU processes of this platform by VM id: named `vers-<id>`, their sockets under `run_dir`.
+    The name and folder are known before QEMU runs, so a process started just before a crash is found too."""
+    found: dict[str, int] = {}
+    marker = str(run_dir) + "/"
+    for cmdline_file in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline_file.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not args or not args[0].endswith("qemu-system-x86_64") or "-name" not in args:
+            continue
+        name = args[args.index("-name") + 1] if args.index("-name") + 1 < len(args) else ""
+        if name.startswith("vers-") and any(marker in arg for arg in args):
+            found[name.removeprefix("vers-")] = int(cmdline_file.parent.name)
+    return found
+
+
+def kill_process(pid: int, vm_id: str) -> None:
+    if process_is_vm(pid, vm_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 class Machine:
     def __init__(self, vm_id: str, run_folder: Path, pid: int, qmp: Qmp, process: asyncio.subprocess.Process | None) -> None:
         self.vm_id = vm_id
@@ -127,6 +152,32 @@ class Machine:
         machine = cls(vm_id, run_folder, pid, qmp, None)
         await machine.agent.connect(handshake=True)
         return machine
+
+    @classmethod
+    async def control(cls, vm_id: str, run_folder: Path, pid: int) -> Machine:
+        """QMP only, for repairs at start-up (the guest agent is left alone)."""
+        return cls(vm_id, run_folder, pid, await Qmp.connect(sockets(run_folder)["qmp"], timeout=5), None)
+
+    async def disk_chain(self) -> list[str]:
+        """The files of the VM's disk as QEMU uses them now: the one it writes to first, then its backing files."""
+        for device in await self.qmp.execute("query-block"):
+            if device.get("device") == "virtio0" and "inserted" in device:
+                chain, image = [], device["inserted"].get("image")
+                while image is not None:
+                    chain.append(str(image["filename"]))
+                    image = image.get("backing-image")
+                return chain or [str(device["inserted"]["file"])]
+        raise QmpError("QEMU reports no virtio0 disk")
+
+    async def cancel_migration(self) -> None:
+        """Stop a state save a crash left running; the VM stays stopped."""
+        if (await self.qmp.execute("query-migrate")).get("status") in ("setup", "active", "device", "pre-switchover"):
+            await self.qmp.execute("migrate_cancel")
+            deadline = time.monotonic() + 30
+            while (await self.qmp.execute("query-migrate")).get("status") not in ("cancelled", "failed", "completed"):
+                if time.monotonic() > deadline:
+                    raise QmpError("the interrupted state save did not stop within 30 s")
+                await asyncio.sleep(0.01)
 
     @staticmethod
     def read_log(run_folder: Path) -> str:
@@ -177,6 +228,7 @@ class Machine:
             await self.qmp.execute(
                 "blockdev-snapshot-sync", {"device": "virtio0", "snapshot-file": str(new_disk), "format": "qcow2"}
             )
+            fault_point("commit.after_snapshot")
             await self._save_state(state_file, ram_copy)
         finally:
             if was_running and not keep_paused:
@@ -189,11 +241,14 @@ class Machine:
         if ram_copy is not None:
             await asyncio.to_thread(copy_sparse, self.ram_file, ram_copy)
 
-    async def save_and_quit(self, state_file: Path, ram_copy: Path | None) -> None:
-        """Stop the VM, save its device state and RAM (as `snapshot` does, the disk left as it is), and end
-        QEMU cleanly, its disk flushed and closed. If saving fails the VM is left stopped, QEMU running."""
+    async def save(self, state_file: Path, ram_copy: Path | None) -> None:
+        """Stop the VM and save its device state and RAM (as `snapshot` does, the disk left as it is).
+        If saving fails the VM is left stopped."""
         await self.qmp.execute("stop")
         await self._save_state(state_file, ram_copy)
+
+    async def quit(self) -> None:
+        """End QEMU cleanly, its disk flushed and closed."""
         with contextlib.suppress(QmpError, QmpClosed, ConnectionError, OSError):
             await self.qmp.execute("quit")  # QEMU may close the socket before it answers
         await self.wait_exit()
@@ -245,4 +300,4 @@ def copy_sparse(source: Path, target: Path) -> None:
             offset = hole
 
 
-__all__ = ["RAM_MODES", "LaunchSpec", "Machine", "QmpClosed", "copy_sparse", "qemu_args"]
+__all__ = ["RAM_MODES", "LaunchSpec", "Machine", "QmpClosed", "copy_sparse", "find_processes", "kill_process", "qemu_args"]

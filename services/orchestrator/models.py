@@ -65,5 +65,50 @@ class CommitRow(MachineShape, table=True):
     checksums: str = "{}"
 
 
-TABLES = [LayerRow.__table__, VmRow.__table__, CommitRow.__table__]  # type: ignore[attr-defined]
+class OperationRow(SQLModel, table=True):
+    """An intent: written before a multi-step change of a VM touches QEMU or the files, removed in the
+    transaction that records its outcome. One left behind names a change a crash interrupted, and says
+    what to look at to finish or undo it on the next start."""
+
+    __tablename__ = "operations"
+
+    id: str = Field(primary_key=True)
+    vm_id: str = Field(index=True)
+    kind: str  # create | restore | commit | sleep | wake | delete
+    commit_id: str | None = None  # commit: the commit being made; restore: the commit restored from
+    old_layer_id: str | None = None  # commit: the layer QEMU wrote to before the snapshot
+    new_layer_id: str | None = None  # commit: the layer QEMU goes on writing to after it
+    vm_ids: str = "[]"  # restore: every VM the restore makes (JSON)
+    started_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+
+
+class CommitDeletionRow(SQLModel, table=True):
+    """A commit being deleted: from this row on it cannot be restored, branched or tagged."""
+
+    __tablename__ = "commit_deletions"
+
+    commit_id: str = Field(primary_key=True)
+    org_id: str = Field(index=True)
+    started_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+
+
+TABLES = [LayerRow.__table__, VmRow.__table__, CommitRow.__table__, OperationRow.__table__, CommitDeletionRow.__table__]  # type: ignore[attr-defined]
 LIVE_STATES = ("booting", "running", "paused")
+OP_KINDS = ("create", "restore", "commit", "sleep", "wake", "delete")
+
+
+class ForkRequestRow(SQLModel, table=True):
+    """A fork the registry's saga asked for, under the saga's id: what it made, so that a repeated call
+    answers with the same VM and commit, and an abandoned saga's VM and commit are found and deleted."""
+
+    __tablename__ = "fork_requests"
+
+    saga_id: str = Field(primary_key=True)
+    org_id: str = Field(index=True)
+    vm_id: str | None = None
+    commit_id: str | None = None
+    state: str = "running"  # running | done | abandoned
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+
+
+TABLES.append(ForkRequestRow.__table__)  # type: ignore[attr-defined]

@@ -1,20 +1,26 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import uuid
 
 import grpc
 
 from services.common.auth import caller_metadata, current_principal
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from services.common.faults import fault_point
 from services.common.timestamps import to_timestamp
 from services.orchestrator import console
 from services.orchestrator.engine import Engine, VmConfig
-from services.orchestrator.models import CommitRow, VmRow
+from services.orchestrator.models import CommitRow, ForkRequestRow, VmRow
 from services.orchestrator.store import OrchestratorStore
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 from vers.orchestrator.v1 import orchestrator_pb2_grpc
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
@@ -143,21 +149,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         vms = await self.engine.restore(current_principal().org_id, commit, request.count or 1)
         return pb.BranchByRefResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
 
-    async def ForkPublicTag(self, request: pb.ForkPublicTagRequest, context: grpc.aio.ServicerContext) -> pb.ForkPublicTagResponse:
-        # The orchestrator checks for itself that the commit is published: the tag of a public repository.
-        public = await self.tagging.GetPublicRepositoryTag(
-            tagging_pb2.GetPublicRepositoryTagRequest(
-                org_name=request.org_name, repo_name=request.repo_name, tag_name=request.tag_name
-            ),
-            metadata=caller_metadata(),
-        )
-        source = await self.store.published_commit(public.tag.commit_id)
-        org_id = current_principal().org_id
-        [vm] = await self.engine.restore(org_id, source)
-        name = f"fork of {request.org_name}/{request.repo_name}:{request.tag_name}"
-        commit, _ = await self.engine.commit(vm, name, public.tag.description, keep_paused=False)
-        return pb.ForkPublicTagResponse(vm_id=vm.id, commit_id=commit.id)
-
     async def CommitVm(self, request: pb.CommitVmRequest, context: grpc.aio.ServicerContext) -> pb.CommitVmResponse:
         vm = await self._vm(request.vm_id)
         commit, _ = await self.engine.commit(vm, request.name, request.description, request.keep_paused)
@@ -227,13 +218,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.ListCommitParentsResponse(commits=[lineage_pb(c) for c in chain])
 
     async def DeleteCommit(self, request: pb.DeleteCommitRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCommitResponse:
+        # The engine marks it as being deleted, then the tagging service checks no tag names it (and from
+        # then on refuses new ones) in one transaction of its own: no tag can slip in between.
         commit = await self._commit(request.commit_id)
-        used = await self.tagging.ListCommitReferences(
-            tagging_pb2.ListCommitReferencesRequest(commit_id=commit.id), metadata=caller_metadata()
-        )
-        tags = [*used.references, *(f"{name} (legacy tag)" for name in used.legacy_tags)]
-        if tags:
-            raise Conflict(f"commit {commit.id} is still tagged: {', '.join(tags)}; delete or move those tags first")
         await self.engine.delete_commit(current_principal().org_id, commit.id)
         return pb.DeleteCommitResponse()
 
@@ -254,3 +241,111 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             yield pb.ConnectResponse()
             async for output in console.relay(first, request_iterator, reader, writer, resize):
                 yield pb.ConnectResponse(output=output)
+
+
+class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalServiceServicer):
+    """Calls only the platform's own services make (the service credential, acting for an org): the fork
+    step of the registry's fork saga, and its undo. Each fork is noted under its saga's id as it goes
+    (fork_requests), so whatever a fork made can be found again after any crash."""
+
+    def __init__(self, engine: Engine, store: OrchestratorStore, tagging: grpc.aio.Channel) -> None:
+        self.engine = engine
+        self.store = store
+        self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
+        self._forks: dict[str, asyncio.Task[ForkRequestRow]] = {}
+
+    async def ForkPublicTag(self, request: pb.ForkPublicTagRequest, context: grpc.aio.ServicerContext) -> pb.ForkPublicTagResponse:
+        """The fork runs as a task of its own, so a caller that goes away (a registry that dies) does not cut
+        it short halfway: it ends noted, for the saga to keep or undo. A second call for the saga joins it."""
+        saga_id = require_uuid(request.saga_id, "saga_id")
+        task = self._forks.get(saga_id)
+        if task is None:
+            task = asyncio.create_task(self._fork(saga_id, current_principal().org_id, request))
+            self._forks[saga_id] = task
+            task.add_done_callback(lambda done: self._forget(saga_id, done))
+        row = await asyncio.shield(task)
+        return pb.ForkPublicTagResponse(vm_id=row.vm_id or "", commit_id=row.commit_id or "")
+
+    def _forget(self, saga_id: str, task: asyncio.Task[ForkRequestRow]) -> None:
+        self._forks.pop(saga_id, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too: its caller may have gone
+
+    async def _fork(self, saga_id: str, org_id: str, request: pb.ForkPublicTagRequest) -> ForkRequestRow:
+        row = await self.store.claim_fork(saga_id, org_id)
+        if row.state == "done":
+            return row
+        if row.state == "abandoned":
+            raise Conflict(f"fork {saga_id} was abandoned (its saga was undone): fork again")
+        try:
+            # The orchestrator checks for itself that the commit is published: the tag of a public repository.
+            public = await self.tagging.GetPublicRepositoryTag(
+                tagging_pb2.GetPublicRepositoryTagRequest(
+                    org_name=request.org_name, repo_name=request.repo_name, tag_name=request.tag_name
+                ),
+                metadata=caller_metadata(),
+            )
+            if row.vm_id is None or (row.state != "done" and await self.store.vm(row.vm_id) is None):
+                # The VM's id is noted before the VM is made, so a crash in between leaves nothing unnoted.
+                if row.vm_id is None:
+                    row = await self._note(saga_id, vm_id=str(uuid.uuid4()))
+                source = await self.store.published_commit(public.tag.commit_id)
+                await self.engine.restore(org_id, source, vm_ids=[row.vm_id or ""])
+                fault_point("fork.after_restore")
+            if row.state != "done":
+                vm = await self.store.get_vm(org_id, row.vm_id or "")
+                if row.commit_id is None:  # noted before it is made, as the VM is
+                    row = await self._note(saga_id, commit_id=str(uuid.uuid4()))
+                if await self.store.commit_row(row.commit_id or "") is None:
+                    name = f"fork of {request.org_name}/{request.repo_name}:{request.tag_name}"
+                    await self.engine.commit(vm, name, public.tag.description, keep_paused=False, commit_id=row.commit_id)
+                row = await self._note(saga_id, state="done")
+                fault_point("fork.after_commit")
+        except Exception:
+            await self._abandon(saga_id, org_id)
+            raise
+        return row
+
+    async def _note(self, saga_id: str, **changes: str) -> ForkRequestRow:
+        row = await self.store.record_fork(saga_id, **changes)
+        if row.state == "abandoned":
+            raise Conflict(f"fork {saga_id} was abandoned while it ran (its saga was undone): fork again")
+        return row
+
+    async def AbandonFork(self, request: pb.AbandonForkRequest, context: grpc.aio.ServicerContext) -> pb.AbandonForkResponse:
+        """Marked abandoned first, so a fork still running stops at its next step; once it has stopped,
+        whatever it noted is deleted. Deleting what is already gone is no error, so a retry is harmless."""
+        saga_id = require_uuid(request.saga_id, "saga_id")
+        org_id = current_principal().org_id
+        await self.store.abandon_fork(saga_id, org_id)
+        running = self._forks.get(saga_id)
+        if running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running)
+        row = await self._abandon(saga_id, org_id)
+        return pb.AbandonForkResponse(vm_id=row.vm_id or "", commit_id=row.commit_id or "")
+
+    async def _abandon(self, saga_id: str, org_id: str) -> ForkRequestRow:
+        row = await self.store.abandon_fork(saga_id, org_id)
+        await self._delete_made(row)
+        return row
+
+    async def _delete_made(self, row: ForkRequestRow) -> None:
+        """The fork's VM, then its commit (the VM's disk stands on the commit's layer). Two abandons at once
+        are safe: the engine deletes a VM or a commit once, and answers NotFound to the other."""
+        if row.vm_id is None:
+            return
+        commit_ids = [row.commit_id] if row.commit_id else []
+        vm = await self.store.vm(row.vm_id)
+        if vm is not None and vm.deleted_at is None:
+            with contextlib.suppress(NotFound):
+                await self.engine.delete_vm(vm)
+        for commit_id in commit_ids:
+            try:
+                await self.engine.delete_commit(row.org_id, commit_id)
+            except NotFound:
+                pass  # deleted before: an earlier abandon of this saga
+            except Conflict as error:
+                log.warning("commit %s of the abandoned fork %s is kept: %s", commit_id, row.saga_id, error.message)
+        log.info("fork %s abandoned: VM %s and commit %s deleted", row.saga_id, row.vm_id, ", ".join(commit_ids) or "(none)")
+

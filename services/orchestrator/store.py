@@ -12,7 +12,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.common.db import Database
 from services.common.errors import Conflict, FailedPrecondition, NotFound, ResourceExhausted
 from services.common.timestamps import utcnow
-from services.orchestrator.models import LIVE_STATES, CommitRow, LayerRow, VmRow
+from services.orchestrator.models import LIVE_STATES, CommitDeletionRow, CommitRow, LayerRow, OperationRow, VmRow
+from services.orchestrator.models import ForkRequestRow
 
 
 def _is_uuid_shaped(value: str) -> bool:
@@ -27,15 +28,22 @@ class OrchestratorStore:
 
     # VMs
 
-    async def add_vms(self, org_id: str, vms: Sequence[VmRow], layers: Sequence[LayerRow]) -> None:
-        """Insert new VMs and their layers, within the org's vCPU and memory limits, in one transaction."""
+    async def add_vms(
+        self, org_id: str, vms: Sequence[VmRow], layers: Sequence[LayerRow], operation: OperationRow,
+        source: CommitRow | None = None,
+    ) -> None:
+        """Insert new VMs, their layers and the intent that starts them, within the org's vCPU and memory
+        limits, in one transaction; from a commit only while it is not being deleted."""
         async with self.db.write() as session:
+            if source is not None and not await self._commit_is_live(session, source.id):
+                raise NotFound(f"commit {source.id} is being deleted")
             await self._check_capacity(session, org_id, vms)
             for layer in layers:
                 session.add(layer)
             await session.flush()
             for vm in vms:
                 session.add(vm)
+            session.add(operation)
 
     async def _check_capacity(self, session: AsyncSession, org_id: str, vms: Sequence[VmRow]) -> None:
         """Within the org's limits with `vms` running too? Sleeping and dead VMs use nothing."""
@@ -55,9 +63,9 @@ class OrchestratorStore:
                 f"VMs you are not using"
             )
 
-    async def claim_wake(self, vm_id: str) -> VmRow:
-        """A sleeping VM becomes `booting` if its org has room for it, in one transaction, so two wakes at
-        once cannot both pass the limit; FailedPrecondition if it is no longer asleep."""
+    async def claim_wake(self, vm_id: str, operation: OperationRow) -> VmRow:
+        """A sleeping VM becomes `booting` if its org has room for it, in one transaction with the wake's
+        intent, so two wakes at once cannot both pass the limit; FailedPrecondition if it is not asleep."""
         async with self.db.write() as session:
             vm = await session.get(VmRow, vm_id)
             if vm is None or vm.state != "sleeping":
@@ -65,6 +73,7 @@ class OrchestratorStore:
             await self._check_capacity(session, vm.org_id, [vm])
             vm.state = "booting"
             session.add(vm)
+            session.add(operation)
             await session.flush()
             await session.refresh(vm)
             return vm
@@ -102,20 +111,59 @@ class OrchestratorStore:
             session.add(vm)
             return vm
 
-    async def mark_vm_deleted(self, vm_id: str) -> None:
-        await self.update_vm(vm_id, state="dead", deleted_at=utcnow(), pid=0)
+    async def mark_vm_deleted(self, vm_id: str, operation_id: str | None = None) -> None:
+        await self.finish(operation_id, vm_id, state="dead", deleted_at=utcnow(), pid=0)
+
+    # Intents
+
+    async def begin(self, operation: OperationRow) -> OperationRow:
+        async with self.db.write() as session:
+            session.add(operation)
+            return operation
+
+    async def finish(self, operation_id: str | None, vm_id: str | None = None, **changes: Any) -> VmRow | None:
+        """Record an operation's outcome on its VM and drop its intent, in one transaction."""
+        async with self.db.write() as session:
+            vm = None
+            if vm_id is not None:
+                vm = await session.get(VmRow, vm_id)
+                if vm is None:
+                    raise NotFound(f"VM {vm_id!r} not found")
+                for key, value in changes.items():
+                    setattr(vm, key, value)
+                session.add(vm)
+            if operation_id is not None and (operation := await session.get(OperationRow, operation_id)) is not None:
+                await session.delete(operation)
+            return vm
+
+    async def operations(self) -> list[OperationRow]:
+        async with self.db.read() as session:
+            return list(await session.exec(select(OperationRow).order_by(col(OperationRow.started_at))))
+
+    async def vm(self, vm_id: str) -> VmRow | None:
+        """Any VM row, of any org and state (start-up reconciliation)."""
+        async with self.db.read() as session:
+            return await session.get(VmRow, vm_id)
+
+    async def all_vms(self) -> list[VmRow]:
+        async with self.db.read() as session:
+            return list(await session.exec(select(VmRow).where(col(VmRow.deleted_at).is_(None))))
 
     # Commits
 
-    async def add_commit(self, commit: CommitRow, vm_id: str, new_layer: LayerRow) -> None:
-        """Record a commit and move its VM onto the new layer it now writes to, together."""
+    async def add_commit(self, commit: CommitRow | None, vm_id: str, new_layer: LayerRow, operation_id: str, **changes: Any) -> None:
+        """Record a commit (None: a snapshot rolled back), move its VM onto the new layer it now writes to,
+        and drop the commit's intent, together."""
         async with self.db.write() as session:
-            session.add(commit)
+            if commit is not None:
+                session.add(commit)
             await self._move(session, vm_id, new_layer)
-
-    async def move_vm_to_layer(self, vm_id: str, new_layer: LayerRow) -> None:
-        async with self.db.write() as session:
-            await self._move(session, vm_id, new_layer)
+            vm = await session.get(VmRow, vm_id)
+            assert vm is not None
+            for key, value in changes.items():
+                setattr(vm, key, value)
+            if (operation := await session.get(OperationRow, operation_id)) is not None:
+                await session.delete(operation)
 
     @staticmethod
     async def _move(session: AsyncSession, vm_id: str, new_layer: LayerRow) -> None:
@@ -148,7 +196,22 @@ class OrchestratorStore:
             return None
         async with self.db.read() as session:
             commit = await session.get(CommitRow, commit_id)
-        return commit if commit is not None and commit.deleted_at is None else None
+            live = commit is not None and await self._commit_is_live(session, commit_id)
+        return commit if live else None
+
+    @staticmethod
+    async def _commit_is_live(session: AsyncSession, commit_id: str) -> bool:
+        commit = await session.get(CommitRow, commit_id)
+        return commit is not None and commit.deleted_at is None and await session.get(CommitDeletionRow, commit_id) is None
+
+    async def commit_row(self, commit_id: str) -> CommitRow | None:
+        """Any commit row, deleted or not (start-up reconciliation)."""
+        async with self.db.read() as session:
+            return await session.get(CommitRow, commit_id)
+
+    async def live_commits(self) -> list[CommitRow]:
+        async with self.db.read() as session:
+            return list(await session.exec(select(CommitRow).where(col(CommitRow.deleted_at).is_(None))))
 
     async def list_commits(self, org_id: str, limit: int, offset: int) -> tuple[list[CommitRow], int]:
         mine = (CommitRow.org_id == org_id, col(CommitRow.deleted_at).is_(None))
@@ -168,22 +231,39 @@ class OrchestratorStore:
                 chain.append(parent)
         return [commit for commit in chain if commit.deleted_at is None]
 
-    async def delete_commit(self, org_id: str, commit_id: str) -> CommitRow:
+    async def begin_commit_deletion(self, org_id: str, commit_id: str) -> CommitRow:
+        """Mark the commit as being deleted unless a VM still stands on it: from here on it cannot be
+        restored, branched or tagged (GetCommit answers NOT_FOUND)."""
         async with self.db.write() as session:
             commit = await session.get(CommitRow, commit_id) if _is_uuid_shaped(commit_id) else None
-            if commit is None or commit.org_id != org_id or commit.deleted_at is not None:
+            if commit is None or commit.org_id != org_id or not await self._commit_is_live(session, commit_id):
                 raise NotFound(f"commit {commit_id!r} not found in your organization")
             users = await session.exec(
                 select(VmRow.id).where(VmRow.parent_commit_id == commit_id, col(VmRow.deleted_at).is_(None))
             )
             vm_ids = list(users)
             if vm_ids:
-                raise Conflict(
-                    f"commit {commit_id} is in use by VM {', '.join(vm_ids)}: delete the VM first"
-                )
-            commit.deleted_at = utcnow()
-            session.add(commit)
+                raise Conflict(f"commit {commit_id} is in use by VM {', '.join(vm_ids)}: delete the VM first")
+            session.add(CommitDeletionRow(commit_id=commit_id, org_id=org_id))
             return commit
+
+    async def abandon_commit_deletion(self, commit_id: str) -> None:
+        async with self.db.write() as session:
+            if (row := await session.get(CommitDeletionRow, commit_id)) is not None:
+                await session.delete(row)
+
+    async def finish_commit_deletion(self, commit_id: str) -> None:
+        async with self.db.write() as session:
+            commit = await session.get(CommitRow, commit_id)
+            if commit is not None and commit.deleted_at is None:
+                commit.deleted_at = utcnow()
+                session.add(commit)
+            if (row := await session.get(CommitDeletionRow, commit_id)) is not None:
+                await session.delete(row)
+
+    async def commit_deletions(self) -> list[CommitDeletionRow]:
+        async with self.db.read() as session:
+            return list(await session.exec(select(CommitDeletionRow)))
 
     # Layers
 
@@ -197,6 +277,10 @@ class OrchestratorStore:
                 chain.append(layer)
                 current = layer.parent_id
             return chain
+
+    async def layer_ids(self) -> list[str]:
+        async with self.db.read() as session:
+            return list(await session.exec(select(LayerRow.id)))
 
     async def collect_garbage_layers(self) -> list[str]:
         """Delete the rows of layers no live VM or commit stands on; return their ids (files to remove)."""
@@ -225,3 +309,40 @@ class OrchestratorStore:
             depth, current = depth + 1, layers[current].parent_id
         return depth
 
+    # Forks asked for by the registry's sagas
+
+    async def claim_fork(self, saga_id: str, org_id: str) -> ForkRequestRow:
+        """The fork of a saga, recorded as running on the saga's first call."""
+        async with self.db.write() as session:
+            row = await session.get(ForkRequestRow, saga_id)
+            if row is None:
+                row = ForkRequestRow(saga_id=saga_id, org_id=org_id)
+                session.add(row)
+            elif row.org_id != org_id:
+                raise NotFound(f"fork {saga_id} not found in your organization")
+            return row
+
+    async def record_fork(self, saga_id: str, **changes: Any) -> ForkRequestRow:
+        """Note what a fork made. An abandoned fork stays abandoned: what it made is noted all the same, so
+        that it can be found and deleted."""
+        async with self.db.write() as session:
+            row = await session.get(ForkRequestRow, saga_id)
+            if row is None:
+                raise NotFound(f"fork {saga_id} not found")
+            for key, value in changes.items():
+                if key != "state" or row.state != "abandoned":
+                    setattr(row, key, value)
+            session.add(row)
+            return row
+
+    async def abandon_fork(self, saga_id: str, org_id: str) -> ForkRequestRow:
+        """Mark a saga's fork abandoned; if its call never came, a row says so, and the call is refused."""
+        async with self.db.write() as session:
+            row = await session.get(ForkRequestRow, saga_id)
+            if row is None:
+                row = ForkRequestRow(saga_id=saga_id, org_id=org_id)
+            elif row.org_id != org_id:
+                raise NotFound(f"fork {saga_id} not found in your organization")
+            row.state = "abandoned"
+            session.add(row)
+            return row

@@ -1,16 +1,16 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from services.common.auth import CachedResolver
 from services.common.db import Database
+from services.common.files import write_atomic
 from services.common.errors import Unauthenticated
 from services.common.peers import Peers
 from services.common.server import Service
 from services.common.settings import Settings
 from services.registry.models import TABLES
+from services.registry.sagas import Sagas
 from services.registry.servicer import RegistryServicer
 from services.registry.store import RegistryStore
 from vers.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -30,12 +30,7 @@ async def ensure_admin_key(store: RegistryStore, platform_org_id: str, key_file:
         except Unauthenticated:
             log.warning("%s holds an unknown key; writing a new administrator key", key_file)
     new_key = await store.create_api_key(platform_org_id, "platform administrator", is_admin=True)
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = key_file.with_suffix(".tmp")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(new_key.token + "\n")
-    partial.replace(key_file)
+    write_atomic(key_file, new_key.token + "\n", 0o600)
     log.info("administrator key written to %s", key_file)
 
 
@@ -46,11 +41,14 @@ async def build(settings: Settings) -> Service:
     platform_org = await store.ensure_org(PLATFORM_ORG)
     await ensure_admin_key(store, platform_org.id, settings.admin_key_file)
     peers = Peers(settings)
-    servicer = RegistryServicer(store, peers.channel("tagging"), peers.channel("orchestrator"))
+    sagas = Sagas(store, peers.channel("tagging"), peers.channel("orchestrator"), peers.credential)
+    # Read before the first call is served, so only sagas a stop or crash cut short are settled.
+    sagas.recover(await store.sagas())
+    servicer = RegistryServicer(store, peers.channel("tagging"), sagas)
     return Service(
         name="registry",
         service_names=[registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name],
         register=lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server),
-        resolver=CachedResolver(store, settings.auth_cache_seconds),
-        on_close=[db.close, peers.close],
+        resolver=peers.resolver_over(store),
+        on_close=[db.close, peers.close, sagas.close],
     )

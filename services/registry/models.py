@@ -41,4 +41,19 @@ class RepositoryRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
-TABLES = [OrgRow.__table__, ApiKeyRow.__table__, RepositoryRow.__table__]  # type: ignore[attr-defined]
+class SagaRow(SQLModel, table=True):
+    """A change that spans services (a fork, a repository delete), written before its first side effect and
+    moved on after each step, removed once it is finished or wholly undone. One found at start-up was cut
+    short by a crash: its payload says what its steps made, so it can be finished or undone."""
+
+    __tablename__ = "sagas"
+
+    id: str = Field(primary_key=True)
+    kind: str  # fork | repo_delete
+    org_id: str = Field(index=True)
+    step: str
+    payload: str = "{}"  # JSON: the request, then what each step made
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+
+
+TABLES = [OrgRow.__table__, ApiKeyRow.__table__, RepositoryRow.__table__, SagaRow.__table__]  # type: ignore[attr-defined]

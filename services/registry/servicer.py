@@ -3,12 +3,12 @@ from __future__ import annotations
 import grpc
 
 from services.common.auth import bearer_token, caller_metadata, current_principal
-from services.common.errors import AlreadyExists, InvalidArgument, Unauthenticated
+from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.names import validate_repo_name, validate_tag_name
 from services.common.timestamps import to_timestamp
 from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow
+from services.registry.sagas import Sagas, tag_taken
 from services.registry.store import PublicRepo, RegistryStore
-from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from vers.registry.v1 import registry_pb2 as pb
 from vers.registry.v1 import registry_pb2_grpc
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
@@ -51,10 +51,10 @@ def public_repository_pb(public: PublicRepo) -> pb.PublicRepository:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, store: RegistryStore, tagging: grpc.aio.Channel, orchestrator: grpc.aio.Channel) -> None:
+    def __init__(self, store: RegistryStore, tagging: grpc.aio.Channel, sagas: Sagas) -> None:
         self.store = store
         self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
-        self.orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(orchestrator)
+        self.sagas = sagas
 
     async def Authenticate(self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext) -> pb.AuthenticateResponse:
         key, org = await self.store.get_api_key(current_principal().key_id)
@@ -98,16 +98,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return pb.ListRepositoriesResponse(repositories=[repository_pb(repo) for repo in repos])
 
     async def GetRepository(self, request: pb.GetRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.GetRepositoryResponse:
-        repo = await self.store.get_repository(current_principal().org_id, request.repo_name)
+        # The services deleting a repository's tags still see it; no one else does once its deletion began.
+        principal = current_principal()
+        repo = await self.store.get_repository(principal.org_id, request.repo_name, being_deleted=principal.is_service)
         return pb.GetRepositoryResponse(repository=repository_pb(repo))
 
     async def DeleteRepository(self, request: pb.DeleteRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryResponse:
-        # Its tags go first (tagging owns them; commits are never touched), then the repository itself.
-        # Tags refer to the repository's id, so a repository made again under this name starts empty.
-        await self.tagging.DeleteRepositoryTags(
-            tagging_pb2.DeleteRepositoryTagsRequest(repo_name=request.repo_name), metadata=caller_metadata()
-        )
-        await self.store.delete_repository(current_principal().org_id, request.repo_name)
+        # A saga: its tags go first (tagging owns them; commits are never touched), then the repository
+        # itself. Tags refer to the repository's id, so a repository made again under this name starts empty.
+        await self.sagas.delete_repository(current_principal().org_id, request.repo_name)
         return pb.DeleteRepositoryResponse()
 
     async def SetRepositoryVisibility(
@@ -117,8 +116,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return pb.SetRepositoryVisibilityResponse(repository=repository_pb(repo))
 
     async def ForkRepository(self, request: pb.ForkRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.ForkRepositoryResponse:
-        """The fork saga: check the source is public and the target tag free, branch and commit a VM in the
-        caller's org, then create (or reuse) the repository and tag the new commit."""
+        """Check the source is public and the target tag free, then the fork saga: branch and commit a VM in
+        the caller's org, create (or reuse) the repository and tag the new commit; undone if a step fails."""
         missing = [f for f in ("source_org", "source_repo", "source_tag") if not getattr(request, f)]
         if missing:
             raise InvalidArgument(f"fork needs {', '.join(missing)}: the source is org/repo:tag of a public repository")
@@ -126,19 +125,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         tag_name = validate_tag_name(request.tag_name or request.source_tag)
         await self.store.get_public_repository(request.source_org, request.source_repo)
         await self._require_free_tag(repo_name, tag_name)
-        forked = await self.orchestrator.ForkPublicTag(
-            orchestrator_pb2.ForkPublicTagRequest(
-                org_name=request.source_org, repo_name=request.source_repo, tag_name=request.source_tag
-            ),
-            metadata=caller_metadata(),
-        )
-        try:
-            await self.store.create_repository(current_principal().org_id, repo_name, "")
-        except AlreadyExists:
-            pass  # an existing repository of that name is reused, also one a concurrent fork just made
-        await self.tagging.CreateRepositoryTag(
-            tagging_pb2.CreateRepositoryTagRequest(repo_name=repo_name, tag_name=tag_name, commit_id=forked.commit_id),
-            metadata=caller_metadata(),
+        # An existing repository of that name is reused, also one a concurrent fork just made.
+        forked = await self.sagas.fork(
+            current_principal().org_id, (request.source_org, request.source_repo, request.source_tag), repo_name, tag_name
         )
         return pb.ForkRepositoryResponse(
             repo_name=repo_name,
@@ -158,10 +147,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return
             raise
-        raise AlreadyExists(
-            f"tag {tag_name!r} already exists in your repository {repo_name!r}: pass --tag-name (tag_name) to pick "
-            f"another name, or delete it first (vers repo tag delete {repo_name} {tag_name})"
-        )
+        raise tag_taken(repo_name, tag_name)
 
     async def ListPublicRepositories(
         self, request: pb.ListPublicRepositoriesRequest, context: grpc.aio.ServicerContext

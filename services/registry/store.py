@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.auth import Principal, hash_token
 from services.common.db import Database, insert_unique
-from services.common.errors import NotFound, Unauthenticated
+from services.common.errors import Conflict, NotFound, Unauthenticated
 from services.common.names import validate_org_name, validate_repo_name
 from services.common.timestamps import as_utc, utcnow
-from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow
+from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow, SagaRow
 
 TOKEN_PREFIX = "vers_"
+FORK = "fork"
+REPO_DELETE = "repo_delete"
 
 
 @dataclass(frozen=True)
@@ -118,17 +123,13 @@ class RegistryStore:
     async def list_repositories(self, org_id: str) -> list[RepositoryRow]:
         async with self.db.read() as session:
             query = select(RepositoryRow).where(RepositoryRow.org_id == org_id).order_by(RepositoryRow.name)
-            return list(await session.exec(query))
+            deleting = await self._being_deleted(session, org_id)
+            return [repo for repo in await session.exec(query) if repo.id not in deleting]
 
-    async def get_repository(self, org_id: str, name: str) -> RepositoryRow:
+    async def get_repository(self, org_id: str, name: str, *, being_deleted: bool = False) -> RepositoryRow:
+        """With `being_deleted`, also one whose deletion has begun (the services finishing it see it)."""
         async with self.db.read() as session:
-            return await self._repository(session, org_id, name)
-
-    async def delete_repository(self, org_id: str, name: str) -> RepositoryRow:
-        async with self.db.write() as session:
-            repo = await self._repository(session, org_id, name)
-            await session.delete(repo)
-            return repo
+            return await self._repository(session, org_id, name, being_deleted=being_deleted)
 
     async def set_visibility(self, org_id: str, name: str, is_public: bool) -> RepositoryRow:
         async with self.db.write() as session:
@@ -137,13 +138,23 @@ class RegistryStore:
             session.add(repo)
             return repo
 
-    async def _repository(self, session: AsyncSession, org_id: str, name: str) -> RepositoryRow:
+    async def _repository(self, session: AsyncSession, org_id: str, name: str, *, being_deleted: bool = False) -> RepositoryRow:
         validate_repo_name(name)
         query = select(RepositoryRow).where(RepositoryRow.org_id == org_id, RepositoryRow.name == name)
         repo = (await session.exec(query)).first()
         if repo is None:
             raise NotFound(f"repository {name!r} not found in your organization")
+        if not being_deleted and repo.id in await self._being_deleted(session, org_id):
+            raise NotFound(f"repository {name!r} is being deleted")
         return repo
+
+    @staticmethod
+    async def _being_deleted(session: AsyncSession, org_id: str | None = None) -> set[str]:
+        """Ids of the repositories whose deletion has begun: no one sees them any more, nor adds to them."""
+        query = select(SagaRow).where(SagaRow.kind == REPO_DELETE)
+        if org_id is not None:
+            query = query.where(SagaRow.org_id == org_id)
+        return {json.loads(saga.payload)["repository_id"] for saga in await session.exec(query)}
 
     # Public discovery across orgs
 
@@ -155,7 +166,8 @@ class RegistryStore:
                 .where(col(RepositoryRow.is_public).is_(True))
                 .order_by(OrgRow.name, RepositoryRow.name)
             )
-            return [PublicRepo(repo, org_name) for repo, org_name in rows]
+            deleting = await self._being_deleted(session)
+            return [PublicRepo(repo, org_name) for repo, org_name in rows if repo.id not in deleting]
 
     async def get_public_repository(self, org_name: str, name: str) -> PublicRepo:
         async with self.db.read() as session:
@@ -166,8 +178,106 @@ class RegistryStore:
                     .where(OrgRow.name == org_name, RepositoryRow.name == name, col(RepositoryRow.is_public).is_(True))
                 )
             ).first()
+            if row is not None and row.id in await self._being_deleted(session, row.org_id):
+                row = None
         if row is None:
             # The same answer for a private repository as for a missing one, so private names do not leak.
             raise NotFound(f"public repository '{org_name}/{name}' not found")
         return PublicRepo(row, org_name)
+
+    # Sagas: changes across services, recorded step by step (see services/registry/sagas.py)
+
+    async def begin_saga(self, kind: str, org_id: str, step: str, payload: dict[str, Any]) -> SagaRow:
+        async with self.db.write() as session:
+            saga = SagaRow(id=str(uuid.uuid4()), kind=kind, org_id=org_id, step=step, payload=json.dumps(payload))
+            session.add(saga)
+            return saga
+
+    async def advance_saga(self, saga_id: str, step: str, **made: Any) -> SagaRow:
+        """The saga's next step, and what the last one made, added to its payload."""
+        async with self.db.write() as session:
+            return await self._advance(session, saga_id, step, made)
+
+    @staticmethod
+    async def _advance(session: AsyncSession, saga_id: str, step: str, made: dict[str, Any]) -> SagaRow:
+        saga = await session.get(SagaRow, saga_id)
+        if saga is None:
+            raise NotFound(f"saga {saga_id} not found")
+        saga.step = step
+        saga.payload = json.dumps({**json.loads(saga.payload), **made})
+        session.add(saga)
+        return saga
+
+    async def saga(self, saga_id: str) -> SagaRow | None:
+        async with self.db.read() as session:
+            return await session.get(SagaRow, saga_id)
+
+    async def sagas(self) -> list[SagaRow]:
+        async with self.db.read() as session:
+            return list(await session.exec(select(SagaRow).order_by(col(SagaRow.created_at))))
+
+    async def end_saga(self, saga_id: str) -> None:
+        async with self.db.write() as session:
+            if (saga := await session.get(SagaRow, saga_id)) is not None:
+                await session.delete(saga)
+
+    async def fork_repository(self, saga_id: str, org_id: str, name: str) -> SagaRow:
+        """The fork's repository, made or reused, noted in its saga in the same transaction (whether it was
+        made here says whether an undo may remove it). Refused while the repository is being deleted."""
+        validate_repo_name(name)
+        async with self.db.write() as session:
+            query = select(RepositoryRow).where(RepositoryRow.org_id == org_id, RepositoryRow.name == name)
+            repo = (await session.exec(query)).first()
+            created = repo is None
+            if repo is None:
+                repo = RepositoryRow(id=str(uuid.uuid4()), org_id=org_id, name=name, description="")
+                try:
+                    async with session.begin_nested():
+                        session.add(repo)
+                except IntegrityError:  # made by a concurrent fork in between (PostgreSQL): reused
+                    repo, created = (await session.exec(query)).one(), False
+            elif repo.id in await self._being_deleted(session, org_id):
+                raise Conflict(f"repository {name!r} is being deleted: fork again once it is gone, or pick another repo_name")
+            return await self._advance(session, saga_id, "repository", {"repository_id": repo.id, "repository_created": created})
+
+    async def hide_fork_repository(self, saga_id: str, org_id: str, repo_id: str) -> SagaRow | None:
+        """First step of undoing a fork's repository: hidden, as a repository being deleted is (no tag can be
+        added from then on), unless another fork in flight targets it. The hiding row is a repository delete
+        marked as a fork's undo, so a crash after it is settled the same way. None when it stays."""
+        async with self.db.write() as session:
+            repo = await session.get(RepositoryRow, repo_id)
+            if repo is None:
+                return None
+            hiding = await session.exec(select(SagaRow).where(SagaRow.kind == REPO_DELETE, SagaRow.org_id == org_id))
+            for row in hiding:
+                if json.loads(row.payload)["repository_id"] == repo_id:
+                    return row
+            others = await session.exec(select(SagaRow).where(SagaRow.kind == FORK, SagaRow.org_id == org_id, SagaRow.id != saga_id))
+            if any(json.loads(other.payload)["repo_name"] == repo.name for other in others):
+                return None
+            payload = {"repository_id": repo.id, "repo_name": repo.name, "fork_undo": True}
+            saga = SagaRow(id=str(uuid.uuid4()), kind=REPO_DELETE, org_id=org_id, step="started", payload=json.dumps(payload))
+            session.add(saga)
+            return saga
+
+    async def repository_exists(self, repo_id: str) -> bool:
+        async with self.db.read() as session:
+            return await session.get(RepositoryRow, repo_id) is not None
+
+    async def begin_repository_deletion(self, org_id: str, name: str) -> SagaRow:
+        """From here on the repository is hidden and refused to all but the services deleting its tags."""
+        async with self.db.write() as session:
+            repo = await self._repository(session, org_id, name)
+            payload = {"repository_id": repo.id, "repo_name": repo.name}
+            saga = SagaRow(id=str(uuid.uuid4()), kind=REPO_DELETE, org_id=org_id, step="started", payload=json.dumps(payload))
+            session.add(saga)
+            return saga
+
+    async def finish_repository_deletion(self, saga_id: str, repo_id: str) -> None:
+        """The repository's row and its saga go together."""
+        async with self.db.write() as session:
+            if (repo := await session.get(RepositoryRow, repo_id)) is not None:
+                await session.delete(repo)
+            if (saga := await session.get(SagaRow, saga_id)) is not None:
+                await session.delete(saga)
 

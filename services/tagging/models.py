@@ -56,4 +56,14 @@ class CommitTagRow(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
-TABLES = [RepoTagRow.__table__, TagEventRow.__table__, CommitTagRow.__table__]  # type: ignore[attr-defined]
+class DeletedCommitRow(SQLModel, table=True):
+    """A commit the orchestrator is deleting (or has deleted): no tag may name it from then on."""
+
+    __tablename__ = "deleted_commits"
+
+    commit_id: str = Field(primary_key=True)
+    org_id: str = Field(index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+
+
+TABLES = [RepoTagRow.__table__, TagEventRow.__table__, CommitTagRow.__table__, DeletedCommitRow.__table__]  # type: ignore[attr-defined]

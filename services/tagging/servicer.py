@@ -189,3 +189,16 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         repo = await self._repo(repo_name)
         found = await self.store.get_tag(repo.repo_id, repo.name, tag_name)
         return pb.ResolveReferenceResponse(commit_id=found.commit_id, reference=f"{repo.name}:{found.name}")
+
+
+class TaggingInternalServicer(tagging_pb2_grpc.TaggingInternalServiceServicer):
+    """Calls only the platform's own services make (the service credential, acting for an org)."""
+
+    def __init__(self, store: TaggingStore) -> None:
+        self.store = store
+
+    async def ReserveCommitDeletion(
+        self, request: pb.ReserveCommitDeletionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveCommitDeletionResponse:
+        await self.store.reserve_commit_deletion(current_principal().org_id, request.commit_id)
+        return pb.ReserveCommitDeletionResponse()

@@ -9,10 +9,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.auth import Principal
 from services.common.db import Database, insert_unique
-from services.common.errors import NotFound
+from services.common.errors import Conflict, NotFound
 from services.common.names import validate_tag_name
 from services.common.timestamps import utcnow
-from services.tagging.models import CommitTagRow, RepoTagRow, TagEventRow
+from services.tagging.models import CommitTagRow, DeletedCommitRow, RepoTagRow, TagEventRow
 
 def _event(tag: RepoTagRow, caller: Principal, action: str, old: str, new: str) -> TagEventRow:
     return TagEventRow(
@@ -30,9 +30,27 @@ def _change(tag: RepoTagRow | CommitTagRow, commit_id: str | None, description: 
     tag.updated_at = utcnow()
 
 
+async def _require_not_deleted(session: AsyncSession, commit_id: str | None) -> None:
+    """Inside the write transaction that would make a tag name the commit: refused once its deletion began."""
+    if commit_id is not None and await session.get(DeletedCommitRow, commit_id) is not None:
+        raise NotFound(f"commit {commit_id!r} is being deleted (or was): tag another commit")
+
+
 class TaggingStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def reserve_commit_deletion(self, org_id: str, commit_id: str) -> None:
+        """Record that the commit is being deleted, unless a tag of the org names it (Conflict naming them).
+        One write transaction, as every tag change is: a concurrent tag either comes first and blocks the
+        deletion, or comes after and is refused. Idempotent, for a deletion finished after a crash."""
+        async with self.db.write() as session:
+            references, legacy = await self._references(session, org_id, commit_id)
+            tags = [*references, *(f"{name} (legacy tag)" for name in legacy)]
+            if tags:
+                raise Conflict(f"commit {commit_id} is still tagged: {', '.join(tags)}; delete or move those tags first")
+            if await session.get(DeletedCommitRow, commit_id) is None:
+                session.add(DeletedCommitRow(commit_id=commit_id, org_id=org_id))
 
     # Repository tags
 
@@ -49,6 +67,7 @@ class TaggingStore:
                 f"tag {name!r} already exists in repository {repo_name!r}: move it with PATCH "
                 f"(vers repo tag update), delete it first, or choose another name"
             )
+            await _require_not_deleted(session, commit_id)
             await insert_unique(session, tag, conflict)
             session.add(_event(tag, caller, "created", "", commit_id))
             return tag
@@ -76,6 +95,7 @@ class TaggingStore:
         """Move and/or describe a tag in one transaction, with its history event."""
         async with self.db.write() as session:
             tag = await self._tag(session, repo_id, repo_name, name)
+            await _require_not_deleted(session, commit_id)
             old = tag.commit_id
             _change(tag, commit_id, description)
             session.add(tag)
@@ -105,13 +125,15 @@ class TaggingStore:
 
     async def references(self, org_id: str, commit_id: str) -> tuple[list[str], list[str]]:
         async with self.db.read() as session:
-            tags = await session.exec(
-                select(RepoTagRow).where(RepoTagRow.org_id == org_id, RepoTagRow.commit_id == commit_id)
-            )
-            legacy = await session.exec(
-                select(CommitTagRow.name).where(CommitTagRow.org_id == org_id, CommitTagRow.commit_id == commit_id)
-            )
-            return sorted(f"{t.repo_name}:{t.name}" for t in tags), sorted(legacy)
+            return await self._references(session, org_id, commit_id)
+
+    @staticmethod
+    async def _references(session: AsyncSession, org_id: str, commit_id: str) -> tuple[list[str], list[str]]:
+        tags = await session.exec(select(RepoTagRow).where(RepoTagRow.org_id == org_id, RepoTagRow.commit_id == commit_id))
+        legacy = await session.exec(
+            select(CommitTagRow.name).where(CommitTagRow.org_id == org_id, CommitTagRow.commit_id == commit_id)
+        )
+        return sorted(f"{t.repo_name}:{t.name}" for t in tags), sorted(legacy)
 
     # Legacy commit tags
 
@@ -119,6 +141,7 @@ class TaggingStore:
         validate_tag_name(name)
         tag = CommitTagRow(id=str(uuid.uuid4()), org_id=org_id, name=name, commit_id=commit_id, description=description)
         async with self.db.write() as session:
+            await _require_not_deleted(session, commit_id)
             await insert_unique(session, tag, f"tag {name!r} already exists in your organization")
             return tag
 
@@ -142,6 +165,7 @@ class TaggingStore:
     async def update_commit_tag(self, org_id: str, name: str, commit_id: str | None, description: str | None) -> CommitTagRow:
         async with self.db.write() as session:
             tag = await self._commit_tag(session, org_id, name)
+            await _require_not_deleted(session, commit_id)
             _change(tag, commit_id, description)
             session.add(tag)
             return tag

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n vers/common/v1/annotations.proto\x12\x0evers.common.v1\x1a google/protobuf/descriptor.proto:;\n\x11http_success_code\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x05:7\n\rpublic_method\x12\x1e.google.protobuf.MethodOptions\x18\xd2\x86\x03 \x01(\x08:6\n\x0c\x61\x64min_method\x12\x1e.google.protobuf.MethodOptions\x18\xd3\x86\x03 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n vers/common/v1/annotations.proto\x12\x0evers.common.v1\x1a google/protobuf/descriptor.proto:;\n\x11http_success_code\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x05:7\n\rpublic_method\x12\x1e.google.protobuf.MethodOptions\x18\xd2\x86\x03 \x01(\x08:6\n\x0c\x61\x64min_method\x12\x1e.google.protobuf.MethodOptions\x18\xd3\x86\x03 \x01(\x08:9\n\x0finternal_method\x12\x1e.google.protobuf.MethodOptions\x18\xd4\x86\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

@@ -13,9 +13,14 @@ DESCRIPTOR: _descriptor.FileDescriptor
 HTTP_SUCCESS_CODE_FIELD_NUMBER: _builtins.int
 PUBLIC_METHOD_FIELD_NUMBER: _builtins.int
 ADMIN_METHOD_FIELD_NUMBER: _builtins.int
+INTERNAL_METHOD_FIELD_NUMBER: _builtins.int
 http_success_code: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _builtins.int]
 """HTTP status of a successful answer (200 when unset), e.g. 201 for a create, 204 for a delete."""
 public_method: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _builtins.bool]
 """True for the few methods a caller may use without a bearer token."""
 admin_method: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _builtins.bool]
 """True for methods only the platform administrator's credential may call."""
+internal_method: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _builtins.bool]
+"""True for service-to-service methods: only the platform's service credential may call them, and
+they have no REST path.
+"""

@@ -596,19 +596,23 @@ class ForkPublicTagRequest(_message.Message):
     ORG_NAME_FIELD_NUMBER: _builtins.int
     REPO_NAME_FIELD_NUMBER: _builtins.int
     TAG_NAME_FIELD_NUMBER: _builtins.int
+    SAGA_ID_FIELD_NUMBER: _builtins.int
     org_name: _builtins.str
     repo_name: _builtins.str
     tag_name: _builtins.str
+    saga_id: _builtins.str
+    """The registry's saga: one fork per id, whatever the number of calls."""
     def __init__(
         self,
         *,
         org_name: _builtins.str = ...,
         repo_name: _builtins.str = ...,
         tag_name: _builtins.str = ...,
+        saga_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_name", b"org_name", "repo_name", b"repo_name", "tag_name", b"tag_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_name", b"org_name", "repo_name", b"repo_name", "saga_id", b"saga_id", "tag_name", b"tag_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -635,6 +639,48 @@ class ForkPublicTagResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForkPublicTagResponse: _TypeAlias = ForkPublicTagResponse  # noqa: Y015
+
+@_typing.final
+class AbandonForkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    saga_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        saga_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga_id", b"saga_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbandonForkRequest: _TypeAlias = AbandonForkRequest  # noqa: Y015
+
+@_typing.final
+class AbandonForkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    COMMIT_ID_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    """What was deleted; empty when the saga had made nothing (or it was undone before)."""
+    commit_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+        commit_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_id", b"commit_id", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbandonForkResponse: _TypeAlias = AbandonForkResponse  # noqa: Y015
 
 @_typing.final
 class CommitVmRequest(_message.Message):

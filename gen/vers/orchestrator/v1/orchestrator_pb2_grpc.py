@@ -70,11 +70,6 @@ class OrchestratorServiceStub:
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefRequest.SerializeToString,
                 response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefResponse.FromString,
                 _registered_method=True)
-        self.ForkPublicTag = channel.unary_unary(
-                '/vers.orchestrator.v1.OrchestratorService/ForkPublicTag',
-                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.SerializeToString,
-                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.FromString,
-                _registered_method=True)
         self.CommitVm = channel.unary_unary(
                 '/vers.orchestrator.v1.OrchestratorService/CommitVm',
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CommitVmRequest.SerializeToString,
@@ -181,14 +176,6 @@ class OrchestratorServiceServicer:
 
     def BranchByRef(self, request, context):
         """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ForkPublicTag(self, request, context):
-        """Starts a VM in the caller's org from a public repository's tag (copy-on-write) and commits it there:
-        the fork's own copy. The only way to use another org's commit.
-        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -305,11 +292,6 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.BranchByRef,
                     request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefRequest.FromString,
                     response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefResponse.SerializeToString,
-            ),
-            'ForkPublicTag': grpc.unary_unary_rpc_method_handler(
-                    servicer.ForkPublicTag,
-                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.FromString,
-                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.SerializeToString,
             ),
             'CommitVm': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitVm,
@@ -562,33 +544,6 @@ class OrchestratorService:
             '/vers.orchestrator.v1.OrchestratorService/BranchByRef',
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefRequest.SerializeToString,
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.BranchByRefResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ForkPublicTag(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vers.orchestrator.v1.OrchestratorService/ForkPublicTag',
-            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.SerializeToString,
-            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -913,6 +868,129 @@ class OrchestratorService:
             '/vers.orchestrator.v1.OrchestratorService/DeleteCommit',
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitRequest.SerializeToString,
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class OrchestratorInternalServiceStub:
+    """Calls between the platform's services; no REST path, the service credential only.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ForkPublicTag = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorInternalService/ForkPublicTag',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.FromString,
+                _registered_method=True)
+        self.AbandonFork = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorInternalService/AbandonFork',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkResponse.FromString,
+                _registered_method=True)
+
+
+class OrchestratorInternalServiceServicer:
+    """Calls between the platform's services; no REST path, the service credential only.
+    """
+
+    def ForkPublicTag(self, request, context):
+        """Starts a VM in the org from a public repository's tag (copy-on-write) and commits it there: the
+        fork's own copy, and the only way to use another org's commit. The registry's fork saga calls it
+        with the saga's id: called again with that id, it answers with the same VM and commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbandonFork(self, request, context):
+        """Undoes the fork of a saga: deletes the VM and the commit it made, and refuses that saga id from then
+        on, so a fork still running under it is undone when it ends. Nothing to undo is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_OrchestratorInternalServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ForkPublicTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkPublicTag,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.SerializeToString,
+            ),
+            'AbandonFork': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbandonFork,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'vers.orchestrator.v1.OrchestratorInternalService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('vers.orchestrator.v1.OrchestratorInternalService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class OrchestratorInternalService:
+    """Calls between the platform's services; no REST path, the service credential only.
+    """
+
+    @staticmethod
+    def ForkPublicTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorInternalService/ForkPublicTag',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbandonFork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorInternalService/AbandonFork',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkResponse.FromString,
             options,
             channel_credentials,
             insecure,

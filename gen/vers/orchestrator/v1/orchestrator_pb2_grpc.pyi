@@ -42,10 +42,6 @@ class OrchestratorServiceStub:
     BranchByCommit: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByCommitRequest, _orchestrator_pb2.BranchByCommitResponse]
     BranchByTag: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByTagRequest, _orchestrator_pb2.BranchByTagResponse]
     BranchByRef: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByRefRequest, _orchestrator_pb2.BranchByRefResponse]
-    ForkPublicTag: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkPublicTagRequest, _orchestrator_pb2.ForkPublicTagResponse]
-    """Starts a VM in the caller's org from a public repository's tag (copy-on-write) and commits it there:
-    the fork's own copy. The only way to use another org's commit.
-    """
     CommitVm: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CommitVmRequest, _orchestrator_pb2.CommitVmResponse]
     UpdateVmState: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateVmStateRequest, _orchestrator_pb2.UpdateVmStateResponse]
     ListVms: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListVmsRequest, _orchestrator_pb2.ListVmsResponse]
@@ -76,10 +72,6 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     BranchByCommit: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByCommitRequest, _orchestrator_pb2.BranchByCommitResponse]  # type: ignore[assignment]
     BranchByTag: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByTagRequest, _orchestrator_pb2.BranchByTagResponse]  # type: ignore[assignment]
     BranchByRef: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.BranchByRefRequest, _orchestrator_pb2.BranchByRefResponse]  # type: ignore[assignment]
-    ForkPublicTag: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkPublicTagRequest, _orchestrator_pb2.ForkPublicTagResponse]  # type: ignore[assignment]
-    """Starts a VM in the caller's org from a public repository's tag (copy-on-write) and commits it there:
-    the fork's own copy. The only way to use another org's commit.
-    """
     CommitVm: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CommitVmRequest, _orchestrator_pb2.CommitVmResponse]  # type: ignore[assignment]
     UpdateVmState: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateVmStateRequest, _orchestrator_pb2.UpdateVmStateResponse]  # type: ignore[assignment]
     ListVms: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListVmsRequest, _orchestrator_pb2.ListVmsResponse]  # type: ignore[assignment]
@@ -149,16 +141,6 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.BranchByRefRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.BranchByRefResponse, _abc.Awaitable[_orchestrator_pb2.BranchByRefResponse]]: ...
-
-    @_abc_1.abstractmethod
-    def ForkPublicTag(
-        self,
-        request: _orchestrator_pb2.ForkPublicTagRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_orchestrator_pb2.ForkPublicTagResponse, _abc.Awaitable[_orchestrator_pb2.ForkPublicTagResponse]]:
-        """Starts a VM in the caller's org from a public repository's tag (copy-on-write) and commits it there:
-        the fork's own copy. The only way to use another org's commit.
-        """
 
     @_abc_1.abstractmethod
     def CommitVm(
@@ -248,3 +230,61 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Refused (409) while a tag, a legacy tag or a VM still references the commit."""
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class OrchestratorInternalServiceStub:
+    """Calls between the platform's services; no REST path, the service credential only."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> OrchestratorInternalServiceAsyncStub: ...
+    ForkPublicTag: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkPublicTagRequest, _orchestrator_pb2.ForkPublicTagResponse]
+    """Starts a VM in the org from a public repository's tag (copy-on-write) and commits it there: the
+    fork's own copy, and the only way to use another org's commit. The registry's fork saga calls it
+    with the saga's id: called again with that id, it answers with the same VM and commit.
+    """
+    AbandonFork: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.AbandonForkRequest, _orchestrator_pb2.AbandonForkResponse]
+    """Undoes the fork of a saga: deletes the VM and the commit it made, and refuses that saga id from then
+    on, so a fork still running under it is undone when it ends. Nothing to undo is not an error.
+    """
+
+@_typing.type_check_only
+class OrchestratorInternalServiceAsyncStub(OrchestratorInternalServiceStub):
+    """Calls between the platform's services; no REST path, the service credential only."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ForkPublicTag: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkPublicTagRequest, _orchestrator_pb2.ForkPublicTagResponse]  # type: ignore[assignment]
+    """Starts a VM in the org from a public repository's tag (copy-on-write) and commits it there: the
+    fork's own copy, and the only way to use another org's commit. The registry's fork saga calls it
+    with the saga's id: called again with that id, it answers with the same VM and commit.
+    """
+    AbandonFork: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.AbandonForkRequest, _orchestrator_pb2.AbandonForkResponse]  # type: ignore[assignment]
+    """Undoes the fork of a saga: deletes the VM and the commit it made, and refuses that saga id from then
+    on, so a fork still running under it is undone when it ends. Nothing to undo is not an error.
+    """
+
+class OrchestratorInternalServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Calls between the platform's services; no REST path, the service credential only."""
+
+    @_abc_1.abstractmethod
+    def ForkPublicTag(
+        self,
+        request: _orchestrator_pb2.ForkPublicTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ForkPublicTagResponse, _abc.Awaitable[_orchestrator_pb2.ForkPublicTagResponse]]:
+        """Starts a VM in the org from a public repository's tag (copy-on-write) and commits it there: the
+        fork's own copy, and the only way to use another org's commit. The registry's fork saga calls it
+        with the saga's id: called again with that id, it answers with the same VM and commit.
+        """
+
+    @_abc_1.abstractmethod
+    def AbandonFork(
+        self,
+        request: _orchestrator_pb2.AbandonForkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.AbandonForkResponse, _abc.Awaitable[_orchestrator_pb2.AbandonForkResponse]]:
+        """Undoes the fork of a saga: deletes the VM and the commit it made, and refuses that saga id from then
+        on, so a fork still running under it is undone when it ends. Nothing to undo is not an error.
+        """
+
+def add_OrchestratorInternalServiceServicer_to_server(servicer: OrchestratorInternalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

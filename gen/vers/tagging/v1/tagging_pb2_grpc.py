@@ -751,3 +751,81 @@ class TaggingService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TaggingInternalServiceStub:
+    """Calls between the platform's services; no REST path, the service credential only.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReserveCommitDeletion = channel.unary_unary(
+                '/vers.tagging.v1.TaggingInternalService/ReserveCommitDeletion',
+                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionRequest.SerializeToString,
+                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionResponse.FromString,
+                _registered_method=True)
+
+
+class TaggingInternalServiceServicer:
+    """Calls between the platform's services; no REST path, the service credential only.
+    """
+
+    def ReserveCommitDeletion(self, request, context):
+        """Marks the caller's commit as being deleted when no tag or legacy tag of the org names it: from then
+        on no tag can be created on it or moved to it. In one transaction, so a tag made at the same time
+        either blocks the deletion (a conflict naming the tags) or is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TaggingInternalServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReserveCommitDeletion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveCommitDeletion,
+                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionRequest.FromString,
+                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'vers.tagging.v1.TaggingInternalService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('vers.tagging.v1.TaggingInternalService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TaggingInternalService:
+    """Calls between the platform's services; no REST path, the service credential only.
+    """
+
+    @staticmethod
+    def ReserveCommitDeletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.tagging.v1.TaggingInternalService/ReserveCommitDeletion',
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionRequest.SerializeToString,
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -212,3 +212,43 @@ class TaggingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resolves `repo:tag` (in the caller's org) or a legacy tag name to the commit it names."""
 
 def add_TaggingServiceServicer_to_server(servicer: TaggingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class TaggingInternalServiceStub:
+    """Calls between the platform's services; no REST path, the service credential only."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> TaggingInternalServiceAsyncStub: ...
+    ReserveCommitDeletion: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ReserveCommitDeletionRequest, _tagging_pb2.ReserveCommitDeletionResponse]
+    """Marks the caller's commit as being deleted when no tag or legacy tag of the org names it: from then
+    on no tag can be created on it or moved to it. In one transaction, so a tag made at the same time
+    either blocks the deletion (a conflict naming the tags) or is refused.
+    """
+
+@_typing.type_check_only
+class TaggingInternalServiceAsyncStub(TaggingInternalServiceStub):
+    """Calls between the platform's services; no REST path, the service credential only."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ReserveCommitDeletion: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ReserveCommitDeletionRequest, _tagging_pb2.ReserveCommitDeletionResponse]  # type: ignore[assignment]
+    """Marks the caller's commit as being deleted when no tag or legacy tag of the org names it: from then
+    on no tag can be created on it or moved to it. In one transaction, so a tag made at the same time
+    either blocks the deletion (a conflict naming the tags) or is refused.
+    """
+
+class TaggingInternalServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Calls between the platform's services; no REST path, the service credential only."""
+
+    @_abc_1.abstractmethod
+    def ReserveCommitDeletion(
+        self,
+        request: _tagging_pb2.ReserveCommitDeletionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tagging_pb2.ReserveCommitDeletionResponse, _abc.Awaitable[_tagging_pb2.ReserveCommitDeletionResponse]]:
+        """Marks the caller's commit as being deleted when no tag or legacy tag of the org names it: from then
+        on no tag can be created on it or moved to it. In one transaction, so a tag made at the same time
+        either blocks the deletion (a conflict naming the tags) or is refused.
+        """
+
+def add_TaggingInternalServiceServicer_to_server(servicer: TaggingInternalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

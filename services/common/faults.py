@@ -1,0 +1,18 @@
+"""Named crash points for the crash-safety tests: `VERS_FAULT_POINT=commit.after_snapshot` makes the process
+that reaches that point end at once, as `kill -9` would. Unset (as in every deployment) they do nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+FAULT_EXIT_CODE = 86
+
+
+def fault_point(name: str) -> None:
+    if os.environ.get("VERS_FAULT_POINT") == name:
+        print(f"fault point {name}: exiting", file=sys.stderr, flush=True)
+        os._exit(FAULT_EXIT_CODE)

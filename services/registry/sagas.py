@@ -1,0 +1,260 @@
+"""The registry's changes that span services, made as sagas. A row in `sagas` is written before the first
+side effect and moved on after each step. When a step fails, the steps before it are undone in reverse;
+an undo that cannot run yet (a peer is down) is retried in the background. A row left by a crash is
+finished or undone on the next start, so nothing a saga made outlives it unaccounted for.
+
+A fork: the orchestrator's VM and commit (noted there under the saga's id), the repository (made or
+reused), the tag. A repository delete: its tags in the tagging service, then its row."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from services.common.auth import ServiceCredential, caller_metadata
+from services.common.errors import AlreadyExists
+from services.common.faults import fault_point
+from services.registry.models import SagaRow
+from services.registry.store import FORK, REPO_DELETE, RegistryStore
+from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Seconds between rounds of settling sagas whose peers do not answer yet; the last one repeats.
+RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)
+PEER_TIMEOUT = 30.0
+ABANDON_TIMEOUT = 120.0  # deletes a VM and a commit
+
+
+def reason(error: BaseException) -> str:
+    """One line for the log: a peer's status and message rather than its whole debug string."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
+
+
+def tag_taken(repo_name: str, tag_name: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"tag {tag_name!r} already exists in your repository {repo_name!r}: pass --tag-name (tag_name) to pick "
+        f"another name, or delete it first (vers repo tag delete {repo_name} {tag_name})"
+    )
+
+
+@dataclass(frozen=True)
+class Forked:
+    repo_name: str
+    tag_name: str
+    commit_id: str
+    vm_id: str
+
+
+class Sagas:
+    def __init__(
+        self, store: RegistryStore, tagging: grpc.aio.Channel, orchestrator: grpc.aio.Channel, credential: ServiceCredential
+    ) -> None:
+        self.store = store
+        self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
+        self.orchestrator = orchestrator_pb2_grpc.OrchestratorInternalServiceStub(orchestrator)
+        self.credential = credential
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # Forward
+
+    async def fork(self, org_id: str, source: tuple[str, str, str], repo_name: str, tag_name: str) -> Forked:
+        """Checked by the caller: the source is public, the names are valid, the tag looked free."""
+        return await self._shielded(self._fork(org_id, source, repo_name, tag_name))
+
+    async def _fork(self, org_id: str, source: tuple[str, str, str], repo_name: str, tag_name: str) -> Forked:
+        source_org, source_repo, source_tag = source
+        request = {"source_org": source_org, "source_repo": source_repo, "source_tag": source_tag}
+        saga = await self.store.begin_saga(FORK, org_id, "started", {**request, "repo_name": repo_name, "tag_name": tag_name})
+        fault_point("fork.after_saga_record")
+        forked = None
+        try:
+            # Called as the org with the service credential: the fork is an internal call, noted under the saga.
+            forked = await self.orchestrator.ForkPublicTag(
+                orchestrator_pb2.ForkPublicTagRequest(
+                    org_name=source_org, repo_name=source_repo, tag_name=source_tag, saga_id=saga.id
+                ),
+                metadata=self.credential.metadata(org_id),
+            )
+            await self.store.advance_saga(saga.id, "forked", vm_id=forked.vm_id, commit_id=forked.commit_id)
+            fault_point("fork.after_orchestrator")
+            await self.store.fork_repository(saga.id, org_id, repo_name)
+            fault_point("fork.after_repository")
+            await self.tagging.CreateRepositoryTag(
+                tagging_pb2.CreateRepositoryTagRequest(repo_name=repo_name, tag_name=tag_name, commit_id=forked.commit_id),
+                metadata=caller_metadata(),
+            )
+            fault_point("fork.after_tag")
+        except Exception as error:
+            if await self._settle_after_failure(saga.id) and forked is not None:
+                # The tag was made after all (its answer was lost): the fork landed.
+                return Forked(repo_name, tag_name, forked.commit_id, forked.vm_id)
+            if isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.ALREADY_EXISTS:
+                # Taken since the early check, by a concurrent fork or a person: said as the early check says it.
+                raise tag_taken(repo_name, tag_name) from None
+            raise
+        await self.store.end_saga(saga.id)
+        return Forked(repo_name, tag_name, forked.commit_id, forked.vm_id)
+
+    async def delete_repository(self, org_id: str, repo_name: str) -> None:
+        await self._shielded(self._delete_repository(org_id, repo_name))
+
+    async def _delete_repository(self, org_id: str, repo_name: str) -> None:
+        # From the saga's row on the repository is hidden, so no tag can be added while its tags go.
+        saga = await self.store.begin_repository_deletion(org_id, repo_name)
+        try:
+            await self._finish_repository_deletion(saga)
+        except Exception:
+            log.warning("deletion of repository %r of org %s stopped halfway; it is finished in the background", repo_name, org_id)
+            self._spawn(self._settle_all([saga.id]))
+            raise
+
+    async def _finish_repository_deletion(self, saga: SagaRow) -> None:
+        payload = json.loads(saga.payload)
+        if await self.store.repository_exists(payload["repository_id"]):
+            try:
+                await self.tagging.DeleteRepositoryTags(
+                    tagging_pb2.DeleteRepositoryTagsRequest(repo_name=payload["repo_name"]),
+                    metadata=self.credential.metadata(saga.org_id),
+                    timeout=PEER_TIMEOUT,
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+            await self.store.advance_saga(saga.id, "tags_deleted")
+            fault_point("repo_delete.after_tags")
+        await self.store.finish_repository_deletion(saga.id, payload["repository_id"])
+
+    # Finishing or undoing
+
+    async def _settle_after_failure(self, saga_id: str) -> bool:
+        """Undo a failed fork at once if the peers answer, else in the background. True if it landed after all."""
+        try:
+            return await self._settle_once(saga_id, logging.INFO) == "finished"
+        except Exception as error:  # noqa: BLE001 - the caller's own error is the one to report
+            log.warning("fork %s could not be undone yet (%s); retrying in the background", saga_id, reason(error))
+            self._spawn(self._settle_all([saga_id]))
+            return False
+
+    async def _settle_once(self, saga_id: str, level: int) -> str:
+        """Finish or undo one saga; says which. Every step is safe to repeat, so a retry picks up anywhere."""
+        saga = await self.store.saga(saga_id)
+        if saga is None:
+            return "gone"
+        if saga.kind == REPO_DELETE and json.loads(saga.payload).get("fork_undo"):
+            removed = await self._remove_if_untagged(saga)
+            log.log(level, "undo of a fork's repository %s of org %s: %s", saga.id, saga.org_id, "removed" if removed else "kept")
+            return "finished"
+        if saga.kind == REPO_DELETE:
+            await self._finish_repository_deletion(saga)
+            log.log(level, "repository delete %s of org %s: finished, %r is gone", saga.id, saga.org_id, json.loads(saga.payload)["repo_name"])
+            return "finished"
+        payload = json.loads(saga.payload)
+        if payload.get("commit_id") and await self._tag_points_at(saga, payload):
+            await self.store.end_saga(saga.id)
+            log.log(level, "fork %s of org %s: finished, %s:%s points at its commit %s", saga.id, saga.org_id,
+                    payload["repo_name"], payload["tag_name"], payload["commit_id"])  # fmt: skip
+            return "finished"
+        removed = await self._remove_repository(saga, payload) if payload.get("repository_created") else False
+        abandoned = await self.orchestrator.AbandonFork(
+            orchestrator_pb2.AbandonForkRequest(saga_id=saga.id), metadata=self.credential.metadata(saga.org_id), timeout=ABANDON_TIMEOUT
+        )
+        await self.store.end_saga(saga.id)
+        log.log(level, "fork %s of org %s: undone at step %s (VM %s and commit %s deleted%s)", saga.id, saga.org_id, saga.step,
+                abandoned.vm_id or "-", abandoned.commit_id or "-", f", repository {payload['repo_name']!r} removed" if removed else "")  # fmt: skip
+        return "undone"
+
+    async def _tag_points_at(self, saga: SagaRow, payload: dict[str, Any]) -> bool:
+        try:
+            answer = await self.tagging.GetRepositoryTag(
+                tagging_pb2.GetRepositoryTagRequest(repo_name=payload["repo_name"], tag_name=payload["tag_name"]),
+                metadata=self.credential.metadata(saga.org_id),
+                timeout=PEER_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return bool(answer.tag.commit_id == payload["commit_id"])
+
+    async def _remove_repository(self, saga: SagaRow, payload: dict[str, Any]) -> bool:
+        """The repository this saga made, if it is still empty: hidden first, so no tag can be added to it
+        while it is checked, then removed, or shown again when someone tagged it before it was hidden."""
+        hidden = await self.store.hide_fork_repository(saga.id, saga.org_id, payload["repository_id"])
+        return hidden is not None and await self._remove_if_untagged(hidden)
+
+    async def _remove_if_untagged(self, hidden: SagaRow) -> bool:
+        payload = json.loads(hidden.payload)
+        try:
+            tags = await self.tagging.ListRepositoryTags(
+                tagging_pb2.ListRepositoryTagsRequest(repo_name=payload["repo_name"]),
+                metadata=self.credential.metadata(hidden.org_id),
+                timeout=PEER_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            tags = None
+        if tags is not None and tags.tags:
+            await self.store.end_saga(hidden.id)  # tagged by another fork or a person: it is theirs too now
+            return False
+        await self.store.finish_repository_deletion(hidden.id, payload["repository_id"])
+        return tags is not None
+
+    def recover(self, sagas: list[SagaRow]) -> None:
+        """Settle the sagas a crash left, read before the service answered any call, in the background: the
+        registry serves meanwhile, and the peers may not be up yet."""
+        if not sagas:
+            return
+        log.warning("%d saga(s) were cut short by a stop or a crash: finishing or undoing them", len(sagas))
+        # Forks that only reused a repository first, so the one that made it sees no other fork wanting it.
+        ordered = sorted(sagas, key=lambda saga: bool(json.loads(saga.payload).get("repository_created")))
+        self._spawn(self._settle_all([saga.id for saga in ordered], logging.WARNING))
+
+    async def _settle_all(self, saga_ids: list[str], level: int = logging.INFO) -> None:
+        """Round after round until every saga is settled; one that fails waits for the next round alone."""
+        pending, round_ = list(saga_ids), 0
+        while pending:
+            failed = []
+            for saga_id in pending:
+                try:
+                    await self._settle_once(saga_id, level)
+                except Exception as error:  # noqa: BLE001 - a peer not up yet; said, and tried again
+                    log.info("saga %s waits for its peers: %s", saga_id, reason(error))
+                    failed.append(saga_id)
+            pending = failed
+            if pending:
+                await asyncio.sleep(RETRY_DELAYS[min(round_, len(RETRY_DELAYS) - 1)])
+                round_ += 1
+
+    # Tasks
+
+    async def _shielded(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """A saga runs as a task of its own: a caller that hangs up does not leave it halfway."""
+        return await asyncio.shield(self._spawn(coroutine))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller may have gone, and it was answered or logged already
+
+    async def close(self) -> None:
+        """Background settling stops; what is left is settled on the next start."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
