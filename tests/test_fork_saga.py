@@ -22,6 +22,7 @@ import pytest_asyncio
 from services.common.auth import ServiceCredential
 from services.common.settings import Settings
 from tests.conftest import Org, Platform, kill_vms_under
+from tests.test_faults import fsck
 from tests.launcher import Launched, launcher_env
 from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -227,6 +228,7 @@ async def check_settled(http: httpx.AsyncClient, site: Site, crashed: Crashed) -
         assert (await http.get(f"/api/v1/repositories/{crashed.body['repo_name']}")).status_code == 404, crashed.fault
         assert (vms, commits) == crashed.before, crashed.fault
         assert fork_request(site.data, crashed.saga_id)[0] == "abandoned"  # type: ignore[index]
+    await asyncio.to_thread(fsck, site.env)
 
 
 async def test_forks_and_a_repository_delete_killed_at_each_step_are_settled_on_restart(site: Site) -> None:
@@ -270,6 +272,7 @@ async def test_forks_and_a_repository_delete_killed_at_each_step_are_settled_on_
     async with site.client(forker) as http:
         await settled(site.data)
         assert (await http.get("/api/v1/repositories/doomed")).status_code == 404
+        await asyncio.to_thread(fsck, site.env)
         assert "doomed:x" not in (await http.get(f"/api/v1/commits/{commit}/references")).json()["references"]
         # Made again under its name, the repository starts empty.
         assert (await http.post("/api/v1/repositories", json={"name": "doomed"})).status_code == 201

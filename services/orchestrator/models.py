@@ -92,9 +92,7 @@ class CommitDeletionRow(SQLModel, table=True):
     started_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
-TABLES = [LayerRow.__table__, VmRow.__table__, CommitRow.__table__, OperationRow.__table__, CommitDeletionRow.__table__]  # type: ignore[attr-defined]
 LIVE_STATES = ("booting", "running", "paused")
-OP_KINDS = ("create", "restore", "commit", "sleep", "wake", "delete")
 
 
 class ForkRequestRow(SQLModel, table=True):
@@ -111,4 +109,5 @@ class ForkRequestRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
-TABLES.append(ForkRequestRow.__table__)  # type: ignore[attr-defined]
+MODELS = (LayerRow, VmRow, CommitRow, OperationRow, CommitDeletionRow, ForkRequestRow)
+TABLES = [model.__table__ for model in MODELS]  # type: ignore[attr-defined]
