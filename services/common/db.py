@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 
-from sqlalchemy import Column, DateTime, Table, event
+from sqlalchemy import Column, DateTime, Table, event, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -97,3 +97,15 @@ async def insert_unique(session: AsyncSession, row: object, conflict: str) -> No
         await session.flush()
     except IntegrityError:
         raise AlreadyExists(conflict) from None
+
+
+async def serialize(session: AsyncSession, *keys: str) -> None:
+    """Make write transactions that name the same keys run one after the other (a tag made on a commit and
+    that commit's deletion, say), so a check and the write it guards see each other. SQLite's write
+    transactions already run one at a time (BEGIN IMMEDIATE); PostgreSQL takes a transaction-scoped advisory
+    lock per key, in a fixed order so two transactions cannot wait on each other."""
+    connection = await session.connection()
+    if connection.dialect.name != "postgresql":
+        return
+    for key in sorted(set(keys)):
+        await connection.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})

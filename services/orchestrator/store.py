@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.common.db import Database
+from services.common.db import Database, serialize
 from services.common.errors import Conflict, FailedPrecondition, NotFound, ResourceExhausted
 from services.common.timestamps import utcnow
 from services.orchestrator.models import LIVE_STATES, CommitDeletionRow, CommitRow, LayerRow, OperationRow, VmRow
 from services.orchestrator.models import ForkRequestRow
+
+
+Row = TypeVar("Row", VmRow, CommitRow)
 
 
 def _is_uuid_shaped(value: str) -> bool:
@@ -35,6 +38,8 @@ class OrchestratorStore:
         """Insert new VMs, their layers and the intent that starts them, within the org's vCPU and memory
         limits, in one transaction; from a commit only while it is not being deleted."""
         async with self.db.write() as session:
+            if source is not None:
+                await serialize(session, f"commit:{source.id}")
             if source is not None and not await self._commit_is_live(session, source.id):
                 raise NotFound(f"commit {source.id} is being deleted")
             await self._check_capacity(session, org_id, vms)
@@ -142,12 +147,18 @@ class OrchestratorStore:
 
     async def vm(self, vm_id: str) -> VmRow | None:
         """Any VM row, of any org and state (start-up reconciliation)."""
-        async with self.db.read() as session:
-            return await session.get(VmRow, vm_id)
+        return await self._row(VmRow, vm_id)
 
     async def all_vms(self) -> list[VmRow]:
+        return await self._undeleted(VmRow)
+
+    async def _row(self, model: type[Row], key: str) -> Row | None:
         async with self.db.read() as session:
-            return list(await session.exec(select(VmRow).where(col(VmRow.deleted_at).is_(None))))
+            return await session.get(model, key)
+
+    async def _undeleted(self, model: type[Row]) -> list[Row]:
+        async with self.db.read() as session:
+            return list(await session.exec(select(model).where(col(model.deleted_at).is_(None))))
 
     # Commits
 
@@ -206,12 +217,10 @@ class OrchestratorStore:
 
     async def commit_row(self, commit_id: str) -> CommitRow | None:
         """Any commit row, deleted or not (start-up reconciliation)."""
-        async with self.db.read() as session:
-            return await session.get(CommitRow, commit_id)
+        return await self._row(CommitRow, commit_id)
 
     async def live_commits(self) -> list[CommitRow]:
-        async with self.db.read() as session:
-            return list(await session.exec(select(CommitRow).where(col(CommitRow.deleted_at).is_(None))))
+        return await self._undeleted(CommitRow)
 
     async def list_commits(self, org_id: str, limit: int, offset: int) -> tuple[list[CommitRow], int]:
         mine = (CommitRow.org_id == org_id, col(CommitRow.deleted_at).is_(None))
@@ -235,6 +244,7 @@ class OrchestratorStore:
         """Mark the commit as being deleted unless a VM still stands on it: from here on it cannot be
         restored, branched or tagged (GetCommit answers NOT_FOUND)."""
         async with self.db.write() as session:
+            await serialize(session, f"commit:{commit_id}")
             commit = await session.get(CommitRow, commit_id) if _is_uuid_shaped(commit_id) else None
             if commit is None or commit.org_id != org_id or not await self._commit_is_live(session, commit_id):
                 raise NotFound(f"commit {commit_id!r} not found in your organization")

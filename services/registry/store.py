@@ -13,7 +13,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.auth import Principal, hash_token
-from services.common.db import Database, insert_unique
+from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, NotFound, Unauthenticated
 from services.common.names import validate_org_name, validate_repo_name
 from services.common.timestamps import as_utc, utcnow
@@ -226,6 +226,7 @@ class RegistryStore:
         made here says whether an undo may remove it). Refused while the repository is being deleted."""
         validate_repo_name(name)
         async with self.db.write() as session:
+            await serialize(session, f"repository:{org_id}:{name}")
             query = select(RepositoryRow).where(RepositoryRow.org_id == org_id, RepositoryRow.name == name)
             repo = (await session.exec(query)).first()
             created = repo is None
@@ -248,6 +249,7 @@ class RegistryStore:
             repo = await session.get(RepositoryRow, repo_id)
             if repo is None:
                 return None
+            await serialize(session, f"repository:{org_id}:{repo.name}")
             hiding = await session.exec(select(SagaRow).where(SagaRow.kind == REPO_DELETE, SagaRow.org_id == org_id))
             for row in hiding:
                 if json.loads(row.payload)["repository_id"] == repo_id:
@@ -267,6 +269,7 @@ class RegistryStore:
     async def begin_repository_deletion(self, org_id: str, name: str) -> SagaRow:
         """From here on the repository is hidden and refused to all but the services deleting its tags."""
         async with self.db.write() as session:
+            await serialize(session, f"repository:{org_id}:{name}")
             repo = await self._repository(session, org_id, name)
             payload = {"repository_id": repo.id, "repo_name": repo.name}
             saga = SagaRow(id=str(uuid.uuid4()), kind=REPO_DELETE, org_id=org_id, step="started", payload=json.dumps(payload))

@@ -8,7 +8,7 @@ from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.auth import Principal
-from services.common.db import Database, insert_unique
+from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, NotFound
 from services.common.names import validate_tag_name
 from services.common.timestamps import utcnow
@@ -32,6 +32,8 @@ def _change(tag: RepoTagRow | CommitTagRow, commit_id: str | None, description: 
 
 async def _require_not_deleted(session: AsyncSession, commit_id: str | None) -> None:
     """Inside the write transaction that would make a tag name the commit: refused once its deletion began."""
+    if commit_id is not None:
+        await serialize(session, f"commit:{commit_id}")
     if commit_id is not None and await session.get(DeletedCommitRow, commit_id) is not None:
         raise NotFound(f"commit {commit_id!r} is being deleted (or was): tag another commit")
 
@@ -45,6 +47,7 @@ class TaggingStore:
         One write transaction, as every tag change is: a concurrent tag either comes first and blocks the
         deletion, or comes after and is refused. Idempotent, for a deletion finished after a crash."""
         async with self.db.write() as session:
+            await serialize(session, f"commit:{commit_id}")
             references, legacy = await self._references(session, org_id, commit_id)
             tags = [*references, *(f"{name} (legacy tag)" for name in legacy)]
             if tags:
