@@ -67,16 +67,17 @@ def fsck(env: dict[str, str]) -> dict[str, object]:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     env = {**launcher_env(tmp_path_factory.mktemp("faults")), "VERS_KEEP_VMS_RUNNING": "true"}
     launched = Launched(env)
+    site = Site(env, launched, launched.api_key, "")
     try:
         http = httpx.Client(base_url=env["VERS_URL"], headers={"Authorization": f"Bearer {launched.api_key}"}, timeout=180)
         answer = http.post("/api/v1/vm/new_root?wait_boot=true", json={"vm_config": {"mem_size_mib": 128}})
         assert answer.status_code == 201, answer.text
-        vm = answer.json()["vm_id"]
-        sh(http, vm, COUNTER)
-        yield Site(env, launched, launched.api_key, vm)
+        site.vm = answer.json()["vm_id"]
+        sh(http, site.vm, COUNTER)
+        yield site
     finally:
-        if launched.process.poll() is None:
-            launched.stop()
+        if site.launched.process.poll() is None:  # the platform as the last restart left it
+            site.launched.stop()
         kill_vms_under(Settings(data_dir=Path(env["VERS_DATA_DIR"])).vm_run_dir)
 
 

@@ -34,7 +34,7 @@ def launch(platform_env: dict[str, str]) -> Iterator[type[Launched]]:
     yield start  # type: ignore[misc]
     for launched in started:
         if launched.process.poll() is None:
-            launched.process.kill()
+            launched.stop()  # SIGTERM, so the launcher stops its services too (a SIGKILL would leave them)
     kill_vms_under(Settings(data_dir=Path(platform_env["VERS_DATA_DIR"])).vm_run_dir)
 
 
