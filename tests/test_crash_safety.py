@@ -4,6 +4,8 @@ nothing is lost, and every commit restores what it captured."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import uuid
 
 import httpx
 
@@ -84,3 +86,20 @@ async def test_a_tag_racing_a_commit_deletion_never_points_at_a_deleted_commit(p
         if gone and kept:
             moved = await http.patch(f"/api/v1/repositories/race/tags/t{commits.index(kept[0])}", json={"commit_id": gone[0]})
             assert moved.status_code == 404, moved.text
+
+
+async def test_a_commit_never_freezes_a_layer_qemu_no_longer_writes_to(platform: Platform, org: Org) -> None:
+    """A record that names another layer than the one QEMU writes to (what a failed undo would leave) makes
+    the commit refuse, rather than freeze a stale disk; once the record is right again, commits work."""
+    database = platform.settings.data_dir / "orchestrator.db"
+    async with platform.client(org) as http:
+        vm = await new_vm(http, mem_size_mib=128)
+        with sqlite3.connect(database) as db:
+            [(layer,)] = db.execute("SELECT layer_id FROM vms WHERE id = ?", (vm,)).fetchall()
+            db.execute("UPDATE vms SET layer_id = ? WHERE id = ?", (str(uuid.uuid4()), vm))
+        refused = await http.post(f"/api/v1/vm/{vm}/commit", json={})
+        assert refused.status_code == 400 and "not to the layer its record names" in refused.json()["error"], refused.text
+        with sqlite3.connect(database) as db:
+            db.execute("UPDATE vms SET layer_id = ? WHERE id = ?", (layer, vm))
+        await commit(http, vm)
+        assert (await http.delete(f"/api/v1/vm/{vm}")).status_code == 200

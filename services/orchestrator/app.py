@@ -54,5 +54,5 @@ async def build(settings: Settings) -> Service:
         ],
         register=register,
         resolver=peers.resolver,
-        on_close=[db.close, peers.close, engine.close],
+        on_close=[db.close, peers.close, engine.close, internal.close],  # run last to first
     )

@@ -88,6 +88,7 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._changes: set[asyncio.Future[Any]] = set()
         self._finishing_deletions: asyncio.Task[None] | None = None
+        self._closing = False
 
     # Start-up and shutdown
 
@@ -109,7 +110,9 @@ class Engine:
     async def close(self) -> None:
         """Stop managing the VMs: put them to sleep (memory to disk), so nothing runs unmanaged and the next
         start wakes them where they were; with VERS_KEEP_VMS_RUNNING they go on running, to be adopted."""
-        await asyncio.gather(*self._changes, return_exceptions=True)
+        self._closing = True
+        while self._changes:
+            await asyncio.gather(*self._changes, return_exceptions=True)
         for task in list(self._tasks):  # watchers and boot waits (a booting VM sleeps as it is)
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -223,7 +226,8 @@ class Engine:
         else:
             # No QEMU to ask: an overlay it never wrote to reads as the layer under it, so keeping one is safe.
             switched = new_layer.exists()
-        shutil.rmtree(self.commit_folder(op.commit_id), ignore_errors=True)
+        if await self.store.commit_row(op.commit_id) is None:
+            shutil.rmtree(self.commit_folder(op.commit_id), ignore_errors=True)
         (self.run_folder(op.vm_id) / f"ram-{op.commit_id}").unlink(missing_ok=True)
         if not switched:
             new_layer.unlink(missing_ok=True)
@@ -343,7 +347,11 @@ class Engine:
 
     async def _whole(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a change to its end even when its caller goes away (a cancelled call, a stop's grace running
-        out): a change stopped halfway is for crash recovery, not for a cancellation. A stop waits for it."""
+        out): a change stopped halfway is for crash recovery, not for a cancellation. A stop waits for it,
+        and refuses new ones."""
+        if self._closing:
+            coroutine.close()
+            raise Unavailable("the orchestrator is stopping: try again once it has started again")
         task = asyncio.ensure_future(coroutine)
         self._changes.add(task)
         task.add_done_callback(self._changes.discard)
@@ -578,6 +586,13 @@ class Engine:
 
     async def _commit(self, vm: VmRow, name: str, description: str, keep_paused: bool, commit_id: str) -> tuple[CommitRow, float]:
         machine = await self.wait_booted(vm)
+        # A commit freezes the layer the row names: never one QEMU no longer writes to.
+        chain = await machine.disk_chain()
+        if chain[0] != str(self.layer_path(vm.layer_id)):
+            raise FailedPrecondition(
+                f"VM {vm.id} writes its disk to {chain[0]}, not to the layer its record names: nothing is committed "
+                f"until an operator has looked (vers admin fsck)"
+            )
         folder = self.commit_folder(commit_id)
         new_layer = LayerRow(id=str(uuid.uuid4()), parent_id=vm.layer_id)
         operation = await self.store.begin(
@@ -587,12 +602,12 @@ class Engine:
             )
         )  # fmt: skip
         fault_point("commit.after_intent")
-        folder.mkdir(parents=True)
         # While the VM is paused its RAM is copied within tmpfs, which disk writeback cannot slow down;
         # it goes to the commit folder once the VM runs again.
         ram_copy = self.run_folder(vm.id) / f"ram-{commit_id}" if vm.ram_mode == "shared" else None
         async with machine.agent.lock:  # never snapshot in the middle of an exec
             try:
+                folder.mkdir(parents=True)
                 paused = await machine.snapshot(self.layer_path(new_layer.id), folder / "state", ram_copy, keep_paused)
                 fault_point("commit.after_state")
                 if ram_copy is not None:
@@ -633,7 +648,8 @@ class Engine:
     async def _undo_commit(self, machine: Machine, vm: VmRow, new_layer: LayerRow, operation_id: str, folder: Path) -> None:
         """A commit that failed leaves no commit; if QEMU already writes to the new layer, the VM's row moves
         there with it, so what the VM writes from now on is never lost to a stale row."""
-        shutil.rmtree(folder, ignore_errors=True)
+        if await self.store.commit_row(folder.name) is None:
+            shutil.rmtree(folder, ignore_errors=True)
         if await self._writes_to(machine, self.layer_path(new_layer.id)):
             await self.store.add_commit(None, vm.id, new_layer, operation_id)
         else:
@@ -670,7 +686,11 @@ class Engine:
                 f"commit {commit.id} is being deleted, but the tagging service did not answer ({error}); the deletion "
                 f"finishes when it does"
             ) from error
-        await self._finish_commit_deletion(commit.id)
+        try:
+            await self._finish_commit_deletion(commit.id)
+        except Exception:
+            self._finish_deletions_later()  # marked and reserved: it is finished in the background
+            raise
 
     async def _finish_commit_deletion(self, commit_id: str) -> None:
         fault_point("commit_delete.after_reserve")
@@ -689,19 +709,21 @@ class Engine:
         assert self.reserve_deletion is not None
         delay = 0.5
         while pending := await self.store.commit_deletions():
-            row = pending[0]
-            try:
-                await self.reserve_deletion(row.org_id, row.commit_id)
-            except Conflict as error:
-                log.warning("commit %s stays: %s", row.commit_id, error.message)
-                await self.store.abandon_commit_deletion(row.commit_id)
-            except Exception as error:  # noqa: BLE001 - the tagging service may not be up yet
-                log.info("deletion of commit %s waits for the tagging service: %s", row.commit_id, error)
+            waiting = False
+            for row in pending:
+                try:
+                    await self.reserve_deletion(row.org_id, row.commit_id)
+                    await self._finish_commit_deletion(row.commit_id)
+                    log.info("finished deleting commit %s", row.commit_id)
+                except Conflict as error:
+                    log.warning("commit %s stays: %s", row.commit_id, error.message)
+                    await self.store.abandon_commit_deletion(row.commit_id)
+                except Exception as error:  # noqa: BLE001 - the tagging service may not be up yet; each row alone
+                    log.warning("deletion of commit %s is not finished yet: %s", row.commit_id, error)
+                    waiting = True
+            if waiting:
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
-            else:
-                await self._finish_commit_deletion(row.commit_id)
-                log.info("finished deleting commit %s", row.commit_id)
+                delay = min(delay * 2, 30)
 
     async def collect_garbage(self) -> None:
         for layer_id in await self.store.collect_garbage_layers():
@@ -770,6 +792,7 @@ class Engine:
                 record.ending = False
                 shutil.rmtree(folder, ignore_errors=True)
                 with contextlib.suppress(Exception):
+                    await machine.cancel_migration()  # a save still running would stop the VM again when it ends
                     if vm.state == "running" and await machine.status() != "running":
                         await machine.resume()
                 await self.store.finish(operation.id)

@@ -230,6 +230,10 @@ class Machine:
             )
             fault_point("commit.after_snapshot")
             await self._save_state(state_file, ram_copy)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.cancel_migration()  # a save still running would stop the VM again when it ends
+            raise
         finally:
             if was_running and not keep_paused:
                 await self.qmp.execute("cont")

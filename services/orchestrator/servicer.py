@@ -266,6 +266,10 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
         row = await asyncio.shield(task)
         return pb.ForkPublicTagResponse(vm_id=row.vm_id or "", commit_id=row.commit_id or "")
 
+    async def close(self) -> None:
+        """A stop lets the forks under way (each a task of its own) end before the engine stops."""
+        await asyncio.gather(*self._forks.values(), return_exceptions=True)
+
     def _forget(self, saga_id: str, task: asyncio.Task[ForkRequestRow]) -> None:
         self._forks.pop(saga_id, None)
         if not task.cancelled():

@@ -52,6 +52,7 @@ class OrchestratorStore:
 
     async def _check_capacity(self, session: AsyncSession, org_id: str, vms: Sequence[VmRow]) -> None:
         """Within the org's limits with `vms` running too? Sleeping and dead VMs use nothing."""
+        await serialize(session, f"org:{org_id}")
         used_vcpus, used_memory = (
             await session.exec(
                 select(func.coalesce(func.sum(VmRow.vcpu_count), 0), func.coalesce(func.sum(VmRow.mem_size_mib), 0)).where(
@@ -298,6 +299,9 @@ class OrchestratorStore:
             layers = {layer.id: layer for layer in await session.exec(select(LayerRow))}
             roots = set(await session.exec(select(VmRow.layer_id).where(col(VmRow.deleted_at).is_(None))))
             roots |= set(await session.exec(select(CommitRow.layer_id).where(col(CommitRow.deleted_at).is_(None))))
+            # Layers an unsettled intent names stay until it is settled (an operator may need them).
+            for operation in await session.exec(select(OperationRow)):
+                roots |= {layer for layer in (operation.old_layer_id, operation.new_layer_id) if layer in layers}
             reachable: set[str] = set()
             for root in roots:
                 current: str | None = root

@@ -252,8 +252,10 @@ class RegistryStore:
             await serialize(session, f"repository:{org_id}:{repo.name}")
             hiding = await session.exec(select(SagaRow).where(SagaRow.kind == REPO_DELETE, SagaRow.org_id == org_id))
             for row in hiding:
-                if json.loads(row.payload)["repository_id"] == repo_id:
-                    return row
+                payload = json.loads(row.payload)
+                if payload["repository_id"] == repo_id:
+                    # this undo's own row, from before a crash; a person's delete of it is theirs to finish
+                    return row if payload.get("fork_undo") else None
             others = await session.exec(select(SagaRow).where(SagaRow.kind == FORK, SagaRow.org_id == org_id, SagaRow.id != saga_id))
             if any(json.loads(other.payload)["repo_name"] == repo.name for other in others):
                 return None
