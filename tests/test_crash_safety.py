@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 
 import httpx
 
+from services.common.server import start
+from services.inprocess import BUILDERS
 from tests.conftest import Org, Platform
 from tests.test_vms import new_vm, out
 
@@ -103,3 +106,29 @@ async def test_a_commit_never_freezes_a_layer_qemu_no_longer_writes_to(platform:
             db.execute("UPDATE vms SET layer_id = ? WHERE id = ?", (layer, vm))
         await commit(http, vm)
         assert (await http.delete(f"/api/v1/vm/{vm}")).status_code == 200
+
+
+async def test_a_commit_deletion_the_tagging_service_missed_finishes_once_it_answers(platform: Platform, org: Org) -> None:
+    """With the tagging service down a delete cannot be checked against tags: it answers 503, the commit is
+    gone from view at once (no restore, no tag, not listed), and the deletion finishes once tagging is back."""
+    async with platform.client(org) as http:
+        vm = await new_vm(http, mem_size_mib=128)
+        commit_id = await commit(http, vm)
+        assert (await http.delete(f"/api/v1/vm/{vm}")).status_code == 200
+        assert (await http.post("/api/v1/repositories", json={"name": "late"})).status_code == 201
+        await platform.running["tagging"].stop(0)
+        try:
+            answer = await http.delete(f"/api/v1/commits/{commit_id}")
+            assert answer.status_code == 503 and "finishes when it does" in answer.json()["error"], answer.text
+            listed = (await http.get("/api/v1/commits?limit=500")).json()["commits"]
+            assert commit_id not in [c["commit_id"] for c in listed]
+            assert (await http.post("/api/v1/vm/from_commit", json={"commit_id": commit_id})).status_code == 404
+        finally:
+            platform.running["tagging"] = await start(await BUILDERS["tagging"](platform.settings), platform.settings.addr("tagging"))
+        folder = platform.settings.data_dir.resolve() / "commits" / commit_id
+        deadline = time.monotonic() + 90
+        while folder.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert not folder.exists(), "the deletion was not finished once the tagging service answered"
+        tagged = await http.post("/api/v1/repositories/late/tags", json={"tag_name": "t", "commit_id": commit_id})
+        assert tagged.status_code == 404, tagged.text

@@ -224,7 +224,8 @@ class OrchestratorStore:
         return await self._undeleted(CommitRow)
 
     async def list_commits(self, org_id: str, limit: int, offset: int) -> tuple[list[CommitRow], int]:
-        mine = (CommitRow.org_id == org_id, col(CommitRow.deleted_at).is_(None))
+        being_deleted = select(CommitDeletionRow.commit_id)
+        mine = (CommitRow.org_id == org_id, col(CommitRow.deleted_at).is_(None), col(CommitRow.id).not_in(being_deleted))
         async with self.db.read() as session:
             total = (await session.exec(select(func.count()).select_from(CommitRow).where(*mine))).one()
             query = select(CommitRow).where(*mine).order_by(col(CommitRow.created_at).desc()).limit(limit).offset(offset)
@@ -239,7 +240,7 @@ class OrchestratorStore:
                 if parent is None or parent.org_id != org_id:
                     break
                 chain.append(parent)
-        return [commit for commit in chain if commit.deleted_at is None]
+            return [commit for commit in chain if await self._commit_is_live(session, commit.id)]
 
     async def begin_commit_deletion(self, org_id: str, commit_id: str) -> CommitRow:
         """Mark the commit as being deleted unless a VM still stands on it: from here on it cannot be
