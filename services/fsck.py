@@ -132,6 +132,12 @@ def _arg(args: list[str], flag: str) -> str:
     return args[at] if at < len(args) else ""
 
 
+def _skip_vanished(function: Callable[..., Any], name: str, error: tuple[type[BaseException], BaseException, Any]) -> None:
+    """For shutil.rmtree: an entry someone else removed meanwhile is no error."""
+    if not isinstance(error[1], FileNotFoundError):
+        raise error[1]
+
+
 def _leading_int(value: str) -> int:
     found = re.match(r"\d+", value)
     return int(found.group()) if found else 0
@@ -996,7 +1002,7 @@ class Survey:
                 raise Skipped(why)
             try:
                 if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
+                    shutil.rmtree(path, onerror=_skip_vanished)  # its owner may be removing it too
                 else:
                     path.unlink()
             except FileNotFoundError:
