@@ -113,7 +113,9 @@ async def test_two_concurrent_forks_into_one_new_repository(platform: Platform, 
 async def test_the_fork_is_independent_of_its_source(platform: Platform, source: Source) -> None:
     forker = await platform.new_org("forker")
     async with platform.client(forker) as http:
-        fork = (await http.post("/api/v1/repositories/fork", json=fork_body(source, repo_name="mine"))).json()
+        answer = await http.post("/api/v1/repositories/fork", json=fork_body(source, repo_name="mine"))
+        assert answer.status_code == 201, answer.text
+        fork = answer.json()
     upstream = source.http
     await upstream.patch("/api/v1/repositories/base/tags/latest", json={"description": "moved on"})
     scratch = (await upstream.post(f"/api/v1/vm/{source.vm_id}/commit", json={"name": "newer"})).json()["commit_id"]
