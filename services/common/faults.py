@@ -3,11 +3,8 @@ that reaches that point end at once, as `kill -9` would. Unset (as in every depl
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-
-log = logging.getLogger(__name__)
 
 FAULT_EXIT_CODE = 86
 

@@ -9,12 +9,16 @@ import tempfile
 from pathlib import Path
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    fsync_path(folder, os.O_DIRECTORY)
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644, *, exclusive: bool = False) -> bool:
@@ -51,9 +55,5 @@ def fsync_tree(folder: Path) -> None:
     """Flush every file of a folder, and the folder, to disk (a commit's files before its row is written)."""
     for entry in folder.iterdir():
         if entry.is_file():
-            fd = os.open(entry, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(entry)
     fsync_dir(folder)

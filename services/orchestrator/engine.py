@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import uuid
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 
 from services.common.errors import Conflict, DataLoss, FailedPrecondition, Internal, InvalidArgument, Unavailable
 from services.common.faults import fault_point
-from services.common.files import fsync_dir, fsync_tree, write_atomic
+from services.common.files import fsync_dir, fsync_path, fsync_tree, write_atomic
 from services.common.settings import Settings
 from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
@@ -640,8 +639,7 @@ class Engine:
 
     def _flush_commit(self, folder: Path, frozen: Path) -> None:
         fsync_tree(folder)
-        with frozen.open("rb") as layer:
-            os.fsync(layer.fileno())
+        fsync_path(frozen)
         fsync_dir(self.commits_dir)
         fsync_dir(self.layers_dir)
 

@@ -12,8 +12,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.common.db import Database, serialize
 from services.common.errors import Conflict, FailedPrecondition, NotFound, ResourceExhausted
 from services.common.timestamps import utcnow
-from services.orchestrator.models import LIVE_STATES, CommitDeletionRow, CommitRow, LayerRow, OperationRow, VmRow
-from services.orchestrator.models import ForkRequestRow
+from services.orchestrator.models import LIVE_STATES, CommitDeletionRow, CommitRow, ForkRequestRow, LayerRow, OperationRow, VmRow
 
 
 Row = TypeVar("Row", VmRow, CommitRow)
@@ -109,13 +108,23 @@ class OrchestratorStore:
 
     async def update_vm(self, vm_id: str, **changes: Any) -> VmRow:
         async with self.db.write() as session:
-            vm = await session.get(VmRow, vm_id)
-            if vm is None:
-                raise NotFound(f"VM {vm_id!r} not found")
-            for key, value in changes.items():
-                setattr(vm, key, value)
-            session.add(vm)
-            return vm
+            return await self._change_vm(session, vm_id, changes)
+
+    @staticmethod
+    async def _change_vm(session: AsyncSession, vm_id: str, changes: dict[str, Any]) -> VmRow:
+        vm = await session.get(VmRow, vm_id)
+        if vm is None:
+            raise NotFound(f"VM {vm_id!r} not found")
+        for key, value in changes.items():
+            setattr(vm, key, value)
+        session.add(vm)
+        return vm
+
+    @staticmethod
+    async def _drop(session: AsyncSession, operation_id: str | None) -> None:
+        """An intent, gone in the transaction that records its outcome."""
+        if operation_id is not None and (operation := await session.get(OperationRow, operation_id)) is not None:
+            await session.delete(operation)
 
     async def mark_vm_deleted(self, vm_id: str, operation_id: str | None = None) -> None:
         await self.finish(operation_id, vm_id, state="dead", deleted_at=utcnow(), pid=0)
@@ -130,16 +139,8 @@ class OrchestratorStore:
     async def finish(self, operation_id: str | None, vm_id: str | None = None, **changes: Any) -> VmRow | None:
         """Record an operation's outcome on its VM and drop its intent, in one transaction."""
         async with self.db.write() as session:
-            vm = None
-            if vm_id is not None:
-                vm = await session.get(VmRow, vm_id)
-                if vm is None:
-                    raise NotFound(f"VM {vm_id!r} not found")
-                for key, value in changes.items():
-                    setattr(vm, key, value)
-                session.add(vm)
-            if operation_id is not None and (operation := await session.get(OperationRow, operation_id)) is not None:
-                await session.delete(operation)
+            vm = await self._change_vm(session, vm_id, changes) if vm_id is not None else None
+            await self._drop(session, operation_id)
             return vm
 
     async def operations(self) -> list[OperationRow]:
@@ -169,22 +170,10 @@ class OrchestratorStore:
         async with self.db.write() as session:
             if commit is not None:
                 session.add(commit)
-            await self._move(session, vm_id, new_layer)
-            vm = await session.get(VmRow, vm_id)
-            assert vm is not None
-            for key, value in changes.items():
-                setattr(vm, key, value)
-            if (operation := await session.get(OperationRow, operation_id)) is not None:
-                await session.delete(operation)
-
-    @staticmethod
-    async def _move(session: AsyncSession, vm_id: str, new_layer: LayerRow) -> None:
-        session.add(new_layer)
-        await session.flush()
-        vm = await session.get(VmRow, vm_id)
-        assert vm is not None
-        vm.layer_id = new_layer.id
-        session.add(vm)
+            session.add(new_layer)
+            await session.flush()
+            await self._change_vm(session, vm_id, {**changes, "layer_id": new_layer.id})
+            await self._drop(session, operation_id)
 
     async def get_commit(self, org_id: str, commit_id: str) -> CommitRow:
         commit = await self._commit(commit_id)
