@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install images images-all gen lint-protos bench-vm bench-fsck bench-registry clean
+.PHONY: run test install images images-all gen lint-protos bench-vm bench-net bench-fsck bench-registry clean
 
 run: $(STAMP) images
 	$(PY) -m services.platform
@@ -22,6 +22,9 @@ images-all: $(STAMP) images
 
 bench-vm: $(STAMP) images
 	$(PY) bench/vm.py
+
+bench-net: $(STAMP) images
+	$(PY) bench/net.py
 
 bench-fsck: $(STAMP)
 	$(PY) bench/fsck.py

@@ -13,6 +13,15 @@ command -v qemu-system-x86_64 >/dev/null || apt_packages+=(qemu-system-x86)
 command -v qemu-img >/dev/null || apt_packages+=(qemu-utils)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || apt_packages+=(busybox-static)
 command -v mkfs.ext4 >/dev/null && [ -x /sbin/resize2fs ] || apt_packages+=(e2fsprogs)
+# guest networking (nftables), and what the default image carries: an SSH server with SFTP, git
+[ -x /usr/sbin/nft ] || apt_packages+=(nftables)
+[ -x /usr/sbin/ip ] && [ -x /usr/bin/ss ] || apt_packages+=(iproute2)
+[ -x /usr/sbin/dropbear ] || apt_packages+=(dropbear-bin)
+[ -x /usr/lib/openssh/sftp-server ] || apt_packages+=(openssh-sftp-server)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || apt_packages+=(ca-certificates)
+# tests: the OpenSSH client, and dnsmasq as the guests' test DNS server
+command -v ssh >/dev/null || apt_packages+=(openssh-client)
+[ -x /usr/sbin/dnsmasq ] || apt_packages+=(dnsmasq-base)
 # supported images (vers admin images bake): Debian root disks
 command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
 

@@ -18,6 +18,7 @@ import pytest_asyncio
 from services.common.settings import Settings
 from services.inprocess import InProcessPlatform, free_ports
 from services.orchestrator.images import build_all
+from services.orchestrator.network import GuestNetwork
 
 __all__ = ["IMAGES", "ROOT", "Org", "Platform", "free_ports", "kill_vms_under"]
 
@@ -58,6 +59,8 @@ class Platform(InProcessPlatform):
 
 
 ROOT = Path(__file__).resolve().parent.parent
+# Platforms the tests start in subprocesses too: no guest's DNS query leaves this machine.
+os.environ.setdefault("VERS_GUEST_DNS", "none")
 # `make test` builds the images first (make images); the suite shares that cache.
 IMAGES = Path(os.environ.get("VERS_IMAGES_DIR") or ROOT / ".vers" / "images")
 
@@ -66,11 +69,13 @@ def test_settings(data_dir: Path) -> Settings:
     return Settings(
         data_dir=data_dir, images_dir=str(IMAGES), auth_cache_seconds=0.5, shutdown_grace_seconds=1, accel="auto",
         keep_vms_running=True,  # a restart in these tests is one under systemd: VMs are adopted, not put to sleep
+        guest_dns="none",  # guests' DNS goes nowhere but to a test's own server
     )
 
 
 def kill_vms_under(run_dir: Path) -> None:
-    """Kill every QEMU whose sockets live in `run_dir` and remove the folder (RAM files live there)."""
+    """Kill every QEMU whose sockets live in `run_dir`, remove the folder (RAM files live there) and the
+    platform's guest network (namespace, link, rules)."""
     marker = str(run_dir).encode()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -79,6 +84,7 @@ def kill_vms_under(run_dir: Path) -> None:
         except (OSError, ValueError):
             continue
     shutil.rmtree(run_dir, ignore_errors=True)
+    GuestNetwork(run_dir, [], []).teardown()
 
 
 @pytest_asyncio.fixture(scope="session")

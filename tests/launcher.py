@@ -148,9 +148,10 @@ def command_path(args: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def running_site(folder: Path) -> Iterator[Site]:
-    """A platform launched as `make run` does, stopped afterwards with every VM it left."""
-    launched = Launched(launcher_env(folder))
+def running_site(folder: Path, **settings: str) -> Iterator[Site]:
+    """A platform launched as `make run` does (with these VERS_* settings besides), stopped afterwards with
+    every VM it left."""
+    launched = Launched({**launcher_env(folder), **settings})
     try:
         yield Site(launched, folder)
     finally:

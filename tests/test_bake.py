@@ -1,9 +1,11 @@
 """Supported images baked for real (Debian root disk by debootstrap, booted, committed, published as
-vers/python), consumed as the documentation shows, rebaked, and a bake that fails; the CI recipe script."""
+vers/python and vers/debian), consumed as the documentation shows, rebaked, and a bake that fails; the
+documentation's Team CI recipe (examples/ci-latest.sh), its VM pulling the app from a git server "outside"."""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -15,11 +17,19 @@ import pexpect
 import pytest
 
 from tests.launcher import COMMITTED, FORKED, IMAGES, ROOT, VERS, Site, User, running_site
+from tests.outside import GIT, Outside, outside_world
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    with running_site(tmp_path_factory.mktemp("bake")) as started:
+def outside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outside]:
+    with outside_world(tmp_path_factory.mktemp("outside")) as world:
+        yield world
+
+
+@pytest.fixture(scope="module")
+def site(outside: Outside, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    folder = tmp_path_factory.mktemp("bake")
+    with running_site(folder, VERS_GUEST_ALLOW=outside.address, VERS_GUEST_DNS=outside.address) as started:
         yield started
 
 
@@ -105,43 +115,81 @@ def test_a_failed_bake_leaves_latest_and_says_why(publisher: User, first_bake: d
     assert image_index() == images  # `--image python` still boots the published disk
 
 
-def test_ci_recipe_moves_latest_to_a_vm_with_the_new_app(site: Site, tmp_path: Path) -> None:
+def local_apt_repository(folder: Path) -> None:
+    """A one-package apt repository (flat, unsigned) in `folder`: what a mirror serves, without the internet."""
+    package = folder / "build" / "vers-hello"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "usr" / "bin").mkdir(parents=True)
+    (package / "DEBIAN" / "control").write_text(
+        "Package: vers-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: ci <ci@example.test>\nDescription: says hello\n"
+    )
+    (package / "usr" / "bin" / "vers-hello").write_text("#!/bin/sh\necho hello from apt\n")
+    (package / "usr" / "bin" / "vers-hello").chmod(0o755)
+    repository = folder / "apt"
+    repository.mkdir()
+    deb = repository / "vers-hello_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(package), str(deb)], check=True, capture_output=True)
+    control = (package / "DEBIAN" / "control").read_text()
+    digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+    (repository / "Packages").write_text(f"{control}Filename: ./{deb.name}\nSize: {deb.stat().st_size}\nSHA256: {digest}\n\n")
+
+
+def test_the_debian_image_installs_packages_with_apt(site: Site, publisher: User, outside: Outside) -> None:
+    results = publisher.json("admin", "images", "bake", "debian")["results"]
+    assert len(results) == 1 and "error" not in results[0], results
+    local_apt_repository(outside.folder)
+    me = site.user("debuser")
+    forked = FORKED.match(me.vers("repo", "fork", "vers/debian:latest", "--repo-name", "deb", "--tag-name", "latest").stdout)
+    assert forked
+    listed = "echo 'deb [trusted=yes] http://git.test:8080/apt ./' > /etc/apt/sources.list.d/local.list"
+    only = "-o Dir::Etc::SourceList=/etc/apt/sources.list.d/local.list -o Dir::Etc::SourceParts=-"
+    me.vers("exec", forked["vm"], "--", f"{listed} && apt-get {only} update -q && apt-get {only} install -y -q vers-hello")
+    assert me.vers("exec", forked["vm"], "--", "vers-hello").stdout == "hello from apt\n"
+    me.vers("exec", forked["vm"], "--", "test -x /usr/sbin/sshd && test -s /etc/ssh/ssh_host_ed25519_key")  # exit 0 or fails
+
+
+def test_ci_recipe_pulls_the_new_app_into_the_vm_and_moves_latest(site: Site, outside: Outside, tmp_path: Path) -> None:
     team = site.user("citeam")
     app = tmp_path / "app"
-    app.mkdir()
-    install = "#!/bin/sh\nset -e\nmkdir -p /opt/app\ncp VERSION /opt/app/installed-version\n"
-    (app / "install.sh").write_text(install)
+    subprocess.run([*GIT, "init", "-q", str(app)], check=True)
+    remote = "http://git.test:8080/my-app.git"
+    subprocess.run([*GIT, "-C", str(app), "remote", "add", "origin", remote], check=True)
+    (app / "install.sh").write_text("#!/bin/sh\nset -e\nmkdir -p /opt/app\ncp VERSION /opt/app/installed-version\n")
     (app / "install.sh").chmod(0o755)
 
     def release(version: str) -> None:
         (app / "VERSION").write_text(version + "\n")
-        subprocess.run(["git", "init", "-q"], cwd=app, check=True)
-        subprocess.run(["git", "add", "-A"], cwd=app, check=True)
-        subprocess.run(["git", "-c", "user.name=ci", "-c", "user.email=ci@example.com", "commit", "-qm", version], cwd=app, check=True)
+        subprocess.run([*GIT, "-C", str(app), "add", "-A"], check=True)
+        subprocess.run([*GIT, "-C", str(app), "commit", "-qm", version], check=True)
+        assert outside.publish_repository("my-app", app) == remote
 
     team.vers("run", "--vm-alias", "seed")
     first = COMMITTED.search(team.vers("commit", "seed").stdout)["commit"]  # type: ignore[index]
     team.vers("repo", "create", "my-app")
     team.vers("repo", "tag", "create", "my-app", "latest", first)
 
-    release("2.0.0")
     env = {**team.env, "REPO": "my-app", "APP_DIR": str(app), "PATH": f"{VERS.parent}:{os.environ['PATH']}"}
-    script = subprocess.run([ROOT / "examples" / "ci-latest.sh"], env=env, capture_output=True, text=True, timeout=600)
-    assert script.returncode == 0, script.stdout + script.stderr
-    latest = team.json("repo", "tag", "get", "my-app", "latest")["commit_id"]
-    assert latest != first
-    assert f"✓ Moved my-app:latest → {latest} (was {first})" in script.stdout
-
-    team.vers("run-commit", "my-app:latest", "--ref", "--vm-alias", "dev")
-    assert team.vers("exec", "dev", "--", "cat /opt/app/installed-version").stdout == "2.0.0\n"
-    scratch = [vm for vm in team.json("status") if vm["vm_id"] not in (team.json("status", "dev")["vm_id"],)]
-    assert len(scratch) == 1  # the seed VM; the CI's scratch VM was killed
+    for version in ("2.0.0", "2.1.0"):  # a clone the first time, a fetch into that clone the second
+        release(version)
+        before = team.json("repo", "tag", "get", "my-app", "latest")["commit_id"]
+        script = subprocess.run([ROOT / "examples" / "ci-latest.sh"], env=env, capture_output=True, text=True, timeout=600)
+        assert script.returncode == 0, script.stdout + script.stderr
+        latest = team.json("repo", "tag", "get", "my-app", "latest")["commit_id"]
+        assert f"✓ Moved my-app:latest → {latest} (was {before})" in script.stdout
+        team.vers("run-commit", "my-app:latest", "--ref", "--vm-alias", f"dev-{version}")
+        assert team.vers("exec", f"dev-{version}", "--", "cat /opt/app/installed-version").stdout == version + "\n"
+        head = subprocess.run([*GIT, "-C", str(app), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        assert team.vers("exec", f"dev-{version}", "--", "git -C /srv/app rev-parse HEAD").stdout == head
+        # the documentation's own line works in such a VM
+        assert team.vers("exec", f"dev-{version}", "--", "cd /srv/app && git pull -q origin main && cat VERSION").stdout == version + "\n"
+        team.vers("kill", f"dev-{version}")
+    assert [vm["vm_id"] for vm in team.json("status")] == [team.json("status", "seed")["vm_id"]]  # scratch VMs killed
 
     # A failing install moves nothing.
     (app / "install.sh").write_text("#!/bin/sh\necho migrations failed >&2\nexit 1\n")
-    release("2.0.1")
+    release("2.1.1")
     broken = subprocess.run([ROOT / "examples" / "ci-latest.sh"], env=env, capture_output=True, text=True, timeout=600)
     assert broken.returncode != 0
     assert "migrations failed" in broken.stderr
     assert team.json("repo", "tag", "get", "my-app", "latest")["commit_id"] == latest
-    assert json.dumps(team.json("status")).count("vm_id") == 2
+    assert json.dumps(team.json("status")).count("vm_id") == 1

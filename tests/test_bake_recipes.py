@@ -15,7 +15,8 @@ from services.bake.upstream import NpmPackage, node_lts_major
 
 
 def test_the_documented_images_exist_with_the_documented_basics() -> None:
-    assert set(RECIPES) == {"node", "python", "rust", "go", "pi-agent", "cc-agent"}
+    assert set(RECIPES) == {"debian", "node", "python", "rust", "go", "pi-agent", "cc-agent"}
+    assert "openssh-server" in COMMON_PACKAGES
     assert {"git", "curl", "nginx", "iproute2"} <= set(COMMON_PACKAGES)
     assert RECIPES["pi-agent"].npm == ("@mariozechner/pi-coding-agent",)
     assert RECIPES["cc-agent"].npm == ("@anthropic-ai/claude-code",)

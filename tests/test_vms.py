@@ -453,7 +453,7 @@ async def test_console_websocket_rejects_a_bad_frame(platform: Platform, booted:
     [
         ({"vm_config": {"vcpu_count": 99}}, "vcpu_count must be between 1 and 16"),
         ({"vm_config": {"mem_size_mib": 16}}, "mem_size_mib must be between 128"),
-        ({"vm_config": {"fs_size_mib": 10}}, "fs_size_mib must be between 64"),
+        ({"vm_config": {"fs_size_mib": 10}}, "fs_size_mib must be between 96"),
         ({"vm_config": {"image_name": "nope"}}, "image 'nope' does not exist; images: "),
         ({"vm_config": {"kernel_name": "other.bin"}}, "kernel_name must be 'default.bin'"),
     ],

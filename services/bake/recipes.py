@@ -7,8 +7,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 # Every supported image has these, as the documentation promises (git, curl, nginx, iproute2), plus
-# what the Vers guest needs (resize2fs, a login shell) and what makes it pleasant (certificates, procps).
-COMMON_PACKAGES = ("git", "curl", "nginx", "iproute2", "ca-certificates", "e2fsprogs", "bash", "procps", "less")
+# what the Vers guest needs (resize2fs, a login shell, an SSH server for `vers ssh-config`) and what makes
+# it pleasant (certificates, procps).
+COMMON_PACKAGES = (
+    "git", "curl", "nginx", "iproute2", "ca-certificates", "e2fsprogs", "bash", "procps", "less", "openssh-server",
+)  # fmt: skip
 
 PI_REMOTE = """#!/bin/sh
 # The pi coding agent in the tmux session "pi", driven remotely through a FIFO pair:
@@ -56,6 +59,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "node", "Node.js LTS with npm, git, curl, nginx, iproute2",
             (), {"node": "node --version", "npm": "npm --version"}, node=True,
+        ),
+        Recipe(
+            "debian", "Debian with apt, openssh-server, git, curl, nginx, iproute2",
+            (), {"debian": "cat /etc/debian_version", "apt": "apt-get --version | head -n 1"},
         ),
         Recipe(
             "python", "Python 3 with pip, venv, git, curl, nginx, iproute2",

@@ -29,12 +29,17 @@ DETACH = b"\x1d"  # Ctrl-]
 END_OF_INPUT = b"\x04"  # Ctrl-D: the shell's own "no more input"
 
 
-def console_url(base_url: str, vm_id: str) -> str:
+def websocket_url(base_url: str, path: str) -> str:
     scheme, _, rest = base_url.partition("://")
-    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/api/v1/vm/{vm_id}/console"
+    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{path}"
 
 
-def _refusal(error: websockets.InvalidStatus) -> ApiError:
+def console_url(base_url: str, vm_id: str) -> str:
+    return websocket_url(base_url, f"/api/v1/vm/{vm_id}/console")
+
+
+def refusal(error: websockets.InvalidStatus, what: str = "the console") -> ApiError:
+    """A refused handshake as the REST calls' error: the server's JSON message and its HTTP status."""
     response = error.response
     try:
         body = json.loads(response.body or b"")
@@ -42,7 +47,7 @@ def _refusal(error: websockets.InvalidStatus) -> ApiError:
         body = None
     if isinstance(body, dict) and body.get("error"):
         return ApiError(response.status_code, str(body["error"]), str(body.get("code", "")))
-    return ApiError(response.status_code, f"the console was refused with HTTP {response.status_code}")
+    return ApiError(response.status_code, f"{what} was refused with HTTP {response.status_code}")
 
 
 @contextlib.contextmanager
@@ -133,7 +138,7 @@ def open_console(base_url: str, api_key: str, vm_id: str) -> Session:
             max_size=None,
         )
     except websockets.InvalidStatus as error:
-        raise _refusal(error) from None
+        raise refusal(error) from None
     except (OSError, TimeoutError, websockets.InvalidHandshake) as error:
         raise Unreachable(unreachable(base_url, error)) from None
     return Session(socket, sys.stdin.fileno(), sys.stdout.fileno())

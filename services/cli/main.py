@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -14,12 +16,14 @@ from typing import Any
 import click
 from click_default_group import DefaultGroup
 
-from services.cli import config
+from services.cli import config, ssh
 from services.cli.client import ApiClient, ApiError, Unreachable
 from services.cli.config import ConfigError, LocalState, check_alias, is_uuid
 from services.cli.console import open_console
 from services.cli.output import Output, progress, when, with_format
 from services.cli.refs import parse_public_ref, split_org
+from services.cli.ssh import HostBlock, host_block, save_key, write_config
+from services.cli.tunnel import open_stdio, run_stdio, serve
 
 
 class Context:
@@ -157,9 +161,12 @@ def whoami(ctx: Context, out: Output) -> None:
 @click.option("--vcpu-count", type=click.IntRange(1), help="Virtual CPUs.")
 @click.option("--fs-size", type=click.IntRange(1), help="Root filesystem size in MiB.")
 @click.option("--image", help="Image to boot (default: default).")
-def run(ctx: Context, out: Output, alias: str, mem_size: int | None, vcpu_count: int | None, fs_size: int | None, image: str | None) -> None:
+@click.option("--network", type=click.Choice(["nat", "none"]),
+              help="nat (the default): outbound access through NAT; none: no packet leaves the VM (tunnels still reach in).")
+def run(ctx: Context, out: Output, alias: str, mem_size: int | None, vcpu_count: int | None, fs_size: int | None,
+        image: str | None, network: str | None) -> None:
     """Boot a new VM and wait until it answers."""
-    wanted = {"mem_size_mib": mem_size, "vcpu_count": vcpu_count, "fs_size_mib": fs_size, "image_name": image}
+    wanted = {"mem_size_mib": mem_size, "vcpu_count": vcpu_count, "fs_size_mib": fs_size, "image_name": image, "network": network}
     vm_config = {name: value for name, value in wanted.items() if value is not None}
     with progress("Booting a VM…"):
         vm_id = ctx.call("POST", "/api/v1/vm/new_root", params={"wait_boot": "true"}, json={"vm_config": vm_config})["vm_id"]
@@ -167,11 +174,34 @@ def run(ctx: Context, out: Output, alias: str, mem_size: int | None, vcpu_count:
     out.result({"vm_id": vm_id, "alias": alias or None}, f"✓ VM {vm_id} is running" + (f" (alias {alias})" if alias else ""))
 
 
-@command(cli, "connect", formatted=False)
+class PassThrough(click.Command):
+    """A command whose arguments after `--` go untouched to another program (click would drop the `--`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            at = args.index("--")
+            args, ctx.meta["passed"] = args[:at], args[at + 1:]
+        return super().parse_args(ctx, args)
+
+
+@command(cli, "connect", formatted=False, cls=PassThrough)
+@click.option("--ssh", "over_ssh", is_flag=True, help="Log in with OpenSSH (`vers ssh-config`'s block) instead of the console.")
 @click.argument("vm", required=False)
-def connect(ctx: Context, vm: str | None) -> None:
-    """The VM's console in this terminal. Ctrl-] or `exit` leaves."""
+def connect(ctx: Context, over_ssh: bool, vm: str | None) -> None:
+    """The VM's console in this terminal; Ctrl-] or `exit` leaves. With --ssh, `ssh` to the VM instead
+    (`vers connect --ssh VM -- ARGS...` passes ARGS to ssh, e.g. a command or -L 8080:localhost:80)."""
+    passed: list[str] = click.get_current_context().meta.get("passed", [])
+    if passed and not over_ssh:
+        raise click.UsageError("arguments after -- are for ssh: add --ssh")
     vm_id = ctx.vm(vm)
+    if over_ssh:
+        if shutil.which("ssh") is None:
+            raise click.ClickException("no ssh on PATH: install OpenSSH's client (Debian: openssh-client)")
+        block = _ssh_block(ctx, vm_id)
+        path = write_config(block)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvp("ssh", ["ssh", "-F", str(path), block.host, *passed])
     session = open_console(ctx.credentials.url, ctx.client.api_key, vm_id)
     ctx.remember(vm_id)
     interactive = sys.stdin.isatty()
@@ -217,6 +247,76 @@ def exec_(ctx: Context, out: Output, send_stdin: bool, env: tuple[str, ...], wor
         sys.stdout.flush()
         sys.stderr.write(result["stderr"])
     sys.exit(result["exit_code"])
+
+
+def _port(text: str, what: str, lowest: int = 1) -> int:
+    if not text.isdigit() or not lowest <= int(text) <= 65535:
+        raise click.BadParameter(f"{what} {text!r} is not a port number ({lowest}-65535)", param_hint="[LOCAL:]REMOTE")
+    return int(text)
+
+
+@command(cli, "tunnel")
+@click.option("--stdio", is_flag=True, help="One connection on stdin and stdout (for ssh's ProxyCommand), no listening port.")
+@click.argument("vm")
+@click.argument("ports", metavar="[LOCAL:]REMOTE")
+def tunnel(ctx: Context, out: Output, stdio: bool, vm: str, ports: str) -> None:
+    """Forward 127.0.0.1:LOCAL to port REMOTE inside the VM, as `ssh -L` does, until Ctrl-C. LOCAL is REMOTE
+    when not given; 0 picks a free port. Each connection runs over its own WebSocket, many at once."""
+    local_text, colon, remote_text = ports.rpartition(":")
+    remote = _port(remote_text, "remote port")
+    local = _port(local_text, "local port", lowest=0) if colon else remote
+    if stdio and colon:
+        raise click.UsageError("--stdio takes the VM's port alone: vers tunnel --stdio VM PORT")
+    if stdio and out.json:
+        raise click.UsageError("--stdio carries the connection's bytes on stdout: no --format")
+    vm_id = ctx.vm(vm)
+    api_key = ctx.client.api_key
+    if stdio:
+        socket = open_stdio(ctx.credentials.url, api_key, vm_id, remote)
+        try:
+            why = run_stdio(socket, sys.stdin.fileno(), sys.stdout.fileno())
+        except KeyboardInterrupt:
+            socket.close()
+            sys.exit(130)
+        if why:
+            raise click.ClickException(why)
+        return
+    ctx.call("GET", f"/api/v1/vm/{vm_id}/metadata")  # an unknown VM fails now, not at the first connection
+    ctx.remember(vm_id)
+
+    def ready(port: int) -> None:
+        out.result({"vm_id": vm_id, "port": remote, "local_address": "127.0.0.1", "local_port": port},
+                   f"✓ 127.0.0.1:{port} → VM {vm_id}:{remote} (Ctrl-C stops)")
+
+    def failed(peer: str, why: str) -> None:
+        click.echo(f"✗ connection from {peer}: {why}", err=True)
+
+    try:
+        asyncio.run(serve(ctx.credentials.url, api_key, vm_id, remote, local, ready, failed))
+    except KeyboardInterrupt:  # before the loop took over Ctrl-C
+        pass
+    except OSError as error:
+        raise click.ClickException(f"cannot listen on 127.0.0.1:{local}: {error.strerror or error}") from None
+
+
+def _ssh_block(ctx: Context, vm_id: str) -> HostBlock:
+    """The VM's key saved, and its `Host` block (named by its alias when it has one)."""
+    answer = ctx.call("GET", f"/api/v1/vm/{vm_id}/ssh_key")
+    ctx.remember(vm_id)
+    key = save_key(vm_id, answer["ssh_private_key"])
+    return host_block(ctx.state.alias_of(vm_id) or vm_id, vm_id, key, int(answer.get("ssh_port") or 22))
+
+
+@command(cli, "ssh-config")
+@click.argument("vm", required=False)
+def ssh_config(ctx: Context, out: Output, vm: str | None) -> None:
+    """An OpenSSH `Host` block for the VM (its key saved in the config folder), to add to ~/.ssh/config:
+    `vers ssh-config dev >> ~/.ssh/config && ssh dev`, scp and rsync included."""
+    block = _ssh_block(ctx, ctx.vm(vm))
+    if out.json:
+        out.result(block.as_dict())
+    else:
+        click.echo(block.text, nl=False)
 
 
 # `vers commit [VM]` commits (the default subcommand); `vers commit list` lists.
@@ -337,6 +437,7 @@ def kill(ctx: Context, out: Output, vm: str | None) -> None:
     vm_id = ctx.vm(vm)
     ctx.call("DELETE", f"/api/v1/vm/{vm_id}")
     ctx.state.forget(vm_id)
+    ssh.forget(vm_id)
     out.result({"vm_id": vm_id}, f"✓ Killed VM {vm_id}")
 
 
@@ -556,6 +657,59 @@ def _each(out: Output, names: tuple[str, ...], action: Callable[[str], Any], don
         out.result({"results": results})
     if failed:
         sys.exit(1)
+
+
+# --- domains --------------------------------------------------------------------------------------
+
+
+@cli.group("domain")
+def domain() -> None:
+    """Domains: NAME.<the platform's domain suffix> reaches a port of a VM through the gateway."""
+
+
+def _access(found: dict[str, Any]) -> str:
+    return "public" if found.get("is_public") else "private"
+
+
+@command(domain, "create")
+@click.argument("name")
+@click.argument("vm", required=False)
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="The VM's port requests go to (default 80).")
+@click.option("--public", "is_public", is_flag=True, help="Reachable without an API key (default: the organization's key only).")
+def domain_create(ctx: Context, out: Output, name: str, vm: str | None, port: int | None, is_public: bool) -> None:
+    """Route NAME (a DNS label: lowercase letters, digits, hyphens) to a port of a VM, the VM used last if none is given."""
+    vm_id = ctx.vm(vm)
+    body: dict[str, Any] = {"domain": name, "vm_id": vm_id, "is_public": is_public, **({"port": port} if port else {})}
+    found = ctx.call("POST", "/api/v1/domains", json=body)
+    ctx.remember(vm_id)
+    line = f"✓ {found['domain']} → VM {found['vm_id']}:{found['port']} ({_access(found)})"
+    out.result(found, line, f"  ID: {found['domain_id']}")
+
+
+@command(domain, "list")
+@click.option("--vm", default=None, help="Only this VM's domains.")
+def domain_list(ctx: Context, out: Output, vm: str | None) -> None:
+    """Your organization's domains."""
+    params = {"vm_id": ctx.vm(vm)} if vm else {}
+    found = ctx.call("GET", "/api/v1/domains", params=params)
+    rows = [[d["domain"], f"{d['vm_id']}:{d['port']}", _access(d), when(d["created_at"]), d["domain_id"]] for d in found]
+    out.table(found, ["DOMAIN", "VM:PORT", "ACCESS", "CREATED", "ID"], rows, "No domains: `vers domain create NAME` makes one.")
+
+
+@command(domain, "delete")
+@click.argument("names", nargs=-1, required=True, metavar="DOMAIN_ID_OR_NAME...")
+def domain_delete(ctx: Context, out: Output, names: tuple[str, ...]) -> None:
+    """Delete domains, by ID, by NAME or by their full name; the VMs stay."""
+    listed: list[dict[str, Any]] = ctx.call("GET", "/api/v1/domains")
+
+    def delete(given: str) -> None:
+        name = given.lower().rstrip(".")  # names are kept in lowercase, as DNS compares them
+        found = next((d for d in listed if given == d["domain_id"] or name in (d["domain"], d["domain"].split(".", 1)[0])), None)
+        if found is None:
+            raise ApiError(404, f"no domain {given!r} in your organization: `vers domain list` shows them")
+        ctx.call("DELETE", f"/api/v1/domains/{found['domain_id']}")
+
+    _each(out, names, delete, "Deleted domain {}")
 
 
 # --- administration -------------------------------------------------------------------------------

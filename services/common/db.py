@@ -10,11 +10,13 @@ The models and queries are portable SQL; PostgreSQL runs them with ordinary tran
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 
-from sqlalchemy import Column, DateTime, Table, event, text
+from sqlalchemy import Column, Connection, DateTime, Table, event, inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -53,13 +55,47 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
     return engine
 
 
+def _add_missing_columns(connection: Connection, tables: list[Table]) -> None:
+    """Columns added to a table after its database was made: added with their default, so data made by the
+    previous version is read as it was. Only additions; anything more needs a real migration."""
+    inspector = inspect(connection)
+    for table in tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            default = column.default.arg if column.default is not None and column.default.is_scalar else None
+            if default is None and not column.nullable:
+                raise RuntimeError(f"column {table.name}.{column.name} was added without a default: it needs a migration")
+            kind = column.type.compile(dialect=connection.dialect)
+            clause = f" NOT NULL DEFAULT {_literal(default)}" if default is not None else ""
+            connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}{clause}")
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 class Database:
     def __init__(self, url: str) -> None:
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         if self.is_sqlite:
-            if parsed.database:
+            if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                # Readable by this user only (keys and their hashes live here); SQLite gives its -wal and
+                # -shm files the database file's mode, and a database made before this keeps none wider.
+                # Made here only when missing: closing a descriptor of a database this process has open would
+                # drop SQLite's locks on it (POSIX record locks belong to the process).
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(parsed.database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                for path in (parsed.database, f"{parsed.database}-wal", f"{parsed.database}-shm"):
+                    with contextlib.suppress(OSError):
+                        os.chmod(path, 0o600)
             self._read_engine = _sqlite_engine(url, "BEGIN")
             self._write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE")
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
@@ -68,8 +104,10 @@ class Database:
             self._write_lock = None
 
     async def create_tables(self, tables: Iterable[Table]) -> None:
+        tables = list(tables)
         async with self._write_engine.begin() as conn:
-            await conn.run_sync(SQLModel.metadata.create_all, tables=list(tables))
+            await conn.run_sync(SQLModel.metadata.create_all, tables=tables)
+            await conn.run_sync(_add_missing_columns, tables)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -38,3 +38,20 @@ def validate_repo_name(name: str) -> str:
 
 def validate_tag_name(name: str) -> str:
     return validate_name("tag", name, TAG_NAME_MAX)
+
+
+def normalize_host(host: str) -> str:
+    """A Host header as a name: lowercase, without its port or a final dot (the gateway and the orchestrator
+    read domains' hosts alike)."""
+    host = host.strip().lower()
+    if host.startswith("[") and "]" in host:
+        return host[: host.index("]") + 1]  # an IPv6 address, never a domain
+    name, colon, port = host.partition(":")
+    if colon and port.isdigit():
+        host = name
+    return host.rstrip(".")
+
+
+def normalize_suffix(suffix: str) -> str:
+    """VERS_DOMAIN_SUFFIX as compared: lowercase, no dots at either end."""
+    return suffix.strip().strip(".").lower()

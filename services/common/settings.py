@@ -50,6 +50,18 @@ class Settings(BaseSettings):
     org_max_vcpus: int = Field(32, validation_alias="VERS_ORG_MAX_VCPUS")
     org_max_memory_mib: int = Field(32768, validation_alias="VERS_ORG_MAX_MEMORY_MIB")
     boot_timeout_seconds: float = Field(120.0, validation_alias="VERS_BOOT_TIMEOUT_SECONDS")
+    # Guest networking: addresses or ranges guests may reach although private, loopback or link-local
+    # (comma-separated, e.g. 10.20.0.5,192.168.7.0/24); the resolvers guests' DNS queries go to (the
+    # host's /etc/resolv.conf when empty).
+    guest_allow: str = Field("", validation_alias="VERS_GUEST_ALLOW")
+    guest_dns: str = Field("", validation_alias="VERS_GUEST_DNS")
+    # Connections into VMs (tunnels, SSH, domains) this orchestrator carries at once, over all VMs (each
+    # costs it two file descriptors; it raises its own open-file limit to the hard limit at start).
+    max_tunnels: int = Field(2048, validation_alias="VERS_MAX_TUNNELS")
+    # Domains: NAME.<suffix> reaches a port of a VM through the gateway (point a wildcard DNS record, or
+    # *.localhost, at the gateway); how many one organization may have.
+    domain_suffix: str = Field("vers.localhost", validation_alias="VERS_DOMAIN_SUFFIX")
+    org_max_domains: int = Field(20, validation_alias="VERS_ORG_MAX_DOMAINS")
 
     # Supported images (`vers admin images bake`): the Debian suite and archives their root disks come
     # from, and the npm registry for Node.js and tools that ship there.

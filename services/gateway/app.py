@@ -15,10 +15,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
 
 from services.common.settings import SERVICES, Settings
 from services.gateway.bindings import Binding, all_bindings
+from services.gateway.domains import DomainRouter
 from services.gateway.errors import STATUS_CODE_NAMES, error_response, rpc_error_response
 from services.gateway.openapi import openapi_document
 from services.gateway.streams import StreamBridge
@@ -138,7 +140,8 @@ async def _http_error(request: Request, error: Exception) -> Response:
     return error_response(error.status_code, code, str(error.detail))
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings) -> ASGIApp:
+    """The API, behind the router that sends requests for domains (NAME.<VERS_DOMAIN_SUFFIX>) to their VMs."""
     gateway = Gateway(settings)
     routes = [
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
@@ -146,4 +149,5 @@ def create_app(settings: Settings) -> Starlette:
         *(Route(b.path, gateway.endpoint(b), methods=[b.verb]) for b in gateway.bindings),
         *(WebSocketRoute(b.path, gateway.stream_endpoint(b)) for b in gateway.bindings if b.streaming),
     ]
-    return Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: _http_error})
+    api = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: _http_error})
+    return DomainRouter(api, settings.domain_suffix, lambda: gateway.channels["orchestrator"])

@@ -116,6 +116,10 @@ class StreamBridge:
         code, reason = CLOSE_NORMAL, ""
         try:
             done, _ = await asyncio.wait({client, server}, return_when=asyncio.FIRST_COMPLETED)
+            if client in done and isinstance(client.exception(), grpc.aio.AioRpcError) and not server.done():
+                # A write that fails because the server just ended the call reports INTERNAL, not how the
+                # call ended: the server's side says that, and it is about to.
+                done = (await asyncio.wait({server}, timeout=5))[0] or {client}
             for task in done:
                 task.result()  # a client that left ends the call; the server ending ends the socket
         except BadRequest as error:

@@ -7,6 +7,7 @@ from services.common.errors import Conflict, Unavailable
 from services.common.peers import Peers
 from services.common.server import Service
 from services.common.settings import Settings
+from services.orchestrator.domains import DomainProxyServicer, Domains
 from services.orchestrator.engine import Engine
 from services.orchestrator.models import TABLES
 from services.orchestrator.servicer import OrchestratorInternalServicer, OrchestratorServicer
@@ -40,17 +41,22 @@ async def build(settings: Settings) -> Service:
     peers = Peers(settings)
     engine.reserve_deletion = _deletion_reserver(peers)
     await engine.start()
-    servicer = OrchestratorServicer(engine, store, peers.channel("tagging"))
+    domains = Domains(store, settings.domain_suffix, settings.org_max_domains)
+    servicer = OrchestratorServicer(engine, store, peers.channel("tagging"), domains)
     internal = OrchestratorInternalServicer(engine, store, peers.channel("tagging"))
+    # The gateway's connections to domains: keys of private ones are checked as the interceptor checks any.
+    edge = DomainProxyServicer(engine, store, peers.resolver, settings.domain_suffix)
 
     def register(server: grpc.aio.Server) -> None:
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
         orchestrator_pb2_grpc.add_OrchestratorInternalServiceServicer_to_server(internal, server)
+        orchestrator_pb2_grpc.add_OrchestratorEdgeServiceServicer_to_server(edge, server)
 
     return Service(
         name="orchestrator",
         service_names=[
-            orchestrator_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("OrchestratorService", "OrchestratorInternalService")
+            orchestrator_pb2.DESCRIPTOR.services_by_name[name].full_name
+            for name in ("OrchestratorService", "OrchestratorInternalService", "OrchestratorEdgeService")
         ],
         register=register,
         resolver=peers.resolver,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import resource
 import shutil
 import subprocess
 import uuid
@@ -15,15 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from services.common.errors import Conflict, DataLoss, FailedPrecondition, Internal, InvalidArgument, Unavailable
+from services.common.errors import (
+    Conflict, DataLoss, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable,
+)  # fmt: skip
 from services.common.faults import fault_point
 from services.common.files import fsync_dir, fsync_path, fsync_tree, write_atomic
 from services.common.settings import Settings
 from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
 from services.orchestrator.integrity import Verifier
-from services.orchestrator.machine import LaunchSpec, Machine, copy_sparse, find_processes, kill_process
-from services.orchestrator.models import LIVE_STATES, CommitRow, LayerRow, MachineShape, OperationRow, VmRow
+from services.orchestrator.machine import LaunchSpec, Machine, QmpError, copy_sparse, find_processes, kill_process
+from services.orchestrator.models import LIVE_STATES, CommitRow, LayerRow, MachineShape, OperationRow, SshKeyRow, VmRow
+from services.orchestrator.network import NETWORK_MODES, GuestNetwork, guest_resolvers, new_ssh_key, parse_ranges
 from services.orchestrator.store import OrchestratorStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,10 @@ MAX_VCPUS = 16
 MEMORY_RANGE_MIB = (128, 65536)
 MAX_DISK_MIB = 1024 * 1024
 MAX_BRANCH_COUNT = 16
+# Per VM: guest ports reached from outside, and connections to them open at once.
+MAX_FORWARDED_PORTS = 32
+MAX_TUNNELS_PER_VM = 256
+SSH_PORT = 22
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class VmConfig:
     image_name: str = ""
     kernel_name: str = ""
     labels: Mapping[str, str] | None = None
+    network: str = ""
 
 
 # Deletes a commit's reservation in the tagging service: raises Conflict when a tag still names it.
@@ -61,6 +70,9 @@ class LiveVm:
     machine: Machine | None = None
     # Its QEMU is being ended on purpose (sleep, delete): its exit is not a death.
     ending: bool = False
+    # Connections to its ports from outside (tunnels, SSH, domains), and the lock that makes host forwards.
+    tunnels: int = 0
+    forwarding: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def _manifest(folder: Path) -> dict[str, str] | None:
@@ -80,6 +92,11 @@ class Engine:
         self.commits_dir = data / "commits"
         self.sleep_dir = data / "sleeping"
         self.run_dir = settings.vm_run_dir
+        self.network = GuestNetwork(
+            self.run_dir,
+            allow=parse_ranges(settings.guest_allow, "VERS_GUEST_ALLOW"),
+            dns=guest_resolvers(settings.guest_dns),
+        )
         self.accel = "tcg"
         self.vms: dict[str, LiveVm] = {}
         self.verifier = Verifier()
@@ -88,6 +105,7 @@ class Engine:
         self._changes: set[asyncio.Future[Any]] = set()
         self._finishing_deletions: asyncio.Task[None] | None = None
         self._closing = False
+        self._tunnels = 0  # connections into VMs open now, on this host
 
     # Start-up and shutdown
 
@@ -101,6 +119,10 @@ class Engine:
             # the probe result is a fact about this host, kept beside the images every data folder shares
             self.accel = await choose_accelerator(self.settings.accel, image, self.images_root / "accel.json")
         log.info("VMs run with %s", self.accel.upper())
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # every connection into a VM is two descriptors here
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        await asyncio.to_thread(self.network.setup)
         await self._recover()
         await self._wake_after_shutdown()
         if await self.store.commit_deletions():
@@ -123,6 +145,8 @@ class Engine:
                 await record.machine.qmp.close()
                 record.machine = None
         self.vms.clear()
+        if self.network.available and not find_processes(self.run_dir):
+            await asyncio.to_thread(self.network.teardown)  # made again on the next start
 
     async def _sleep_for_shutdown(self) -> None:
         running = [vm_id for vm_id, record in self.vms.items() if record.machine is not None]
@@ -433,7 +457,7 @@ class Engine:
             raise InvalidArgument(f"image {name!r} does not exist; images: {known}")
         return image
 
-    def _validate(self, config: VmConfig, image: Image) -> tuple[int, int, int]:
+    def _validate(self, config: VmConfig, image: Image) -> tuple[int, int, int, str]:
         if config.kernel_name not in ("", KERNEL_NAME):
             raise InvalidArgument(f"kernel_name must be {KERNEL_NAME!r} (or left out)")
         vcpus = config.vcpu_count or 1
@@ -450,7 +474,18 @@ class Engine:
         for key, value in (config.labels or {}).items():
             if not key or len(key) > 63 or len(value) > 255:
                 raise InvalidArgument("labels: keys are 1-63 characters, values at most 255")
-        return vcpus, memory, disk
+        # Without the privileges for outbound networking, VMs get a closed NIC unless "nat" is asked for.
+        network = config.network or ("nat" if self.network.available else "none")
+        self._check_network(network)
+        return vcpus, memory, disk, network
+
+    def _check_network(self, network: str) -> None:
+        if network not in NETWORK_MODES:
+            raise InvalidArgument(f'network must be "nat" (outbound access, the default) or "none", not {network!r}')
+        if network == "nat" and not self.network.available:
+            raise FailedPrecondition(
+                f'this host cannot give VMs outbound network ({self.network.reason}): ask for network "none", or see the README'
+            )
 
     async def create_root(self, org_id: str, config: VmConfig, wait_boot: bool) -> VmRow:
         vm = await self._whole(self._create_root(org_id, config))
@@ -461,12 +496,13 @@ class Engine:
 
     async def _create_root(self, org_id: str, config: VmConfig) -> VmRow:
         image = self._image(config.image_name)
-        vcpus, memory, disk = self._validate(config, image)
+        vcpus, memory, disk, network = self._validate(config, image)
         layer = LayerRow(id=str(uuid.uuid4()), base_path=str(image.disk))
         vm = VmRow(
             id=str(uuid.uuid4()), org_id=org_id, labels=json.dumps(dict(config.labels or {})),
             vcpu_count=vcpus, mem_size_mib=memory, fs_size_mib=disk, image_name=image.name,
             kernel_path=str(image.kernel), initramfs_path=str(image.initramfs), layer_id=layer.id, ram_mode="shared",
+            network=network,
         )  # fmt: skip
         # The row (with the VM's id, which names its QEMU) exists before QEMU does, so a crash in between
         # leaves a process that the next start finds and adopts.
@@ -494,6 +530,7 @@ class Engine:
             vm_id=vm.id, run_folder=self.run_folder(vm.id), accel=self.accel, vcpus=vm.vcpu_count,
             mem_mib=vm.mem_size_mib, kernel=Path(vm.kernel_path), initramfs=Path(vm.initramfs_path),
             disk=self.layer_path(vm.layer_id), ram_mode=vm.ram_mode, ram_file=ram_file, incoming=incoming,
+            network=vm.network, prefix=tuple(self.network.launch_prefix(vm.network)),
         )  # fmt: skip
 
     def verify_commit(self, commit: CommitRow) -> None:
@@ -511,6 +548,8 @@ class Engine:
             raise InvalidArgument(f"count must be between 1 and {MAX_BRANCH_COUNT}, not {count}")
         ids = list(vm_ids) or [str(uuid.uuid4()) for _ in range(count)]
         assert len(ids) == count
+        if commit.network:
+            self._check_network(commit.network)
         await asyncio.to_thread(self.verify_commit, commit)
         layers = [LayerRow(id=str(uuid.uuid4()), parent_id=commit.layer_id) for _ in range(count)]
         shape = commit.model_dump(include=set(MachineShape.model_fields))
@@ -741,6 +780,82 @@ class Engine:
                 yield reader, writer
             finally:
                 writer.close()
+
+    @asynccontextmanager
+    async def connect_port(self, vm: VmRow, port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """A TCP connection to the guest's `port`, through a host forward of the VM's user-mode stack (made
+        on first use, kept while its QEMU runs), closed when the block ends. When nothing listens in the
+        guest, the connection is closed at once (the stream reads its end)."""
+        if not 1 <= port <= 65535:
+            raise InvalidArgument(f"port must be between 1 and 65535, not {port}")
+        if not vm.network:
+            raise FailedPrecondition(f"VM {vm.id} was made before VMs had a network card: start a new VM to reach its ports")
+        if vm.state == "paused":
+            raise FailedPrecondition(f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}})')
+        record = self.live(vm.id)
+        # Counted before any wait, so a burst of connections cannot pass the limits together.
+        if record.tunnels >= MAX_TUNNELS_PER_VM:
+            raise ResourceExhausted(f"VM {vm.id} already has {MAX_TUNNELS_PER_VM} open connections from outside: close some first")
+        if self._tunnels >= self.settings.max_tunnels:
+            raise ResourceExhausted(
+                f"this host already carries {self.settings.max_tunnels} connections into VMs: try again later, or raise "
+                f"VERS_MAX_TUNNELS"
+            )
+        record.tunnels += 1
+        self._tunnels += 1
+        try:
+            machine = await self.wait_booted(vm)
+            if port == SSH_PORT:
+                await self.ssh_key(vm)  # the VM's own key, not its source's, before anyone logs in
+            address = self.network.forward_address()
+            async with record.forwarding:
+                host_port = machine.forwards.get(port)
+                if host_port is None:
+                    if len(machine.forwards) >= MAX_FORWARDED_PORTS:
+                        raise ResourceExhausted(f"VM {vm.id} already has {MAX_FORWARDED_PORTS} ports reached from outside")
+                    host_port = await self._forward(machine, address, port)
+            try:
+                reader, writer = await asyncio.open_connection(address, host_port)
+            except OSError as error:
+                raise Unavailable(f"port {port} of VM {vm.id} cannot be reached: {error}") from error
+            try:
+                yield reader, writer
+            finally:
+                writer.close()
+        finally:
+            record.tunnels -= 1
+            self._tunnels -= 1
+
+    async def ssh_key(self, vm: VmRow) -> SshKeyRow:
+        """The VM's SSH key (made on the first ask), installed in the guest as the one key root accepts: a
+        branch asks for its own, which replaces what its source's disk held."""
+        key = await self.store.ssh_key(vm.id)
+        if key is None:
+            private, public = new_ssh_key(f"vers-{vm.id}")
+            key = await self.store.save_ssh_key(SshKeyRow(vm_id=vm.id, private_key=private, public_key=public))
+        machine = await self.wait_booted(vm)
+        if machine.ssh_key != key.public_key:
+            script = (
+                "umask 077 && mkdir -p /root/.ssh && printf '%s\\n' \"$1\" > /root/.ssh/authorized_keys.new && "
+                "mv /root/.ssh/authorized_keys.new /root/.ssh/authorized_keys"
+            )
+            result = await machine.agent.exec(["sh", "-c", script, "sh", key.public_key], wait=30.0)
+            if result.exit_code != 0:
+                raise FailedPrecondition(f"VM {vm.id} did not take its SSH key: {result.stderr.decode(errors='replace').strip()}")
+            machine.ssh_key = key.public_key
+        return key
+
+    async def _forward(self, machine: Machine, address: str, port: int) -> int:
+        for _ in range(50):
+            host_port = self.network.next_port()
+            try:
+                await machine.forward(address, host_port, port)
+            except QmpError as error:
+                log.debug("host port %d is taken (%s); trying another", host_port, error)
+                continue
+            machine.forwards[port] = host_port
+            return host_port
+        raise Unavailable("no free host port for the VM's forward: try again")
 
     async def set_state(self, vm: VmRow, state: str, skip_wait_boot: bool = False) -> VmRow:
         wanted = state.lower()

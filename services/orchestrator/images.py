@@ -27,8 +27,17 @@ from services.common.settings import get_settings
 
 GUEST_FILES = Path(__file__).resolve().parent / "guest"
 # Drivers the guest needs; their dependencies are found from each module's modinfo.
-MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "ext4", "crc32c_generic")
-BASE_DISK_MIB = 64
+MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net", "ext4", "crc32c_generic")
+BASE_DISK_MIB = 96
+# Host programs the default image carries (with their libraries), and the links to them: an SSH server
+# (dropbear, which finds its SFTP server at /usr/lib/sftp-server, so scp and sftp work) and git with
+# its HTTP(S) transport.
+GUEST_PROGRAMS = {
+    "/usr/sbin/dropbear": (),
+    "/usr/lib/openssh/sftp-server": ("/usr/lib/sftp-server",),
+    "/usr/bin/git": ("/usr/lib/git-core/git", "/usr/bin/git-upload-pack", "/usr/bin/git-receive-pack"),
+    "/usr/lib/git-core/git-remote-http": ("/usr/lib/git-core/git-remote-https",),
+}
 DEFAULT_IMAGE = "default"
 KERNEL_NAME = "default.bin"
 
@@ -194,6 +203,7 @@ def build_kernel(root: Path, cache: Path) -> Path:
 
 def _copy_with_libraries(binary: Path, rootfs: Path) -> None:
     """Copy a dynamically linked host binary and the shared libraries it loads into the root disk."""
+    (rootfs / binary.relative_to("/")).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(binary, rootfs / binary.relative_to("/"))
     for line in _run("ldd", binary).splitlines():
         match = re.search(r"(/\S+) \(0x", line)
@@ -219,9 +229,21 @@ def populate_default_rootfs(rootfs: Path) -> None:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/bin/busybox")
     _copy_with_libraries(Path("/sbin/resize2fs"), rootfs)
+    for program, links in GUEST_PROGRAMS.items():
+        _copy_with_libraries(Path(program), rootfs)
+        for link in links:
+            (rootfs / link.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (rootfs / link.lstrip("/")).symlink_to(program)
+    (rootfs / "usr/share/git-core/templates").mkdir(parents=True, exist_ok=True)
+    certificates = Path("/etc/ssl/certs/ca-certificates.crt")
+    if certificates.exists():  # for https (git, wget) from the guest
+        (rootfs / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(certificates, rootfs / "etc/ssl/certs/ca-certificates.crt")
     (rootfs / "etc" / "hostname").write_text("vers\n")
     (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc" / "shells").write_text("/bin/sh\n")
     (rootfs / "etc" / "group").write_text("root:x:0:\n")
+    (rootfs / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
     (rootfs / "etc" / "profile").write_text('export PS1="\\u@\\h:\\w# "\n')
     (rootfs / "etc" / "os-release").write_text('NAME="Vers default (busybox)"\nID=vers\n')
 
@@ -252,7 +274,8 @@ def install_folder(staged: Path, target: Path, manifest: dict[str, object]) -> N
 
 def build_default_image(root: Path) -> Path:
     init = (GUEST_FILES / "vers-init").read_bytes()
-    key = _digest(init, Path("/bin/busybox").read_bytes(), Path(__file__).read_bytes(), str(BASE_DISK_MIB).encode())
+    programs = [Path(program).read_bytes() for program in GUEST_PROGRAMS]
+    key = _digest(init, Path("/bin/busybox").read_bytes(), Path(__file__).read_bytes(), str(BASE_DISK_MIB).encode(), *programs)
     target = root / f"{DEFAULT_IMAGE}-{key}"
     if (target / "manifest.json").exists():
         return target
@@ -263,7 +286,7 @@ def build_default_image(root: Path) -> Path:
         staged = Path(scratch) / "image"
         staged.mkdir()
         build_disk(rootfs, staged / "rootfs.qcow2", BASE_DISK_MIB)
-        manifest = {"key": key, "name": DEFAULT_IMAGE, "disk_mib": BASE_DISK_MIB, "contents": "busybox"}
+        manifest = {"key": key, "name": DEFAULT_IMAGE, "disk_mib": BASE_DISK_MIB, "contents": "busybox, dropbear, git"}
         install_folder(staged, target, manifest)
     return target
 

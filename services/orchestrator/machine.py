@@ -15,6 +15,7 @@ from pathlib import Path
 from services.common.faults import fault_point
 from services.orchestrator.accel import cpu_args
 from services.orchestrator.agent import Agent
+from services.orchestrator.network import netdev_args
 from services.orchestrator.qmp import Qmp, QmpClosed, QmpError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class LaunchSpec:
     ram_mode: str
     ram_file: Path | None
     incoming: bool
+    network: str = ""  # "nat", "none", or "" for a VM whose saved devices have no NIC
+    prefix: tuple[str, ...] = ()  # what QEMU is started under (`ip netns exec …` for "nat")
 
 
 def sockets(run_folder: Path) -> dict[str, Path]:
@@ -53,8 +56,11 @@ def qemu_args(spec: LaunchSpec) -> list[str]:
         share = "on" if spec.ram_mode == "shared" else "off"
         memory = f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={spec.ram_file},share={share}"
     args = [
-        "qemu-system-x86_64", "-name", f"vers-{spec.vm_id}",
+        *spec.prefix, "qemu-system-x86_64", "-name", f"vers-{spec.vm_id}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        # seccomp: no obsolete syscalls, no uid/gid changes, no scheduler games (a commit's state save
+        # spawns `cat`, so spawning stays allowed)
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
         "-machine", "pc,memory-backend=ram0", *cpu_args(spec.accel),
         "-smp", str(spec.vcpus), "-m", f"{spec.mem_mib}M", "-object", memory,
         "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
@@ -69,7 +75,7 @@ def qemu_args(spec: LaunchSpec) -> list[str]:
         "-serial", f"file:{spec.run_folder / 'serial.log'}",
         "-qmp", f"unix:{paths['qmp']},server=on,wait=off",
         "-pidfile", str(spec.run_folder / "qemu.pid"),
-        "-nic", "none",
+        *netdev_args(spec.network),
     ]  # fmt: skip
     if spec.incoming:
         args += ["-incoming", "defer"]
@@ -115,6 +121,8 @@ class Machine:
         self.qmp = qmp
         self.process = process
         self.agent = Agent(sockets(run_folder)["agent"])
+        self.forwards: dict[int, int] = {}  # guest port -> host port of its forward
+        self.ssh_key = ""  # the public key this process installed in the guest
 
     @classmethod
     async def launch(cls, spec: LaunchSpec) -> Machine:
@@ -151,6 +159,7 @@ class Machine:
             return None
         machine = cls(vm_id, run_folder, pid, qmp, None)
         await machine.agent.connect(handshake=True)
+        await machine.find_forwards()
         return machine
 
     @classmethod
@@ -168,6 +177,28 @@ class Machine:
                     image = image.get("backing-image")
                 return chain or [str(device["inserted"]["file"])]
         raise QmpError("QEMU reports no virtio0 disk")
+
+    async def forward(self, host_address: str, host_port: int, guest_port: int) -> None:
+        """Make the VM's user-mode stack listen on host_address:host_port and carry each connection to the
+        guest's guest_port (raises QmpError with QEMU's reason, e.g. the port is taken)."""
+        answer = await self.qmp.execute(
+            "human-monitor-command", {"command-line": f"hostfwd_add net0 tcp:{host_address}:{host_port}-:{guest_port}"}
+        )
+        if str(answer).strip():
+            raise QmpError(str(answer).strip())
+
+    async def find_forwards(self) -> None:
+        """The host forwards an earlier orchestrator made (they live in QEMU), so they are used again, not
+        made twice. A VM without a NIC has none."""
+        try:
+            listing = await self.qmp.execute("human-monitor-command", {"command-line": "info usernet"})
+        except QmpError:
+            return
+        for line in str(listing).splitlines():
+            fields = line.split()
+            # TCP[HOST_FORWARD]  fd  host-address  host-port  guest-address  guest-port  recv-q  send-q
+            if len(fields) >= 6 and fields[0] == "TCP[HOST_FORWARD]" and fields[3].isdigit() and fields[5].isdigit():
+                self.forwards[int(fields[5])] = int(fields[3])
 
     async def cancel_migration(self) -> None:
         """Stop a state save a crash left running; the VM stays stopped."""
@@ -304,4 +335,4 @@ def copy_sparse(source: Path, target: Path) -> None:
             offset = hole
 
 
-__all__ = ["RAM_MODES", "LaunchSpec", "Machine", "QmpClosed", "copy_sparse", "find_processes", "kill_process", "qemu_args"]
+__all__ = ["RAM_MODES", "LaunchSpec", "Machine", "QmpClosed", "QmpError", "copy_sparse", "find_processes", "kill_process", "qemu_args"]

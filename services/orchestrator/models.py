@@ -29,6 +29,8 @@ class MachineShape(SQLModel):
     image_name: str
     kernel_path: str
     initramfs_path: str
+    # "nat" (outbound network), "none" (a NIC no packet leaves), "" (made before VMs had a NIC: none at all)
+    network: str = ""
 
 
 class VmRow(MachineShape, table=True):
@@ -109,5 +111,31 @@ class ForkRequestRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
-MODELS = (LayerRow, VmRow, CommitRow, OperationRow, CommitDeletionRow, ForkRequestRow)
+class SshKeyRow(SQLModel, table=True):
+    """A VM's SSH key pair, made on the first ask: the VM's SSH server accepts this key and no other."""
+
+    __tablename__ = "ssh_keys"
+
+    vm_id: str = Field(primary_key=True)
+    private_key: str
+    public_key: str
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+
+
+class DomainRow(SQLModel, table=True):
+    """NAME.<VERS_DOMAIN_SUFFIX> -> a port of a VM. Names are unique across the platform (the constraint
+    decides two creates at once); the row goes with its VM, in the transaction that marks the VM deleted."""
+
+    __tablename__ = "domains"
+
+    id: str = Field(primary_key=True)
+    name: str = Field(unique=True)  # the full name, NAME.<suffix>
+    org_id: str = Field(index=True)
+    vm_id: str = Field(index=True)
+    port: int = 80
+    is_public: bool = False
+    created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+
+
+MODELS = (LayerRow, VmRow, CommitRow, OperationRow, CommitDeletionRow, ForkRequestRow, SshKeyRow, DomainRow)
 TABLES = [model.__table__ for model in MODELS]  # type: ignore[attr-defined]

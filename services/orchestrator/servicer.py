@@ -12,9 +12,11 @@ from services.common.auth import caller_metadata, current_principal
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.faults import fault_point
 from services.common.timestamps import to_timestamp
-from services.orchestrator import console
-from services.orchestrator.engine import Engine, VmConfig
+from services.orchestrator import console, tunnel
+from services.orchestrator.domains import Domains, domain_pb
+from services.orchestrator.engine import SSH_PORT, Engine, VmConfig
 from services.orchestrator.models import CommitRow, ForkRequestRow, VmRow
+from services.orchestrator.network import GUEST_ADDRESS
 from services.orchestrator.store import OrchestratorStore
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 from vers.orchestrator.v1 import orchestrator_pb2_grpc
@@ -73,10 +75,11 @@ def require_uuid(value: str, what: str, hint: str = "") -> str:
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
-    def __init__(self, engine: Engine, store: OrchestratorStore, tagging: grpc.aio.Channel) -> None:
+    def __init__(self, engine: Engine, store: OrchestratorStore, tagging: grpc.aio.Channel, domains: Domains) -> None:
         self.engine = engine
         self.store = store
         self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
+        self.domains = domains
 
     async def _vm(self, vm_id: str) -> VmRow:
         return await self.store.get_vm(current_principal().org_id, vm_id)
@@ -105,7 +108,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         config = request.vm_config
         vm = await self.engine.create_root(
             current_principal().org_id,
-            VmConfig(config.vcpu_count, config.mem_size_mib, config.fs_size_mib, config.image_name, config.kernel_name, dict(config.labels)),
+            VmConfig(
+                config.vcpu_count, config.mem_size_mib, config.fs_size_mib, config.image_name, config.kernel_name,
+                dict(config.labels), config.network,
+            ),  # fmt: skip
             request.wait_boot,
         )
         return pb.CreateRootVmResponse(vm_id=vm.id)
@@ -175,6 +181,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             vcpu_count=vm.vcpu_count,
             parent_commit_id=vm.parent_commit_id or "",
             grandparent_vm_id=vm.grandparent_vm_id or "",
+            ip=GUEST_ADDRESS if vm.network else "",
+            network=vm.network,
         )
         return pb.GetVmMetadataResponse(metadata=metadata)
 
@@ -241,6 +249,41 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             yield pb.ConnectResponse()
             async for output in console.relay(first, request_iterator, reader, writer, resize):
                 yield pb.ConnectResponse(output=output)
+
+    async def OpenTunnel(self, request_iterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        """One TCP connection to a port of the VM. The first answer is empty: the connection is open."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.vm_id:
+            raise InvalidArgument("the first message of OpenTunnel names the VM and its port: {vm_id, port}")
+        vm = await self._vm(first.vm_id)
+        async with self.engine.connect_port(vm, first.port) as (reader, writer):
+            yield pb.OpenTunnelResponse()
+            async for data in tunnel.pipe(first.data, request_iterator, reader, writer):
+                yield pb.OpenTunnelResponse(data=data)
+
+    async def GetSshKey(self, request: pb.GetSshKeyRequest, context: grpc.aio.ServicerContext) -> pb.GetSshKeyResponse:
+        vm = await self._vm(request.vm_id)
+        if not vm.network:
+            raise FailedPrecondition(f"VM {vm.id} was made before VMs had a network card: it has no SSH access")
+        require_not_paused(vm)
+        key = await self.engine.ssh_key(vm)
+        return pb.GetSshKeyResponse(ssh_port=SSH_PORT, ssh_private_key=key.private_key)
+
+    # Domains (services/orchestrator/domains.py)
+
+    async def ListDomains(self, request: pb.ListDomainsRequest, context: grpc.aio.ServicerContext) -> pb.ListDomainsResponse:
+        domains = await self.domains.list(current_principal().org_id, request.vm_id)
+        return pb.ListDomainsResponse(domains=[domain_pb(domain) for domain in domains])
+
+    async def CreateDomain(self, request: pb.CreateDomainRequest, context: grpc.aio.ServicerContext) -> pb.CreateDomainResponse:
+        return pb.CreateDomainResponse(domain=domain_pb(await self.domains.create(current_principal().org_id, request)))
+
+    async def GetDomain(self, request: pb.GetDomainRequest, context: grpc.aio.ServicerContext) -> pb.GetDomainResponse:
+        return pb.GetDomainResponse(domain=domain_pb(await self.domains.get(current_principal().org_id, request.domain_id)))
+
+    async def DeleteDomain(self, request: pb.DeleteDomainRequest, context: grpc.aio.ServicerContext) -> pb.DeleteDomainResponse:
+        domain = await self.domains.delete(current_principal().org_id, request.domain_id)
+        return pb.DeleteDomainResponse(domain_id=domain.id)
 
 
 class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalServiceServicer):

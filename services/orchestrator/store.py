@@ -9,10 +9,12 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.common.db import Database, serialize
+from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, FailedPrecondition, NotFound, ResourceExhausted
 from services.common.timestamps import utcnow
-from services.orchestrator.models import LIVE_STATES, CommitDeletionRow, CommitRow, ForkRequestRow, LayerRow, OperationRow, VmRow
+from services.orchestrator.models import (
+    LIVE_STATES, CommitDeletionRow, CommitRow, DomainRow, ForkRequestRow, LayerRow, OperationRow, SshKeyRow, VmRow,
+)  # fmt: skip
 
 
 Row = TypeVar("Row", VmRow, CommitRow)
@@ -112,12 +114,19 @@ class OrchestratorStore:
 
     @staticmethod
     async def _change_vm(session: AsyncSession, vm_id: str, changes: dict[str, Any]) -> VmRow:
+        """Every change of a VM row goes through here, so a VM marked deleted loses its domains and its SSH key
+        in the same transaction, whichever path deleted it (a delete, its recovery, a discarded restore)."""
         vm = await session.get(VmRow, vm_id)
         if vm is None:
             raise NotFound(f"VM {vm_id!r} not found")
         for key, value in changes.items():
             setattr(vm, key, value)
         session.add(vm)
+        if changes.get("deleted_at") is not None:
+            for domain in await session.exec(select(DomainRow).where(DomainRow.vm_id == vm_id)):
+                await session.delete(domain)
+            if (key := await session.get(SshKeyRow, vm_id)) is not None:
+                await session.delete(key)
         return vm
 
     @staticmethod
@@ -313,7 +322,69 @@ class OrchestratorStore:
             depth, current = depth + 1, layers[current].parent_id
         return depth
 
-    # Forks asked for by the registry's sagas
+    # SSH keys
+
+    async def ssh_key(self, vm_id: str) -> SshKeyRow | None:
+        async with self.db.read() as session:
+            return await session.get(SshKeyRow, vm_id)
+
+    async def save_ssh_key(self, key: SshKeyRow) -> SshKeyRow:
+        """The VM's key; when two asks race, the first one saved is every caller's answer."""
+        async with self.db.write() as session:
+            found = await session.get(SshKeyRow, key.vm_id)
+            if found is not None:
+                return found
+            session.add(key)
+            return key
+
+    # Domains
+
+    async def add_domain(self, domain: DomainRow, limit: int) -> DomainRow:
+        """A new domain on a live VM of its org, within the org's limit. The VM's row is locked (PostgreSQL;
+        SQLite writes one transaction at a time anyway), so a delete of the VM at the same moment either
+        comes after and takes the domain with it, or comes first and this answers NOT_FOUND."""
+        async with self.db.write() as session:
+            await serialize(session, f"org:{domain.org_id}")
+            found = (await session.exec(select(VmRow).where(VmRow.id == domain.vm_id).with_for_update())).first()
+            if found is None or found.org_id != domain.org_id or found.deleted_at is not None:
+                raise NotFound(f"VM {domain.vm_id!r} not found in your organization")
+            count = (await session.exec(select(func.count()).select_from(DomainRow).where(DomainRow.org_id == domain.org_id))).one()
+            if count >= limit:
+                raise ResourceExhausted(
+                    f"your organization already has {count} domains, the most it may have: delete one it no longer uses "
+                    f"(DELETE /api/v1/domains/{{domain_id}}), or ask the operator to raise VERS_ORG_MAX_DOMAINS"
+                )
+            await insert_unique(session, domain, f"domain {domain.name!r} already exists: choose another name")
+            return domain
+
+    async def list_domains(self, org_id: str, vm_id: str = "") -> list[DomainRow]:
+        async with self.db.read() as session:
+            query = select(DomainRow).where(DomainRow.org_id == org_id)
+            if vm_id:
+                query = query.where(DomainRow.vm_id == vm_id)
+            return list(await session.exec(query.order_by(col(DomainRow.created_at), col(DomainRow.name))))
+
+    async def get_domain(self, org_id: str, domain_id: str) -> DomainRow:
+        async with self.db.read() as session:
+            domain = await session.get(DomainRow, domain_id) if _is_uuid_shaped(domain_id) else None
+        if domain is None or domain.org_id != org_id:
+            raise NotFound(f"domain {domain_id!r} not found in your organization")
+        return domain
+
+    async def delete_domain(self, org_id: str, domain_id: str) -> DomainRow:
+        async with self.db.write() as session:
+            domain = await session.get(DomainRow, domain_id) if _is_uuid_shaped(domain_id) else None
+            if domain is None or domain.org_id != org_id:
+                raise NotFound(f"domain {domain_id!r} not found in your organization")
+            await session.delete(domain)
+            return domain
+
+    async def domain_named(self, name: str) -> DomainRow | None:
+        """The domain of any org by its full name (the gateway's requests: the caller is checked after)."""
+        async with self.db.read() as session:
+            return (await session.exec(select(DomainRow).where(DomainRow.name == name))).first()
+
+    # Forks
 
     async def claim_fork(self, saga_id: str, org_id: str) -> ForkRequestRow:
         """The fork of a saga, recorded as running on the saga's first call."""

@@ -49,11 +49,14 @@ class VmConfig(_message.Message):
     IMAGE_NAME_FIELD_NUMBER: _builtins.int
     KERNEL_NAME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     vcpu_count: _builtins.int
     mem_size_mib: _builtins.int
     fs_size_mib: _builtins.int
     image_name: _builtins.str
     kernel_name: _builtins.str
+    network: _builtins.str
+    """"nat" (the default: outbound access through NAT, DNS) or "none" (a NIC no packet leaves)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -65,10 +68,11 @@ class VmConfig(_message.Message):
         image_name: _builtins.str = ...,
         kernel_name: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        network: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fs_size_mib", b"fs_size_mib", "image_name", b"image_name", "kernel_name", b"kernel_name", "labels", b"labels", "mem_size_mib", b"mem_size_mib", "vcpu_count", b"vcpu_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fs_size_mib", b"fs_size_mib", "image_name", b"image_name", "kernel_name", b"kernel_name", "labels", b"labels", "mem_size_mib", b"mem_size_mib", "network", b"network", "vcpu_count", b"vcpu_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -142,6 +146,7 @@ class VmMetadata(_message.Message):
     PARENT_COMMIT_ID_FIELD_NUMBER: _builtins.int
     GRANDPARENT_VM_ID_FIELD_NUMBER: _builtins.int
     DELETED_AT_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     owner_id: _builtins.str
     state: _builtins.str
@@ -150,6 +155,8 @@ class VmMetadata(_message.Message):
     vcpu_count: _builtins.int
     parent_commit_id: _builtins.str
     grandparent_vm_id: _builtins.str
+    network: _builtins.str
+    """"nat", "none", or "" for a VM made before VMs had a NIC."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -167,10 +174,11 @@ class VmMetadata(_message.Message):
         parent_commit_id: _builtins.str = ...,
         grandparent_vm_id: _builtins.str = ...,
         deleted_at: _timestamp_pb2.Timestamp | None = ...,
+        network: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "grandparent_vm_id", b"grandparent_vm_id", "ip", b"ip", "mem_size_mib", b"mem_size_mib", "owner_id", b"owner_id", "parent_commit_id", b"parent_commit_id", "state", b"state", "vcpu_count", b"vcpu_count", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "grandparent_vm_id", b"grandparent_vm_id", "ip", b"ip", "mem_size_mib", b"mem_size_mib", "network", b"network", "owner_id", b"owner_id", "parent_commit_id", b"parent_commit_id", "state", b"state", "vcpu_count", b"vcpu_count", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1066,6 +1074,339 @@ class ConnectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class OpenTunnelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    """The first message names the VM and its port; later ones carry bytes for it."""
+    port: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+        port: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "port", b"port", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenTunnelRequest: _TypeAlias = OpenTunnelRequest  # noqa: Y015
+
+@_typing.final
+class OpenTunnelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenTunnelResponse: _TypeAlias = OpenTunnelResponse  # noqa: Y015
+
+@_typing.final
+class GetSshKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSshKeyRequest: _TypeAlias = GetSshKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetSshKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SSH_PORT_FIELD_NUMBER: _builtins.int
+    SSH_PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    ssh_port: _builtins.int
+    """The port the VM's SSH server listens on, inside the VM (reached through OpenTunnel)."""
+    ssh_private_key: _builtins.str
+    """The private key, in OpenSSH format."""
+    def __init__(
+        self,
+        *,
+        ssh_port: _builtins.int = ...,
+        ssh_private_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ssh_port", b"ssh_port", "ssh_private_key", b"ssh_private_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSshKeyResponse: _TypeAlias = GetSshKeyResponse  # noqa: Y015
+
+@_typing.final
+class Domain(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    IS_PUBLIC_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    domain: _builtins.str
+    """The full name, NAME.<VERS_DOMAIN_SUFFIX>."""
+    vm_id: _builtins.str
+    port: _builtins.int
+    """The VM's port requests go to (80 when not given)."""
+    is_public: _builtins.bool
+    """Reachable without an API key; otherwise a request needs the owning org's key."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        port: _builtins.int = ...,
+        is_public: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "domain", b"domain", "domain_id", b"domain_id", "is_public", b"is_public", "port", b"port", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Domain: _TypeAlias = Domain  # noqa: Y015
+
+@_typing.final
+class ListDomainsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDomainsRequest: _TypeAlias = ListDomainsRequest  # noqa: Y015
+
+@_typing.final
+class ListDomainsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAINS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def domains(self) -> _containers.RepeatedCompositeFieldContainer[Global___Domain]: ...
+    def __init__(
+        self,
+        *,
+        domains: _abc.Iterable[Global___Domain] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDomainsResponse: _TypeAlias = ListDomainsResponse  # noqa: Y015
+
+@_typing.final
+class CreateDomainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    IS_PUBLIC_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """NAME, or NAME.<VERS_DOMAIN_SUFFIX>: a DNS label of 1-63 lowercase letters, digits and hyphens."""
+    vm_id: _builtins.str
+    port: _builtins.int
+    is_public: _builtins.bool
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
+        port: _builtins.int = ...,
+        is_public: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "is_public", b"is_public", "port", b"port", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDomainRequest: _TypeAlias = CreateDomainRequest  # noqa: Y015
+
+@_typing.final
+class CreateDomainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def domain(self) -> Global___Domain: ...
+    def __init__(
+        self,
+        *,
+        domain: Global___Domain | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDomainResponse: _TypeAlias = CreateDomainResponse  # noqa: Y015
+
+@_typing.final
+class GetDomainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDomainRequest: _TypeAlias = GetDomainRequest  # noqa: Y015
+
+@_typing.final
+class GetDomainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def domain(self) -> Global___Domain: ...
+    def __init__(
+        self,
+        *,
+        domain: Global___Domain | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDomainResponse: _TypeAlias = GetDomainResponse  # noqa: Y015
+
+@_typing.final
+class DeleteDomainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDomainRequest: _TypeAlias = DeleteDomainRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDomainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDomainResponse: _TypeAlias = DeleteDomainResponse  # noqa: Y015
+
+@_typing.final
+class ProxyDomainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """The first message carries the request's Host header; every message may carry bytes for the VM."""
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "host", b"host"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyDomainRequest: _TypeAlias = ProxyDomainRequest  # noqa: Y015
+
+@_typing.final
+class ProxyDomainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyDomainResponse: _TypeAlias = ProxyDomainResponse  # noqa: Y015
 
 @_typing.final
 class ListCommitsRequest(_message.Message):

@@ -110,6 +110,36 @@ class OrchestratorServiceStub:
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.OpenTunnel = channel.stream_stream(
+                '/vers.orchestrator.v1.OrchestratorService/OpenTunnel',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.OpenTunnelRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.OpenTunnelResponse.FromString,
+                _registered_method=True)
+        self.GetSshKey = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/GetSshKey',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSshKeyRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSshKeyResponse.FromString,
+                _registered_method=True)
+        self.ListDomains = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/ListDomains',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListDomainsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListDomainsResponse.FromString,
+                _registered_method=True)
+        self.CreateDomain = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/CreateDomain',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateDomainRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateDomainResponse.FromString,
+                _registered_method=True)
+        self.GetDomain = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/GetDomain',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetDomainRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetDomainResponse.FromString,
+                _registered_method=True)
+        self.DeleteDomain = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/DeleteDomain',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteDomainRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteDomainResponse.FromString,
+                _registered_method=True)
         self.ListCommits = channel.unary_unary(
                 '/vers.orchestrator.v1.OrchestratorService/ListCommits',
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListCommitsRequest.SerializeToString,
@@ -229,6 +259,48 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenTunnel(self, request_iterator, context):
+        """A TCP connection to a port of the VM, as `ssh -L` makes (a WebSocket on the gateway, binary frames
+        both ways). The first answer, empty, says the connection is open; the stream ends when either side
+        closes. Works for network "none" too: it reaches into the VM, nothing leaves it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSshKey(self, request, context):
+        """The VM's own SSH key (made on first ask; a branch gets its own): its SSH server accepts this key
+        and no other, reached through a tunnel to ssh_port (`vers ssh-config`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDomains(self, request, context):
+        """Domains: NAME.<VERS_DOMAIN_SUFFIX> reaches a port of a VM through the gateway (HTTP and WebSocket).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateDomain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDomain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDomain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListCommits(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -332,6 +404,36 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ConnectRequest.FromString,
                     response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ConnectResponse.SerializeToString,
+            ),
+            'OpenTunnel': grpc.stream_stream_rpc_method_handler(
+                    servicer.OpenTunnel,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.OpenTunnelRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.OpenTunnelResponse.SerializeToString,
+            ),
+            'GetSshKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSshKey,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSshKeyRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSshKeyResponse.SerializeToString,
+            ),
+            'ListDomains': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDomains,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListDomainsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListDomainsResponse.SerializeToString,
+            ),
+            'CreateDomain': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDomain,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateDomainRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateDomainResponse.SerializeToString,
+            ),
+            'GetDomain': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDomain,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetDomainRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetDomainResponse.SerializeToString,
+            ),
+            'DeleteDomain': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDomain,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteDomainRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteDomainResponse.SerializeToString,
             ),
             'ListCommits': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCommits,
@@ -771,6 +873,168 @@ class OrchestratorService:
             _registered_method=True)
 
     @staticmethod
+    def OpenTunnel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/OpenTunnel',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.OpenTunnelRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.OpenTunnelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSshKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/GetSshKey',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSshKeyRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSshKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDomains(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/ListDomains',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListDomainsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListDomainsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDomain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/CreateDomain',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateDomainRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreateDomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDomain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/GetDomain',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetDomainRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetDomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDomain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/DeleteDomain',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteDomainRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteDomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListCommits(request,
             target,
             options=(),
@@ -868,6 +1132,88 @@ class OrchestratorService:
             '/vers.orchestrator.v1.OrchestratorService/DeleteCommit',
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitRequest.SerializeToString,
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class OrchestratorEdgeServiceStub:
+    """What the gateway serves under the domains' host names: no REST path. The caller's API key is checked
+    against the domain's owner unless the domain is public.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ProxyDomain = channel.stream_stream(
+                '/vers.orchestrator.v1.OrchestratorEdgeService/ProxyDomain',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ProxyDomainRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ProxyDomainResponse.FromString,
+                _registered_method=True)
+
+
+class OrchestratorEdgeServiceServicer:
+    """What the gateway serves under the domains' host names: no REST path. The caller's API key is checked
+    against the domain's owner unless the domain is public.
+    """
+
+    def ProxyDomain(self, request_iterator, context):
+        """A connection for a request to NAME.<VERS_DOMAIN_SUFFIX>: the bytes of HTTP (or of a WebSocket after
+        its upgrade) to the domain's VM port and back. The first answer, empty, says it is open; a later empty
+        answer says the VM closed it, and the call ends once the caller has ended its side (UNAVAILABLE when
+        the VM sent nothing: no server on that port).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_OrchestratorEdgeServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ProxyDomain': grpc.stream_stream_rpc_method_handler(
+                    servicer.ProxyDomain,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ProxyDomainRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ProxyDomainResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'vers.orchestrator.v1.OrchestratorEdgeService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('vers.orchestrator.v1.OrchestratorEdgeService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class OrchestratorEdgeService:
+    """What the gateway serves under the domains' host names: no REST path. The caller's API key is checked
+    against the domain's owner unless the domain is public.
+    """
+
+    @staticmethod
+    def ProxyDomain(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vers.orchestrator.v1.OrchestratorEdgeService/ProxyDomain',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ProxyDomainRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ProxyDomainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,20 @@ class OrchestratorServiceStub:
     DeleteVm: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteVmRequest, _orchestrator_pb2.DeleteVmResponse]
     Connect: _grpc.StreamStreamMultiCallable[_orchestrator_pb2.ConnectRequest, _orchestrator_pb2.ConnectResponse]
     """The VM's console, interactively: the one streaming method (a WebSocket on the gateway)."""
+    OpenTunnel: _grpc.StreamStreamMultiCallable[_orchestrator_pb2.OpenTunnelRequest, _orchestrator_pb2.OpenTunnelResponse]
+    """A TCP connection to a port of the VM, as `ssh -L` makes (a WebSocket on the gateway, binary frames
+    both ways). The first answer, empty, says the connection is open; the stream ends when either side
+    closes. Works for network "none" too: it reaches into the VM, nothing leaves it.
+    """
+    GetSshKey: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSshKeyRequest, _orchestrator_pb2.GetSshKeyResponse]
+    """The VM's own SSH key (made on first ask; a branch gets its own): its SSH server accepts this key
+    and no other, reached through a tunnel to ssh_port (`vers ssh-config`).
+    """
+    ListDomains: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDomainsRequest, _orchestrator_pb2.ListDomainsResponse]
+    """Domains: NAME.<VERS_DOMAIN_SUFFIX> reaches a port of a VM through the gateway (HTTP and WebSocket)."""
+    CreateDomain: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateDomainRequest, _orchestrator_pb2.CreateDomainResponse]
+    GetDomain: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDomainRequest, _orchestrator_pb2.GetDomainResponse]
+    DeleteDomain: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteDomainRequest, _orchestrator_pb2.DeleteDomainResponse]
     ListCommits: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListCommitsRequest, _orchestrator_pb2.ListCommitsResponse]
     GetCommit: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetCommitRequest, _orchestrator_pb2.GetCommitResponse]
     ListCommitParents: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListCommitParentsRequest, _orchestrator_pb2.ListCommitParentsResponse]
@@ -81,6 +95,20 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     DeleteVm: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteVmRequest, _orchestrator_pb2.DeleteVmResponse]  # type: ignore[assignment]
     Connect: _aio.StreamStreamMultiCallable[_orchestrator_pb2.ConnectRequest, _orchestrator_pb2.ConnectResponse]  # type: ignore[assignment]
     """The VM's console, interactively: the one streaming method (a WebSocket on the gateway)."""
+    OpenTunnel: _aio.StreamStreamMultiCallable[_orchestrator_pb2.OpenTunnelRequest, _orchestrator_pb2.OpenTunnelResponse]  # type: ignore[assignment]
+    """A TCP connection to a port of the VM, as `ssh -L` makes (a WebSocket on the gateway, binary frames
+    both ways). The first answer, empty, says the connection is open; the stream ends when either side
+    closes. Works for network "none" too: it reaches into the VM, nothing leaves it.
+    """
+    GetSshKey: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSshKeyRequest, _orchestrator_pb2.GetSshKeyResponse]  # type: ignore[assignment]
+    """The VM's own SSH key (made on first ask; a branch gets its own): its SSH server accepts this key
+    and no other, reached through a tunnel to ssh_port (`vers ssh-config`).
+    """
+    ListDomains: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDomainsRequest, _orchestrator_pb2.ListDomainsResponse]  # type: ignore[assignment]
+    """Domains: NAME.<VERS_DOMAIN_SUFFIX> reaches a port of a VM through the gateway (HTTP and WebSocket)."""
+    CreateDomain: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateDomainRequest, _orchestrator_pb2.CreateDomainResponse]  # type: ignore[assignment]
+    GetDomain: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDomainRequest, _orchestrator_pb2.GetDomainResponse]  # type: ignore[assignment]
+    DeleteDomain: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteDomainRequest, _orchestrator_pb2.DeleteDomainResponse]  # type: ignore[assignment]
     ListCommits: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListCommitsRequest, _orchestrator_pb2.ListCommitsResponse]  # type: ignore[assignment]
     GetCommit: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetCommitRequest, _orchestrator_pb2.GetCommitResponse]  # type: ignore[assignment]
     ListCommitParents: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListCommitParentsRequest, _orchestrator_pb2.ListCommitParentsResponse]  # type: ignore[assignment]
@@ -200,6 +228,56 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         """The VM's console, interactively: the one streaming method (a WebSocket on the gateway)."""
 
     @_abc_1.abstractmethod
+    def OpenTunnel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_orchestrator_pb2.OpenTunnelRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.OpenTunnelResponse], _abc.AsyncIterator[_orchestrator_pb2.OpenTunnelResponse]]:
+        """A TCP connection to a port of the VM, as `ssh -L` makes (a WebSocket on the gateway, binary frames
+        both ways). The first answer, empty, says the connection is open; the stream ends when either side
+        closes. Works for network "none" too: it reaches into the VM, nothing leaves it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSshKey(
+        self,
+        request: _orchestrator_pb2.GetSshKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetSshKeyResponse, _abc.Awaitable[_orchestrator_pb2.GetSshKeyResponse]]:
+        """The VM's own SSH key (made on first ask; a branch gets its own): its SSH server accepts this key
+        and no other, reached through a tunnel to ssh_port (`vers ssh-config`).
+        """
+
+    @_abc_1.abstractmethod
+    def ListDomains(
+        self,
+        request: _orchestrator_pb2.ListDomainsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListDomainsResponse, _abc.Awaitable[_orchestrator_pb2.ListDomainsResponse]]:
+        """Domains: NAME.<VERS_DOMAIN_SUFFIX> reaches a port of a VM through the gateway (HTTP and WebSocket)."""
+
+    @_abc_1.abstractmethod
+    def CreateDomain(
+        self,
+        request: _orchestrator_pb2.CreateDomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.CreateDomainResponse, _abc.Awaitable[_orchestrator_pb2.CreateDomainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetDomain(
+        self,
+        request: _orchestrator_pb2.GetDomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetDomainResponse, _abc.Awaitable[_orchestrator_pb2.GetDomainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteDomain(
+        self,
+        request: _orchestrator_pb2.DeleteDomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.DeleteDomainResponse, _abc.Awaitable[_orchestrator_pb2.DeleteDomainResponse]]: ...
+
+    @_abc_1.abstractmethod
     def ListCommits(
         self,
         request: _orchestrator_pb2.ListCommitsRequest,
@@ -230,6 +308,55 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Refused (409) while a tag, a legacy tag or a VM still references the commit."""
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class OrchestratorEdgeServiceStub:
+    """What the gateway serves under the domains' host names: no REST path. The caller's API key is checked
+    against the domain's owner unless the domain is public.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> OrchestratorEdgeServiceAsyncStub: ...
+    ProxyDomain: _grpc.StreamStreamMultiCallable[_orchestrator_pb2.ProxyDomainRequest, _orchestrator_pb2.ProxyDomainResponse]
+    """A connection for a request to NAME.<VERS_DOMAIN_SUFFIX>: the bytes of HTTP (or of a WebSocket after
+    its upgrade) to the domain's VM port and back. The first answer, empty, says it is open; a later empty
+    answer says the VM closed it, and the call ends once the caller has ended its side (UNAVAILABLE when
+    the VM sent nothing: no server on that port).
+    """
+
+@_typing.type_check_only
+class OrchestratorEdgeServiceAsyncStub(OrchestratorEdgeServiceStub):
+    """What the gateway serves under the domains' host names: no REST path. The caller's API key is checked
+    against the domain's owner unless the domain is public.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ProxyDomain: _aio.StreamStreamMultiCallable[_orchestrator_pb2.ProxyDomainRequest, _orchestrator_pb2.ProxyDomainResponse]  # type: ignore[assignment]
+    """A connection for a request to NAME.<VERS_DOMAIN_SUFFIX>: the bytes of HTTP (or of a WebSocket after
+    its upgrade) to the domain's VM port and back. The first answer, empty, says it is open; a later empty
+    answer says the VM closed it, and the call ends once the caller has ended its side (UNAVAILABLE when
+    the VM sent nothing: no server on that port).
+    """
+
+class OrchestratorEdgeServiceServicer(metaclass=_abc_1.ABCMeta):
+    """What the gateway serves under the domains' host names: no REST path. The caller's API key is checked
+    against the domain's owner unless the domain is public.
+    """
+
+    @_abc_1.abstractmethod
+    def ProxyDomain(
+        self,
+        request_iterator: _MaybeAsyncIterator[_orchestrator_pb2.ProxyDomainRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.ProxyDomainResponse], _abc.AsyncIterator[_orchestrator_pb2.ProxyDomainResponse]]:
+        """A connection for a request to NAME.<VERS_DOMAIN_SUFFIX>: the bytes of HTTP (or of a WebSocket after
+        its upgrade) to the domain's VM port and back. The first answer, empty, says it is open; a later empty
+        answer says the VM closed it, and the call ends once the caller has ended its side (UNAVAILABLE when
+        the VM sent nothing: no server on that port).
+        """
+
+def add_OrchestratorEdgeServiceServicer_to_server(servicer: OrchestratorEdgeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class OrchestratorInternalServiceStub:
     """Calls between the platform's services; no REST path, the service credential only."""
