@@ -220,6 +220,9 @@ class Machine:
     async def restore(self, state_file: Path) -> float:
         """Load device state (and RAM, for stream commits) from a commit; the VM stays paused. Seconds taken."""
         started = time.perf_counter()
+        # No announcements after the restore: they tell switches where a NIC moved, and a user-mode stack
+        # has none; each would wake the guest's network stack while its first commands run.
+        await self.qmp.execute("migrate-set-parameters", {"announce-rounds": 0})
         await self.qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_file))}"})
         await self._wait_migration("incoming")
         return time.perf_counter() - started
