@@ -18,6 +18,7 @@ command -v mkfs.ext4 >/dev/null && [ -x /sbin/resize2fs ] || apt_packages+=(e2fs
 [ -x /usr/sbin/ip ] && [ -x /usr/bin/ss ] || apt_packages+=(iproute2)
 [ -x /usr/sbin/dropbear ] || apt_packages+=(dropbear-bin)
 [ -x /usr/lib/openssh/sftp-server ] || apt_packages+=(openssh-sftp-server)
+[ -x /usr/bin/rsync ] || apt_packages+=(rsync)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || apt_packages+=(ca-certificates)
 # tests: the OpenSSH client, and dnsmasq as the guests' test DNS server
 command -v ssh >/dev/null || apt_packages+=(openssh-client)

@@ -210,7 +210,7 @@ def _ssh(user: User, config: Path, host: str, *command: str, env: dict[str, str]
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_ssh_config_lets_openssh_and_scp_in(me: User, web: str, tmp_path: Path) -> None:
+def test_ssh_config_lets_openssh_scp_rsync_and_git_in(me: User, web: str, tmp_path: Path) -> None:
     block = me.vers("ssh-config", "web").stdout
     key = config_dir(me) / "keys" / web
     assert block.startswith(f"Host web\n  HostName {web}\n  User root\n  IdentityFile {key}\n")
@@ -237,6 +237,23 @@ def test_ssh_config_lets_openssh_and_scp_in(me: User, web: str, tmp_path: Path) 
     subprocess.run([*scp, "web:/root/big", str(back)], env=me.env, check=True, capture_output=True, timeout=900)
     assert sha256(back.read_bytes()) == sha256(sent.read_bytes())
     me.vers("exec", "web", "--", "rm /root/big")
+
+    # rsync and git over the same Host block
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.txt").write_text("alpha\n")
+    (tree / "run.sh").write_text("#!/bin/sh\n")
+    (tree / "run.sh").chmod(0o755)
+    rsync = ["rsync", "-a", "-e", f"ssh -F {config} -o BatchMode=yes"]
+    subprocess.run([*rsync, f"{tree}/", "web:/root/tree/"], env=me.env, check=True, capture_output=True, timeout=300)
+    assert me.vers("exec", "web", "--", "cat /root/tree/sub/a.txt && stat -c %a /root/tree/run.sh").stdout == "alpha\n755\n"
+    subprocess.run([*rsync, "web:/root/tree/", f"{tmp_path}/again/"], env=me.env, check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "again" / "sub" / "a.txt").read_text() == "alpha\n"
+    me.vers("exec", "web", "--", "git init -q --bare /srv/repo.git")
+    git_env = {**me.env, "GIT_SSH_COMMAND": f"ssh -F {config} -o BatchMode=yes"}
+    cloned = subprocess.run(["git", "clone", "-q", "web:/srv/repo.git", str(tmp_path / "clone")], env=git_env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert cloned.returncode == 0, cloned.stderr
 
 
 def test_connect_ssh_runs_ssh_with_the_arguments_after_the_separator(me: User, web: str) -> None:

@@ -250,7 +250,7 @@ def _finish(recipe: Recipe, rootfs: Path) -> None:
         target.chmod(mode)
     (rootfs / "etc" / "hostname").write_text("vers\n")
     for host_key in (rootfs / "etc" / "ssh").glob("ssh_host_*"):
-        host_key.unlink()  # made at the first boot (vers-init), not shared by every disk of this recipe
+        host_key.unlink()  # made when the disk boots (vers-init): each bake's commit gets keys of its own
     install_vers_init(rootfs)
     # What a running VM never needs: package lists (apt-get update fetches them again) and npm's cache.
     for folder in ("var/lib/apt/lists", "root/.npm"):

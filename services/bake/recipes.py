@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 # what the Vers guest needs (resize2fs, a login shell, an SSH server for `vers ssh-config`) and what makes
 # it pleasant (certificates, procps).
 COMMON_PACKAGES = (
-    "git", "curl", "nginx", "iproute2", "ca-certificates", "e2fsprogs", "bash", "procps", "less", "openssh-server",
+    "git", "curl", "nginx", "iproute2", "ca-certificates", "e2fsprogs", "bash", "procps", "less", "openssh-server", "rsync",
 )  # fmt: skip
 
 PI_REMOTE = """#!/bin/sh

@@ -30,13 +30,14 @@ GUEST_FILES = Path(__file__).resolve().parent / "guest"
 MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "virtio_net", "ext4", "crc32c_generic")
 BASE_DISK_MIB = 96
 # Host programs the default image carries (with their libraries), and the links to them: an SSH server
-# (dropbear, which finds its SFTP server at /usr/lib/sftp-server, so scp and sftp work) and git with
-# its HTTP(S) transport.
+# (dropbear, which finds its SFTP server at /usr/lib/sftp-server, so scp and sftp work), rsync, and git
+# with its HTTP(S) transport.
 GUEST_PROGRAMS = {
     "/usr/sbin/dropbear": (),
     "/usr/lib/openssh/sftp-server": ("/usr/lib/sftp-server",),
     "/usr/bin/git": ("/usr/lib/git-core/git", "/usr/bin/git-upload-pack", "/usr/bin/git-receive-pack"),
     "/usr/lib/git-core/git-remote-http": ("/usr/lib/git-core/git-remote-https",),
+    "/usr/bin/rsync": (),
 }
 DEFAULT_IMAGE = "default"
 KERNEL_NAME = "default.bin"
