@@ -1,6 +1,6 @@
-"""Guest networking: every VM's NIC is QEMU's user-mode stack (libslirp), and every QEMU with outbound
-access runs in one network namespace of this platform, whose only way out is a veth pair to the host,
-NAT'd there, with nftables on both ends.
+"""Guest networking: every VM's NIC is QEMU's user-mode stack (libslirp), and every QEMU with a NIC runs in
+one network namespace of this platform, whose only way out is a veth pair to the host, NAT'd there, with
+nftables on both ends.
 
 Why this shape:
 - A user-mode stack per VM gives every VM the same private segment (10.0.2.15, gateway 10.0.2.2, DNS
@@ -9,14 +9,14 @@ Why this shape:
   extra process per VM (passt would be one more process per VM to start, watch and adopt).
 - The namespace makes the host's loopback unreachable by construction (its `lo` is not the host's), and
   its nftables rules refuse private, link-local and loopback ranges, other VMs and this platform, unless
-  the operator allows an address or range (VERS_GUEST_ALLOW). The guest's DNS queries go to the resolvers
+  the operator allows an address or range (VERS_GUEST_ALLOW; the host's own addresses stay closed). The guest's DNS queries go to the resolvers
   the namespace's resolv.conf names (the host's, or VERS_GUEST_DNS), port 53 only.
 - A guest port is reached (tunnels, SSH, domains) by a slirp host forward bound to the namespace's veth
   address, opened on demand; only the orchestrator's user may connect to it from the host, and nothing in
   the namespace (no guest) may.
 
-Setting this up needs CAP_NET_ADMIN (root). Without it, VMs with network "none" still work (their stack
-is restricted: no packet leaves it, host forwards still reach it) and "nat" is refused with the reason.
+Setting this up needs root. Without it, VMs with network "none" still work (their stack is restricted: no
+packet leaves it; host forwards, then on loopback, still reach it) and "nat" is refused with the reason.
 """
 
 from __future__ import annotations
