@@ -152,15 +152,28 @@ def test_a_tunnel_listens_on_the_remote_port_by_default_and_stops_with_connectio
     held.close()
 
 
-def test_tunnel_stdio_carries_one_connection_both_ways(me: User, web: str) -> None:
-    me.vers("exec", "web", "--", "nc -ll -p 7000 -e /bin/cat </dev/null >/dev/null 2>&1 & "
-            "for i in $(seq 100); do netstat -ltn | grep -q ':7000 ' && exit 0; sleep 0.1; done; exit 1")
-    payload = os.urandom(300_000)
-    process = subprocess.Popen([VERS, "tunnel", "--stdio", "web", "7000"], env=me.env,
+@contextlib.contextmanager
+def stdio_tunnel(me: User, port: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`vers tunnel --stdio web PORT`, killed if it outlives two minutes or the block."""
+    process = subprocess.Popen([VERS, "tunnel", "--stdio", "web", port], env=me.env,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     watchdog = threading.Timer(120, process.kill)
     watchdog.start()
     try:
+        yield process
+    finally:
+        watchdog.cancel()
+        if process.stdin is not None:
+            process.stdin.close()
+        if process.poll() is None:
+            process.kill()
+
+
+def test_tunnel_stdio_carries_one_connection_both_ways(me: User, web: str) -> None:
+    me.vers("exec", "web", "--", "nc -ll -p 7000 -e /bin/cat </dev/null >/dev/null 2>&1 & "
+            "for i in $(seq 100); do netstat -ltn | grep -q ':7000 ' && exit 0; sleep 0.1; done; exit 1")
+    payload = os.urandom(300_000)
+    with stdio_tunnel(me, "7000") as process:
         assert process.stdin and process.stdout and process.stderr
         process.stdin.write(b"ping\n")
         process.stdin.flush()
@@ -172,26 +185,15 @@ def test_tunnel_stdio_carries_one_connection_both_ways(me: User, web: str) -> No
         process.stdin.close()  # the end of stdin ends the connection and the command
         assert process.wait(30) == 0
         assert b"Traceback" not in process.stderr.read()
-    finally:
-        watchdog.cancel()
-        if process.poll() is None:
-            process.kill()
 
     # The guest's end ends it too: httpd answers an HTTP/1.0 request and closes the connection; stdin stays open.
-    process = subprocess.Popen([VERS, "tunnel", "--stdio", "web", "8000"], env=me.env,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    watchdog = threading.Timer(120, process.kill)
-    watchdog.start()
-    try:
+    with stdio_tunnel(me, "8000") as process:
         assert process.stdin and process.stdout and process.stderr
         process.stdin.write(b"GET / HTTP/1.0\r\n\r\n")
         process.stdin.flush()
         answer = process.stdout.read()
         assert process.wait() == 0, process.stderr.read()
         assert answer.startswith(b"HTTP/1.") and answer.endswith(b"hello-from-the-vm\n"), answer
-    finally:
-        watchdog.cancel()
-        process.stdin.close()  # type: ignore[union-attr]
 
 
 def test_another_organizations_vm_is_not_found(site: Site, web: str) -> None:
