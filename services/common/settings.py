@@ -63,6 +63,54 @@ class Settings(BaseSettings):
     domain_suffix: str = Field("vers.localhost", validation_alias="VERS_DOMAIN_SUFFIX")
     org_max_domains: int = Field(20, validation_alias="VERS_ORG_MAX_DOMAINS")
 
+    # Exec: output kept per stream (stdout, stderr) of one exec (a command writing more has its pipe
+    # closed, as with `| head -c`), the timeout when a request gives none, the longest a request may ask
+    # for, and how many execs one VM runs at once.
+    exec_max_output_bytes: int = Field(1024 * 1024, validation_alias="VERS_EXEC_MAX_OUTPUT_BYTES")
+    exec_default_timeout_seconds: int = Field(600, validation_alias="VERS_EXEC_DEFAULT_TIMEOUT_SECONDS")
+    exec_max_timeout_seconds: int = Field(3600, validation_alias="VERS_EXEC_MAX_TIMEOUT_SECONDS")
+    vm_max_execs: int = Field(16, validation_alias="VERS_VM_MAX_EXECS")
+    # A guest's serial console log (ttyS0) in the run folder is cut to its last half past this size.
+    serial_log_max_bytes: int = Field(1024 * 1024, validation_alias="VERS_SERIAL_LOG_MAX_BYTES")
+    # Room a new VM, branch, commit or wake leaves free on this host: memory (MemAvailable), the data
+    # folder's disk, the run folder's tmpfs. Asked for more, the request is refused.
+    host_reserve_memory_mib: int = Field(1024, validation_alias="VERS_HOST_RESERVE_MEMORY_MIB")
+    host_reserve_disk_mib: int = Field(2048, validation_alias="VERS_HOST_RESERVE_DISK_MIB")
+    host_reserve_run_mib: int = Field(256, validation_alias="VERS_HOST_RESERVE_RUN_MIB")
+    # When the platform runs as root, QEMU runs as this user (made by scripts/bootstrap.sh); empty: as
+    # the platform's own user.
+    qemu_user: str = Field("vers-qemu", validation_alias="VERS_QEMU_USER")
+
+    # What one organization may hold, unless the administrator set its own limits (`vers admin org
+    # limits`): VMs that exist (running, paused or sleeping), their disks' sizes, commits (count and
+    # bytes), repositories, tags and API keys. (vCPUs and memory above count the VMs that run.)
+    org_max_vms: int = Field(64, validation_alias="VERS_ORG_MAX_VMS")
+    org_max_disk_mib: int = Field(262144, validation_alias="VERS_ORG_MAX_DISK_MIB")
+    org_max_commits: int = Field(1000, validation_alias="VERS_ORG_MAX_COMMITS")
+    org_max_commit_mib: int = Field(262144, validation_alias="VERS_ORG_MAX_COMMIT_MIB")
+    org_max_repositories: int = Field(100, validation_alias="VERS_ORG_MAX_REPOSITORIES")
+    org_max_tags: int = Field(2000, validation_alias="VERS_ORG_MAX_TAGS")
+    org_max_api_keys: int = Field(50, validation_alias="VERS_ORG_MAX_API_KEYS")
+
+    # The gateway's rate limits: requests per second per API key (a token bucket of this burst), and
+    # failed authentications per minute per client address before they are slowed down and refused;
+    # an unknown token is remembered as unknown this long.
+    rate_limit_per_second: float = Field(50.0, validation_alias="VERS_RATE_LIMIT_PER_SECOND")
+    rate_limit_burst: int = Field(200, validation_alias="VERS_RATE_LIMIT_BURST")
+    auth_failures_per_minute: int = Field(30, validation_alias="VERS_AUTH_FAILURES_PER_MINUTE")
+    auth_negative_cache_seconds: float = Field(30.0, validation_alias="VERS_AUTH_NEGATIVE_CACHE_SECONDS")
+    # Deadline of a call from the gateway to a service and between services (a call that carries its
+    # own timeout, such as an exec, gets that plus this).
+    rpc_timeout_seconds: float = Field(60.0, validation_alias="VERS_RPC_TIMEOUT_SECONDS")
+
+    # TLS, for deployments that listen beyond loopback: the gateway's certificate and key (HTTPS), and
+    # the gRPC services' certificate and key, with the CA their clients (gateway, peers, CLI) check it with.
+    http_tls_cert_file: str = Field("", validation_alias="VERS_HTTP_TLS_CERT_FILE")
+    http_tls_key_file: str = Field("", validation_alias="VERS_HTTP_TLS_KEY_FILE")
+    grpc_tls_cert_file: str = Field("", validation_alias="VERS_GRPC_TLS_CERT_FILE")
+    grpc_tls_key_file: str = Field("", validation_alias="VERS_GRPC_TLS_KEY_FILE")
+    grpc_tls_ca_file: str = Field("", validation_alias="VERS_GRPC_TLS_CA_FILE")
+
     # Supported images (`vers admin images bake`): the Debian suite and archives their root disks come
     # from, and the npm registry for Node.js and tools that ship there.
     image_suite: str = Field("trixie", validation_alias="VERS_IMAGE_SUITE")

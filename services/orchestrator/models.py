@@ -65,6 +65,8 @@ class CommitRow(MachineShape, table=True):
     # "file": RAM in its own file (branches map it copy-on-write); "stream": RAM inside the state file.
     ram_format: str
     checksums: str = "{}"
+    # Bytes of its files (memory, device state, the disk layer it froze), counted against its org's quota.
+    size_bytes: int = 0
 
 
 class OperationRow(SQLModel, table=True):

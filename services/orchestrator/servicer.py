@@ -189,8 +189,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def ExecVm(self, request: pb.ExecVmRequest, context: grpc.aio.ServicerContext) -> pb.ExecVmResponse:
         vm = await self._vm(request.vm_id)
         require_not_paused(vm)
-        machine = await self.engine.wait_booted(vm)
-        result = await machine.agent.exec(
+        result = await self.engine.exec(
+            vm,
             list(request.command),
             env=dict(request.env),
             stdin=request.stdin.encode() if request.stdin else None,
@@ -202,6 +202,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             stdout=result.stdout.decode(errors="replace"),
             stderr=result.stderr.decode(errors="replace"),
             exec_id=request.exec_id or str(uuid.uuid4()),
+            stdout_truncated=result.stdout_truncated,
+            stderr_truncated=result.stderr_truncated,
         )
 
     async def DeleteVm(self, request: pb.DeleteVmRequest, context: grpc.aio.ServicerContext) -> pb.DeleteVmResponse:

@@ -966,10 +966,15 @@ class ExecVmResponse(_message.Message):
     STDOUT_FIELD_NUMBER: _builtins.int
     STDERR_FIELD_NUMBER: _builtins.int
     EXEC_ID_FIELD_NUMBER: _builtins.int
+    STDOUT_TRUNCATED_FIELD_NUMBER: _builtins.int
+    STDERR_TRUNCATED_FIELD_NUMBER: _builtins.int
     exit_code: _builtins.int
     stdout: _builtins.str
     stderr: _builtins.str
     exec_id: _builtins.str
+    stdout_truncated: _builtins.bool
+    """The command wrote more than the platform keeps (VERS_EXEC_MAX_OUTPUT_BYTES): this is its beginning."""
+    stderr_truncated: _builtins.bool
     def __init__(
         self,
         *,
@@ -977,10 +982,12 @@ class ExecVmResponse(_message.Message):
         stdout: _builtins.str = ...,
         stderr: _builtins.str = ...,
         exec_id: _builtins.str = ...,
+        stdout_truncated: _builtins.bool = ...,
+        stderr_truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exec_id", b"exec_id", "exit_code", b"exit_code", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exec_id", b"exec_id", "exit_code", b"exit_code", "stderr", b"stderr", "stderr_truncated", b"stderr_truncated", "stdout", b"stdout", "stdout_truncated", b"stdout_truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
