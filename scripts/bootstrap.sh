@@ -34,6 +34,14 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${apt_packages[@]}"
 fi
 
+# When the platform runs as root, QEMU drops to this user once it has opened its files (VERS_QEMU_USER;
+# empty: QEMU keeps the platform's user): a system user with no login shell and no home.
+qemu_user="${VERS_QEMU_USER-vers-qemu}"
+if [ "$(id -u)" -eq 0 ] && [ -n "$qemu_user" ] && ! getent passwd "$qemu_user" >/dev/null; then
+  echo "Creating the system user $qemu_user (QEMU runs as it)"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$qemu_user"
+fi
+
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e '.[dev]'

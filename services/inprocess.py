@@ -42,24 +42,34 @@ class InProcessPlatform:
         addresses = {f"{name}_addr": f"127.0.0.1:{port}" for name, port in zip(SERVICES, free_ports(len(SERVICES)), strict=True)}
         platform = cls(settings.model_copy(update=addresses))
         for name in SERVICES:
-            platform.running[name] = await start(await BUILDERS[name](platform.settings), platform.settings.addr(name))
+            platform.running[name] = await start(await BUILDERS[name](platform.settings), platform.settings.addr(name), platform.settings)
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without it
         # every keep-alive response waits ~40 ms for a delayed ACK.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
-        platform._server = uvicorn.Server(uvicorn.Config(create_app(platform.settings), log_level="warning", lifespan="on", ws=UVICORN_WS))
+        settings = platform.settings
+        config = uvicorn.Config(
+            create_app(settings),
+            log_level="warning",
+            lifespan="on",
+            ws=UVICORN_WS,
+            ssl_certfile=settings.http_tls_cert_file or None,
+            ssl_keyfile=settings.http_tls_key_file or None,
+        )
+        platform._server = uvicorn.Server(config)
         platform._task = asyncio.create_task(platform._server.serve(sockets=[sock]))
         while not platform._server.started:
             if platform._task.done():
                 platform._task.result()
             await asyncio.sleep(0.01)
-        platform.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        scheme = "https" if settings.http_tls_cert_file else "http"
+        platform.url = f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
         return platform
 
     async def restart(self, service: str) -> None:
         """Stop one service and start it again on the same address, data and VMs."""
         await self.running[service].stop(0)
-        self.running[service] = await start(await BUILDERS[service](self.settings), self.settings.addr(service))
+        self.running[service] = await start(await BUILDERS[service](self.settings), self.settings.addr(service), self.settings)
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 
 import httpx
 
-from services.cli.client import ApiClient
 from services.common.files import write_atomic
+from services.common.server import PROCESS_UMASK
 from services.common.settings import SERVICES, Settings, get_settings
 
 PROCESSES = (*SERVICES, "gateway")
@@ -27,6 +28,21 @@ def start_processes(settings: Settings) -> dict[str, subprocess.Popen[bytes]]:
     return {name: subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env) for name in PROCESSES}
 
 
+def gateway_url(settings: Settings) -> str:
+    return settings.http_url
+
+
+def own_gateway_tls(settings: Settings) -> ssl.SSLContext | bool:
+    """How this process checks the gateway it started: it must present the very certificate it was given
+    (its name is the public host's, not the loopback address this process reaches it on)."""
+    if not settings.http_tls_cert_file:
+        return True
+    context = ssl.create_default_context(cafile=settings.http_tls_cert_file)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.check_hostname = False
+    return context
+
+
 def wait_healthy(settings: Settings, children: dict[str, subprocess.Popen[bytes]], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -34,7 +50,7 @@ def wait_healthy(settings: Settings, children: dict[str, subprocess.Popen[bytes]
         if dead:
             raise RuntimeError(f"{', '.join(dead)} exited during start-up; see the log above")
         try:
-            if httpx.get(f"{settings.http_url}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"{gateway_url(settings)}/healthz", timeout=2, verify=own_gateway_tls(settings)).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -46,11 +62,17 @@ def first_org_key(settings: Settings) -> tuple[str, str]:
     """(org name, API key) of the first organization, created on the first start."""
     key_file = settings.data_dir / FIRST_ORG_KEY_FILE
     if not key_file.exists():
-        admin = ApiClient(settings.http_url, settings.admin_key_file.read_text().strip())
-        answer = admin.request("POST", "/api/v1/admin/orgs", json={"name": settings.first_org})
-        admin.close()
+        answer = httpx.post(
+            f"{gateway_url(settings)}/api/v1/admin/orgs",
+            json={"name": settings.first_org},
+            headers={"Authorization": f"Bearer {settings.admin_key_file.read_text().strip()}"},
+            timeout=60,
+            verify=own_gateway_tls(settings),
+        )
+        if answer.status_code != 201:
+            raise RuntimeError(f"cannot create the organization {settings.first_org!r}: {answer.text}")
         # whole or absent after a crash, 0600 from the first byte; a file already there is kept
-        write_atomic(key_file, f"{settings.first_org} {answer['token']}\n", 0o600, exclusive=True)
+        write_atomic(key_file, f"{settings.first_org} {answer.json()['token']}\n", 0o600, exclusive=True)
     name, _, key = key_file.read_text().strip().partition(" ")
     return name, key
 
@@ -79,6 +101,7 @@ def stop(children: dict[str, subprocess.Popen[bytes]], grace: float) -> int:
 
 
 def main() -> int:
+    os.umask(PROCESS_UMASK)  # inherited by every service it starts
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
@@ -99,7 +122,7 @@ def main() -> int:
         return 1
     print(
         f"\nVers is running (data in {settings.data_dir.resolve()}). Organization {org!r} is ready:\n\n"
-        f"  export VERS_URL={settings.http_url}\n"
+        f"  export VERS_URL={gateway_url(settings)}\n"
         f"  export VERS_API_KEY={key}\n\n"
         f"Ctrl-C stops every process.\n",
         flush=True,

@@ -124,7 +124,9 @@ async def test_a_commit_deletion_the_tagging_service_missed_finishes_once_it_ans
             assert commit_id not in [c["commit_id"] for c in listed]
             assert (await http.post("/api/v1/vm/from_commit", json={"commit_id": commit_id})).status_code == 404
         finally:
-            platform.running["tagging"] = await start(await BUILDERS["tagging"](platform.settings), platform.settings.addr("tagging"))
+            platform.running["tagging"] = await start(
+                await BUILDERS["tagging"](platform.settings), platform.settings.addr("tagging"), platform.settings
+            )
         folder = platform.settings.data_dir.resolve() / "commits" / commit_id
         deadline = time.monotonic() + 90
         while folder.exists() and time.monotonic() < deadline:

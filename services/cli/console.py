@@ -23,7 +23,7 @@ from types import FrameType
 import websockets
 from websockets.sync.client import ClientConnection, connect
 
-from services.cli.client import ApiError, Unreachable, unreachable
+from services.cli.client import ApiError, Unreachable, seg, unreachable
 
 DETACH = b"\x1d"  # Ctrl-]
 END_OF_INPUT = b"\x04"  # Ctrl-D: the shell's own "no more input"
@@ -35,7 +35,7 @@ def websocket_url(base_url: str, path: str) -> str:
 
 
 def console_url(base_url: str, vm_id: str) -> str:
-    return websocket_url(base_url, f"/api/v1/vm/{vm_id}/console")
+    return websocket_url(base_url, f"/api/v1/vm/{seg(vm_id)}/console")
 
 
 def refusal(error: websockets.InvalidStatus, what: str = "the console") -> ApiError:

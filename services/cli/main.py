@@ -17,7 +17,7 @@ import click
 from click_default_group import DefaultGroup
 
 from services.cli import config, ssh
-from services.cli.client import ApiClient, ApiError, Unreachable
+from services.cli.client import ApiClient, ApiError, Unreachable, seg
 from services.cli.config import ConfigError, LocalState, check_alias, is_uuid
 from services.cli.console import open_console
 from services.cli.output import Output, progress, when, with_format
@@ -55,6 +55,10 @@ class Context:
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         return self.client.request(method, path, **kwargs)
 
+    def list_all(self, path: str, key: str | None = None, params: dict[str, Any] | None = None) -> Any:
+        """Every page of a list (`key`: the list's field in the answer; None for an answer that is the list)."""
+        return self.client.list_all(path, key, params)
+
     def vm(self, given: str | None) -> str:
         """The VM a command acts on: an alias, an ID or a unique ID prefix; the VM used last when none is given."""
         if not given:
@@ -68,7 +72,7 @@ class Context:
         prefix = given.rstrip("…").rstrip(".")  # IDs as the documentation abbreviates them: 2b4a…
         if len(prefix) < 4:
             raise click.ClickException(f"no VM {given!r}: not an alias here; an ID prefix needs at least 4 characters")
-        matches = [vm["vm_id"] for vm in self.call("GET", "/api/v1/vm") if vm["vm_id"].startswith(prefix)]
+        matches = [vm["vm_id"] for vm in self.list_all("/api/v1/vm") if vm["vm_id"].startswith(prefix)]
         if len(matches) > 1:
             raise click.ClickException(f"{given!r} matches {len(matches)} VMs: give more of the ID")
         if not matches:
@@ -149,7 +153,17 @@ def login(ctx: Context, out: Output, url: str | None, api_key: str | None) -> No
 def whoami(ctx: Context, out: Output) -> None:
     """The organization and API key in use."""
     who = ctx.call("GET", "/api/v1/whoami")
-    out.fields(who, [("Server", ctx.credentials.url), ("Organization", who["org"]["name"]), ("API key", who["api_key"]["label"])])
+    limits = who.get("limits") or {}
+    out.fields(who, [("Server", ctx.credentials.url), ("Organization", who["org"]["name"]), ("API key", who["api_key"]["label"]),
+                     *((_LIMIT_LABELS[name], limits[name]) for name in _LIMIT_LABELS if name in limits)])
+
+
+# Each limit of an organization as `vers whoami` and `vers admin org limits` print it.
+_LIMIT_LABELS = {
+    "max_vms": "Max VMs", "max_vcpus": "Max vCPUs", "max_memory_mib": "Max memory (MiB)", "max_disk_mib": "Max disk (MiB)",
+    "max_commits": "Max commits", "max_commit_mib": "Max commit MiB", "max_repositories": "Max repositories",
+    "max_tags": "Max tags", "max_api_keys": "Max API keys", "max_domains": "Max domains",
+}
 
 
 # --- VMs ------------------------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def exec_(ctx: Context, out: Output, send_stdin: bool, env: tuple[str, ...], wor
     if send_stdin:
         body["stdin"] = sys.stdin.read()
     vm_id = ctx.vm(vm)
-    result = ctx.call("POST", f"/api/v1/vm/{vm_id}/exec", json=body)
+    result = ctx.call("POST", f"/api/v1/vm/{seg(vm_id)}/exec", json=body)
     ctx.remember(vm_id)
     if out.json:
         out.result(result)
@@ -281,7 +295,7 @@ def tunnel(ctx: Context, out: Output, stdio: bool, vm: str, ports: str) -> None:
         if why:
             raise click.ClickException(why)
         return
-    ctx.call("GET", f"/api/v1/vm/{vm_id}/metadata")  # an unknown VM fails now, not at the first connection
+    ctx.call("GET", f"/api/v1/vm/{seg(vm_id)}/metadata")  # an unknown VM fails now, not at the first connection
     ctx.remember(vm_id)
 
     def ready(port: int) -> None:
@@ -301,7 +315,7 @@ def tunnel(ctx: Context, out: Output, stdio: bool, vm: str, ports: str) -> None:
 
 def _ssh_block(ctx: Context, vm_id: str) -> HostBlock:
     """The VM's key saved, and its `Host` block (named by its alias when it has one)."""
-    answer = ctx.call("GET", f"/api/v1/vm/{vm_id}/ssh_key")
+    answer = ctx.call("GET", f"/api/v1/vm/{seg(vm_id)}/ssh_key")
     ctx.remember(vm_id)
     key = save_key(vm_id, answer["ssh_private_key"])
     return host_block(ctx.state.alias_of(vm_id) or vm_id, vm_id, key, int(answer.get("ssh_port") or 22))
@@ -335,7 +349,7 @@ def commit_create(ctx: Context, out: Output, vm: str | None, name: str, descript
     vm_id = ctx.vm(vm)
     params = {"keep_paused": "true"} if keep_paused else {}
     with progress(f"Committing VM {vm_id}…"):
-        answer = ctx.call("POST", f"/api/v1/vm/{vm_id}/commit", params=params, json={"name": name, "description": description})
+        answer = ctx.call("POST", f"/api/v1/vm/{seg(vm_id)}/commit", params=params, json={"name": name, "description": description})
     ctx.remember(vm_id)
     out.result({"vm_id": vm_id, "commit_id": answer["commit_id"]}, f"✓ Committed VM {vm_id}", f"→ commit {answer['commit_id']}")
 
@@ -364,7 +378,7 @@ def branch(ctx: Context, out: Output, source: str | None, count: int, keep_pause
     source_id = ctx.vm(source)  # an ID passes as it is, so a commit ID works too
     params = {"count": count, **({"keep_paused": "true"} if keep_paused else {})}
     with progress(f"Branching {source_id}…"):
-        vms = [vm["vm_id"] for vm in ctx.call("POST", f"/api/v1/vm/{source_id}/branch", params=params)["vms"]]
+        vms = [vm["vm_id"] for vm in ctx.call("POST", f"/api/v1/vm/{seg(source_id)}/branch", params=params)["vms"]]
     for vm_id in vms:
         ctx.remember(vm_id, alias)
     lines = [f"✓ Branched {source_id} → {len(vms)} VM{'s' if len(vms) > 1 else ''}", *(f"  VM: {vm_id}" for vm_id in vms)]
@@ -403,7 +417,7 @@ def run_commit(ctx: Context, out: Output, source: str, by_ref: bool, by_tag: boo
 
 def _set_state(ctx: Context, out: Output, vm: str | None, state: str, done: str) -> None:
     vm_id = ctx.vm(vm)
-    answer = ctx.call("PATCH", f"/api/v1/vm/{vm_id}/state", json={"state": state})
+    answer = ctx.call("PATCH", f"/api/v1/vm/{seg(vm_id)}/state", json={"state": state})
     ctx.remember(vm_id)
     out.result(answer, f"✓ {done} VM {vm_id}")
 
@@ -435,7 +449,7 @@ def sleep(ctx: Context, out: Output, vm: str | None) -> None:
 def kill(ctx: Context, out: Output, vm: str | None) -> None:
     """Stop a VM and delete it (its commits stay)."""
     vm_id = ctx.vm(vm)
-    ctx.call("DELETE", f"/api/v1/vm/{vm_id}")
+    ctx.call("DELETE", f"/api/v1/vm/{seg(vm_id)}")
     ctx.state.forget(vm_id)
     ssh.forget(vm_id)
     out.result({"vm_id": vm_id}, f"✓ Killed VM {vm_id}")
@@ -447,7 +461,7 @@ def status(ctx: Context, out: Output, vm: str | None) -> None:
     """All your VMs, or one VM in detail."""
     if vm:
         vm_id = ctx.vm(vm)
-        meta = ctx.call("GET", f"/api/v1/vm/{vm_id}/metadata")
+        meta = ctx.call("GET", f"/api/v1/vm/{seg(vm_id)}/metadata")
         ctx.remember(vm_id)
         out.fields(
             meta,
@@ -462,7 +476,7 @@ def status(ctx: Context, out: Output, vm: str | None) -> None:
             ],
         )
         return
-    vms = ctx.call("GET", "/api/v1/vm")
+    vms = ctx.list_all("/api/v1/vm")
     last = ctx.state.last_vm
     rows = [
         [vm["vm_id"] + (" *" if vm["vm_id"] == last else ""), ctx.state.alias_of(vm["vm_id"]) or "-", vm["state"], when(vm["created_at"])]
@@ -493,11 +507,11 @@ def repo_create(ctx: Context, out: Output, name: str, description: str) -> None:
 def repo_list(ctx: Context, out: Output, public: bool) -> None:
     """Your organization's repositories, or with --public everyone's public ones."""
     if public:
-        answer = ctx.call("GET", "/api/v1/public/repositories")
+        answer = ctx.list_all("/api/v1/public/repositories", "repositories")
         rows = [[r["full_name"], r["description"] or "-", when(r["created_at"])] for r in answer["repositories"]]
         out.table(answer, ["REPOSITORY", "DESCRIPTION", "CREATED"], rows, "No public repositories.")
         return
-    answer = ctx.call("GET", "/api/v1/repositories")
+    answer = ctx.list_all("/api/v1/repositories", "repositories")
     rows = [
         [r["name"], "public" if r["is_public"] else "private", r["description"] or "-", when(r["created_at"])]
         for r in answer["repositories"]
@@ -511,11 +525,11 @@ def repo_get(ctx: Context, out: Output, name: str) -> None:
     """One repository: yours by NAME, or a public one by ORG/NAME."""
     org, repo_name = split_org(name)
     if org:
-        found = ctx.call("GET", f"/api/v1/public/repositories/{org}/{repo_name}")
+        found = ctx.call("GET", f"/api/v1/public/repositories/{seg(org)}/{seg(repo_name)}")
         out.fields(found, [("Repository", found["full_name"]), ("Visibility", "public"), ("Description", found["description"]),
                            ("Created", when(found["created_at"])), ("ID", found["repo_id"])])
         return
-    found = ctx.call("GET", f"/api/v1/repositories/{repo_name}")
+    found = ctx.call("GET", f"/api/v1/repositories/{seg(repo_name)}")
     out.fields(found, [("Repository", found["name"]), ("Visibility", "public" if found["is_public"] else "private"),
                        ("Description", found["description"]), ("Created", when(found["created_at"])), ("ID", found["repo_id"])])
 
@@ -524,7 +538,7 @@ def repo_get(ctx: Context, out: Output, name: str) -> None:
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 def repo_delete(ctx: Context, out: Output, names: tuple[str, ...]) -> None:
     """Delete repositories and their tags; the commits stay."""
-    _each(out, names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{name}"), "Deleted repository {} (commits kept)")
+    _each(out, names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{seg(name)}"), "Deleted repository {} (commits kept)")
 
 
 @command(repo, "visibility")
@@ -537,7 +551,7 @@ def repo_visibility(ctx: Context, out: Output, name: str, public: bool | None, p
     if (public is None) == (not private):
         raise click.UsageError("say --public or --public=false (or --private)")
     is_public = bool(public) if public is not None else False
-    answer = ctx.call("PATCH", f"/api/v1/repositories/{name}/visibility", json={"is_public": is_public})
+    answer = ctx.call("PATCH", f"/api/v1/repositories/{seg(name)}/visibility", json={"is_public": is_public})
     out.result(answer, f"✓ {answer['name']} is now {'public' if answer['is_public'] else 'private'}")
 
 
@@ -572,7 +586,7 @@ def tag() -> None:
 def tag_create(ctx: Context, out: Output, repo_name: str, tag_name: str, commit_id: str, description: str) -> None:
     """Point a new tag at a commit your organization owns."""
     body = {"tag_name": tag_name, "commit_id": commit_id, "description": description}
-    answer = ctx.call("POST", f"/api/v1/repositories/{repo_name}/tags", json=body)
+    answer = ctx.call("POST", f"/api/v1/repositories/{seg(repo_name)}/tags", json=body)
     out.result(answer, f"✓ Tagged {answer['reference']} → {answer['commit_id']}")
 
 
@@ -581,8 +595,8 @@ def tag_create(ctx: Context, out: Output, repo_name: str, tag_name: str, commit_
 def tag_list(ctx: Context, out: Output, repo_name: str) -> None:
     """A repository's tags: yours, or a public one's as ORG/REPO."""
     org, name = split_org(repo_name)
-    path = f"/api/v1/public/repositories/{org}/{name}/tags" if org else f"/api/v1/repositories/{name}/tags"
-    answer = ctx.call("GET", path)
+    path = f"/api/v1/public/repositories/{seg(org)}/{seg(name)}/tags" if org else f"/api/v1/repositories/{seg(name)}/tags"
+    answer = ctx.list_all(path, "tags")
     rows = [[t["tag_name"], t["commit_id"], when(t["updated_at"]), t["description"] or "-"] for t in answer["tags"]]
     out.table(answer, ["TAG", "COMMIT", "UPDATED", "DESCRIPTION"], rows, f"No tags in {repo_name}.")
 
@@ -593,7 +607,8 @@ def tag_list(ctx: Context, out: Output, repo_name: str) -> None:
 def tag_get(ctx: Context, out: Output, repo_name: str, tag_name: str) -> None:
     """One tag: the commit it names and when it last moved."""
     org, name = split_org(repo_name)
-    path = f"/api/v1/public/repositories/{org}/{name}/tags/{tag_name}" if org else f"/api/v1/repositories/{name}/tags/{tag_name}"
+    base = f"/api/v1/public/repositories/{seg(org)}/{seg(name)}" if org else f"/api/v1/repositories/{seg(name)}"
+    path = f"{base}/tags/{seg(tag_name)}"
     found = ctx.call("GET", path)
     reference = f"{org}/{found['reference']}" if org else found["reference"]
     out.fields(found, [("Tag", reference), ("Commit", found["commit_id"]), ("Description", found["description"]),
@@ -609,9 +624,9 @@ def tag_update(ctx: Context, out: Output, repo_name: str, tag_name: str, commit_
     """Move a tag to another commit, or change its description."""
     if commit_id is None and description is None:
         raise click.UsageError("nothing to change: give --commit ID and/or --description TEXT")
-    before = ctx.call("GET", f"/api/v1/repositories/{repo_name}/tags/{tag_name}")
+    before = ctx.call("GET", f"/api/v1/repositories/{seg(repo_name)}/tags/{seg(tag_name)}")
     body = {name: value for name, value in (("commit_id", commit_id), ("description", description)) if value is not None}
-    after = ctx.call("PATCH", f"/api/v1/repositories/{repo_name}/tags/{tag_name}", json=body)
+    after = ctx.call("PATCH", f"/api/v1/repositories/{seg(repo_name)}/tags/{seg(tag_name)}", json=body)
     if after["commit_id"] != before["commit_id"]:
         line = f"✓ Moved {after['reference']} → {after['commit_id']} (was {before['commit_id']})"
     else:
@@ -624,7 +639,7 @@ def tag_update(ctx: Context, out: Output, repo_name: str, tag_name: str, commit_
 @click.argument("tag_names", nargs=-1, required=True, metavar="TAG...")
 def tag_delete(ctx: Context, out: Output, repo_name: str, tag_names: tuple[str, ...]) -> None:
     """Delete tags; the commits they named stay."""
-    _each(out, tag_names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{repo_name}/tags/{name}"),
+    _each(out, tag_names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{seg(repo_name)}/tags/{seg(name)}"),
           f"Deleted tag {repo_name}:{{}} (commit kept)")
 
 
@@ -633,7 +648,7 @@ def tag_delete(ctx: Context, out: Output, repo_name: str, tag_names: tuple[str, 
 @click.argument("tag_name", metavar="TAG")
 def tag_history(ctx: Context, out: Output, repo_name: str, tag_name: str) -> None:
     """Where a tag pointed over time, newest first: the commit to roll back to."""
-    answer = ctx.call("GET", f"/api/v1/repositories/{repo_name}/tags/{tag_name}/history")
+    answer = ctx.list_all(f"/api/v1/repositories/{seg(repo_name)}/tags/{seg(tag_name)}/history", "events")
     rows = [[when(e["created_at"]), e["action"], e["old_commit_id"] or "-", e["new_commit_id"] or "-", e["api_key_id"]]
             for e in answer["events"]]
     out.table(answer, ["WHEN", "ACTION", "FROM", "TO", "BY KEY"], rows, f"No history for {repo_name}:{tag_name}.")
@@ -691,7 +706,7 @@ def domain_create(ctx: Context, out: Output, name: str, vm: str | None, port: in
 def domain_list(ctx: Context, out: Output, vm: str | None) -> None:
     """Your organization's domains."""
     params = {"vm_id": ctx.vm(vm)} if vm else {}
-    found = ctx.call("GET", "/api/v1/domains", params=params)
+    found = ctx.list_all("/api/v1/domains", params=params)
     rows = [[d["domain"], f"{d['vm_id']}:{d['port']}", _access(d), when(d["created_at"]), d["domain_id"]] for d in found]
     out.table(found, ["DOMAIN", "VM:PORT", "ACCESS", "CREATED", "ID"], rows, "No domains: `vers domain create NAME` makes one.")
 
@@ -700,14 +715,14 @@ def domain_list(ctx: Context, out: Output, vm: str | None) -> None:
 @click.argument("names", nargs=-1, required=True, metavar="DOMAIN_ID_OR_NAME...")
 def domain_delete(ctx: Context, out: Output, names: tuple[str, ...]) -> None:
     """Delete domains, by ID, by NAME or by their full name; the VMs stay."""
-    listed: list[dict[str, Any]] = ctx.call("GET", "/api/v1/domains")
+    listed: list[dict[str, Any]] = ctx.list_all("/api/v1/domains")
 
     def delete(given: str) -> None:
         name = given.lower().rstrip(".")  # names are kept in lowercase, as DNS compares them
         found = next((d for d in listed if given == d["domain_id"] or name in (d["domain"], d["domain"].split(".", 1)[0])), None)
         if found is None:
             raise ApiError(404, f"no domain {given!r} in your organization: `vers domain list` shows them")
-        ctx.call("DELETE", f"/api/v1/domains/{found['domain_id']}")
+        ctx.call("DELETE", f"/api/v1/domains/{seg(found['domain_id'])}")
 
     _each(out, names, delete, "Deleted domain {}")
 
@@ -751,8 +766,32 @@ def admin_org_create(ctx: Context, out: Output, name: str) -> None:
 def admin_org_list(ctx: Context, out: Output) -> None:
     """Every organization."""
     with _admin_client(ctx) as client:
-        answer = client.request("GET", "/api/v1/admin/orgs")
+        answer = client.list_all("/api/v1/admin/orgs", "orgs")
     out.table(answer, ["NAME", "ID"], [[org["name"], org["id"]] for org in answer["orgs"]], "No organizations.")
+
+
+def _limit_option(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(f"--{name.replace('_', '-')}", name, type=click.IntRange(-1), default=None, metavar="N",
+                        help=f"{_LIMIT_LABELS[name]}; -1 puts back the platform's default.")
+
+
+def _limit_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for name in reversed(_LIMIT_LABELS):
+        function = _limit_option(name)(function)
+    return function
+
+
+@command(admin_org, "limits")
+@click.argument("org", metavar="ORG")
+@_limit_options
+def admin_org_limits(ctx: Context, out: Output, org: str, **limits: int | None) -> None:
+    """Set an organization's own limits (-1: back to the default, VERS_ORG_MAX_*), and print them all;
+    with no option, only print them."""
+    body = {name: value for name, value in limits.items() if value is not None}
+    with _admin_client(ctx) as client:
+        answer = client.request("PATCH", f"/api/v1/admin/orgs/{seg(org)}/limits", json=body)
+    out.fields(answer, [("Organization", answer["org"]["name"]),
+                        *((_LIMIT_LABELS[name], answer["limits"][name]) for name in _LIMIT_LABELS)])
 
 
 @admin.group("images")

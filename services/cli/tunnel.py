@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect as connect_async
 from websockets.sync.client import ClientConnection as SyncConnection
 from websockets.sync.client import connect as connect_sync
 
-from services.cli.client import ApiError, Unreachable, unreachable
+from services.cli.client import ApiError, Unreachable, seg, unreachable
 from services.cli.console import refusal, websocket_url
 
 CHUNK = 1 << 16
@@ -36,7 +36,7 @@ LIMITS: dict[str, Any] = {
 
 
 def tunnel_url(base_url: str, vm_id: str, port: int) -> str:
-    return websocket_url(base_url, f"/api/v1/vm/{vm_id}/tunnel?port={port}")
+    return websocket_url(base_url, f"/api/v1/vm/{seg(vm_id)}/tunnel?port={port}")
 
 
 def _headers(api_key: str) -> dict[str, str]:

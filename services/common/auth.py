@@ -6,8 +6,9 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections import OrderedDict
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +16,7 @@ import grpc
 
 from services.common.errors import Unauthenticated, Unavailable
 from services.common.files import write_atomic
+from services.common.quotas import OrgLimits
 from vers.registry.v1 import registry_pb2, registry_pb2_grpc
 
 
@@ -28,6 +30,19 @@ class Principal:
     token: str
     # The platform's own services acting for the org (a saga's undo, a start-up repair), not a person.
     is_service: bool = False
+    # What the org may hold (the registry's answer); None where it could not be learnt.
+    limits: OrgLimits | None = None
+
+    @property
+    def org_label(self) -> str:
+        """How messages name the org: its name, or its id when the name is not known."""
+        return self.org_name or self.org_id
+
+
+def principal_of(org_id: str) -> Principal | None:
+    """The caller, if it acts for `org_id` (None outside a call, e.g. at start-up, or for another org)."""
+    principal = _current.get()
+    return principal if principal is not None and principal.org_id == org_id else None
 
 
 _current: ContextVar[Principal | None] = ContextVar("vers_principal", default=None)
@@ -73,25 +88,72 @@ class TokenResolver(Protocol):
         ...
 
 
-class CachedResolver:
-    """Trusts a resolved token for a few seconds, so a burst of calls asks the registry once."""
+NEGATIVE_CACHE_ENTRIES = 10_000
 
-    def __init__(self, inner: TokenResolver, ttl_seconds: float) -> None:
+
+class CachedResolver:
+    """Trusts a resolved token for a few seconds, so a burst of calls asks the registry once; remembers a token
+    the registry refused for a while longer (up to NEGATIVE_CACHE_ENTRIES of them, the least recently seen
+    dropped first), so a flood of bad tokens does not reach the registry at all."""
+
+    def __init__(self, inner: TokenResolver, ttl_seconds: float, negative_ttl_seconds: float | None = None) -> None:
         self._inner = inner
         self._ttl = ttl_seconds
+        if negative_ttl_seconds is None:
+            from services.common.settings import get_settings
+
+            negative_ttl_seconds = get_settings().auth_negative_cache_seconds
+        self._negative_ttl = negative_ttl_seconds
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self._refused: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     async def resolve(self, token: str) -> Principal:
         key = hash_token(token)
-        hit = self._cache.get(key)
         now = time.monotonic()
+        hit = self._cache.get(key)
         if hit and hit[0] > now:
             return hit[1]
-        principal = await self._inner.resolve(token)
+        refused = self._refused.get(key)
+        if refused is not None:
+            if refused[0] > now:
+                self._refused.move_to_end(key)
+                raise Unauthenticated(refused[1])
+            del self._refused[key]
+        try:
+            principal = await self._inner.resolve(token)
+        except Unauthenticated as error:
+            self._refuse(key, now, error.message)
+            raise
+        self._remember(key, now, principal)
+        return principal
+
+    async def service_principal(self, principal: Principal) -> Principal:
+        """A service token's principal with its org's name and limits, asked of `inner` once in a while."""
+        key = hash_token(principal.token)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit and hit[0] > now:
+            return hit[1]
+        enrich = getattr(self._inner, "service_principal", None)
+        if enrich is None:
+            return principal
+        enriched: Principal = await enrich(principal)
+        if enriched.limits is not None:
+            self._remember(key, now, enriched)
+        return enriched
+
+    def _remember(self, key: str, now: float, principal: Principal) -> None:
         if len(self._cache) > 10_000:
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
         self._cache[key] = (now + self._ttl, principal)
-        return principal
+
+    def _refuse(self, key: str, now: float, message: str) -> None:
+        if self._negative_ttl <= 0:
+            return
+        self._refused[key] = (now + self._negative_ttl, message)
+        self._refused.move_to_end(key)
+        while len(self._refused) > NEGATIVE_CACHE_ENTRIES:
+            self._refused.popitem(last=False)
 
 
 class RegistryResolver:
@@ -100,9 +162,9 @@ class RegistryResolver:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = registry_pb2_grpc.RegistryServiceStub(channel)
 
-    async def resolve(self, token: str) -> Principal:
+    async def _authenticate(self, token: str) -> registry_pb2.AuthenticateResponse:
         try:
-            answer = await self._stub.Authenticate(
+            return await self._stub.Authenticate(
                 registry_pb2.AuthenticateRequest(),
                 metadata=(("authorization", f"Bearer {token}"),),
                 timeout=10,
@@ -111,6 +173,9 @@ class RegistryResolver:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise Unauthenticated(error.details() or "invalid API key") from None
             raise Unavailable(f"cannot check the API key: registry answered {error.code().name}") from None
+
+    async def resolve(self, token: str) -> Principal:
+        answer = await self._authenticate(token)
         return Principal(
             org_id=answer.org.id,
             org_name=answer.org.name,
@@ -118,7 +183,19 @@ class RegistryResolver:
             key_label=answer.api_key.label,
             is_admin=answer.api_key.is_admin,
             token=token,
+            limits=OrgLimits.from_message(answer.limits) if answer.HasField("limits") else None,
         )
+
+    async def service_principal(self, principal: Principal) -> Principal:
+        """The registry answers a service token with the org's name and limits. When it cannot be asked, the
+        principal stays as it is (the services then apply the platform's defaults)."""
+        try:
+            answer = await self._authenticate(principal.token)
+        except Unavailable:
+            return principal
+        if not answer.HasField("limits"):
+            return principal
+        return replace(principal, org_name=answer.org.name, limits=OrgLimits.from_message(answer.limits))
 
 
 SERVICE_TOKEN_PREFIX = "vers-svc."
@@ -169,5 +246,7 @@ class ServiceAwareResolver:
 
     async def resolve(self, token: str) -> Principal:
         if token.startswith(SERVICE_TOKEN_PREFIX):
-            return self.credential.principal(token)
+            principal = self.credential.principal(token)
+            enrich = getattr(self._inner, "service_principal", None)
+            return await enrich(principal) if enrich is not None else principal
         return await self._inner.resolve(token)

@@ -21,11 +21,12 @@ def fsync_dir(folder: Path) -> None:
     fsync_path(folder, os.O_DIRECTORY)
 
 
-def write_atomic(path: Path, data: bytes | str, mode: int = 0o644, *, exclusive: bool = False) -> bool:
-    """Replace `path` with `data` atomically, with permissions `mode` from the first byte on. With
-    `exclusive`, an existing file is kept and False returned (two writers racing: the first one wins)."""
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o600, *, exclusive: bool = False) -> bool:
+    """Replace `path` with `data` atomically, with permissions `mode` (private unless said) from the first
+    byte on; folders it makes are private. With `exclusive`, an existing file is kept and False returned
+    (two writers racing: the first one wins)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     content = data.encode() if isinstance(data, str) else data
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

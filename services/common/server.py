@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import TokenResolver
 from services.common.interceptor import ServiceInterceptor
+from services.common.peers import message_size_options
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,22 @@ class RunningService:
             await close()
 
 
-async def start(service: Service, listen_addr: str) -> RunningService:
-    server = grpc.aio.server(interceptors=[ServiceInterceptor(service.resolver)])
+# Files the platform makes (databases, keys, VM disks, sockets) are its own unless it says otherwise.
+PROCESS_UMASK = 0o077
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from VERS_GRPC_TLS_CERT_FILE and VERS_GRPC_TLS_KEY_FILE; None (plain TCP) when they are empty."""
+    if not settings.grpc_tls_cert_file:
+        return None
+    with open(settings.grpc_tls_key_file, "rb") as key, open(settings.grpc_tls_cert_file, "rb") as cert:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
+async def start(service: Service, listen_addr: str, settings: Settings | None = None) -> RunningService:
+    """Serve `service` on `listen_addr`; TLS and message sizes from `settings` (the defaults when None)."""
+    settings = settings or Settings.model_construct()
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(service.resolver)], options=message_size_options(settings))
     service.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -53,20 +69,22 @@ async def start(service: Service, listen_addr: str) -> RunningService:
         [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(listen_addr)
+    credentials = server_credentials(settings)
+    port = server.add_insecure_port(listen_addr) if credentials is None else server.add_secure_port(listen_addr, credentials)
     if not port:
         raise OSError(f"{service.name}: cannot listen on {listen_addr}")
     await server.start()
     for name in ("", *service.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s listening on port %d", service.name, port)
+    log.info("%s listening on port %d%s", service.name, port, "" if credentials is None else " (TLS)")
     return RunningService(service, server, health_servicer, port)
 
 
 async def serve(build: Callable[[Settings], Awaitable[Service]], name: str, settings: Settings) -> None:
     """Run one service until SIGTERM or SIGINT, then let in-flight calls finish within the grace period."""
+    os.umask(PROCESS_UMASK)
     logging.basicConfig(level=settings.log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
-    running = await start(await build(settings), settings.listen_addr(name))
+    running = await start(await build(settings), settings.listen_addr(name), settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -162,7 +162,8 @@ class Settings(BaseSettings):
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.http_host}:{self.http_port}"
+        scheme = "https" if self.http_tls_cert_file else "http"
+        return f"{scheme}://{self.http_host}:{self.http_port}"
 
 
 @lru_cache

@@ -18,10 +18,12 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
 
+from services.common.peers import max_message_bytes, open_channel
 from services.common.settings import SERVICES, Settings
 from services.gateway.bindings import Binding, all_bindings
 from services.gateway.domains import DomainRouter
 from services.gateway.errors import STATUS_CODE_NAMES, error_response, rpc_error_response
+from services.gateway.limits import AUTHENTICATED, Guard, GuardMiddleware, call_timeout, checks_token
 from services.gateway.openapi import openapi_document
 from services.gateway.streams import StreamBridge
 from services.gateway.transcode import BadRequest, build_request, response_json
@@ -36,6 +38,9 @@ FORWARDED_HEADERS = ("authorization", "x-request-id")
 def forwarded(connection: HTTPConnection) -> tuple[tuple[str, str], ...]:
     return tuple((name, connection.headers[name]) for name in FORWARDED_HEADERS if name in connection.headers)
 
+
+# Where a list answered as a bare JSON array says how to ask for the next page.
+NEXT_PAGE_HEADER = "X-Next-Page-Token"
 
 class PayloadTooLarge(Exception):
     pass
@@ -59,10 +64,13 @@ class Gateway:
         self.settings = settings
         self.bindings = all_bindings()
         self.channels: dict[str, grpc.aio.Channel] = {}
+        # Public methods answer whatever token comes with them: a refused one is not answered from memory there.
+        public = frozenset(b.path for b in self.bindings if "{" not in b.path and not checks_token(b))
+        self.guard = Guard(settings, public_paths=public)
 
     @asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        self.channels = {name: grpc.aio.insecure_channel(self.settings.addr(name)) for name in SERVICES}
+        self.channels = {name: open_channel(self.settings, self.settings.addr(name)) for name in SERVICES}
         try:
             yield
         finally:
@@ -72,6 +80,7 @@ class Gateway:
     def endpoint(self, binding: Binding) -> Callable[[Request], Awaitable[Response]]:
         request_class = message_factory.GetMessageClass(binding.method.input_type)
         response_class = message_factory.GetMessageClass(binding.method.output_type)
+        proves_token = checks_token(binding)
 
         async def handle(request: Request) -> Response:
             if binding.streaming:
@@ -82,25 +91,35 @@ class Gateway:
                     binding, request_class(), request.path_params, request.query_params.multi_items(), body
                 )
             except PayloadTooLarge:
-                limit = self.settings.http_max_body_bytes
-                return error_response(413, "RESOURCE_EXHAUSTED", f"request body is larger than {limit} bytes")
+                return self.too_large("request body is too large")
             except BadRequest as error:
                 return error_response(400, "INVALID_ARGUMENT", str(error))
+            if message.ByteSize() > max_message_bytes(self.settings):
+                return self.too_large("request is too large once encoded for the service")
             call = self.channels[binding.backend].unary_unary(
                 binding.grpc_path,
                 request_serializer=request_class.SerializeToString,
                 response_deserializer=response_class.FromString,
             )
             try:
-                answer = await call(message, metadata=forwarded(request))
+                answer = await call(message, metadata=forwarded(request), timeout=call_timeout(binding, message, self.settings))
             except grpc.aio.AioRpcError as error:
                 return rpc_error_response(binding, error)
+            request.scope[AUTHENTICATED] = proves_token
             if binding.success_code == 204:
                 return Response(status_code=204)
-            return JSONResponse(response_json(binding, answer), status_code=binding.success_code)
+            headers = {}
+            if binding.response_body and getattr(answer, "next_page_token", ""):
+                # The body is the list itself (the documented shape): the next page's token rides in a header.
+                headers[NEXT_PAGE_HEADER] = answer.next_page_token
+            return JSONResponse(response_json(binding, answer), status_code=binding.success_code, headers=headers)
 
         handle.__name__ = binding.method.name
         return handle
+
+    def too_large(self, what: str) -> Response:
+        limit = self.settings.http_max_body_bytes
+        return error_response(413, "RESOURCE_EXHAUSTED", f"{what}: the limit is {limit} bytes (VERS_HTTP_MAX_BODY_BYTES)")
 
     def stream_endpoint(self, binding: Binding) -> Callable[[WebSocket], Awaitable[None]]:
         bridge_for = functools.partial(
@@ -141,7 +160,8 @@ async def _http_error(request: Request, error: Exception) -> Response:
 
 
 def create_app(settings: Settings) -> ASGIApp:
-    """The API, behind the router that sends requests for domains (NAME.<VERS_DOMAIN_SUFFIX>) to their VMs."""
+    """The API, behind its rate limits and the router that sends requests for domains (NAME.<VERS_DOMAIN_SUFFIX>)
+    to their VMs (which have limits of their own)."""
     gateway = Gateway(settings)
     routes = [
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
@@ -150,4 +170,4 @@ def create_app(settings: Settings) -> ASGIApp:
         *(WebSocketRoute(b.path, gateway.stream_endpoint(b)) for b in gateway.bindings if b.streaming),
     ]
     api = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: _http_error})
-    return DomainRouter(api, settings.domain_suffix, lambda: gateway.channels["orchestrator"])
+    return DomainRouter(GuardMiddleware(api, gateway.guard), settings.domain_suffix, lambda: gateway.channels["orchestrator"])

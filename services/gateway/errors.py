@@ -27,17 +27,20 @@ HTTP_STATUS = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 # For errors the gateway answers itself, without a call.
-STATUS_CODE_NAMES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
+STATUS_CODE_NAMES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED"}
 
 
 def rpc_error_response(binding: Binding, error: grpc.aio.AioRpcError) -> JSONResponse:
     details = error.details() or error.code().name
     if error.code() == grpc.StatusCode.UNAVAILABLE:
         details = f"the {binding.backend} service is unavailable: {details}"
+    elif error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = (
+            f"the {binding.backend} service did not answer in time ({details}); calls may take "
+            f"VERS_RPC_TIMEOUT_SECONDS, an exec its own timeout on top"
+        )
     return error_response(HTTP_STATUS.get(error.code(), 500), error.code().name, details)
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "success": False, "code": code}, status_code=status)
-
-

@@ -1,4 +1,10 @@
-"""OpenAPI 3.1 document derived from the same descriptors and bindings as the routes."""
+"""OpenAPI 3.1 document derived from the same descriptors and bindings as the routes.
+
+Every operation lists its success answer and every error the gateway can give, so a client (or a
+fuzzer) can check each response against the document. Responses are described as the gateway writes
+them (services/gateway/transcode.py): every field present, unset messages and optional fields as null,
+64-bit integers as strings. Requests are described as the gateway parses them: no unknown fields.
+"""
 
 from __future__ import annotations
 
@@ -8,59 +14,150 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from services.common.interceptor import Access, method_access
 from services.gateway.bindings import Binding
+from services.gateway.errors import HTTP_STATUS, STATUS_CODE_NAMES
 
-_SCALARS: dict[int, dict[str, str]] = {
+_INT32 = {"type": "integer", "format": "int32", "minimum": -(2**31), "maximum": 2**31 - 1}
+_UINT32 = {"type": "integer", "format": "int32", "minimum": 0, "maximum": 2**32 - 1}
+_SCALARS: dict[int, dict[str, Any]] = {
     FieldDescriptor.TYPE_STRING: {"type": "string"},
     FieldDescriptor.TYPE_BYTES: {"type": "string", "format": "byte"},
     FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
-    FieldDescriptor.TYPE_INT32: {"type": "integer", "format": "int32"},
-    FieldDescriptor.TYPE_SINT32: {"type": "integer", "format": "int32"},
-    FieldDescriptor.TYPE_UINT32: {"type": "integer", "format": "int32"},
+    FieldDescriptor.TYPE_INT32: _INT32,
+    FieldDescriptor.TYPE_SINT32: _INT32,
+    FieldDescriptor.TYPE_SFIXED32: _INT32,
+    FieldDescriptor.TYPE_UINT32: _UINT32,
+    FieldDescriptor.TYPE_FIXED32: _UINT32,
     FieldDescriptor.TYPE_INT64: {"type": "string", "format": "int64"},
+    FieldDescriptor.TYPE_SINT64: {"type": "string", "format": "int64"},
+    FieldDescriptor.TYPE_SFIXED64: {"type": "string", "format": "int64"},
     FieldDescriptor.TYPE_UINT64: {"type": "string", "format": "int64"},
+    FieldDescriptor.TYPE_FIXED64: {"type": "string", "format": "int64"},
     FieldDescriptor.TYPE_DOUBLE: {"type": "number", "format": "double"},
     FieldDescriptor.TYPE_FLOAT: {"type": "number", "format": "float"},
-    FieldDescriptor.TYPE_ENUM: {"type": "string"},
 }
 _WELL_KNOWN = {"google.protobuf.Timestamp": {"type": "string", "format": "date-time"}}
 _ERROR = {
     "type": "object",
-    "properties": {"error": {"type": "string"}, "success": {"type": "boolean"}, "code": {"type": "string"}},
+    "properties": {
+        "error": {"type": "string", "description": "What went wrong and what to fix."},
+        "success": {"const": False},
+        "code": {"type": "string", "description": "The gRPC status name, e.g. NOT_FOUND."},
+    },
     "required": ["error", "success", "code"],
+}
+# Every status the gateway answers an operation with when it fails: the services' codes through
+# grpc-gateway's table, and the ones the gateway gives itself (a body too large). 405 is not an
+# operation's answer: it means the operation does not exist.
+ERROR_STATUSES = sorted({*HTTP_STATUS.values(), *(s for s in STATUS_CODE_NAMES if s != 405)})
+_ERROR_DESCRIPTIONS = {
+    400: "The request is invalid (a field, the JSON body, a query parameter) or the object is not in a state for it.",
+    401: "No API key, or one the platform does not know.",
+    403: "The key may not make this call.",
+    404: "No such object in the caller's organization.",
+    409: "The object exists already, or something still uses it.",
+    413: "The request body is larger than VERS_HTTP_MAX_BODY_BYTES.",
+    429: "A limit was reached; the message names it and how to raise it.",
+    499: "The call was cancelled.",
+    500: "An internal error; the server log has the details.",
+    501: "Not implemented.",
+    503: "A service is unavailable.",
+    504: "The call took longer than its deadline.",
 }
 
 
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _has_presence(field: FieldDescriptor) -> bool:
+    """A proto3 `optional` scalar: unset, it comes out as null."""
+    return field.message_type is None and not field.is_repeated and field.has_presence
+
+
 class _Schemas:
+    """Component schemas, one set for requests (as parsed) and one for responses (as written)."""
+
     def __init__(self) -> None:
         self.components: dict[str, Any] = {"Error": _ERROR}
+        self._names: dict[tuple[str, bool], str] = {}
 
-    def message(self, descriptor: Descriptor, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    def _name(self, descriptor: Descriptor, output: bool) -> str:
+        # A message used both ways gets two schemas: responses require every field, requests none.
+        key = (descriptor.full_name, output)
+        if key not in self._names:
+            taken = (descriptor.full_name, not output) in self._names
+            self._names[key] = descriptor.full_name + ((".Response" if output else ".Request") if taken else "")
+        return self._names[key]
+
+    def message(self, descriptor: Descriptor, output: bool, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
         if descriptor.full_name in _WELL_KNOWN:
-            return _WELL_KNOWN[descriptor.full_name]
+            return dict(_WELL_KNOWN[descriptor.full_name])
         if skip:
-            return self._object(descriptor, skip)
-        if descriptor.full_name not in self.components:
-            self.components[descriptor.full_name] = {}
-            self.components[descriptor.full_name] = self._object(descriptor, skip)
-        return {"$ref": f"#/components/schemas/{descriptor.full_name}"}
+            return self._object(descriptor, output, skip)
+        name = self._name(descriptor, output)
+        if name not in self.components:
+            self.components[name] = {}  # recursive messages refer to it before it is complete
+            self.components[name] = self._object(descriptor, output, skip)
+        return {"$ref": f"#/components/schemas/{name}"}
 
-    def _object(self, descriptor: Descriptor, skip: frozenset[str]) -> dict[str, Any]:
-        properties = {f.name: self.field(f) for f in descriptor.fields if f.name not in skip}
-        return {"type": "object", "properties": properties}
+    def _object(self, descriptor: Descriptor, output: bool, skip: frozenset[str]) -> dict[str, Any]:
+        fields = [f for f in descriptor.fields if f.name not in skip]
+        schema: dict[str, Any] = {"type": "object", "properties": {f.name: self.field(f, output) for f in fields}}
+        if output:
+            schema["required"] = [f.name for f in fields]
+        else:
+            schema["additionalProperties"] = False
+        return schema
 
-    def field(self, field: FieldDescriptor) -> dict[str, Any]:
+    def field(self, field: FieldDescriptor, output: bool) -> dict[str, Any]:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            return {"type": "object", "additionalProperties": self.field(field.message_type.fields_by_name["value"])}
-        single = self.message(field.message_type) if field.message_type is not None else _SCALARS[field.type]
-        return {"type": "array", "items": single} if field.is_repeated else single
+            return {"type": "object", "additionalProperties": self.field(field.message_type.fields_by_name["value"], output)}
+        if field.message_type is not None:
+            single = self.message(field.message_type, output)
+        elif field.type == FieldDescriptor.TYPE_ENUM:
+            single = {"type": "string", "enum": [value.name for value in field.enum_type.values]}
+        else:
+            single = dict(_SCALARS[field.type])
+        if field.is_repeated:
+            return {"type": "array", "items": single}
+        if output and (field.message_type is not None or _has_presence(field)):
+            return _nullable(single)
+        return single
+
+    def parameter(self, field: FieldDescriptor) -> dict[str, Any]:
+        return self.field(field, output=False)
+
+
+def _error_responses() -> dict[str, Any]:
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    return {str(status): {"description": _ERROR_DESCRIPTIONS.get(status, "Error"), "content": content} for status in ERROR_STATUSES}
+
+
+def _success_response(binding: Binding, schemas: _Schemas) -> dict[str, Any]:
+    success: dict[str, Any] = {"description": "Success"}
+    if binding.success_code == 204:
+        return success
+    output = binding.method.output_type
+    if binding.response_body:
+        answer = schemas.field(output.fields_by_name[binding.response_body], output=True)
+    else:
+        answer = schemas.message(output, output=True)
+    success["content"] = {"application/json": {"schema": answer}}
+    return success
 
 
 def _operation(binding: Binding, schemas: _Schemas) -> dict[str, Any]:
     request = binding.method.input_type
     path_params = frozenset(binding.path_params)
     parameters = [
-        {"name": name, "in": "path", "required": True, "schema": schemas.field(request.fields_by_name[name])}
+        {"name": name, "in": "path", "required": True, "schema": {**schemas.parameter(request.fields_by_name[name]), "minLength": 1}}
         for name in binding.path_params
+    ]
+    # Scalar fields may come in the query string, also next to a body ("POST /vm/new_root?wait_boot=true").
+    parameters += [
+        {"name": field.name, "in": "query", "required": False, "schema": schemas.parameter(field)}
+        for field in request.fields
+        if field.name not in path_params and field.message_type is None and field.name != binding.body
     ]
     operation: dict[str, Any] = {
         "operationId": binding.method.name + (str(binding.alternate) if binding.alternate else ""),
@@ -68,23 +165,12 @@ def _operation(binding: Binding, schemas: _Schemas) -> dict[str, Any]:
         "parameters": parameters,
     }
     if binding.body == "*":
-        body_schema = schemas.message(request, skip=path_params)
+        body_schema = schemas.message(request, output=False, skip=path_params)
         operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": body_schema}}}
-    else:
-        for field in request.fields:
-            if field.name not in path_params and field.message_type is None:
-                parameters.append({"name": field.name, "in": "query", "required": False, "schema": schemas.field(field)})
-    output = binding.method.output_type
-    if binding.response_body:
-        answer = schemas.field(output.fields_by_name[binding.response_body])
-    else:
-        answer = schemas.message(output)
-    code = str(binding.success_code)
-    success: dict[str, Any] = {"description": "Success"}
-    if binding.success_code != 204:
-        success["content"] = {"application/json": {"schema": answer}}
-    error = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    operation["responses"] = {code: success, "default": error}
+    elif binding.body:
+        body_schema = schemas.parameter(request.fields_by_name[binding.body])
+        operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": body_schema}}}
+    operation["responses"] = {str(binding.success_code): _success_response(binding, schemas), **_error_responses()}
     if method_access(binding.grpc_path) is Access.PUBLIC:
         operation["security"] = []
     return operation

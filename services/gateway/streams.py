@@ -21,7 +21,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from services.gateway.bindings import Binding
 from services.gateway.errors import error_response, rpc_error_response
-from services.gateway.transcode import BadRequest, build_request, parse_json, to_json
+from services.gateway.limits import AUTHENTICATED, checks_token
+from services.gateway.transcode import BadRequest, build_request, load_json, parse_json, to_json
 
 CLOSE_NORMAL = 1000
 CLOSE_INVALID = 1007
@@ -62,11 +63,7 @@ class StreamBridge:
             if self.input_field is None:
                 raise BadRequest("this stream takes JSON text frames, not binary ones")
             return self.request_class(**{self.input_field.name: frame["bytes"]})
-        try:
-            data = json.loads(str(frame.get("text")))
-        except json.JSONDecodeError as error:
-            raise BadRequest(f"a text frame must be a JSON object: {error}") from None
-        return parse_json(data, self.request_class(), "text frame")
+        return parse_json(load_json(str(frame.get("text")), "a text frame"), self.request_class(), "text frame")
 
     async def _send(self, websocket: WebSocket, answer: Message) -> None:
         if self.output_field is not None and answer.ListFields() == [(self.output_field, getattr(answer, self.output_field.name))]:
@@ -103,6 +100,7 @@ class StreamBridge:
         except grpc.aio.AioRpcError as error:
             await websocket.send_denial_response(rpc_error_response(self.binding, error))
             return
+        websocket.scope[AUTHENTICATED] = checks_token(self.binding)
         await websocket.accept()
         if acknowledgement is grpc.aio.EOF:
             await websocket.close(CLOSE_NORMAL)

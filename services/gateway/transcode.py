@@ -13,6 +13,8 @@ from google.protobuf.message import Message
 
 from services.gateway.bindings import Binding
 
+# Deeper JSON is refused before protobuf's recursive parser sees it (no request message nests this far).
+MAX_JSON_DEPTH = 64
 _TRUE = {"true", "1", "yes", "on", ""}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -57,12 +59,40 @@ def _place_query(target: dict[str, Any], descriptor: Descriptor, name: str, valu
         target[head] = _query_value(field, name, values[-1])
 
 
+def _deeper_than(data: Any, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def load_json(raw: bytes | str, where: str) -> Any:
+    """Parse JSON from a client; anything that is not JSON, or nests deeper than MAX_JSON_DEPTH, is a BadRequest."""
+    too_deep = BadRequest(f"{where} nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadRequest(f"{where} is not valid JSON: {error}") from None
+    if isinstance(data, (dict, list)) and _deeper_than(data, MAX_JSON_DEPTH):
+        raise too_deep
+    return data
+
+
 def parse_json(data: Any, message: Message, where: str) -> Message:
     try:
         json_format.ParseDict(data, message)
     except json_format.ParseError as error:
         # protobuf's message spans lines; an error body is one line
         raise BadRequest(f"{where}: {' '.join(str(error).split())}") from None
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as error:
+        # what json_format lets through for values it cannot place
+        raise BadRequest(f"{where}: a value does not fit its field ({type(error).__name__}: {error})") from None
     return message
 
 
@@ -77,10 +107,7 @@ def build_request(
     if body.strip():
         if not binding.body:
             raise BadRequest(f"{binding.verb} {binding.path} takes no request body")
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise BadRequest(f"request body is not valid JSON: {error}") from None
+        data = load_json(body, "request body")
         if binding.body == "*":
             if not isinstance(data, dict):
                 raise BadRequest(f"request body must be a JSON object with fields: {_field_names(descriptor)}")

@@ -1,20 +1,43 @@
 """Exec in the guest over the virtio-serial port "agent", where a plain `sh` reads commands.
 
-Each command is wrapped between markers that carry a random nonce, so output of an earlier, abandoned
-command can never be taken for this one's; stderr goes to a file in the guest and follows stdout.
+Each command runs in the background of that shell, so several run at once and none holds the port:
+its stdout and stderr go through `dd` into files (a command that writes more than the cap has its
+pipe closed, as with `| head -c`), and when it ends its output comes back in frames, each written
+with one `write()` of at most 32 KiB, which the guest's virtio-console driver queues whole, so frames
+of concurrent commands never interleave:
+
+    \\n<<C:NONCE:o|e:LENGTH>>\\n  followed by LENGTH bytes of stdout (o) or stderr (e)
+    \\n<<E:NONCE:EXIT_CODE:STDOUT_TRUNCATED:STDERR_TRUNCATED>>\\n
+
+One reader per VM reads the port all the time: frames go to the exec that waits for their nonce, and
+everything else (a guest writing to the port on its own, answers nobody waits for) is dropped as it
+arrives, so nothing the guest writes accumulates here. Lengths are read from the headers, so output is
+never searched for markers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import re
 import secrets
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.errors import Conflict, DeadlineExceeded, InvalidArgument, ResourceExhausted
+
+# One frame's data: with its header it stays under the 32 KiB the guest driver takes in one write.
+CHUNK = 32000
+HEADER = re.compile(rb"\n<<(?:C:([0-9a-f]{16}):([oe]):(\d{1,5})|E:([0-9a-f]{16}):(-?\d{1,3}):([01]):([01]))>>\n")
+# A header is short: a start marker with no end of header this far on is not a header.
+MAX_HEADER = 64
+READ_SIZE = 1 << 20
+# What one VM's port may make this process read per second; a guest writing faster waits on its own
+# port (the socket's buffers fill and QEMU stops taking its writes).
+MAX_READ_RATE = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -22,6 +45,8 @@ class ExecResult:
     exit_code: int
     stdout: bytes
     stderr: bytes
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
 
 def guest_script(
@@ -31,6 +56,7 @@ def guest_script(
     stdin: bytes | None = None,
     working_dir: str = "",
     timeout_secs: int = 0,
+    max_output: int = 1024 * 1024,
 ) -> bytes:
     if not command:
         raise InvalidArgument("command is empty: give the program and its arguments, e.g. [\"sh\", \"-c\", \"ls\"]")
@@ -45,89 +71,190 @@ def guest_script(
     run = " ".join(words)
     if working_dir:
         run = f"cd {shlex.quote(working_dir)} && {run}"
-    # Commands run one at a time, so one stderr file serves; it is only read when not empty. Every
-    # fork counts right after a restore, when the emulator's translation cache is still cold.
-    err = "/run/vers/stderr"
+    files = f"/run/vers/{nonce}"
     source = "/dev/null"
     prepare = ""
     if stdin:
-        source = "/run/vers/stdin"
+        source = f"{files}.in"
         prepare = f"printf %s {base64.b64encode(stdin).decode()} | base64 -d > {source}; "
     line = (
-        f"{prepare}printf '\\n<<B:{nonce}>>\\n'; ( {run} ) <{source} 2>{err}; vers_rc=$?; "
-        f"printf '\\n<<O:{nonce}>>\\n'; [ -s {err} ] && cat {err}; "
-        f"printf '\\n<<E:{nonce}:%s>>\\n' \"$vers_rc\"\n"
+        JOB.replace("@F@", files).replace("@NONCE@", nonce).replace("@KEEP@", str(max_output + 1))
+        .replace("@MAX@", str(max_output)).replace("@CHUNK@", str(CHUNK)).replace("@SOURCE@", source)
+        .replace("@PREPARE@", prepare)
+        .replace("@RUN@", run)  # last: the command's own text is never read for placeholders
     )
     # The leading newline ends any half line a restored or restarted guest shell may hold.
-    return b"\n" + line.encode()
+    return b"\n" + line.encode() + b"\n"
 
 
-def parse_output(buffer: bytes, nonce: str) -> ExecResult | None:
-    begin, middle = f"<<B:{nonce}>>\n".encode(), f"\n<<O:{nonce}>>\n".encode()
-    end_prefix = f"\n<<E:{nonce}:".encode()
-    end = buffer.find(end_prefix)
-    if end < 0:
-        return None
-    closing = buffer.find(b">>\n", end)
-    if closing < 0:
-        return None
-    start = buffer.find(begin)
-    split = buffer.find(middle, start)
-    if start < 0 or split < 0:
-        return None
-    return ExecResult(
-        exit_code=int(buffer[end + len(end_prefix) : closing]),
-        stdout=buffer[start + len(begin) : split],
-        stderr=buffer[split + len(middle) : end],
-    )
+# One command as a background job of the agent shell. Its stdout and stderr go through FIFOs to `dd`, which
+# keeps one byte more than @MAX@ (that byte says the command wrote more; a command writing on finds its
+# pipe closed) and writes what it reads at once, so nothing is lost when it is stopped. The answer waits for the command, not for processes it left running with its output
+# open: those are read for one second more, then no longer. s STREAM FILE SIZE sends a file in frames.
+JOB = " ".join(
+    """
+( @PREPARE@ mkfifo @F@.po @F@.pe;
+dd bs=65536 count=@KEEP@ iflag=count_bytes <@F@.po >@F@.o 2>/dev/null & a=$!;
+dd bs=65536 count=@KEEP@ iflag=count_bytes <@F@.pe >@F@.e 2>/dev/null & b=$!;
+( @RUN@ ) <@SOURCE@ >@F@.po 2>@F@.pe; r=$?;
+( sleep 1; kill $a $b ) 2>/dev/null & w=$!; wait $a $b; kill $w;
+s() { i=0; while [ $i -lt $3 ]; do n=$(($3-i)); [ $n -gt @CHUNK@ ] && n=@CHUNK@;
+{ printf '\\n<<C:%s:%s:%s>>\\n' @NONCE@ $1 $n; dd if=$2 bs=@CHUNK@ skip=$((i/@CHUNK@)) count=1 2>/dev/null; } >@F@.f;
+dd if=@F@.f bs=32768 count=1 2>/dev/null; i=$((i+n)); done; };
+set -- $(stat -c %s @F@.o @F@.e); so=$1; se=$2; ot=0; et=0;
+[ "$so" -gt @MAX@ ] && { truncate -s @MAX@ @F@.o; so=@MAX@; ot=1; };
+[ "$se" -gt @MAX@ ] && { truncate -s @MAX@ @F@.e; se=@MAX@; et=1; };
+s o @F@.o $so; s e @F@.e $se; rm -f @F@.o @F@.e @F@.po @F@.pe @F@.f @F@.in;
+printf '\\n<<E:%s:%s:%s:%s>>\\n' @NONCE@ "$r" $ot $et ) </dev/null 2>/dev/null &
+""".split()
+)
+
+
+@dataclass
+class _Pending:
+    limit: int
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    done: asyncio.Future[ExecResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def add(self, stream: bytes, data: bytes) -> None:
+        target = self.stdout if stream == b"o" else self.stderr
+        room = self.limit - len(target)
+        if room > 0:
+            target += data[:room]
+
+
+class FrameReader:
+    """Splits what the port sends into frames; everything outside a frame is dropped. Holds at most one
+    unfinished header and one frame's data, whatever the guest sends."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.body: tuple[bytes, bytes, int] | None = None  # nonce, stream, bytes still to come
+
+    def feed(self, data: bytes) -> list[tuple[str, bytes, bytes | tuple[int, bool, bool]]]:
+        frames: list[tuple[str, bytes, bytes | tuple[int, bool, bool]]] = []
+        self.buffer += data
+        while self.buffer:
+            if self.body is not None:
+                nonce, stream, missing = self.body
+                take = bytes(self.buffer[:missing])
+                del self.buffer[:missing]
+                frames.append(("chunk", nonce + b":" + stream, take))
+                self.body = (nonce, stream, missing - len(take)) if missing > len(take) else None
+                continue
+            start = self.buffer.find(b"\n<<")
+            if start < 0:
+                del self.buffer[: max(0, len(self.buffer) - 2)]  # a marker may begin in the last bytes
+                break
+            del self.buffer[:start]
+            match = HEADER.match(self.buffer)
+            if match is None:
+                if len(self.buffer) < MAX_HEADER and b">>\n" not in self.buffer[3:]:
+                    break  # the header may still be arriving
+                del self.buffer[:1]  # not a header: look further on
+                continue
+            # The groups are read before the buffer changes: a match on a bytearray reads it when asked.
+            chunk_nonce, stream, length, end_nonce, code, out_cut, err_cut = (bytes(g) if g else b"" for g in match.groups())
+            del self.buffer[: match.end()]
+            if chunk_nonce:
+                if int(length) > CHUNK:
+                    continue  # no frame of ours is this long: its data is dropped as it comes
+                self.body = (chunk_nonce, stream, int(length)) if int(length) else None
+            else:
+                frames.append(("end", end_nonce, (int(code), out_cut == b"1", err_cut == b"1")))
+        return frames
 
 
 class Agent:
-    """One connection to a VM's agent port; commands run one at a time."""
+    """One connection to a VM's agent port; any number of commands run at once, each known by its nonce."""
 
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
+        # Held while a command is written, so commands reach the guest whole and one after another (a
+        # commit holds it too: the snapshot never has half a command on the way).
         self.lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._pending: dict[str, _Pending] = {}
         self._handshake = False
+        self._handshake_lock = asyncio.Lock()
+        self._closed_because = ""
+
+    @property
+    def running(self) -> int:
+        """Commands sent and not answered yet."""
+        return len(self._pending)
 
     async def connect(self, handshake: bool = False) -> None:
         """Open the port. With `handshake`, for a guest that is already running (adopted), the first
         command waits until a ping is answered: the guest may still believe the host side closed, and
         would drop an answer, so only idempotent pings are risked until one comes back."""
         if self._writer is None or self._writer.is_closing():
-            self._reader, self._writer = await asyncio.open_unix_connection(str(self.socket_path), limit=64 * 1024 * 1024)
+            self._reader, self._writer = await asyncio.open_unix_connection(str(self.socket_path), limit=READ_SIZE)
             self._handshake = handshake
+            self._closed_because = ""
+            self._reading = asyncio.create_task(self._read(self._reader))
 
-    async def _roundtrip(self, script: bytes, nonce: str, timeout: float | None) -> ExecResult:
-        assert self._reader is not None and self._writer is not None
-        self._writer.write(script)
-        await self._writer.drain()
-        buffer = bytearray()
-        end_marker = f"\n<<E:{nonce}:".encode()
-
-        async def read_until_done() -> ExecResult:
-            assert self._reader is not None
-            while True:
-                chunk = await self._reader.read(1 << 20)
-                if not chunk:
-                    raise ConnectionError("the VM's agent port closed")
-                buffer.extend(chunk)
-                if end_marker in buffer and (result := parse_output(bytes(buffer), nonce)):
-                    return result
-
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        frames = FrameReader()
+        loop = asyncio.get_running_loop()
+        window_start, window_bytes = loop.time(), 0
         try:
-            return await asyncio.wait_for(read_until_done(), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"the guest did not answer within {timeout:.0f} s") from None
+            while chunk := await reader.read(READ_SIZE):
+                for kind, key, value in frames.feed(chunk):
+                    if kind == "chunk":
+                        nonce, stream = key.split(b":")
+                        if (pending := self._pending.get(nonce.decode())) is not None:
+                            assert isinstance(value, bytes)
+                            pending.add(stream, value)
+                    elif (pending := self._pending.pop(key.decode(), None)) is not None and not pending.done.done():
+                        assert isinstance(value, tuple)
+                        code, out_cut, err_cut = value
+                        pending.done.set_result(ExecResult(code, bytes(pending.stdout), bytes(pending.stderr), out_cut, err_cut))
+                window_bytes += len(chunk)
+                if window_bytes >= MAX_READ_RATE:  # a flooding guest: read it no faster than this
+                    elapsed = loop.time() - window_start
+                    if elapsed < 1.0:
+                        await asyncio.sleep(1.0 - elapsed)
+                    window_start, window_bytes = loop.time(), 0
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._fail_pending(self._closed_because or "the VM stopped while the command ran")
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for waiter in pending.values():
+            if not waiter.done.done():
+                waiter.done.set_exception(Conflict(reason))
+
+    async def _send(self, script: bytes, nonce: str, limit: int, timeout: float | None) -> ExecResult:
+        pending = _Pending(limit)
+        self._pending[nonce] = pending
+        try:
+            async with self.lock:
+                await self.connect()
+                assert self._writer is not None
+                self._writer.write(script)
+                try:
+                    await asyncio.wait_for(self._writer.drain(), 30.0)
+                except TimeoutError:
+                    raise DeadlineExceeded("the guest does not read its agent port: the command could not be sent") from None
+            try:
+                return await asyncio.wait_for(asyncio.shield(pending.done), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(f"the guest did not answer within {timeout:.0f} s") from None
+        finally:
+            self._pending.pop(nonce, None)
 
     async def _ping_until_answered(self, timeout: float, attempt: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             nonce = secrets.token_hex(8)
             try:
-                await self._roundtrip(guest_script(nonce, ["true"]), nonce, attempt)
+                await self._send(guest_script(nonce, ["true"]), nonce, 0, attempt)
                 self._handshake = False
                 return
             except DeadlineExceeded:
@@ -142,25 +269,39 @@ class Agent:
         working_dir: str = "",
         timeout_secs: int = 0,
         wait: float | None = None,
+        max_output: int = 1024 * 1024,
+        max_running: int = 0,
     ) -> ExecResult:
+        """Run a command; with `max_running`, refused when that many already run on this VM."""
+        if max_running and self.running >= max_running:
+            raise ResourceExhausted(
+                f"{self.running} commands already run in this VM, the most at once (VERS_VM_MAX_EXECS): wait for "
+                f"one to end, or raise VERS_VM_MAX_EXECS"
+            )
         nonce = secrets.token_hex(8)
-        script = guest_script(nonce, command, env, stdin, working_dir, timeout_secs)
+        script = guest_script(nonce, command, env, stdin, working_dir, timeout_secs, max_output)
         if wait is None and timeout_secs > 0:
             wait = timeout_secs + 10.0
-        async with self.lock:
-            await self.connect()
-            if self._handshake:
-                await self._ping_until_answered(timeout=60.0, attempt=1.0)
-            return await self._roundtrip(script, nonce, wait)
+        if self._handshake:
+            async with self._handshake_lock:
+                if self._handshake:
+                    await self.connect()
+                    await self._ping_until_answered(timeout=60.0, attempt=1.0)
+        return await self._send(script, nonce, max_output, wait)
 
     async def wait_ready(self, timeout: float, attempt: float = 1.0) -> None:
         """Ping until the guest answers. The guest driver drops what arrives after it loads but before
         the agent shell opens the port, so one ping may vanish: each attempt has its own nonce."""
-        async with self.lock:
-            await self.connect()
-            await self._ping_until_answered(timeout, attempt)
+        await self.connect()
+        await self._ping_until_answered(timeout, attempt)
 
-    async def close(self) -> None:
+    def closing(self, reason: str) -> None:
+        """The VM is about to stop (sleep, delete): commands still waiting will fail with `reason`."""
+        self._closed_because = reason
+
+    async def close(self, reason: str = "") -> None:
+        """Close the port; commands still waiting fail with `reason` (what happened to the VM)."""
+        self._closed_because = reason or self._closed_because
         if self._writer is not None:
             self._writer.close()
             try:
@@ -168,3 +309,9 @@ class Agent:
             except (ConnectionError, OSError):
                 pass
             self._writer = None
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reading
+            self._reading = None
+        self._fail_pending(self._closed_because or "the VM stopped while the command ran")

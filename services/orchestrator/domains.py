@@ -92,8 +92,8 @@ class Domains:
         domain = DomainRow(id=str(uuid.uuid4()), name=name, org_id=org_id, vm_id=vm.id, port=port, is_public=request.is_public)
         return await self.store.add_domain(domain, self.max_per_org)
 
-    async def list(self, org_id: str, vm_id: str) -> list[DomainRow]:
-        return await self.store.list_domains(org_id, vm_id)
+    async def list(self, org_id: str, vm_id: str, offset: int = 0, limit: int | None = None) -> list[DomainRow]:
+        return await self.store.list_domains(org_id, vm_id, offset, limit)
 
     async def get(self, org_id: str, domain_id: str) -> DomainRow:
         return await self.store.get_domain(org_id, domain_id)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import resource
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from services.common.files import fsync_dir, fsync_path, fsync_tree, write_atomi
 from services.common.settings import Settings
 from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
+from services.orchestrator.agent import ExecResult
 from services.orchestrator.integrity import Verifier
 from services.orchestrator.machine import LaunchSpec, Machine, QmpError, copy_sparse, find_processes, kill_process
 from services.orchestrator.models import LIVE_STATES, CommitRow, LayerRow, MachineShape, OperationRow, SshKeyRow, VmRow
@@ -41,6 +43,7 @@ MAX_BRANCH_COUNT = 16
 MAX_FORWARDED_PORTS = 32
 MAX_TUNNELS_PER_VM = 256
 SSH_PORT = 22
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,8 @@ class Engine:
 
     async def start(self) -> None:
         for folder in (self.layers_dir, self.commits_dir, self.sleep_dir, self.run_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _check_private(folder)
         image = find_image(self.images_root, DEFAULT_IMAGE)
         if image is None:
             log.warning("no images in %s: run `make images`", self.images_root)
@@ -302,7 +306,7 @@ class Engine:
         await self.store.finish(op.id, op.vm_id, state="sleeping", pid=0)
 
     async def _adopt(self, vm: VmRow, pid: int | None) -> None:
-        machine = await Machine.adopt(vm.id, self.run_folder(vm.id), pid) if pid else None
+        machine = await Machine.adopt(vm.id, self.run_folder(vm.id), pid, self.settings.serial_log_max_bytes) if pid else None
         if machine is None and (self.sleep_folder(vm.id) / "state").exists():
             log.warning("VM %s was waking when the orchestrator stopped: it is asleep again", vm.id)
             await self.store.update_vm(vm.id, state="sleeping", pid=0)
@@ -364,9 +368,18 @@ class Engine:
 
     @asynccontextmanager
     async def _exclusive(self, vm: VmRow) -> AsyncIterator[VmRow]:
-        """One change of a VM at a time, made on its row as it is once the change's turn comes."""
-        async with self.live(vm.id).lock:
+        """One change of a VM at a time, made on its row as it is once the change's turn comes; a change
+        that waits longer than half a call's deadline for its turn is refused rather than made late."""
+        lock = self.live(vm.id).lock
+        try:
+            async with asyncio.timeout(self.settings.rpc_timeout_seconds / 2):
+                await lock.acquire()
+        except TimeoutError:
+            raise Unavailable(f"VM {vm.id} is busy with another change (a commit, branch, sleep or wake): try again") from None
+        try:
             yield await self.store.get_vm(vm.org_id, vm.id)
+        finally:
+            lock.release()
 
     async def _whole(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a change to its end even when its caller goes away (a cancelled call, a stop's grace running
@@ -416,13 +429,16 @@ class Engine:
             if not record.ending:
                 log.warning("VM %s stopped: %s", vm_id, Machine.read_log(machine.run_folder) or "its QEMU exited")
                 await self._mark_dead(vm_id)
-        await machine.agent.close()
+        await machine.agent.close(f"VM {vm_id} stopped while the command ran")
 
     async def _mark_dead(self, vm_id: str) -> None:
         """A dead VM cannot run again: its run folder (its RAM file is in tmpfs, as large as its memory)
         goes at once; its QEMU log was logged when it stopped."""
         shutil.rmtree(self.run_folder(vm_id), ignore_errors=True)
         await self.store.update_vm(vm_id, state="dead", pid=0)
+        record = self.vms.get(vm_id)
+        if record is not None and record.machine is None and not record.lock.locked() and not record.tunnels:
+            del self.vms[vm_id]  # a dead VM changes no more: nothing of it is kept here
 
     def machine(self, vm: VmRow) -> Machine:
         record = self.vms.get(vm.id)
@@ -447,6 +463,40 @@ class Engine:
             if not event.is_set():
                 raise FailedPrecondition(f"VM {vm.id} stopped while booting")
         return machine
+
+    # Room on this host
+
+    def _admit(self, what: str, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0) -> None:
+        """Refuse `what` unless this host keeps its reserves free after it: memory (MemAvailable), the run
+        folder's tmpfs (RAM files), the data folder's disk (commits, layers, saved states)."""
+        settings = self.settings
+        needs = (
+            ("memory", _available_memory(), memory_mib, settings.host_reserve_memory_mib, "VERS_HOST_RESERVE_MEMORY_MIB"),
+            (f"tmpfs at {self.run_dir}", _free_space(self.run_dir), run_mib, settings.host_reserve_run_mib, "VERS_HOST_RESERVE_RUN_MIB"),
+            (f"disk at {self.layers_dir.parent}", _free_space(self.layers_dir.parent), disk_mib, settings.host_reserve_disk_mib,
+             "VERS_HOST_RESERVE_DISK_MIB"),
+        )  # fmt: skip
+        for resource_name, free_bytes, need_mib, reserve_mib, setting in needs:
+            if free_bytes is None:
+                continue
+            free_mib = free_bytes // MIB
+            if free_mib - need_mib < reserve_mib:
+                raise ResourceExhausted(
+                    f"this host has {free_mib} MiB of {resource_name} free and keeps {reserve_mib} MiB of it free ({setting}): "
+                    f"{what} needs {need_mib} MiB more. Delete VMs or commits, put VMs to sleep, try again later, or ask "
+                    f"the operator to make room or lower {setting}"
+                )
+
+    async def _admit_or_discard(self, vms: Sequence[VmRow], operation: OperationRow, what: str, **needs: int) -> None:
+        """Host room is asked after the org's limits (the answer a tenant can act on comes first): VMs
+        just recorded are deleted again when the host has no room for them."""
+        try:
+            self._admit(what, **needs)
+        except ResourceExhausted:
+            for vm in vms:
+                await self._discard(vm.id)
+            await self.store.finish(operation.id)
+            raise
 
     # Creating VMs
 
@@ -507,13 +557,14 @@ class Engine:
         # The row (with the VM's id, which names its QEMU) exists before QEMU does, so a crash in between
         # leaves a process that the next start finds and adopts.
         operation = OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="create")
-        await self.store.add_vms(org_id, [vm], [layer], operation)
+        await self.store.add_vms(org_id, [vm], [layer], operation)  # within the org's limits, or refused
+        await self._admit_or_discard([vm], operation, f"a VM of {memory} MiB", memory_mib=memory, run_mib=memory)
         folder = self.run_folder(vm.id)
         try:
             await _qemu_img("create", "-f", "qcow2", "-b", image.disk, "-F", "qcow2", self.layer_path(layer.id), f"{disk}M")
-            folder.mkdir(parents=True)
-            with (folder / "ram").open("wb") as ram:
-                ram.truncate(memory * 1024 * 1024)
+            folder.mkdir(mode=0o700, parents=True)
+            with os.fdopen(os.open(folder / "ram", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as ram:
+                ram.truncate(memory * MIB)
             machine = await Machine.launch(self._spec(vm, incoming=False, ram_file=folder / "ram"))
         except Exception as error:
             shutil.rmtree(folder, ignore_errors=True)
@@ -531,6 +582,7 @@ class Engine:
             mem_mib=vm.mem_size_mib, kernel=Path(vm.kernel_path), initramfs=Path(vm.initramfs_path),
             disk=self.layer_path(vm.layer_id), ram_mode=vm.ram_mode, ram_file=ram_file, incoming=incoming,
             network=vm.network, prefix=tuple(self.network.launch_prefix(vm.network)),
+            qemu_user=self.settings.qemu_user, serial_log_max_bytes=self.settings.serial_log_max_bytes,
         )  # fmt: skip
 
     def verify_commit(self, commit: CommitRow) -> None:
@@ -568,6 +620,7 @@ class Engine:
             id=str(uuid.uuid4()), vm_id=vms[0].id, kind="restore", commit_id=commit.id, vm_ids=json.dumps([vm.id for vm in vms])
         )
         await self.store.add_vms(org_id, vms, layers, operation, source=commit)
+        await self._admit_or_discard(vms, operation, f"{count} VM(s) of {commit.mem_size_mib} MiB", memory_mib=count * commit.mem_size_mib)
         results = await asyncio.gather(*(self._start_restored(vm, commit) for vm in vms), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -632,6 +685,9 @@ class Engine:
                 f"until an operator has looked (vers admin fsck)"
             )
         folder = self.commit_folder(commit_id)
+        # Its memory goes to the commit (copied within tmpfs first while the VM is paused, when it has a RAM file).
+        shared = vm.ram_mode == "shared"
+        self._admit(f"a commit of {vm.mem_size_mib} MiB of memory", run_mib=vm.mem_size_mib if shared else 0, disk_mib=vm.mem_size_mib)
         new_layer = LayerRow(id=str(uuid.uuid4()), parent_id=vm.layer_id)
         operation = await self.store.begin(
             OperationRow(
@@ -643,9 +699,11 @@ class Engine:
         # While the VM is paused its RAM is copied within tmpfs, which disk writeback cannot slow down;
         # it goes to the commit folder once the VM runs again.
         ram_copy = self.run_folder(vm.id) / f"ram-{commit_id}" if vm.ram_mode == "shared" else None
-        async with machine.agent.lock:  # never snapshot in the middle of an exec
+        # Commands running in the guest are part of the snapshot (a branch goes on with them); only the
+        # sending of one is waited for, so the snapshot never holds half a command.
+        async with machine.agent.lock:
             try:
-                folder.mkdir(parents=True)
+                folder.mkdir(mode=0o700, parents=True)
                 paused = await machine.snapshot(self.layer_path(new_layer.id), folder / "state", ram_copy, keep_paused)
                 fault_point("commit.after_state")
                 if ram_copy is not None:
@@ -659,18 +717,22 @@ class Engine:
         frozen = self.layer_path(vm.layer_id)
         try:
             for path in (*folder.iterdir(), frozen):
-                path.chmod(0o444)  # immutable from here on
+                path.chmod(0o400)  # immutable from here on
             checksums = await asyncio.to_thread(self.verifier.checksums, folder, frozen)
+            size = sum(_allocated(path) for path in (*folder.iterdir(), frozen))
             # On disk, with the folder entries that name them, before any row says the commit exists.
             await asyncio.to_thread(self._flush_commit, folder, frozen)
             fault_point("commit.before_record")
             commit = CommitRow(
                 id=commit_id, org_id=vm.org_id, name=name or f"commit of {vm.id}", description=description,
                 parent_vm_id=vm.id, grandparent_commit_id=vm.parent_commit_id, layer_id=vm.layer_id,
-                ram_format="file" if ram_copy else "stream", checksums=json.dumps(checksums),
+                ram_format="file" if ram_copy else "stream", checksums=json.dumps(checksums), size_bytes=size,
                 **vm.model_dump(include=set(MachineShape.model_fields)),
             )  # fmt: skip
             await self.store.add_commit(commit, vm.id, new_layer, operation.id, **({"state": "paused"} if keep_paused else {}))
+        except ResourceExhausted:  # the org's commit quota, checked again with the commit's own size
+            await self._undo_commit(machine, vm, new_layer, operation.id, folder)
+            raise
         except Exception as error:
             await self._undo_commit(machine, vm, new_layer, operation.id, folder)
             raise Internal(f"commit of VM {vm.id} failed: {error}") from error
@@ -826,6 +888,24 @@ class Engine:
             record.tunnels -= 1
             self._tunnels -= 1
 
+    async def exec(
+        self, vm: VmRow, command: Sequence[str], env: Mapping[str, str] | None = None, stdin: bytes | None = None,
+        working_dir: str = "", timeout_secs: int = 0,
+    ) -> ExecResult:  # fmt: skip
+        """Run a command in the guest; several run at once, and none holds up a commit, branch or sleep."""
+        limit = self.settings.exec_max_timeout_seconds
+        if timeout_secs < 0 or timeout_secs > limit:
+            raise InvalidArgument(
+                f"timeout_secs must be between 1 and {limit} seconds (VERS_EXEC_MAX_TIMEOUT_SECONDS), or 0 for the default "
+                f"of {self.settings.exec_default_timeout_seconds}; not {timeout_secs}"
+            )
+        machine = await self.wait_booted(vm)
+        return await machine.agent.exec(
+            command, env=env, stdin=stdin, working_dir=working_dir,
+            timeout_secs=timeout_secs or self.settings.exec_default_timeout_seconds,
+            max_output=self.settings.exec_max_output_bytes, max_running=self.settings.vm_max_execs,
+        )  # fmt: skip
+
     async def ssh_key(self, vm: VmRow) -> SshKeyRow:
         """The VM's SSH key (made on the first ask), installed in the guest as the one key root accepts: a
         branch asks for its own, which replaces what its source's disk held."""
@@ -885,13 +965,13 @@ class Engine:
         machine = self.machine(vm) if by_shutdown else await self.wait_booted(vm)
         folder = self.sleep_folder(vm.id)
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        folder.mkdir(mode=0o700, parents=True)
         shared = vm.ram_mode == "shared"
         operation = await self.store.begin(OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="sleep"))
         fault_point("sleep.after_intent")
         # Memory that was not a shared file is saved inside the state: it wakes with anonymous memory.
         ram_mode = "shared" if shared else "anonymous"
-        async with machine.agent.lock:  # never in the middle of an exec
+        async with machine.agent.lock:  # never in the middle of sending a command
             record.ending = True
             try:
                 await machine.save(folder / "state", folder / "ram" if shared else None)
@@ -900,9 +980,14 @@ class Engine:
                 await asyncio.to_thread(fsync_tree, folder)
                 await asyncio.to_thread(fsync_dir, self.sleep_dir)
                 fault_point("sleep.after_save")
+                machine.agent.closing(
+                    f"VM {vm.id} was put to sleep while the command ran: it goes on when the VM wakes, but its output "
+                    f"does not come back to this call"
+                )
                 await machine.quit()
             except Exception as error:
                 record.ending = False
+                machine.agent.closing("")
                 shutil.rmtree(folder, ignore_errors=True)
                 with contextlib.suppress(Exception):
                     await machine.cancel_migration()  # a save still running would stop the VM again when it ends
@@ -923,10 +1008,11 @@ class Engine:
         folder = self.sleep_folder(vm.id)
         if not (folder / "state").exists():
             raise DataLoss(f"VM {vm.id} is sleeping but its saved state is missing from {folder}")
+        self._admit(f"waking a VM of {vm.mem_size_mib} MiB", memory_mib=vm.mem_size_mib, run_mib=vm.mem_size_mib if vm.ram_mode == "shared" else 0)
         operation = OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="wake")
         vm = await self.store.claim_wake(vm.id, operation)
         run = self.run_folder(vm.id)
-        run.mkdir(parents=True, exist_ok=True)
+        run.mkdir(mode=0o700, parents=True, exist_ok=True)
         machine = None
         try:
             ram_file = None
@@ -960,8 +1046,9 @@ class Engine:
             record.ending = True
             operation = await self.store.begin(OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="delete"))
             fault_point("delete.after_intent")
-            if record.machine is not None:
-                await record.machine.kill()
+            if (machine := record.machine) is not None:
+                machine.agent.closing(f"VM {vm.id} was deleted while the command ran")
+                await machine.kill()
                 record.machine = None
             elif (pid := find_processes(self.run_dir).get(vm.id)) is not None:
                 kill_process(pid, vm.id)
@@ -971,6 +1058,39 @@ class Engine:
             shutil.rmtree(self.sleep_folder(vm.id), ignore_errors=True)
             self.vms.pop(vm.id, None)
         await self.collect_garbage()
+
+
+def _check_private(folder: Path) -> None:
+    """VM files (RAM, disks, sockets) live here: the folder must be this process's alone. One that someone
+    else made (a run folder in /dev/shm, made in advance by another user) is refused."""
+    stat = folder.stat()
+    if stat.st_uid != os.geteuid():
+        raise RuntimeError(f"{folder} belongs to uid {stat.st_uid}, not to this process (uid {os.geteuid()}): remove it or choose another folder")
+    if stat.st_mode & 0o077:
+        folder.chmod(0o700)
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _free_space(folder: Path) -> int | None:
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _allocated(path: Path) -> int:
+    """Bytes a file takes on disk (a RAM file's untouched pages take none)."""
+    return path.stat().st_blocks * 512
 
 
 async def _qemu_img(*args: str | Path) -> None:

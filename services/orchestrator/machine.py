@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import os
-import shlex
+import pwd
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from services.common.faults import fault_point
+from services.common.settings import Settings
 from services.orchestrator.accel import cpu_args
 from services.orchestrator.agent import Agent
-from services.orchestrator.network import netdev_args
+from services.orchestrator.network import CAP_SETPCAP, has_capabilities, netdev_args
 from services.orchestrator.qmp import Qmp, QmpClosed, QmpError
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,9 @@ log = logging.getLogger(__name__)
 # branches of one commit share its pages. "anonymous": loaded from a migration stream.
 RAM_MODES = ("shared", "private", "anonymous")
 MIGRATION_BANDWIDTH = 100 * 1024**3
+# The fdset the VM's disk layer is passed in at launch (one descriptor to write, one to read).
+DISK_FDSET = 1
+SERIAL_LOG_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,43 +50,96 @@ class LaunchSpec:
     incoming: bool
     network: str = ""  # "nat", "none", or "" for a VM whose saved devices have no NIC
     prefix: tuple[str, ...] = ()  # what QEMU is started under (`ip netns exec …` for "nat")
+    # The user QEMU drops to once it has opened its files, when this process is root ("": none).
+    qemu_user: str = Settings.model_fields["qemu_user"].default
+    # serial.log (the guest's ttyS0) is cut to its last half past this size.
+    serial_log_max_bytes: int = Settings.model_fields["serial_log_max_bytes"].default
 
 
 def sockets(run_folder: Path) -> dict[str, Path]:
     return {name: run_folder / f"{name}.sock" for name in ("qmp", "agent", "console")}
 
 
-def qemu_args(spec: LaunchSpec) -> list[str]:
+@functools.cache
+def drop_user(name: str) -> str:
+    """The user QEMU runs as after start-up: `name` when this process is root and the user exists, else ""
+    (QEMU keeps this process's user; said once when the user is missing)."""
+    if not name or os.geteuid() != 0:
+        return ""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        log.warning("user %r does not exist (scripts/bootstrap.sh makes it): QEMU runs as root", name)
+        return ""
+    return name
+
+
+def privilege_drop(user: str) -> list[str]:
+    """setpriv before QEMU: no inheritable or ambient capabilities, and a bounding set of what start-up
+    needs: CAP_DAC_OVERRIDE (a branch maps its commit's read-only memory file copy-on-write, which QEMU 7.2
+    opens for writing all the same; 8.2's rom=off would not), and CAP_SETUID/CAP_SETGID for `-runas`, after
+    which QEMU holds no capability at all."""
+    drop = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all"]
+    if has_capabilities(CAP_SETPCAP):
+        drop.append("--bounding-set=-all,+dac_override" + (",+setuid,+setgid" if user else ""))
+    return [*drop, "--"]
+
+
+def _option(value: object) -> str:
+    return str(value).replace(",", ",,")
+
+
+def qemu_args(spec: LaunchSpec, user: str = "", disk_fds: tuple[int, int] | None = None) -> list[str]:
+    """QEMU's command line. `user`: what it drops to once its files are open (`-runas`); `disk_fds`: the
+    disk layer opened for writing and for reading, passed as fdset DISK_FDSET, so QEMU never opens a layer
+    by its path after start-up."""
     paths = sockets(spec.run_folder)
     if spec.ram_mode == "anonymous":
         memory = f"memory-backend-ram,id=ram0,size={spec.mem_mib}M"
     else:
         share = "on" if spec.ram_mode == "shared" else "off"
-        memory = f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={spec.ram_file},share={share}"
+        memory = f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={_option(spec.ram_file)},share={share}"
+    # seccomp: no obsolete syscalls, no scheduler games, no new processes (states go through descriptors
+    # this process opens), and no uid/gid changes, but for the one `-runas` makes (seccomp is on before
+    # it; after it QEMU has no capability left to change them with).
+    sandbox = "on,obsolete=deny,resourcecontrol=deny,spawn=deny" + ("" if user else ",elevateprivileges=deny")
+    if disk_fds is None:
+        disk, locking = _option(spec.disk), ""
+        add_fds = []
+    else:
+        # No image locks on layers passed as descriptors: the fdset keeps the writable descriptor open after
+        # QEMU reopens a frozen layer read-only, so its write lock would outlive it and refuse the next
+        # activation (after every state save). The engine gives each layer one QEMU.
+        disk, locking = f"/dev/fdset/{DISK_FDSET}", "file.locking=off,"
+        add_fds = [
+            item for mode, fd in zip(("rw", "ro"), disk_fds, strict=True)
+            for item in ("-add-fd", f"fd={fd},set={DISK_FDSET},opaque={_option(f'{mode}:{spec.disk}')}")
+        ]  # fmt: skip
     args = [
-        *spec.prefix, "qemu-system-x86_64", "-name", f"vers-{spec.vm_id}",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        # seccomp: no obsolete syscalls, no uid/gid changes, no scheduler games (a commit's state save
-        # spawns `cat`, so spawning stays allowed)
-        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+        *spec.prefix, *privilege_drop(user), "qemu-system-x86_64", "-name", f"vers-{spec.vm_id}",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-sandbox", sandbox,
+        *(["-runas", user] if user else []),
         "-machine", "pc,memory-backend=ram0", *cpu_args(spec.accel),
         "-smp", str(spec.vcpus), "-m", f"{spec.mem_mib}M", "-object", memory,
         "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
         "-append", "console=ttyS0 quiet panic=-1",
-        "-drive", f"file={spec.disk},if=virtio,format=qcow2",
+        *add_fds, "-drive", f"file={disk},{locking}if=virtio,format=qcow2",
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={paths['agent']},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=agent",
         "-chardev", f"socket,id=console,path={paths['console']},server=on,wait=off",
         "-device", "virtconsole,chardev=console",
         "-device", "virtio-rng-pci",
-        "-serial", f"file:{spec.run_folder / 'serial.log'}",
+        # appended to, so the file can be cut from outside (see Machine._bound_serial_log)
+        "-chardev", f"file,id=serial0,path={spec.run_folder / 'serial.log'},append=on",
+        "-serial", "chardev:serial0",
         "-qmp", f"unix:{paths['qmp']},server=on,wait=off",
         "-pidfile", str(spec.run_folder / "qemu.pid"),
         *netdev_args(spec.network),
     ]  # fmt: skip
-    if spec.incoming:
-        args += ["-incoming", "defer"]
+    # Nothing of the guest runs before QEMU has dropped its privileges: a new VM starts stopped (launch
+    # continues it), a restored one waits for its state.
+    args += ["-incoming", "defer"] if spec.incoming else ["-S"]
     return args
 
 
@@ -126,14 +187,25 @@ class Machine:
 
     @classmethod
     async def launch(cls, spec: LaunchSpec) -> Machine:
-        spec.run_folder.mkdir(parents=True, exist_ok=True)
+        spec.run_folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        spec.run_folder.chmod(0o700)
         for path in sockets(spec.run_folder).values():
             path.unlink(missing_ok=True)
-        with (spec.run_folder / "qemu.log").open("ab") as log_file:
+        if spec.ram_file is not None and spec.ram_file.parent == spec.run_folder:
+            spec.ram_file.chmod(0o600)
+        os.close(os.open(spec.run_folder / "serial.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        user = drop_user(spec.qemu_user)
+        log_fd = os.open(spec.run_folder / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        disk_fds = (os.open(spec.disk, os.O_RDWR), os.open(spec.disk, os.O_RDONLY))
+        try:
             process = await asyncio.create_subprocess_exec(
-                *qemu_args(spec), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                *qemu_args(spec, user, disk_fds), stdin=asyncio.subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                pass_fds=disk_fds, umask=0o077,
                 start_new_session=True,  # a VM outlives an orchestrator restart and is adopted again
             )  # fmt: skip
+        finally:
+            for fd in (log_fd, *disk_fds):
+                os.close(fd)
         try:
             qmp = await Qmp.connect(sockets(spec.run_folder)["qmp"])
         except Exception:
@@ -141,15 +213,20 @@ class Machine:
             await process.wait()
             raise RuntimeError(f"QEMU did not start: {cls.read_log(spec.run_folder)}") from None
         machine = cls(spec.vm_id, spec.run_folder, process.pid, qmp, process)
+        machine.bound_serial_log(spec.serial_log_max_bytes)
         # Connected before the guest runs: the guest learns the host side is open before it can read
         # a command, so its answer is never written to a port it believes closed.
         await machine.agent.connect()
         await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
         await qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
+        if not spec.incoming:
+            await qmp.execute("cont")
         return machine
 
     @classmethod
-    async def adopt(cls, vm_id: str, run_folder: Path, pid: int) -> Machine | None:
+    async def adopt(
+        cls, vm_id: str, run_folder: Path, pid: int, serial_log_max_bytes: int = LaunchSpec.serial_log_max_bytes
+    ) -> Machine | None:
         """Reconnect to a QEMU started before this orchestrator process; None when it is gone."""
         if not pid or not process_is_vm(pid, vm_id):
             return None
@@ -158,6 +235,10 @@ class Machine:
         except (QmpError, OSError):
             return None
         machine = cls(vm_id, run_folder, pid, qmp, None)
+        with contextlib.suppress(OSError):
+            # A QEMU started before serial logs were appended to writes at its own offset: never cut.
+            if b"append=on" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                machine.bound_serial_log(serial_log_max_bytes)
         await machine.agent.connect(handshake=True)
         await machine.find_forwards()
         return machine
@@ -167,16 +248,48 @@ class Machine:
         """QMP only, for repairs at start-up (the guest agent is left alone)."""
         return cls(vm_id, run_folder, pid, await Qmp.connect(sockets(run_folder)["qmp"], timeout=5), None)
 
-    async def disk_chain(self) -> list[str]:
-        """The files of the VM's disk as QEMU uses them now: the one it writes to first, then its backing files."""
+    def bound_serial_log(self, limit: int) -> None:
+        """Keep serial.log (what the guest writes to ttyS0, which it may do without end) under `limit`
+        bytes, until QEMU's monitor closes."""
+        self._serial_task = asyncio.create_task(self._bound_serial_log(self.run_folder / "serial.log", limit))
+
+    async def _bound_serial_log(self, path: Path, limit: int) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qmp.closed.wait(), SERIAL_LOG_CHECK_SECONDS)
+                return
+            with contextlib.suppress(OSError):
+                if path.stat().st_size > limit:
+                    await asyncio.to_thread(keep_tail, path, limit // 2)
+
+    async def _top_image(self) -> dict[str, Any]:
         for device in await self.qmp.execute("query-block"):
             if device.get("device") == "virtio0" and "inserted" in device:
-                chain, image = [], device["inserted"].get("image")
-                while image is not None:
-                    chain.append(str(image["filename"]))
-                    image = image.get("backing-image")
-                return chain or [str(device["inserted"]["file"])]
+                return dict(device["inserted"].get("image") or {"filename": device["inserted"]["file"]})
         raise QmpError("QEMU reports no virtio0 disk")
+
+    async def _real_path(self, name: str) -> str:
+        """A layer's path where QEMU names it by the fdset it was passed in (or JSON around that)."""
+        if name.startswith("json:"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                name = str(json.loads(name.removeprefix("json:"))["file"]["filename"])
+        if not name.startswith("/dev/fdset/"):
+            return name
+        for fdset in await self.qmp.execute("query-fdsets"):
+            if f"/dev/fdset/{fdset['fdset-id']}" == name:
+                for fd in fdset.get("fds", []):
+                    if fd.get("opaque", "")[:3] in ("rw:", "ro:"):
+                        return str(fd["opaque"][3:])
+        return name
+
+    async def disk_chain(self) -> list[str]:
+        """The files of the VM's disk as QEMU uses them now: the one it writes to first, then its backing files."""
+        chain: list[str] = []
+        image: dict[str, Any] | None = await self._top_image()
+        while image is not None:
+            chain.append(await self._real_path(str(image["filename"])))
+            image = image.get("backing-image")
+        return chain
 
     async def forward(self, host_address: str, host_port: int, guest_port: int) -> None:
         """Make the VM's user-mode stack listen on host_address:host_port and carry each connection to the
@@ -223,9 +336,17 @@ class Machine:
         # No announcements after the restore: they tell switches where a NIC moved, and a user-mode stack
         # has none; each would wake the guest's network stack while its first commands run.
         await self.qmp.execute("migrate-set-parameters", {"announce-rounds": 0})
-        await self.qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_file))}"})
+        await self._pass_fd("incoming", os.open(state_file, os.O_RDONLY | os.O_CLOEXEC))
+        await self.qmp.execute("migrate-incoming", {"uri": "fd:incoming"})
         await self._wait_migration("incoming")
         return time.perf_counter() - started
+
+    async def _pass_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a descriptor under `name` (for `fd:NAME`); this process's copy is closed."""
+        try:
+            await self.qmp.execute("getfd", {"fdname": name}, fds=[fd])
+        finally:
+            os.close(fd)
 
     async def _wait_migration(self, what: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -255,13 +376,17 @@ class Machine:
     async def snapshot(self, new_disk: Path, state_file: Path, ram_copy: Path | None, keep_paused: bool) -> float:
         """Freeze the disk (the VM goes on in `new_disk`), save device state, and RAM: copied from the
         shared RAM file when `ram_copy` is given, else streamed. Returns the seconds the VM was paused."""
+        node = await self._new_layer(new_disk)  # made while the VM runs: not part of the pause
         was_running = await self.status() == "running"
-        await self.qmp.execute("stop")
+        await self._stop()
         paused_at = time.perf_counter()
         try:
-            await self.qmp.execute(
-                "blockdev-snapshot-sync", {"device": "virtio0", "snapshot-file": str(new_disk), "format": "qcow2"}
-            )
+            try:
+                await self.qmp.execute("blockdev-snapshot", {"node": "virtio0", "overlay": node})
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.qmp.execute("blockdev-del", {"node-name": node})
+                raise
             fault_point("commit.after_snapshot")
             await self._save_state(state_file, ram_copy)
         except BaseException:
@@ -271,10 +396,52 @@ class Machine:
         finally:
             if was_running and not keep_paused:
                 await self.qmp.execute("cont")
-        return time.perf_counter() - paused_at
+        paused = time.perf_counter() - paused_at
+        await self._close_frozen_layers(str(new_disk))
+        return paused
+
+    async def _new_layer(self, new_disk: Path) -> str:
+        """The overlay the VM goes on in, on the layer it writes to now, passed to QEMU in a new fdset
+        (opened for writing and for reading; QEMU itself never opens it by path); its block node's name."""
+        top = await self._top_image()
+        process = await asyncio.create_subprocess_exec(
+            "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", await self._real_path(str(top["filename"])),
+            "-F", "qcow2", str(new_disk), str(top["virtual-size"]),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, umask=0o077,
+        )  # fmt: skip
+        _, stderr = await process.communicate()
+        if process.returncode != 0:
+            raise QmpError(f"the new disk layer could not be made: {stderr.decode(errors='replace').strip()}")
+        writable, readable = os.open(new_disk, os.O_RDWR | os.O_CLOEXEC), os.open(new_disk, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            added = await self.qmp.execute("add-fd", {"opaque": f"rw:{new_disk}"}, fds=[writable])
+            await self.qmp.execute("add-fd", {"fdset-id": added["fdset-id"], "opaque": f"ro:{new_disk}"}, fds=[readable])
+        finally:
+            os.close(writable)
+            os.close(readable)
+        node = f"layer-{uuid.uuid4().hex[:24]}"
+        try:
+            await self.qmp.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": node, "backing": None,  # the layer it stands on is the VM's current one
+                "file": {"driver": "file", "filename": f"/dev/fdset/{added['fdset-id']}", "locking": "off"},
+            })  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.qmp.execute("remove-fd", {"fdset-id": added["fdset-id"]})
+            raise
+        return node
+
+    async def _close_frozen_layers(self, top: str) -> None:
+        """QEMU reads frozen layers only: the descriptors it was given to write to them are closed."""
+        with contextlib.suppress(QmpError):
+            for fdset in await self.qmp.execute("query-fdsets"):
+                for fd in fdset.get("fds", []):
+                    if fd.get("opaque", "").startswith("rw:") and fd["opaque"][3:] != top:
+                        await self.qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"], "fd": fd["fd"]})
 
     async def _save_state(self, state_file: Path, ram_copy: Path | None) -> None:
-        await self.qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
+        await self._pass_fd("migration", os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+        await self.qmp.execute("migrate", {"uri": "fd:migration"})
         await self._wait_migration("outgoing")
         if ram_copy is not None:
             await asyncio.to_thread(copy_sparse, self.ram_file, ram_copy)
@@ -282,8 +449,15 @@ class Machine:
     async def save(self, state_file: Path, ram_copy: Path | None) -> None:
         """Stop the VM and save its device state and RAM (as `snapshot` does, the disk left as it is).
         If saving fails the VM is left stopped."""
-        await self.qmp.execute("stop")
+        await self._stop()
         await self._save_state(state_file, ram_copy)
+
+    async def _stop(self) -> None:
+        """Stop the guest for a save. One that an earlier save left stopped (a commit that kept it paused:
+        QEMU's "postmigrate") must run again before QEMU saves it anew: it is resumed and stopped at once."""
+        if await self.status() == "postmigrate":
+            await self.qmp.execute("cont")
+        await self.qmp.execute("stop")
 
     async def quit(self) -> None:
         """End QEMU cleanly, its disk flushed and closed."""
@@ -315,9 +489,24 @@ class Machine:
         await self.qmp.close()
 
 
+def keep_tail(path: Path, keep: int) -> None:
+    """Cut a file its writer appends to down to its last `keep` bytes (and what is appended meanwhile):
+    the tail is copied to the start, then the file truncated after it; the writer's next append goes to
+    the new end."""
+    with path.open("r+b") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size <= keep:
+            return
+        file.seek(size - keep)
+        tail = file.read()
+        os.pwrite(file.fileno(), tail, 0)
+        file.truncate(len(tail))
+
+
 def copy_sparse(source: Path, target: Path) -> None:
     """Copy only the allocated parts of `source` (RAM the guest never touched stays a hole)."""
-    with source.open("rb") as src, target.open("wb") as dst:
+    target_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with source.open("rb") as src, os.fdopen(target_fd, "wb") as dst:
         size = os.fstat(src.fileno()).st_size
         dst.truncate(size)
         offset = 0
@@ -338,4 +527,7 @@ def copy_sparse(source: Path, target: Path) -> None:
             offset = hole
 
 
-__all__ = ["RAM_MODES", "LaunchSpec", "Machine", "QmpClosed", "QmpError", "copy_sparse", "find_processes", "kill_process", "qemu_args"]
+__all__ = [
+    "RAM_MODES", "LaunchSpec", "Machine", "QmpClosed", "QmpError", "copy_sparse", "drop_user", "find_processes",
+    "keep_tail", "kill_process", "qemu_args",
+]  # fmt: skip

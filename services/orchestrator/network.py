@@ -58,7 +58,7 @@ LOCK_FILE = Path("/run/vers-network.lock")
 CAP_SETPCAP, CAP_NET_ADMIN, CAP_SYS_ADMIN = 8, 12, 21
 
 
-def _has_capabilities(*capabilities: int) -> bool:
+def has_capabilities(*capabilities: int) -> bool:
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("CapEff:"):
@@ -142,18 +142,21 @@ class GuestNetwork:
         try:
             if shutil.which("nft") is None and not Path("/usr/sbin/nft").exists():
                 raise NetworkUnavailable("nft (Debian package nftables) is not installed")
-            if not _has_capabilities(CAP_NET_ADMIN, CAP_SYS_ADMIN):
+            if not has_capabilities(CAP_NET_ADMIN, CAP_SYS_ADMIN):
                 raise NetworkUnavailable(
                     "guest networking needs root, or CAP_NET_ADMIN and CAP_SYS_ADMIN, to make its namespace and rules"
                 )
             LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-            with open(LOCK_FILE, "w") as lock:
+            with os.fdopen(os.open(LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # platforms on one host choose their link addresses in turn
                 self._link()
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
             folder = Path("/etc/netns") / self.netns
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "resolv.conf").write_text("".join(f"nameserver {server}\n" for server in self.dns))
+            # Read by QEMU's user-mode stack (as QEMU's own user) wherever `ip netns exec` mounts it: world-readable.
+            resolv = folder / "resolv.conf"
+            resolv.write_text("".join(f"nameserver {server}\n" for server in self.dns))
+            resolv.chmod(0o644)
             _run("nft", "-f", "-", stdin=self._host_rules())
             _run("ip", "netns", "exec", self.netns, "nft", "-f", "-", stdin=self._namespace_rules())
         except (NetworkUnavailable, OSError) as error:
@@ -276,17 +279,13 @@ table inet vers {{
 
     def launch_prefix(self, network: str) -> list[str]:
         """What a QEMU with this network mode is started under: in the namespace whenever there is one (a
-        "none" VM's forwards then listen where only the orchestrator reaches them), and never with the
-        orchestrator's capabilities (only CAP_DAC_OVERRIDE left in the bounding set, so not root's)."""
-        drop = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all"]
-        # One kept: a branch maps its commit's read-only memory file copy-on-write, which QEMU 7.2 opens for
-        # writing all the same (8.2's rom=off would not).
-        drop += ["--bounding-set=-all,+dac_override", "--"] if _has_capabilities(CAP_SETPCAP) else ["--"]
+        "none" VM's forwards then listen where only the orchestrator reaches them). The machine adds how
+        QEMU gives up privileges (machine.privilege_drop)."""
         if network == "nat" and not self.available:
             raise NetworkUnavailable(self.reason or "guest networking is not set up")
         if network and self.available:
-            return ["ip", "netns", "exec", self.netns, *drop]
-        return drop
+            return ["ip", "netns", "exec", self.netns]
+        return []
 
     def forward_address(self) -> str:
         """Where host forwards listen: the namespace's address (only the orchestrator's user may connect

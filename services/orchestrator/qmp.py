@@ -1,12 +1,20 @@
-"""A small asyncio QMP client: commands matched to answers by id, events kept for waiters."""
+"""A small asyncio QMP client: commands matched to answers by id, file descriptors passed with a command
+(SCM_RIGHTS), and the most recent events kept for waiters."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
+import os
+import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+# Events kept for waiters: a guest can make QEMU emit events without end, so only the latest are kept.
+RECENT_EVENTS = 256
 
 
 class QmpError(RuntimeError):
@@ -23,8 +31,9 @@ class Qmp:
         self._writer = writer
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._events: list[dict[str, Any]] = []
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
         self._event_added = asyncio.Condition()
+        self._sending_fds = asyncio.Lock()
         self.closed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -70,7 +79,10 @@ class Qmp:
             async with self._event_added:
                 self._event_added.notify_all()
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 60.0, fds: Sequence[int] = ()
+    ) -> Any:
+        """Run `command`; `fds` travel with it (SCM_RIGHTS), for the commands that take one (getfd, add-fd)."""
         if self.closed.is_set():
             raise QmpClosed("QEMU closed its monitor")
         request_id = next(self._ids)
@@ -79,12 +91,44 @@ class Qmp:
         message: dict[str, Any] = {"execute": command, "id": request_id}
         if arguments:
             message["arguments"] = arguments
-        self._writer.write(json.dumps(message).encode() + b"\n")
-        await self._writer.drain()
+        data = json.dumps(message).encode() + b"\n"
+        try:
+            if fds:
+                await self._send_with_fds(data, fds)
+            else:
+                self._writer.write(data)
+                await self._writer.drain()
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
         return await asyncio.wait_for(future, timeout)
 
+    async def _send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Asyncio's transports cannot carry descriptors: once everything written before has left, the
+        message goes out through a duplicate of the connection's socket, the descriptors on its first byte."""
+        async with self._sending_fds:
+            transport = self._writer.transport
+            while transport.get_write_buffer_size():
+                await asyncio.sleep(0.001)
+            raw = transport.get_extra_info("socket")
+            if raw is None:
+                raise QmpClosed("QEMU closed its monitor")
+            sock = socket.socket(fileno=os.dup(raw.fileno()))  # shares the non-blocking flag: never changed here
+            try:
+                while True:
+                    try:
+                        sent = socket.send_fds(sock, [data], list(fds))
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(0.001)
+            finally:
+                sock.close()
+            if sent < len(data):
+                self._writer.write(data[sent:])
+                await self._writer.drain()
+
     async def wait_event(self, name: str, match: dict[str, Any] | None = None, timeout: float = 60.0) -> dict[str, Any]:
-        """The first event `name` (whose data contains `match`) received since connecting."""
+        """The first event `name` (whose data contains `match`) among the latest RECENT_EVENTS, or the next one."""
 
         def found() -> dict[str, Any] | None:
             for event in self._events:

@@ -11,6 +11,8 @@ import grpc
 from services.common.auth import caller_metadata, current_principal
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.faults import fault_point
+from services.common.names import COMMIT_DESCRIPTION_MAX_BYTES, COMMIT_NAME_MAX, validate_label, validate_text, validate_vm_labels
+from services.common.paging import Page
 from services.common.timestamps import to_timestamp
 from services.orchestrator import console, tunnel
 from services.orchestrator.domains import Domains, domain_pb
@@ -97,6 +99,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         org_id = current_principal().org_id
         vm = await self.store.find_vm(org_id, vm_or_commit_id)
         if vm is not None:
+            await self.store.require_commit_room(org_id)
             commit, _ = await self.engine.commit(vm, f"branch of {vm.id}", "", keep_paused)
         else:
             commit = await self.store.find_commit(org_id, vm_or_commit_id)
@@ -106,6 +109,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def CreateRootVm(self, request: pb.CreateRootVmRequest, context: grpc.aio.ServicerContext) -> pb.CreateRootVmResponse:
         config = request.vm_config
+        validate_vm_labels(dict(config.labels))
         vm = await self.engine.create_root(
             current_principal().org_id,
             VmConfig(
@@ -156,7 +160,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.BranchByRefResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
 
     async def CommitVm(self, request: pb.CommitVmRequest, context: grpc.aio.ServicerContext) -> pb.CommitVmResponse:
+        validate_label("name", request.name, COMMIT_NAME_MAX)
+        validate_text("description", request.description, COMMIT_DESCRIPTION_MAX_BYTES)
         vm = await self._vm(request.vm_id)
+        await self.store.require_commit_room(vm.org_id)
         commit, _ = await self.engine.commit(vm, request.name, request.description, request.keep_paused)
         return pb.CommitVmResponse(commit_id=commit.id)
 
@@ -165,7 +172,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.UpdateVmStateResponse(vm=vm_pb(vm))
 
     async def ListVms(self, request: pb.ListVmsRequest, context: grpc.aio.ServicerContext) -> pb.ListVmsResponse:
-        return pb.ListVmsResponse(vms=[vm_pb(vm) for vm in await self.store.list_vms(current_principal().org_id)])
+        org_id = current_principal().org_id
+        page = Page.of(f"vms:{org_id}", request.page_size, request.page_token)
+        vms, token = page.cut(await self.store.list_vms(org_id, page.offset, page.fetch))
+        return pb.ListVmsResponse(vms=[vm_pb(vm) for vm in vms], next_page_token=token)
 
     async def GetVmStatus(self, request: pb.GetVmStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetVmStatusResponse:
         return pb.GetVmStatusResponse(vm=vm_pb(await self._vm(request.vm_id)))
@@ -274,8 +284,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     # Domains (services/orchestrator/domains.py)
 
     async def ListDomains(self, request: pb.ListDomainsRequest, context: grpc.aio.ServicerContext) -> pb.ListDomainsResponse:
-        domains = await self.domains.list(current_principal().org_id, request.vm_id)
-        return pb.ListDomainsResponse(domains=[domain_pb(domain) for domain in domains])
+        org_id = current_principal().org_id
+        if request.vm_id:
+            await self.store.get_vm(org_id, request.vm_id)  # another org's VM is not found, as everywhere
+        page = Page.of(f"domains:{org_id}:{request.vm_id}", request.page_size, request.page_token)
+        domains, token = page.cut(await self.domains.list(org_id, request.vm_id, page.offset, page.fetch))
+        return pb.ListDomainsResponse(domains=[domain_pb(domain) for domain in domains], next_page_token=token)
 
     async def CreateDomain(self, request: pb.CreateDomainRequest, context: grpc.aio.ServicerContext) -> pb.CreateDomainResponse:
         return pb.CreateDomainResponse(domain=domain_pb(await self.domains.create(current_principal().org_id, request)))
@@ -346,6 +360,7 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
                 if row.commit_id is None:  # noted before it is made, as the VM is
                     row = await self._note(saga_id, commit_id=str(uuid.uuid4()))
                 if await self.store.commit_row(row.commit_id or "") is None:
+                    await self.store.require_commit_room(org_id)
                     name = f"fork of {request.org_name}/{request.repo_name}:{request.tag_name}"
                     await self.engine.commit(vm, name, public.tag.description, keep_paused=False, commit_id=row.commit_id)
                 row = await self._note(saga_id, state="done")

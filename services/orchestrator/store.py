@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -9,8 +10,10 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.common.auth import principal_of
 from services.common.db import Database, insert_unique, serialize
-from services.common.errors import Conflict, FailedPrecondition, NotFound, ResourceExhausted
+from services.common.errors import Conflict, FailedPrecondition, NotFound
+from services.common.quotas import OrgLimits, check, exceeded
 from services.common.timestamps import utcnow
 from services.orchestrator.models import (
     LIVE_STATES, CommitDeletionRow, CommitRow, DomainRow, ForkRequestRow, LayerRow, OperationRow, SshKeyRow, VmRow,
@@ -18,6 +21,11 @@ from services.orchestrator.models import (
 
 
 Row = TypeVar("Row", VmRow, CommitRow)
+MIB = 1024 * 1024
+# States of VMs that exist (and count against max_vms and max_disk_mib): all but dead.
+EXISTING_STATES = (*LIVE_STATES, "sleeping")
+_DELETE_VMS = "delete VMs it no longer uses"
+_SLEEP_HINT = f"{_DELETE_VMS}, or put them to sleep"
 
 
 def _is_uuid_shaped(value: str) -> bool:
@@ -25,10 +33,23 @@ def _is_uuid_shaped(value: str) -> bool:
 
 
 class OrchestratorStore:
-    def __init__(self, db: Database, max_vcpus: int, max_memory_mib: int) -> None:
+    def __init__(self, db: Database, max_vcpus: int, max_memory_mib: int, default_limits: OrgLimits | None = None) -> None:
         self.db = db
         self.max_vcpus = max_vcpus
         self.max_memory_mib = max_memory_mib
+        if default_limits is None:
+            from services.common.settings import get_settings
+
+            default_limits = OrgLimits.defaults(get_settings())
+        self.default_limits = default_limits.replace(max_vcpus=max_vcpus, max_memory_mib=max_memory_mib)
+
+    def limits_for(self, org_id: str) -> tuple[OrgLimits, str]:
+        """The org's limits as the registry gave them with the caller's identity (also a service acting for
+        it), and how messages name the org; the defaults where no caller of that org is known (start-up)."""
+        caller = principal_of(org_id)
+        if caller is not None and caller.limits is not None:
+            return caller.limits, caller.org_label
+        return self.default_limits, caller.org_label if caller is not None else org_id
 
     # VMs
 
@@ -51,24 +72,29 @@ class OrchestratorStore:
                 session.add(vm)
             session.add(operation)
 
-    async def _check_capacity(self, session: AsyncSession, org_id: str, vms: Sequence[VmRow]) -> None:
-        """Within the org's limits with `vms` running too? Sleeping and dead VMs use nothing."""
+    async def _check_capacity(self, session: AsyncSession, org_id: str, vms: Sequence[VmRow], *, new: bool = True) -> None:
+        """Within the org's limits with `vms` running too? Sleeping and dead VMs use no vCPUs or memory; new
+        VMs also count against the VMs that exist (all but dead ones) and their disks."""
         await serialize(session, f"org:{org_id}")
+        limits, org = self.limits_for(org_id)
+        mine = (VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None))
         used_vcpus, used_memory = (
             await session.exec(
                 select(func.coalesce(func.sum(VmRow.vcpu_count), 0), func.coalesce(func.sum(VmRow.mem_size_mib), 0)).where(
-                    VmRow.org_id == org_id, col(VmRow.state).in_(LIVE_STATES), col(VmRow.deleted_at).is_(None)
+                    *mine, col(VmRow.state).in_(LIVE_STATES)
                 )
             )
         ).one()
-        vcpus = used_vcpus + sum(vm.vcpu_count for vm in vms)
-        memory = used_memory + sum(vm.mem_size_mib for vm in vms)
-        if vcpus > self.max_vcpus or memory > self.max_memory_mib:
-            raise ResourceExhausted(
-                f"your organization's VMs may use {self.max_vcpus} vCPUs and {self.max_memory_mib} MiB of memory "
-                f"in all; this request would bring them to {vcpus} vCPUs and {memory} MiB: delete, or put to sleep, "
-                f"VMs you are not using"
-            )
+        if new:
+            existing, disk = (
+                await session.exec(
+                    select(func.count(), func.coalesce(func.sum(VmRow.fs_size_mib), 0)).where(*mine, col(VmRow.state).in_(EXISTING_STATES))
+                )
+            ).one()
+            check(limits, "max_vms", int(existing), len(vms), org, _DELETE_VMS)
+            check(limits, "max_disk_mib", int(disk), sum(vm.fs_size_mib for vm in vms), org, _DELETE_VMS)
+        check(limits, "max_vcpus", int(used_vcpus), sum(vm.vcpu_count for vm in vms), org, _SLEEP_HINT)
+        check(limits, "max_memory_mib", int(used_memory), sum(vm.mem_size_mib for vm in vms), org, _SLEEP_HINT)
 
     async def claim_wake(self, vm_id: str, operation: OperationRow) -> VmRow:
         """A sleeping VM becomes `booting` if its org has room for it, in one transaction with the wake's
@@ -77,7 +103,7 @@ class OrchestratorStore:
             vm = await session.get(VmRow, vm_id)
             if vm is None or vm.state != "sleeping":
                 raise FailedPrecondition(f"VM {vm_id} is not sleeping")
-            await self._check_capacity(session, vm.org_id, [vm])
+            await self._check_capacity(session, vm.org_id, [vm], new=False)
             vm.state = "booting"
             session.add(vm)
             session.add(operation)
@@ -98,10 +124,12 @@ class OrchestratorStore:
         except NotFound:
             return None
 
-    async def list_vms(self, org_id: str) -> list[VmRow]:
+    async def list_vms(self, org_id: str, offset: int = 0, limit: int | None = None) -> list[VmRow]:
         async with self.db.read() as session:
-            query = select(VmRow).where(VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None)).order_by(VmRow.created_at)
-            return list(await session.exec(query))
+            query = (
+                select(VmRow).where(VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None)).order_by(VmRow.created_at, VmRow.id)
+            )
+            return list(await session.exec(query.offset(offset).limit(limit)))
 
     async def live_vms(self) -> list[VmRow]:
         async with self.db.read() as session:
@@ -175,14 +203,42 @@ class OrchestratorStore:
 
     async def add_commit(self, commit: CommitRow | None, vm_id: str, new_layer: LayerRow, operation_id: str, **changes: Any) -> None:
         """Record a commit (None: a snapshot rolled back), move its VM onto the new layer it now writes to,
-        and drop the commit's intent, together."""
+        and drop the commit's intent, together. A commit is recorded only within its org's limits."""
         async with self.db.write() as session:
             if commit is not None:
+                await serialize(session, f"org:{commit.org_id}")
+                await self._check_commit_room(session, commit.org_id, commit.size_bytes)
                 session.add(commit)
             session.add(new_layer)
             await session.flush()
             await self._change_vm(session, vm_id, {**changes, "layer_id": new_layer.id})
             await self._drop(session, operation_id)
+
+    async def require_commit_room(self, org_id: str) -> None:
+        """Before a commit is taken: the org has room for one more (its size is known only once it is taken;
+        it is counted again, with its size, in the transaction that records it)."""
+        async with self.db.read() as session:
+            await self._check_commit_room(session, org_id, None)
+
+    async def _check_commit_room(self, session: AsyncSession, org_id: str, size_bytes: int | None) -> None:
+        """Commits of the org that are not deleted: their count and bytes, with one more (of `size_bytes`, or of
+        a size not yet known: then the org must still be under its byte limit)."""
+        limits, org = self.limits_for(org_id)
+        count, used = (
+            await session.exec(
+                select(func.count(), func.coalesce(func.sum(CommitRow.size_bytes), 0)).where(
+                    CommitRow.org_id == org_id, col(CommitRow.deleted_at).is_(None)
+                )
+            )
+        ).one()
+        hint = "delete commits it no longer needs: vers commit list, DELETE /api/v1/commits/{commit_id}"
+        check(limits, "max_commits", int(count), 1, org, hint)
+        used_mib = math.ceil(int(used) / MIB)
+        if size_bytes is None:
+            if int(used) >= limits.max_commit_mib * MIB:
+                raise exceeded("max_commit_mib", limits.max_commit_mib, used_mib, 1, org, hint)
+        elif int(used) + size_bytes > limits.max_commit_mib * MIB:
+            raise exceeded("max_commit_mib", limits.max_commit_mib, used_mib, math.ceil(size_bytes / MIB), org, hint)
 
     async def get_commit(self, org_id: str, commit_id: str) -> CommitRow:
         commit = await self._commit(commit_id)
@@ -339,30 +395,31 @@ class OrchestratorStore:
 
     # Domains
 
-    async def add_domain(self, domain: DomainRow, limit: int) -> DomainRow:
-        """A new domain on a live VM of its org, within the org's limit. The VM's row is locked (PostgreSQL;
-        SQLite writes one transaction at a time anyway), so a delete of the VM at the same moment either
-        comes after and takes the domain with it, or comes first and this answers NOT_FOUND."""
+    async def add_domain(self, domain: DomainRow, limit: int | None = None) -> DomainRow:
+        """A new domain on a live VM of its org, within the org's limit (the caller's, from the registry;
+        `limit` or the default where no caller is known). The VM's row is locked (PostgreSQL; SQLite writes
+        one transaction at a time anyway), so a delete of the VM at the same moment either comes after and
+        takes the domain with it, or comes first and this answers NOT_FOUND."""
         async with self.db.write() as session:
             await serialize(session, f"org:{domain.org_id}")
             found = (await session.exec(select(VmRow).where(VmRow.id == domain.vm_id).with_for_update())).first()
             if found is None or found.org_id != domain.org_id or found.deleted_at is not None:
                 raise NotFound(f"VM {domain.vm_id!r} not found in your organization")
+            limits, org = self.limits_for(domain.org_id)
+            if principal_of(domain.org_id) is None and limit is not None:
+                limits = limits.replace(max_domains=limit)
             count = (await session.exec(select(func.count()).select_from(DomainRow).where(DomainRow.org_id == domain.org_id))).one()
-            if count >= limit:
-                raise ResourceExhausted(
-                    f"your organization already has {count} domains, the most it may have: delete one it no longer uses "
-                    f"(DELETE /api/v1/domains/{{domain_id}}), or ask the operator to raise VERS_ORG_MAX_DOMAINS"
-                )
+            check(limits, "max_domains", int(count), 1, org, "delete domains it no longer uses: DELETE /api/v1/domains/{domain_id}")
             await insert_unique(session, domain, f"domain {domain.name!r} already exists: choose another name")
             return domain
 
-    async def list_domains(self, org_id: str, vm_id: str = "") -> list[DomainRow]:
+    async def list_domains(self, org_id: str, vm_id: str = "", offset: int = 0, limit: int | None = None) -> list[DomainRow]:
         async with self.db.read() as session:
             query = select(DomainRow).where(DomainRow.org_id == org_id)
             if vm_id:
                 query = query.where(DomainRow.vm_id == vm_id)
-            return list(await session.exec(query.order_by(col(DomainRow.created_at), col(DomainRow.name))))
+            query = query.order_by(col(DomainRow.created_at), col(DomainRow.name))
+            return list(await session.exec(query.offset(offset).limit(limit)))
 
     async def get_domain(self, org_id: str, domain_id: str) -> DomainRow:
         async with self.db.read() as session:

@@ -15,6 +15,17 @@ class OrgRow(SQLModel, table=True):
     id: str = Field(primary_key=True)
     name: str = Field(unique=True)
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    # The org's own limits, set by the platform administrator; None: the setting's default (VERS_ORG_MAX_*).
+    max_vms: int | None = None
+    max_vcpus: int | None = None
+    max_memory_mib: int | None = None
+    max_disk_mib: int | None = None
+    max_commits: int | None = None
+    max_commit_mib: int | None = None
+    max_repositories: int | None = None
+    max_tags: int | None = None
+    max_api_keys: int | None = None
+    max_domains: int | None = None
 
 
 class ApiKeyRow(SQLModel, table=True):

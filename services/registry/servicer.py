@@ -5,6 +5,8 @@ import grpc
 from services.common.auth import bearer_token, caller_metadata, current_principal
 from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.names import validate_repo_name, validate_tag_name
+from services.common.paging import Page
+from services.common.quotas import LIMITS, OrgLimits
 from services.common.timestamps import to_timestamp
 from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow
 from services.registry.sagas import Sagas, tag_taken
@@ -26,6 +28,10 @@ def key_pb(key: ApiKeyRow) -> pb.ApiKey:
         expires_at=to_timestamp(key.expires_at),
         is_admin=key.is_admin,
     )
+
+
+def limits_pb(limits: OrgLimits) -> pb.OrgLimits:
+    return pb.OrgLimits(**limits.as_dict())
 
 
 def repository_pb(repo: RepositoryRow) -> pb.Repository:
@@ -57,8 +63,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self.sagas = sagas
 
     async def Authenticate(self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext) -> pb.AuthenticateResponse:
-        key, org = await self.store.get_api_key(current_principal().key_id)
-        return pb.AuthenticateResponse(org=org_pb(org), api_key=key_pb(key))
+        principal = current_principal()
+        if principal.is_service:
+            # The platform's services learn the org's name and limits when they act for it (a fork, a repair).
+            org = await self.store.org(principal.org_id)
+            api_key = pb.ApiKey(id=principal.key_id, label=principal.key_label)
+        else:
+            key, org = await self.store.get_api_key(principal.key_id)
+            api_key = key_pb(key)
+        limits = self.store.limits_of(org)
+        api_key.max_memory_mib = limits.max_memory_mib
+        api_key.max_vcpus = limits.max_vcpus
+        return pb.AuthenticateResponse(org=org_pb(org), api_key=api_key, limits=limits_pb(limits))
 
     async def ValidateKey(self, request: pb.ValidateKeyRequest, context: grpc.aio.ServicerContext) -> pb.ValidateKeyResponse:
         token = request.api_key or bearer_token(context.invocation_metadata())
@@ -75,15 +91,26 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return pb.CreateOrgResponse(org=org_pb(org), api_key=key_pb(new_key.key), token=new_key.token)
 
     async def ListOrgs(self, request: pb.ListOrgsRequest, context: grpc.aio.ServicerContext) -> pb.ListOrgsResponse:
-        return pb.ListOrgsResponse(orgs=[org_pb(org) for org in await self.store.list_orgs()])
+        page = Page.of("orgs", request.page_size, request.page_token)
+        orgs, token = page.cut(await self.store.list_orgs(page.offset, page.fetch))
+        return pb.ListOrgsResponse(orgs=[org_pb(org) for org in orgs], next_page_token=token)
+
+    async def SetOrgLimits(self, request: pb.SetOrgLimitsRequest, context: grpc.aio.ServicerContext) -> pb.SetOrgLimitsResponse:
+        if not request.org:
+            raise InvalidArgument("org is required: the organization's name (or id)")
+        changes = {name: getattr(request, name) for name in LIMITS if request.HasField(name)}
+        org, limits = await self.store.set_org_limits(request.org, changes)
+        return pb.SetOrgLimitsResponse(org=org_pb(org), limits=limits_pb(limits))
 
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.CreateApiKeyResponse:
         new_key = await self.store.create_api_key(current_principal().org_id, request.label)
         return pb.CreateApiKeyResponse(api_key=key_pb(new_key.key), token=new_key.token)
 
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: grpc.aio.ServicerContext) -> pb.ListApiKeysResponse:
-        keys = await self.store.list_api_keys(current_principal().org_id)
-        return pb.ListApiKeysResponse(api_keys=[key_pb(key) for key in keys])
+        org_id = current_principal().org_id
+        page = Page.of(f"api_keys:{org_id}", request.page_size, request.page_token)
+        keys, token = page.cut(await self.store.list_api_keys(org_id, page.offset, page.fetch))
+        return pb.ListApiKeysResponse(api_keys=[key_pb(key) for key in keys], next_page_token=token)
 
     async def DeleteApiKey(self, request: pb.DeleteApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.DeleteApiKeyResponse:
         await self.store.delete_api_key(current_principal().org_id, request.key_id)
@@ -94,8 +121,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return pb.CreateRepositoryResponse(repo_id=repo.id, name=repo.name)
 
     async def ListRepositories(self, request: pb.ListRepositoriesRequest, context: grpc.aio.ServicerContext) -> pb.ListRepositoriesResponse:
-        repos = await self.store.list_repositories(current_principal().org_id)
-        return pb.ListRepositoriesResponse(repositories=[repository_pb(repo) for repo in repos])
+        org_id = current_principal().org_id
+        page = Page.of(f"repositories:{org_id}", request.page_size, request.page_token)
+        repos, token = page.cut(await self.store.list_repositories(org_id, page.offset, page.fetch))
+        return pb.ListRepositoriesResponse(repositories=[repository_pb(repo) for repo in repos], next_page_token=token)
 
     async def GetRepository(self, request: pb.GetRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.GetRepositoryResponse:
         # The services deleting a repository's tags still see it; no one else does once its deletion began.
@@ -125,6 +154,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         tag_name = validate_tag_name(request.tag_name or request.source_tag)
         await self.store.get_public_repository(request.source_org, request.source_repo)
         await self._require_free_tag(repo_name, tag_name)
+        await self.store.require_repository_room(current_principal().org_id, repo_name)
         # An existing repository of that name is reused, also one a concurrent fork just made.
         forked = await self.sagas.fork(
             current_principal().org_id, (request.source_org, request.source_repo, request.source_tag), repo_name, tag_name
@@ -152,8 +182,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListPublicRepositories(
         self, request: pb.ListPublicRepositoriesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPublicRepositoriesResponse:
-        repos = await self.store.list_public_repositories()
-        return pb.ListPublicRepositoriesResponse(repositories=[public_repository_pb(repo) for repo in repos])
+        page = Page.of("public_repositories", request.page_size, request.page_token)
+        repos, token = page.cut(await self.store.list_public_repositories(page.offset, page.fetch))
+        return pb.ListPublicRepositoriesResponse(repositories=[public_repository_pb(repo) for repo in repos], next_page_token=token)
 
     async def GetPublicRepository(
         self, request: pb.GetPublicRepositoryRequest, context: grpc.aio.ServicerContext

@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.auth import Principal, hash_token
 from services.common.db import Database, insert_unique, serialize
-from services.common.errors import Conflict, NotFound, Unauthenticated
-from services.common.names import validate_org_name, validate_repo_name
+from services.common.errors import Conflict, InvalidArgument, NotFound, Unauthenticated
+from services.common.names import KEY_LABEL_MAX, validate_label, validate_org_name, validate_repo_name, validate_text
+from services.common.quotas import LIMITS, OrgLimits, check
 from services.common.timestamps import as_utc, utcnow
 from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow, SagaRow
 
@@ -41,8 +43,67 @@ def _new_token() -> str:
 
 
 class RegistryStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, default_limits: OrgLimits | None = None) -> None:
         self.db = db
+        if default_limits is None:
+            from services.common.settings import get_settings
+
+            default_limits = OrgLimits.defaults(get_settings())
+        self.default_limits = default_limits
+
+    # Limits: the org's own where the administrator set them, else the defaults
+
+    def limits_of(self, org: OrgRow) -> OrgLimits:
+        return self.default_limits.replace(**{name: getattr(org, name) for name in LIMITS})
+
+    @staticmethod
+    async def _lock_org(session: AsyncSession, org_id: str) -> OrgRow:
+        """The org's row, locked until the transaction ends (PostgreSQL; SQLite's writes run one at a time):
+        two adds at once are counted one after the other."""
+        org = (await session.exec(select(OrgRow).where(OrgRow.id == org_id).with_for_update())).first()
+        if org is None:
+            raise NotFound(f"organization {org_id!r} not found")
+        return org
+
+    async def _count(self, session: AsyncSession, model: Any, org_id: str) -> int:
+        return int((await session.exec(select(func.count()).select_from(model).where(model.org_id == org_id))).one())
+
+    async def _require_room(self, session: AsyncSession, org_id: str, model: Any, limit: str) -> None:
+        org = await self._lock_org(session, org_id)
+        check(self.limits_of(org), limit, await self._count(session, model, org_id), 1, org.name)
+
+    async def org(self, org_ref: str) -> OrgRow:
+        """An org by its name or its id."""
+        async with self.db.read() as session:
+            return await self._org(session, org_ref)
+
+    @staticmethod
+    async def _org(session: AsyncSession, org_ref: str) -> OrgRow:
+        org = (await session.exec(select(OrgRow).where((OrgRow.name == org_ref) | (OrgRow.id == org_ref)))).first()
+        if org is None:
+            raise NotFound(f"organization {org_ref!r} not found: vers admin org list shows them")
+        return org
+
+    async def set_org_limits(self, org_ref: str, changes: dict[str, int]) -> tuple[OrgRow, OrgLimits]:
+        """Set the org's own limits; -1 puts one back to the default."""
+        for name, value in changes.items():
+            if value < -1:
+                raise InvalidArgument(f"{name} must be 0 or more (or -1 for the platform's default), not {value}")
+        async with self.db.write() as session:
+            org = await self._org(session, org_ref)
+            org = await self._lock_org(session, org.id)
+            for name, value in changes.items():
+                setattr(org, name, None if value == -1 else value)
+            session.add(org)
+            return org, self.limits_of(org)
+
+    async def service_principal(self, principal: Principal) -> Principal:
+        """A service token's principal with its org's name and limits."""
+        async with self.db.read() as session:
+            org = await session.get(OrgRow, principal.org_id)
+        if org is None:
+            raise Unauthenticated(f"organization {principal.org_id} no longer exists")
+        return replace(principal, org_name=org.name, limits=self.limits_of(org))
 
     # Organisations and keys
 
@@ -60,7 +121,7 @@ class RegistryStore:
         key, org = row
         if key.expires_at is not None and as_utc(key.expires_at) <= utcnow():
             raise Unauthenticated("this API key has expired")
-        return Principal(org.id, org.name, key.id, key.label, key.is_admin, token)
+        return Principal(org.id, org.name, key.id, key.label, key.is_admin, token, limits=self.limits_of(org))
 
     async def create_org(self, name: str, key_label: str = "default") -> tuple[OrgRow, NewKey]:
         validate_org_name(name)
@@ -77,13 +138,26 @@ class RegistryStore:
                 await insert_unique(session, org, f"organization {name!r} already exists")
             return org
 
-    async def list_orgs(self) -> list[OrgRow]:
+    async def list_orgs(self, offset: int = 0, limit: int | None = None) -> list[OrgRow]:
         async with self.db.read() as session:
-            return list(await session.exec(select(OrgRow).order_by(OrgRow.name)))
+            return list(await session.exec(select(OrgRow).order_by(OrgRow.name).offset(offset).limit(limit)))
 
     async def create_api_key(self, org_id: str, label: str, *, is_admin: bool = False) -> NewKey:
+        """A new key; within the org's limit, except the administrator's own (made by the platform)."""
+        validate_label("label", label, KEY_LABEL_MAX)
         async with self.db.write() as session:
+            if not is_admin:
+                await self._require_room(session, org_id, ApiKeyRow, "max_api_keys")
             return await self._add_key(session, org_id, label, is_admin=is_admin)
+
+    async def revoke_admin_keys(self, org_id: str, keep_key_id: str) -> int:
+        """Every administrator key of the org but `keep_key_id` revoked; how many were."""
+        async with self.db.write() as session:
+            query = select(ApiKeyRow).where(ApiKeyRow.org_id == org_id, col(ApiKeyRow.is_admin).is_(True), ApiKeyRow.id != keep_key_id)
+            revoked = list(await session.exec(query))
+            for key in revoked:
+                await session.delete(key)
+            return len(revoked)
 
     async def _add_key(self, session: AsyncSession, org_id: str, label: str, *, is_admin: bool) -> NewKey:
         token = _new_token()
@@ -99,10 +173,10 @@ class RegistryStore:
             raise Unauthenticated("this API key was revoked")
         return key, org
 
-    async def list_api_keys(self, org_id: str) -> list[ApiKeyRow]:
+    async def list_api_keys(self, org_id: str, offset: int = 0, limit: int | None = None) -> list[ApiKeyRow]:
         async with self.db.read() as session:
-            query = select(ApiKeyRow).where(ApiKeyRow.org_id == org_id).order_by(ApiKeyRow.created_at)
-            return list(await session.exec(query))
+            query = select(ApiKeyRow).where(ApiKeyRow.org_id == org_id).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+            return list(await session.exec(query.offset(offset).limit(limit)))
 
     async def delete_api_key(self, org_id: str, key_id: str) -> None:
         async with self.db.write() as session:
@@ -115,16 +189,32 @@ class RegistryStore:
 
     async def create_repository(self, org_id: str, name: str, description: str) -> RepositoryRow:
         validate_repo_name(name)
+        validate_text("description", description)
         async with self.db.write() as session:
+            await self._require_room(session, org_id, RepositoryRow, "max_repositories")
             repo = RepositoryRow(id=str(uuid.uuid4()), org_id=org_id, name=name, description=description)
             await insert_unique(session, repo, f"repository {name!r} already exists in your organization")
             return repo
 
-    async def list_repositories(self, org_id: str) -> list[RepositoryRow]:
+    async def list_repositories(self, org_id: str, offset: int = 0, limit: int | None = None) -> list[RepositoryRow]:
         async with self.db.read() as session:
-            query = select(RepositoryRow).where(RepositoryRow.org_id == org_id).order_by(RepositoryRow.name)
             deleting = await self._being_deleted(session, org_id)
-            return [repo for repo in await session.exec(query) if repo.id not in deleting]
+            query = (
+                select(RepositoryRow)
+                .where(RepositoryRow.org_id == org_id, col(RepositoryRow.id).not_in(deleting))
+                .order_by(RepositoryRow.name)
+            )
+            return list(await session.exec(query.offset(offset).limit(limit)))
+
+    async def require_repository_room(self, org_id: str, name: str) -> None:
+        """Before a fork: a repository it would make fits in the org's limit (checked again as it is made)."""
+        async with self.db.read() as session:
+            query = select(RepositoryRow.id).where(RepositoryRow.org_id == org_id, RepositoryRow.name == name)
+            if (await session.exec(query)).first() is not None:
+                return
+            org = await session.get(OrgRow, org_id)
+            if org is not None:
+                check(self.limits_of(org), "max_repositories", await self._count(session, RepositoryRow, org_id), 1, org.name)
 
     async def get_repository(self, org_id: str, name: str, *, being_deleted: bool = False) -> RepositoryRow:
         """With `being_deleted`, also one whose deletion has begun (the services finishing it see it)."""
@@ -158,16 +248,18 @@ class RegistryStore:
 
     # Public discovery across orgs
 
-    async def list_public_repositories(self) -> list[PublicRepo]:
+    async def list_public_repositories(self, offset: int = 0, limit: int | None = None) -> list[PublicRepo]:
         async with self.db.read() as session:
+            deleting = await self._being_deleted(session)
             rows = await session.exec(
                 select(RepositoryRow, OrgRow.name)
                 .join(OrgRow, col(OrgRow.id) == col(RepositoryRow.org_id))
-                .where(col(RepositoryRow.is_public).is_(True))
+                .where(col(RepositoryRow.is_public).is_(True), col(RepositoryRow.id).not_in(deleting))
                 .order_by(OrgRow.name, RepositoryRow.name)
+                .offset(offset)
+                .limit(limit)
             )
-            deleting = await self._being_deleted(session)
-            return [PublicRepo(repo, org_name) for repo, org_name in rows if repo.id not in deleting]
+            return [PublicRepo(repo, org_name) for repo, org_name in rows]
 
     async def get_public_repository(self, org_name: str, name: str) -> PublicRepo:
         async with self.db.read() as session:
@@ -231,6 +323,7 @@ class RegistryStore:
             repo = (await session.exec(query)).first()
             created = repo is None
             if repo is None:
+                await self._require_room(session, org_id, RepositoryRow, "max_repositories")
                 repo = RepositoryRow(id=str(uuid.uuid4()), org_id=org_id, name=name, description="")
                 try:
                     async with session.begin_nested():

@@ -4,6 +4,7 @@ import grpc
 
 from services.common.db import Database
 from services.common.peers import Peers
+from services.common.quotas import OrgLimits
 from services.common.server import Service
 from services.common.settings import Settings
 from services.tagging.models import TABLES
@@ -16,7 +17,7 @@ async def build(settings: Settings) -> Service:
     db = Database(settings.database_url("tagging"))
     await db.create_tables(TABLES)
     peers = Peers(settings)
-    store = TaggingStore(db)
+    store = TaggingStore(db, OrgLimits.defaults(settings))
     servicer = TaggingServicer(store, peers.channel("registry"), peers.channel("orchestrator"))
     internal = TaggingInternalServicer(store)
 

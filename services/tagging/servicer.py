@@ -4,7 +4,8 @@ import grpc
 
 from services.common.auth import caller_metadata, current_principal
 from services.common.errors import InvalidArgument, NotFound
-from services.common.names import validate_repo_name, validate_tag_name
+from services.common.names import validate_repo_name, validate_tag_name, validate_text
+from services.common.paging import Page
 from services.common.timestamps import to_timestamp
 from services.tagging.models import CommitTagRow, RepoTagRow, TagEventRow
 from services.tagging.store import TaggingStore
@@ -97,6 +98,7 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
 
     async def CreateRepositoryTag(self, request: pb.CreateRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.CreateRepositoryTagResponse:
         validate_tag_name(request.tag_name)
+        validate_text("description", request.description)
         repo = await self._repo(request.repo_name)
         commit_id = await self._own_commit(request.commit_id)
         tag = await self.store.create_tag(current_principal(), repo.repo_id, repo.name, request.tag_name, commit_id, request.description)
@@ -104,17 +106,18 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
 
     async def ListRepositoryTags(self, request: pb.ListRepositoryTagsRequest, context: grpc.aio.ServicerContext) -> pb.ListRepositoryTagsResponse:
         repo = await self._repo(request.repo_name)
-        tags = await self.store.list_tags(repo.repo_id)
-        return pb.ListRepositoryTagsResponse(repository=repo.name, tags=[tag_pb(t) for t in tags])
+        page = Page.of(f"tags:{repo.repo_id}", request.page_size, request.page_token)
+        tags, token = page.cut(await self.store.list_tags(repo.repo_id, page.offset, page.fetch))
+        return pb.ListRepositoryTagsResponse(repository=repo.name, tags=[tag_pb(t) for t in tags], next_page_token=token)
 
     async def GetRepositoryTag(self, request: pb.GetRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.GetRepositoryTagResponse:
         repo = await self._repo(request.repo_name)
         return pb.GetRepositoryTagResponse(tag=tag_pb(await self.store.get_tag(repo.repo_id, repo.name, request.tag_name)))
 
     async def UpdateRepositoryTag(self, request: pb.UpdateRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.UpdateRepositoryTagResponse:
+        description = validate_text("description", request.description) if request.HasField("description") else None
         repo = await self._repo(request.repo_name)
         commit_id = await self._own_commit(request.commit_id) if request.HasField("commit_id") else None
-        description = request.description if request.HasField("description") else None
         tag = await self.store.update_tag(current_principal(), repo.repo_id, repo.name, request.tag_name, commit_id, description)
         return pb.UpdateRepositoryTagResponse(tag=tag_pb(tag))
 
@@ -132,17 +135,21 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
     ) -> pb.ListRepositoryTagHistoryResponse:
         repo = await self._repo(request.repo_name)
         validate_tag_name(request.tag_name)
-        events = await self.store.history(repo.repo_id, request.tag_name)
-        if not events:
+        page = Page.of(f"history:{repo.repo_id}:{request.tag_name}", request.page_size, request.page_token)
+        events, token = page.cut(await self.store.history(repo.repo_id, request.tag_name, page.offset, page.fetch))
+        if not events and page.offset == 0:
             raise NotFound(f"tag {request.tag_name!r} has no history in repository {repo.name!r}")
-        return pb.ListRepositoryTagHistoryResponse(reference=f"{repo.name}:{request.tag_name}", events=[event_pb(e) for e in events])
+        return pb.ListRepositoryTagHistoryResponse(
+            reference=f"{repo.name}:{request.tag_name}", events=[event_pb(e) for e in events], next_page_token=token
+        )
 
     async def ListPublicRepositoryTags(
         self, request: pb.ListPublicRepositoryTagsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPublicRepositoryTagsResponse:
         repo = await self._public_repo(request.org_name, request.repo_name)
-        tags = await self.store.list_tags(repo.repo_id)
-        return pb.ListPublicRepositoryTagsResponse(repository=repo.full_name, tags=[tag_pb(t) for t in tags])
+        page = Page.of(f"tags:{repo.repo_id}", request.page_size, request.page_token)
+        tags, token = page.cut(await self.store.list_tags(repo.repo_id, page.offset, page.fetch))
+        return pb.ListPublicRepositoryTagsResponse(repository=repo.full_name, tags=[tag_pb(t) for t in tags], next_page_token=token)
 
     async def GetPublicRepositoryTag(
         self, request: pb.GetPublicRepositoryTagRequest, context: grpc.aio.ServicerContext
@@ -153,19 +160,23 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
 
     async def CreateCommitTag(self, request: pb.CreateCommitTagRequest, context: grpc.aio.ServicerContext) -> pb.CreateCommitTagResponse:
         validate_tag_name(request.tag_name)
+        validate_text("description", request.description)
         commit_id = await self._own_commit(request.commit_id)
         tag = await self.store.create_commit_tag(current_principal().org_id, request.tag_name, commit_id, request.description)
         return pb.CreateCommitTagResponse(tag_id=tag.id, tag_name=tag.name, commit_id=tag.commit_id)
 
     async def ListCommitTags(self, request: pb.ListCommitTagsRequest, context: grpc.aio.ServicerContext) -> pb.ListCommitTagsResponse:
-        return pb.ListCommitTagsResponse(tags=[commit_tag_pb(t) for t in await self.store.list_commit_tags(current_principal().org_id)])
+        org_id = current_principal().org_id
+        page = Page.of(f"commit_tags:{org_id}", request.page_size, request.page_token)
+        tags, token = page.cut(await self.store.list_commit_tags(org_id, page.offset, page.fetch))
+        return pb.ListCommitTagsResponse(tags=[commit_tag_pb(t) for t in tags], next_page_token=token)
 
     async def GetCommitTag(self, request: pb.GetCommitTagRequest, context: grpc.aio.ServicerContext) -> pb.GetCommitTagResponse:
         return pb.GetCommitTagResponse(tag=commit_tag_pb(await self.store.get_commit_tag(current_principal().org_id, request.tag_name)))
 
     async def UpdateCommitTag(self, request: pb.UpdateCommitTagRequest, context: grpc.aio.ServicerContext) -> pb.UpdateCommitTagResponse:
+        description = validate_text("description", request.description) if request.HasField("description") else None
         commit_id = await self._own_commit(request.commit_id) if request.HasField("commit_id") else None
-        description = request.description if request.HasField("description") else None
         tag = await self.store.update_commit_tag(current_principal().org_id, request.tag_name, commit_id, description)
         return pb.UpdateCommitTagResponse(tag=commit_tag_pb(tag))
 
@@ -176,6 +187,12 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
     async def ListCommitReferences(
         self, request: pb.ListCommitReferencesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCommitReferencesResponse:
+        try:  # another org's commit is not found, as everywhere: asked of the orchestrator as the caller
+            await self.orchestrator.GetCommit(orchestrator_pb2.GetCommitRequest(commit_id=request.commit_id), metadata=caller_metadata())
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(error.details() or f"commit {request.commit_id!r} not found") from None
+            raise
         references, legacy = await self.store.references(current_principal().org_id, request.commit_id)
         return pb.ListCommitReferencesResponse(references=references, legacy_tags=legacy)
 

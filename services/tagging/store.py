@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy import func
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.common.auth import Principal
+from services.common.auth import Principal, principal_of
 from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, NotFound
-from services.common.names import validate_tag_name
+from services.common.names import validate_tag_name, validate_text
+from services.common.quotas import OrgLimits, check
 from services.common.timestamps import utcnow
 from services.tagging.models import CommitTagRow, DeletedCommitRow, RepoTagRow, TagEventRow
 
@@ -39,8 +41,24 @@ async def _require_not_deleted(session: AsyncSession, commit_id: str | None) -> 
 
 
 class TaggingStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, default_limits: OrgLimits | None = None) -> None:
         self.db = db
+        if default_limits is None:
+            from services.common.settings import get_settings
+
+            default_limits = OrgLimits.defaults(get_settings())
+        self.default_limits = default_limits
+
+    async def _require_tag_room(self, session: AsyncSession, org_id: str) -> None:
+        """Inside the write transaction that adds a tag: repository tags and legacy tags of the org together
+        within its limit (the caller's, from the registry; the default when unknown)."""
+        await serialize(session, f"org:{org_id}")
+        caller = principal_of(org_id)
+        limits = caller.limits if caller is not None and caller.limits is not None else self.default_limits
+        used = 0
+        for model in (RepoTagRow, CommitTagRow):
+            used += int((await session.exec(select(func.count()).select_from(model).where(model.org_id == org_id))).one())
+        check(limits, "max_tags", used, 1, caller.org_label if caller is not None else org_id)
 
     async def reserve_commit_deletion(self, org_id: str, commit_id: str) -> None:
         """Record that the commit is being deleted, unless a tag of the org names it (Conflict naming them).
@@ -61,6 +79,7 @@ class TaggingStore:
         self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str, description: str
     ) -> RepoTagRow:
         validate_tag_name(name)
+        validate_text("description", description)
         tag = RepoTagRow(
             id=str(uuid.uuid4()), repo_id=repo_id, repo_name=repo_name, org_id=caller.org_id, name=name, commit_id=commit_id,
             description=description,
@@ -71,14 +90,15 @@ class TaggingStore:
                 f"(vers repo tag update), delete it first, or choose another name"
             )
             await _require_not_deleted(session, commit_id)
+            await self._require_tag_room(session, caller.org_id)
             await insert_unique(session, tag, conflict)
             session.add(_event(tag, caller, "created", "", commit_id))
             return tag
 
-    async def list_tags(self, repo_id: str) -> list[RepoTagRow]:
+    async def list_tags(self, repo_id: str, offset: int = 0, limit: int | None = None) -> list[RepoTagRow]:
         async with self.db.read() as session:
             query = select(RepoTagRow).where(RepoTagRow.repo_id == repo_id).order_by(RepoTagRow.name)
-            return list(await session.exec(query))
+            return list(await session.exec(query.offset(offset).limit(limit)))
 
     async def get_tag(self, repo_id: str, repo_name: str, name: str) -> RepoTagRow:
         async with self.db.read() as session:
@@ -96,6 +116,8 @@ class TaggingStore:
         self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str | None, description: str | None
     ) -> RepoTagRow:
         """Move and/or describe a tag in one transaction, with its history event."""
+        if description is not None:
+            validate_text("description", description)
         async with self.db.write() as session:
             tag = await self._tag(session, repo_id, repo_name, name)
             await _require_not_deleted(session, commit_id)
@@ -112,14 +134,14 @@ class TaggingStore:
             await session.delete(tag)
             session.add(_event(tag, caller, "deleted", tag.commit_id, ""))
 
-    async def history(self, repo_id: str, name: str) -> list[TagEventRow]:
+    async def history(self, repo_id: str, name: str, offset: int = 0, limit: int | None = None) -> list[TagEventRow]:
         async with self.db.read() as session:
             query = (
                 select(TagEventRow)
                 .where(TagEventRow.repo_id == repo_id, TagEventRow.tag_name == name)
                 .order_by(col(TagEventRow.id).desc())
             )
-            return list(await session.exec(query))
+            return list(await session.exec(query.offset(offset).limit(limit)))
 
     async def delete_repository_tags(self, repo_id: str) -> int:
         async with self.db.write() as session:
@@ -142,16 +164,18 @@ class TaggingStore:
 
     async def create_commit_tag(self, org_id: str, name: str, commit_id: str, description: str) -> CommitTagRow:
         validate_tag_name(name)
+        validate_text("description", description)
         tag = CommitTagRow(id=str(uuid.uuid4()), org_id=org_id, name=name, commit_id=commit_id, description=description)
         async with self.db.write() as session:
             await _require_not_deleted(session, commit_id)
+            await self._require_tag_room(session, org_id)
             await insert_unique(session, tag, f"tag {name!r} already exists in your organization")
             return tag
 
-    async def list_commit_tags(self, org_id: str) -> list[CommitTagRow]:
+    async def list_commit_tags(self, org_id: str, offset: int = 0, limit: int | None = None) -> list[CommitTagRow]:
         async with self.db.read() as session:
             query = select(CommitTagRow).where(CommitTagRow.org_id == org_id).order_by(CommitTagRow.name)
-            return list(await session.exec(query))
+            return list(await session.exec(query.offset(offset).limit(limit)))
 
     async def get_commit_tag(self, org_id: str, name: str) -> CommitTagRow:
         async with self.db.read() as session:
@@ -166,6 +190,8 @@ class TaggingStore:
         return tag
 
     async def update_commit_tag(self, org_id: str, name: str, commit_id: str | None, description: str | None) -> CommitTagRow:
+        if description is not None:
+            validate_text("description", description)
         async with self.db.write() as session:
             tag = await self._commit_tag(session, org_id, name)
             await _require_not_deleted(session, commit_id)

@@ -58,7 +58,9 @@ class VmConfig(_message.Message):
     network: _builtins.str
     """"nat" (the default: outbound access through NAT, DNS) or "none" (a NIC no packet leaves)."""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most 64 labels; keys of 1-128 characters, values of at most 1024 bytes."""
+
     def __init__(
         self,
         *,
@@ -701,7 +703,9 @@ class CommitVmRequest(_message.Message):
     SKIP_WAIT_BOOT_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     name: _builtins.str
+    """At most 256 characters."""
     description: _builtins.str
+    """At most 65536 bytes (a baked image's lists its packages)."""
     keep_paused: _builtins.bool
     skip_wait_boot: _builtins.bool
     def __init__(
@@ -790,12 +794,21 @@ Global___UpdateVmStateResponse: _TypeAlias = UpdateVmStateResponse  # noqa: Y015
 class ListVmsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -806,16 +819,20 @@ class ListVmsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Vm]: ...
     def __init__(
         self,
         *,
         vms: _abc.Iterable[Global___Vm] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1213,15 +1230,23 @@ class ListDomainsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
         *,
         vm_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1232,16 +1257,20 @@ class ListDomainsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DOMAINS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def domains(self) -> _containers.RepeatedCompositeFieldContainer[Global___Domain]: ...
     def __init__(
         self,
         *,
         domains: _abc.Iterable[Global___Domain] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

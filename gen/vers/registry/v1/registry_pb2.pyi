@@ -54,10 +54,15 @@ class ApiKey(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     IS_ADMIN_FIELD_NUMBER: _builtins.int
+    MAX_MEMORY_MIB_FIELD_NUMBER: _builtins.int
+    MAX_VCPUS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     label: _builtins.str
     is_admin: _builtins.bool
     """True only for the platform administrator's credential."""
+    max_memory_mib: _builtins.int
+    """The org's limits on memory and vCPUs of running VMs, as the official SDK names them: only in whoami."""
+    max_vcpus: _builtins.int
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -70,14 +75,78 @@ class ApiKey(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         is_admin: _builtins.bool = ...,
+        max_memory_mib: _builtins.int | None = ...,
+        max_vcpus: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_memory_mib", b"_max_memory_mib", "_max_vcpus", b"_max_vcpus", "created_at", b"created_at", "expires_at", b"expires_at", "max_memory_mib", b"max_memory_mib", "max_vcpus", b"max_vcpus"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "id", b"id", "is_admin", b"is_admin", "label", b"label"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_memory_mib", b"_max_memory_mib", "_max_vcpus", b"_max_vcpus", "created_at", b"created_at", "expires_at", b"expires_at", "id", b"id", "is_admin", b"is_admin", "label", b"label", "max_memory_mib", b"max_memory_mib", "max_vcpus", b"max_vcpus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_memory_mib: _TypeAlias = _typing.Literal["max_memory_mib"]  # noqa: Y015
+    _WhichOneofArgType__max_memory_mib: _TypeAlias = _typing.Literal["_max_memory_mib", b"_max_memory_mib"]  # noqa: Y015
+    _WhichOneofReturnType__max_vcpus: _TypeAlias = _typing.Literal["max_vcpus"]  # noqa: Y015
+    _WhichOneofArgType__max_vcpus: _TypeAlias = _typing.Literal["_max_vcpus", b"_max_vcpus"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_memory_mib) -> _WhichOneofReturnType__max_memory_mib | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_vcpus) -> _WhichOneofReturnType__max_vcpus | None: ...
+
+Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
+
+@_typing.final
+class OrgLimits(_message.Message):
+    """What one organization may hold: its own limits where the administrator set them, else the platform's
+    defaults (VERS_ORG_MAX_*).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_VMS_FIELD_NUMBER: _builtins.int
+    MAX_VCPUS_FIELD_NUMBER: _builtins.int
+    MAX_MEMORY_MIB_FIELD_NUMBER: _builtins.int
+    MAX_DISK_MIB_FIELD_NUMBER: _builtins.int
+    MAX_COMMITS_FIELD_NUMBER: _builtins.int
+    MAX_COMMIT_MIB_FIELD_NUMBER: _builtins.int
+    MAX_REPOSITORIES_FIELD_NUMBER: _builtins.int
+    MAX_TAGS_FIELD_NUMBER: _builtins.int
+    MAX_API_KEYS_FIELD_NUMBER: _builtins.int
+    MAX_DOMAINS_FIELD_NUMBER: _builtins.int
+    max_vms: _builtins.int
+    """VMs that exist (booting, running, paused or sleeping)."""
+    max_vcpus: _builtins.int
+    """vCPUs and memory of the VMs that run (booting, running or paused)."""
+    max_memory_mib: _builtins.int
+    max_disk_mib: _builtins.int
+    """The provisioned disk sizes of the VMs that exist, summed."""
+    max_commits: _builtins.int
+    """Commits, and the MiB their files take."""
+    max_commit_mib: _builtins.int
+    max_repositories: _builtins.int
+    max_tags: _builtins.int
+    """Repository tags and legacy tags, together."""
+    max_api_keys: _builtins.int
+    max_domains: _builtins.int
+    def __init__(
+        self,
+        *,
+        max_vms: _builtins.int = ...,
+        max_vcpus: _builtins.int = ...,
+        max_memory_mib: _builtins.int = ...,
+        max_disk_mib: _builtins.int = ...,
+        max_commits: _builtins.int = ...,
+        max_commit_mib: _builtins.int = ...,
+        max_repositories: _builtins.int = ...,
+        max_tags: _builtins.int = ...,
+        max_api_keys: _builtins.int = ...,
+        max_domains: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_api_keys", b"max_api_keys", "max_commit_mib", b"max_commit_mib", "max_commits", b"max_commits", "max_disk_mib", b"max_disk_mib", "max_domains", b"max_domains", "max_memory_mib", b"max_memory_mib", "max_repositories", b"max_repositories", "max_tags", b"max_tags", "max_vcpus", b"max_vcpus", "max_vms", b"max_vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
+Global___OrgLimits: _TypeAlias = OrgLimits  # noqa: Y015
 
 @_typing.final
 class Repository(_message.Message):
@@ -168,19 +237,23 @@ class AuthenticateResponse(_message.Message):
 
     ORG_FIELD_NUMBER: _builtins.int
     API_KEY_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def org(self) -> Global___Org: ...
     @_builtins.property
     def api_key(self) -> Global___ApiKey: ...
+    @_builtins.property
+    def limits(self) -> Global___OrgLimits: ...
     def __init__(
         self,
         *,
         org: Global___Org | None = ...,
         api_key: Global___ApiKey | None = ...,
+        limits: Global___OrgLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "org", b"org"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "limits", b"limits", "org", b"org"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "org", b"org"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "limits", b"limits", "org", b"org"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -280,12 +353,21 @@ Global___CreateOrgResponse: _TypeAlias = CreateOrgResponse  # noqa: Y015
 class ListOrgsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -296,16 +378,20 @@ class ListOrgsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def orgs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Org]: ...
     def __init__(
         self,
         *,
         orgs: _abc.Iterable[Global___Org] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["orgs", b"orgs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "orgs", b"orgs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -317,6 +403,7 @@ class CreateApiKeyRequest(_message.Message):
 
     LABEL_FIELD_NUMBER: _builtins.int
     label: _builtins.str
+    """At most 128 characters."""
     def __init__(
         self,
         *,
@@ -358,12 +445,21 @@ Global___CreateApiKeyResponse: _TypeAlias = CreateApiKeyResponse  # noqa: Y015
 class ListApiKeysRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -374,16 +470,20 @@ class ListApiKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     API_KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def api_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]: ...
     def __init__(
         self,
         *,
         api_keys: _abc.Iterable[Global___ApiKey] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -430,8 +530,9 @@ class CreateRepositoryRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'; unique in the caller's org."""
+    """1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-', not only dots; unique in the caller's org."""
     description: _builtins.str
+    """At most 4096 bytes."""
     def __init__(
         self,
         *,
@@ -472,12 +573,21 @@ Global___CreateRepositoryResponse: _TypeAlias = CreateRepositoryResponse  # noqa
 class ListRepositoriesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -488,16 +598,20 @@ class ListRepositoriesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def repositories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Repository]: ...
     def __init__(
         self,
         *,
         repositories: _abc.Iterable[Global___Repository] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repositories", b"repositories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "repositories", b"repositories"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -687,12 +801,21 @@ Global___ForkRepositoryResponse: _TypeAlias = ForkRepositoryResponse  # noqa: Y0
 class ListPublicRepositoriesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -703,16 +826,20 @@ class ListPublicRepositoriesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPOSITORIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def repositories(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublicRepository]: ...
     def __init__(
         self,
         *,
         repositories: _abc.Iterable[Global___PublicRepository] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repositories", b"repositories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "repositories", b"repositories"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -759,3 +886,116 @@ class GetPublicRepositoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPublicRepositoryResponse: _TypeAlias = GetPublicRepositoryResponse  # noqa: Y015
+
+@_typing.final
+class SetOrgLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_FIELD_NUMBER: _builtins.int
+    MAX_VMS_FIELD_NUMBER: _builtins.int
+    MAX_VCPUS_FIELD_NUMBER: _builtins.int
+    MAX_MEMORY_MIB_FIELD_NUMBER: _builtins.int
+    MAX_DISK_MIB_FIELD_NUMBER: _builtins.int
+    MAX_COMMITS_FIELD_NUMBER: _builtins.int
+    MAX_COMMIT_MIB_FIELD_NUMBER: _builtins.int
+    MAX_REPOSITORIES_FIELD_NUMBER: _builtins.int
+    MAX_TAGS_FIELD_NUMBER: _builtins.int
+    MAX_API_KEYS_FIELD_NUMBER: _builtins.int
+    MAX_DOMAINS_FIELD_NUMBER: _builtins.int
+    org: _builtins.str
+    """The organization's name (or id)."""
+    max_vms: _builtins.int
+    max_vcpus: _builtins.int
+    max_memory_mib: _builtins.int
+    max_disk_mib: _builtins.int
+    max_commits: _builtins.int
+    max_commit_mib: _builtins.int
+    max_repositories: _builtins.int
+    max_tags: _builtins.int
+    max_api_keys: _builtins.int
+    max_domains: _builtins.int
+    def __init__(
+        self,
+        *,
+        org: _builtins.str = ...,
+        max_vms: _builtins.int | None = ...,
+        max_vcpus: _builtins.int | None = ...,
+        max_memory_mib: _builtins.int | None = ...,
+        max_disk_mib: _builtins.int | None = ...,
+        max_commits: _builtins.int | None = ...,
+        max_commit_mib: _builtins.int | None = ...,
+        max_repositories: _builtins.int | None = ...,
+        max_tags: _builtins.int | None = ...,
+        max_api_keys: _builtins.int | None = ...,
+        max_domains: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_api_keys", b"_max_api_keys", "_max_commit_mib", b"_max_commit_mib", "_max_commits", b"_max_commits", "_max_disk_mib", b"_max_disk_mib", "_max_domains", b"_max_domains", "_max_memory_mib", b"_max_memory_mib", "_max_repositories", b"_max_repositories", "_max_tags", b"_max_tags", "_max_vcpus", b"_max_vcpus", "_max_vms", b"_max_vms", "max_api_keys", b"max_api_keys", "max_commit_mib", b"max_commit_mib", "max_commits", b"max_commits", "max_disk_mib", b"max_disk_mib", "max_domains", b"max_domains", "max_memory_mib", b"max_memory_mib", "max_repositories", b"max_repositories", "max_tags", b"max_tags", "max_vcpus", b"max_vcpus", "max_vms", b"max_vms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_api_keys", b"_max_api_keys", "_max_commit_mib", b"_max_commit_mib", "_max_commits", b"_max_commits", "_max_disk_mib", b"_max_disk_mib", "_max_domains", b"_max_domains", "_max_memory_mib", b"_max_memory_mib", "_max_repositories", b"_max_repositories", "_max_tags", b"_max_tags", "_max_vcpus", b"_max_vcpus", "_max_vms", b"_max_vms", "max_api_keys", b"max_api_keys", "max_commit_mib", b"max_commit_mib", "max_commits", b"max_commits", "max_disk_mib", b"max_disk_mib", "max_domains", b"max_domains", "max_memory_mib", b"max_memory_mib", "max_repositories", b"max_repositories", "max_tags", b"max_tags", "max_vcpus", b"max_vcpus", "max_vms", b"max_vms", "org", b"org"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_api_keys: _TypeAlias = _typing.Literal["max_api_keys"]  # noqa: Y015
+    _WhichOneofArgType__max_api_keys: _TypeAlias = _typing.Literal["_max_api_keys", b"_max_api_keys"]  # noqa: Y015
+    _WhichOneofReturnType__max_commit_mib: _TypeAlias = _typing.Literal["max_commit_mib"]  # noqa: Y015
+    _WhichOneofArgType__max_commit_mib: _TypeAlias = _typing.Literal["_max_commit_mib", b"_max_commit_mib"]  # noqa: Y015
+    _WhichOneofReturnType__max_commits: _TypeAlias = _typing.Literal["max_commits"]  # noqa: Y015
+    _WhichOneofArgType__max_commits: _TypeAlias = _typing.Literal["_max_commits", b"_max_commits"]  # noqa: Y015
+    _WhichOneofReturnType__max_disk_mib: _TypeAlias = _typing.Literal["max_disk_mib"]  # noqa: Y015
+    _WhichOneofArgType__max_disk_mib: _TypeAlias = _typing.Literal["_max_disk_mib", b"_max_disk_mib"]  # noqa: Y015
+    _WhichOneofReturnType__max_domains: _TypeAlias = _typing.Literal["max_domains"]  # noqa: Y015
+    _WhichOneofArgType__max_domains: _TypeAlias = _typing.Literal["_max_domains", b"_max_domains"]  # noqa: Y015
+    _WhichOneofReturnType__max_memory_mib: _TypeAlias = _typing.Literal["max_memory_mib"]  # noqa: Y015
+    _WhichOneofArgType__max_memory_mib: _TypeAlias = _typing.Literal["_max_memory_mib", b"_max_memory_mib"]  # noqa: Y015
+    _WhichOneofReturnType__max_repositories: _TypeAlias = _typing.Literal["max_repositories"]  # noqa: Y015
+    _WhichOneofArgType__max_repositories: _TypeAlias = _typing.Literal["_max_repositories", b"_max_repositories"]  # noqa: Y015
+    _WhichOneofReturnType__max_tags: _TypeAlias = _typing.Literal["max_tags"]  # noqa: Y015
+    _WhichOneofArgType__max_tags: _TypeAlias = _typing.Literal["_max_tags", b"_max_tags"]  # noqa: Y015
+    _WhichOneofReturnType__max_vcpus: _TypeAlias = _typing.Literal["max_vcpus"]  # noqa: Y015
+    _WhichOneofArgType__max_vcpus: _TypeAlias = _typing.Literal["_max_vcpus", b"_max_vcpus"]  # noqa: Y015
+    _WhichOneofReturnType__max_vms: _TypeAlias = _typing.Literal["max_vms"]  # noqa: Y015
+    _WhichOneofArgType__max_vms: _TypeAlias = _typing.Literal["_max_vms", b"_max_vms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_api_keys) -> _WhichOneofReturnType__max_api_keys | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_commit_mib) -> _WhichOneofReturnType__max_commit_mib | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_commits) -> _WhichOneofReturnType__max_commits | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_disk_mib) -> _WhichOneofReturnType__max_disk_mib | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_domains) -> _WhichOneofReturnType__max_domains | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_memory_mib) -> _WhichOneofReturnType__max_memory_mib | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_repositories) -> _WhichOneofReturnType__max_repositories | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tags) -> _WhichOneofReturnType__max_tags | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_vcpus) -> _WhichOneofReturnType__max_vcpus | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_vms) -> _WhichOneofReturnType__max_vms | None: ...
+
+Global___SetOrgLimitsRequest: _TypeAlias = SetOrgLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetOrgLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def org(self) -> Global___Org: ...
+    @_builtins.property
+    def limits(self) -> Global___OrgLimits: ...
+    def __init__(
+        self,
+        *,
+        org: Global___Org | None = ...,
+        limits: Global___OrgLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "org", b"org"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "org", b"org"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOrgLimitsResponse: _TypeAlias = SetOrgLimitsResponse  # noqa: Y015

@@ -55,6 +55,11 @@ class RegistryServiceStub:
                 request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.ListOrgsRequest.SerializeToString,
                 response_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.ListOrgsResponse.FromString,
                 _registered_method=True)
+        self.SetOrgLimits = channel.unary_unary(
+                '/vers.registry.v1.RegistryService/SetOrgLimits',
+                request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgLimitsRequest.SerializeToString,
+                response_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgLimitsResponse.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/vers.registry.v1.RegistryService/CreateApiKey',
                 request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyRequest.SerializeToString,
@@ -139,6 +144,14 @@ class RegistryServiceServicer:
 
     def ListOrgs(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOrgLimits(self, request, context):
+        """Sets an organization's own limits (a field left out keeps its value, -1 puts it back to the platform's
+        default) and answers with all of them as they now are.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -236,6 +249,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListOrgs,
                     request_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.ListOrgsRequest.FromString,
                     response_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.ListOrgsResponse.SerializeToString,
+            ),
+            'SetOrgLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOrgLimits,
+                    request_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgLimitsRequest.FromString,
+                    response_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgLimitsResponse.SerializeToString,
             ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
@@ -402,6 +420,33 @@ class RegistryService:
             '/vers.registry.v1.RegistryService/ListOrgs',
             vers_dot_registry_dot_v1_dot_registry__pb2.ListOrgsRequest.SerializeToString,
             vers_dot_registry_dot_v1_dot_registry__pb2.ListOrgsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOrgLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.registry.v1.RegistryService/SetOrgLimits',
+            vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgLimitsRequest.SerializeToString,
+            vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,10 @@ class RegistryServiceStub:
     CreateOrg: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateOrgRequest, _registry_pb2.CreateOrgResponse]
     """Administration: only the platform administrator's credential."""
     ListOrgs: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListOrgsRequest, _registry_pb2.ListOrgsResponse]
+    SetOrgLimits: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetOrgLimitsRequest, _registry_pb2.SetOrgLimitsResponse]
+    """Sets an organization's own limits (a field left out keeps its value, -1 puts it back to the platform's
+    default) and answers with all of them as they now are.
+    """
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateApiKeyRequest, _registry_pb2.CreateApiKeyResponse]
     """API keys of the caller's org. The token is shown once, in the create answer."""
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListApiKeysRequest, _registry_pb2.ListApiKeysResponse]
@@ -69,6 +73,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     CreateOrg: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateOrgRequest, _registry_pb2.CreateOrgResponse]  # type: ignore[assignment]
     """Administration: only the platform administrator's credential."""
     ListOrgs: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListOrgsRequest, _registry_pb2.ListOrgsResponse]  # type: ignore[assignment]
+    SetOrgLimits: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetOrgLimitsRequest, _registry_pb2.SetOrgLimitsResponse]  # type: ignore[assignment]
+    """Sets an organization's own limits (a field left out keeps its value, -1 puts it back to the platform's
+    default) and answers with all of them as they now are.
+    """
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateApiKeyRequest, _registry_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """API keys of the caller's org. The token is shown once, in the create answer."""
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListApiKeysRequest, _registry_pb2.ListApiKeysResponse]  # type: ignore[assignment]
@@ -119,6 +127,16 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ListOrgsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListOrgsResponse, _abc.Awaitable[_registry_pb2.ListOrgsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetOrgLimits(
+        self,
+        request: _registry_pb2.SetOrgLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SetOrgLimitsResponse, _abc.Awaitable[_registry_pb2.SetOrgLimitsResponse]]:
+        """Sets an organization's own limits (a field left out keeps its value, -1 puts it back to the platform's
+        default) and answers with all of them as they now are.
+        """
 
     @_abc_1.abstractmethod
     def CreateApiKey(

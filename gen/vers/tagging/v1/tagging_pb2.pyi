@@ -143,10 +143,11 @@ class CreateRepositoryTagRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     repo_name: _builtins.str
     tag_name: _builtins.str
-    """1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-'; unique in the repository."""
+    """1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-', not only dots; unique in the repository."""
     commit_id: _builtins.str
     """A commit the caller's org owns."""
     description: _builtins.str
+    """At most 4096 bytes."""
     def __init__(
         self,
         *,
@@ -193,15 +194,23 @@ class ListRepositoryTagsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPO_NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     repo_name: _builtins.str
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
         *,
         repo_name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repo_name", b"repo_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "repo_name", b"repo_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -213,7 +222,10 @@ class ListRepositoryTagsResponse(_message.Message):
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepositoryTag]: ...
     def __init__(
@@ -221,10 +233,11 @@ class ListRepositoryTagsResponse(_message.Message):
         *,
         repository: _builtins.str = ...,
         tags: _abc.Iterable[Global___RepositoryTag] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repository", b"repository", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "repository", b"repository", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,17 +423,25 @@ class ListRepositoryTagHistoryRequest(_message.Message):
 
     REPO_NAME_FIELD_NUMBER: _builtins.int
     TAG_NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     repo_name: _builtins.str
     tag_name: _builtins.str
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
         *,
         repo_name: _builtins.str = ...,
         tag_name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repo_name", b"repo_name", "tag_name", b"tag_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "repo_name", b"repo_name", "tag_name", b"tag_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -432,7 +453,10 @@ class ListRepositoryTagHistoryResponse(_message.Message):
 
     REFERENCE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     reference: _builtins.str
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TagEvent]: ...
     def __init__(
@@ -440,10 +464,11 @@ class ListRepositoryTagHistoryResponse(_message.Message):
         *,
         reference: _builtins.str = ...,
         events: _abc.Iterable[Global___TagEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "reference", b"reference"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token", "reference", b"reference"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -455,17 +480,25 @@ class ListPublicRepositoryTagsRequest(_message.Message):
 
     ORG_NAME_FIELD_NUMBER: _builtins.int
     REPO_NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     org_name: _builtins.str
     repo_name: _builtins.str
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
         *,
         org_name: _builtins.str = ...,
         repo_name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_name", b"org_name", "repo_name", b"repo_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_name", b"org_name", "page_size", b"page_size", "page_token", b"page_token", "repo_name", b"repo_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -477,7 +510,10 @@ class ListPublicRepositoryTagsResponse(_message.Message):
 
     REPOSITORY_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     repository: _builtins.str
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepositoryTag]: ...
     def __init__(
@@ -485,10 +521,11 @@ class ListPublicRepositoryTagsResponse(_message.Message):
         *,
         repository: _builtins.str = ...,
         tags: _abc.Iterable[Global___RepositoryTag] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repository", b"repository", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "repository", b"repository", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -593,12 +630,21 @@ Global___CreateCommitTagResponse: _TypeAlias = CreateCommitTagResponse  # noqa: 
 class ListCommitTagsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,16 +655,20 @@ class ListCommitTagsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TAGS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommitTag]: ...
     def __init__(
         self,
         *,
         tags: _abc.Iterable[Global___CommitTag] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
