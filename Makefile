@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install images images-all gen lint-protos bench-vm bench-net bench-fsck bench-registry clean
+.PHONY: run test install images images-all gen lint-protos bench-vm bench-net bench-fsck bench-registry bench-hostile clean
 
 run: $(STAMP) images
 	$(PY) -m services.platform
@@ -31,6 +31,9 @@ bench-fsck: $(STAMP)
 
 bench-registry: $(STAMP) images
 	$(PY) bench/registry.py
+
+bench-hostile: $(STAMP) images
+	$(PY) bench/hostile.py
 
 install: $(STAMP)
 

@@ -28,6 +28,7 @@ from services.common.settings import Settings  # noqa: E402
 from services.inprocess import InProcessPlatform  # noqa: E402
 
 AGENT_PORT = 'for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = agent ] && echo /dev/${p##*/}; done'
+MARKERS = "while :; do printf '\\n<<%.0s' $(seq 2000); done"
 FORGE = (
     "while :; do printf '\\n<<E:0123456789abcdef:0:0:0>>\\n<<C:0123456789abcdef:o:99999>>\\n'; "
     "head -c 70000 /dev/urandom; done"
@@ -87,13 +88,16 @@ async def flood(data: Path, runs: int, seconds: float) -> dict[str, Any]:
             quiet = await timed_execs(http, good, runs)
             rss_before = rss_mib()
             port = (await sh(http, hostile, AGENT_PORT))["stdout"].strip()
-            await sh(http, hostile, f"(cat /dev/zero > {port} &); ({FORGE} > {port} &); (yes serial > /dev/ttyS0 &)")
+            await sh(http, hostile, f"(cat /dev/zero > {port} &); ({FORGE} > {port} &); ({MARKERS} > {port} &); (yes serial > /dev/ttyS0 &)")
+            # a command of the hostile VM's own waits meanwhile, so its port is parsed, not only dropped
+            waiting = asyncio.create_task(sh(http, hostile, f"sleep {int(seconds) + 5}"))
             flooded: list[float] = []
             peak = rss_before
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline or len(flooded) < runs:
                 flooded += await timed_execs(http, good, 1)
                 peak = max(peak, rss_mib())
+            waiting.cancel()
             serial = platform.settings.vm_run_dir / hostile / "serial.log"
             serial_bytes = serial.stat().st_size if serial.exists() else 0
             for vm in vms:

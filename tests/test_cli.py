@@ -244,6 +244,8 @@ def test_format_json_on_every_command(site: Site, supported_python: str) -> None
     assert ask("repo", "delete", "tools")["results"][0]["deleted"] is True
     assert any(o["name"] == "scripted" for o in ask("admin", "org", "list")["orgs"])
     assert ask("admin", "org", "create", "scripted-too")["token"].startswith("vers_")
+    limited = ask("admin", "org", "limits", "scripted-too", "--max-vms", "3")
+    assert limited["limits"]["max_vms"] == 3, limited
     fsck = ask("admin", "fsck")
     assert fsck["clean"] is True, fsck
 

@@ -152,10 +152,15 @@ async def test_a_flooding_guest_stays_bounded_and_others_are_served(
             "while :; do printf '\\n<<E:0123456789abcdef:0:0:0>>\\n<<C:0123456789abcdef:o:99999>>\\n'; "
             "head -c 70000 /dev/urandom; printf '\\n<<C:0123456789abcdef:o:5>>\\n<<C:0123'; done"
         )
+        # Bare start markers cost the most to read per byte: they are read no faster than the host allows.
+        markers = "while :; do printf '\\n<<%.0s' $(seq 2000); done"
         flood = (
-            f"(cat /dev/zero > {port} &) ; ({forge} > {port} &) ; (yes 'serial flood' > /dev/ttyS0 &) ; echo flooding"
+            f"(cat /dev/zero > {port} &) ; ({forge} > {port} &) ; ({markers} > {port} &) ; "
+            f"(yes 'serial flood' > /dev/ttyS0 &) ; echo flooding"
         )
         assert (await sh(http, hostile, flood))["stdout"] == "flooding\n"
+        # A command of its own waits meanwhile, so the flood is parsed, not only dropped.
+        waiting = asyncio.create_task(sh(http, hostile, "sleep 12; echo late"))
         before = _rss_mib()
         latencies = []
         deadline = time.monotonic() + 15
@@ -167,6 +172,7 @@ async def test_a_flooding_guest_stays_bounded_and_others_are_served(
             await asyncio.sleep(0.5)
         grown = _rss_mib() - before
         assert grown < 64, f"the orchestrator grew by {grown:.0f} MiB while a guest flooded"
+        assert (await asyncio.wait_for(waiting, 120))["stdout"] == "late\n"
         # Its own commands still work amid the flood, forged frames never taken for them.
         own = await asyncio.wait_for(sh(http, hostile, "echo mine; exit 7"), 60)
         assert (own["stdout"], own["exit_code"]) == ("mine\n", 7)

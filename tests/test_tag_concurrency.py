@@ -48,9 +48,15 @@ async def test_concurrent_tag_moves_lose_nothing(platform: Platform, org: Org) -
             assert all(target == answered for _, target, answered in answers), "an answer names another commit than asked"
             acknowledged = Counter(target for _, target, _ in answers)
 
-            history = await http.get("/api/v1/repositories/contended/tags/latest/history")
-            assert history.status_code == 200, history.text
-            events = history.json()["events"]  # newest first
+            events: list[dict[str, str]] = []  # newest first, page after page
+            page: dict[str, str | int] = {"page_size": 1000}
+            while True:
+                history = await http.get("/api/v1/repositories/contended/tags/latest/history", params=page)
+                assert history.status_code == 200, history.text
+                events += history.json()["events"]
+                if not history.json()["next_page_token"]:
+                    break
+                page["page_token"] = history.json()["next_page_token"]
             assert [(e["action"], e["new_commit_id"]) for e in events[-1:]] == [("created", commits[0])]
             assert all(e["action"] in ("moved", "updated") for e in events[:-1])
             assert Counter(e["new_commit_id"] for e in events[:-1]) == acknowledged, "history and acknowledged moves differ"

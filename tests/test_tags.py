@@ -109,7 +109,7 @@ async def test_concurrent_moves_are_atomic_and_none_is_lost(commits: Commits) ->
         *(http.patch("/api/v1/repositories/race/tags/latest", json={"commit_id": target}) for target in targets)
     )
     assert all(a.status_code == 200 for a in answers)
-    events = (await http.get("/api/v1/repositories/race/tags/latest/history")).json()["events"]
+    events = (await http.get("/api/v1/repositories/race/tags/latest/history?page_size=1000")).json()["events"]
     assert len(events) == 201
     final = (await http.get("/api/v1/repositories/race/tags/latest")).json()["commit_id"]
     assert final == events[0]["new_commit_id"]

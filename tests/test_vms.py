@@ -254,8 +254,11 @@ async def test_delete_removes_the_vm_and_its_disk(platform: Platform, booted: Bo
     http = booted.http
     vm = (await http.post(f"/api/v1/vm/branch/by_commit/{booted.commit_id}")).json()["vms"][0]["vm_id"]
     pid = platform.vm_pid(vm)
-    # the VM's own disk and the commit's layer under it; other tests' layers come and go meanwhile
-    disk = Path(re.search(rb"file=([^,\x00]+)", Path(f"/proc/{pid}/cmdline").read_bytes()).group(1).decode())
+    # the VM's own disk (the layer QEMU holds open for writing) and the commit's layer under it
+    disk = next(
+        Path(os.readlink(fd)) for fd in Path(f"/proc/{pid}/fd").iterdir()
+        if os.readlink(fd).endswith(".qcow2") and int(re.search(r"flags:\s+(\d+)", (fd.parent.parent / "fdinfo" / fd.name).read_text())[1], 8) & 3 == 2
+    )  # fmt: skip
     info = subprocess.run(["qemu-img", "info", "-U", "--output=json", disk], capture_output=True, text=True, check=True)
     backing = disk.parent / json.loads(info.stdout)["backing-filename"]
     assert disk.parent == platform.settings.data_dir / "layers" and backing.exists()

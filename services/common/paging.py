@@ -41,7 +41,7 @@ class Page:
             offset, digest = data["o"], data["s"]
         except (ValueError, TypeError, KeyError):
             raise InvalidArgument("page_token is not one this list gave: pass next_page_token of its previous answer as it was") from None
-        if not isinstance(offset, int) or offset < 0 or digest != _scope_digest(scope):
+        if not isinstance(offset, int) or not 0 <= offset < 2**31 or digest != _scope_digest(scope):
             raise InvalidArgument("page_token belongs to another list (or to other filters): start again without it")
         return offset
 

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     # Connections into VMs (tunnels, SSH, domains) this orchestrator carries at once, over all VMs (each
     # costs it two file descriptors; it raises its own open-file limit to the hard limit at start).
     max_tunnels: int = Field(2048, validation_alias="VERS_MAX_TUNNELS")
+    # ...and of those, how many one organization's VMs may have open at once.
+    org_max_tunnels: int = Field(256, validation_alias="VERS_ORG_MAX_TUNNELS")
     # Domains: NAME.<suffix> reaches a port of a VM through the gateway (point a wildcard DNS record, or
     # *.localhost, at the gateway); how many one organization may have.
     domain_suffix: str = Field("vers.localhost", validation_alias="VERS_DOMAIN_SUFFIX")
@@ -91,6 +93,8 @@ class Settings(BaseSettings):
     org_max_repositories: int = Field(100, validation_alias="VERS_ORG_MAX_REPOSITORIES")
     org_max_tags: int = Field(2000, validation_alias="VERS_ORG_MAX_TAGS")
     org_max_api_keys: int = Field(50, validation_alias="VERS_ORG_MAX_API_KEYS")
+    # Tag history kept per repository: its newest events.
+    tag_history_max_events: int = Field(10000, validation_alias="VERS_TAG_HISTORY_MAX_EVENTS")
 
     # The gateway's rate limits: requests per second per API key (a token bucket of this burst), and
     # failed authentications per minute per client address before they are slowed down and refused;

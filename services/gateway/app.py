@@ -170,4 +170,4 @@ def create_app(settings: Settings) -> ASGIApp:
         *(WebSocketRoute(b.path, gateway.stream_endpoint(b)) for b in gateway.bindings if b.streaming),
     ]
     api = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: _http_error})
-    return DomainRouter(GuardMiddleware(api, gateway.guard), settings.domain_suffix, lambda: gateway.channels["orchestrator"])
+    return DomainRouter(GuardMiddleware(api, gateway.guard), settings.domain_suffix, lambda: gateway.channels["orchestrator"], gateway.guard)

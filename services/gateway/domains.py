@@ -22,6 +22,7 @@ import grpc
 import h11
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -31,6 +32,7 @@ from wsproto.utilities import ProtocolError
 
 from services.common.names import normalize_host, normalize_suffix
 from services.gateway.errors import HTTP_STATUS, error_response
+from services.gateway.limits import Guard, client_address
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 from vers.orchestrator.v1 import orchestrator_pb2_grpc
 
@@ -55,7 +57,7 @@ PROXY_STATUS = {**HTTP_STATUS, grpc.StatusCode.FAILED_PRECONDITION: 503, grpc.St
 CLOSE_ERROR = 1011
 CLOSE_TOO_BIG = 1009
 # A WebSocket message from a guest is put together before it is passed on: no larger than uvicorn takes.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 def _rpc_error(error: grpc.aio.AioRpcError) -> JSONResponse:
@@ -191,10 +193,11 @@ class DomainRouter:
     """ASGI middleware: requests for NAME.<suffix> go to the domain's VM; every other request (and the
     lifespan) to the API's app."""
 
-    def __init__(self, app: ASGIApp, suffix: str, channel: Callable[[], grpc.aio.Channel]) -> None:
+    def __init__(self, app: ASGIApp, suffix: str, channel: Callable[[], grpc.aio.Channel], guard: Guard | None = None) -> None:
         self.app = app
         self.suffix = normalize_suffix(suffix)
         self.channel = channel
+        self.guard = guard
 
     def domain_host(self, scope: Scope) -> str | None:
         raw = _header(scope, b"host")
@@ -207,6 +210,13 @@ class DomainRouter:
         host = self.domain_host(scope) if scope["type"] in ("http", "websocket") else None
         if host is None:
             await self.app(scope, receive, send)
+            return
+        refusal = self.guard.check_address(client_address(scope)) if self.guard is not None else None
+        if refusal is not None:
+            if scope["type"] == "http":
+                await refusal.response()(scope, receive, send)
+            else:
+                await WebSocket(scope, receive, send).send_denial_response(refusal.response())
         elif scope["type"] == "http":
             await self._http(scope, receive, send, host)
         else:

@@ -178,6 +178,20 @@ class Guard:
             )
         return None
 
+    def check_address(self, address: str) -> Refusal | None:
+        """A request to a domain (a VM's own web service): only its client address's rate counts; what the
+        VM answers says nothing of our keys."""
+        wait = self.buckets.take(f"address:{address}")
+        if wait:
+            return Refusal(
+                429,
+                "RESOURCE_EXHAUSTED",
+                f"rate limit of {self.buckets.rate:g} requests per second (bursts of {self.buckets.burst}) reached for "
+                f"this client address; try again in {retry_seconds(wait)} s (VERS_RATE_LIMIT_PER_SECOND / VERS_RATE_LIMIT_BURST)",
+                wait,
+            )
+        return None
+
     def record(self, address: str, token: str, status: int, authenticated: bool) -> None:
         key = token_key(token) if token else ""
         if status == 401:
@@ -189,7 +203,7 @@ class Guard:
             self.good_tokens.add(key)
 
 
-def _client_address(scope: Scope) -> str:
+def client_address(scope: Scope) -> str:
     client = scope.get("client")
     return client[0] if client else "unknown"
 
@@ -210,7 +224,7 @@ class GuardMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        address, token = _client_address(scope), _token(scope)
+        address, token = client_address(scope), _token(scope)
         refusal = self.guard.check(address, token, scope.get("path", ""))
         if refusal is not None:
             self.guard.record(address, token, refusal.status, authenticated=False)

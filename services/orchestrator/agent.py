@@ -1,8 +1,8 @@
 """Exec in the guest over the virtio-serial port "agent", where a plain `sh` reads commands.
 
 Each command runs in the background of that shell, so several run at once and none holds the port:
-its stdout and stderr go through `dd` into files (a command that writes more than the cap has its
-pipe closed, as with `| head -c`), and when it ends its output comes back in frames, each written
+its stdout and stderr go through `cat` into files it may not grow past the cap (a command that writes
+more has its pipe closed, as with `| head -c`), and when it ends its output comes back in frames, each written
 with one `write()` of at most 32 KiB, which the guest's virtio-console driver queues whole, so frames
 of concurrent commands never interleave:
 
@@ -23,7 +23,8 @@ import contextlib
 import re
 import secrets
 import shlex
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +35,15 @@ CHUNK = 32000
 HEADER = re.compile(rb"\n<<(?:C:([0-9a-f]{16}):([oe]):(\d{1,5})|E:([0-9a-f]{16}):(-?\d{1,3}):([01]):([01]))>>\n")
 # A header is short: a start marker with no end of header this far on is not a header.
 MAX_HEADER = 64
-READ_SIZE = 1 << 20
+READ_SIZE = 1 << 16
 # What one VM's port may make this process read per second; a guest writing faster waits on its own
 # port (the socket's buffers fill and QEMU stops taking its writes).
-MAX_READ_RATE = 64 * 1024 * 1024
+MAX_READ_RATE = 16 * 1024 * 1024
+# ...and the time this process may spend a second reading one VM's frames (a guest sending nothing but
+# markers costs more per byte than one sending data).
+MAX_PARSE_SECONDS = 0.01
+# How long writing one command to the port may take.
+SEND_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ def guest_script(
         source = f"{files}.in"
         prepare = f"printf %s {base64.b64encode(stdin).decode()} | base64 -d > {source}; "
     line = (
-        JOB.replace("@F@", files).replace("@NONCE@", nonce).replace("@KEEP@", str(max_output + 1))
+        JOB.replace("@F@", files).replace("@NONCE@", nonce).replace("@BLOCKS@", str(max_output // 512 + 1))
         .replace("@MAX@", str(max_output)).replace("@CHUNK@", str(CHUNK)).replace("@SOURCE@", source)
         .replace("@PREPARE@", prepare)
         .replace("@RUN@", run)  # last: the command's own text is never read for placeholders
@@ -87,15 +93,17 @@ def guest_script(
     return b"\n" + line.encode() + b"\n"
 
 
-# One command as a background job of the agent shell. Its stdout and stderr go through FIFOs to `dd`, which
-# keeps one byte more than @MAX@ (that byte says the command wrote more; a command writing on finds its
-# pipe closed) and writes what it reads at once, so nothing is lost when it is stopped. The answer waits for the command, not for processes it left running with its output
+# One command as a background job of the agent shell. Its stdout and stderr go through FIFOs to `cat`, which
+# writes what it reads at once (nothing is lost when it is stopped), into a file it may not grow past
+# @BLOCKS@ blocks of 512 bytes, more than @MAX@: at that size `cat` ends (SIGXFSZ) and a command writing on
+# finds its pipe closed; the bytes past @MAX@ say it wrote more. (`head -c` would hold its last bytes in a
+# buffer, and GNU `dd` counts short reads from a pipe as whole blocks.) The answer waits for the command, not for processes it left running with its output
 # open: those are read for one second more, then no longer. s STREAM FILE SIZE sends a file in frames.
 JOB = " ".join(
     """
 ( @PREPARE@ mkfifo @F@.po @F@.pe;
-dd bs=65536 count=@KEEP@ iflag=count_bytes <@F@.po >@F@.o 2>/dev/null & a=$!;
-dd bs=65536 count=@KEEP@ iflag=count_bytes <@F@.pe >@F@.e 2>/dev/null & b=$!;
+( ulimit -f @BLOCKS@; exec cat <@F@.po >@F@.o ) 2>/dev/null & a=$!;
+( ulimit -f @BLOCKS@; exec cat <@F@.pe >@F@.e ) 2>/dev/null & b=$!;
 ( @RUN@ ) <@SOURCE@ >@F@.po 2>@F@.pe; r=$?;
 ( sleep 1; kill $a $b ) 2>/dev/null & w=$!; wait $a $b; kill $w;
 s() { i=0; while [ $i -lt $3 ]; do n=$(($3-i)); [ $n -gt @CHUNK@ ] && n=@CHUNK@;
@@ -133,37 +141,40 @@ class FrameReader:
         self.body: tuple[bytes, bytes, int] | None = None  # nonce, stream, bytes still to come
 
     def feed(self, data: bytes) -> list[tuple[str, bytes, bytes | tuple[int, bool, bool]]]:
+        """The frames `data` completes. The buffer is scanned by position and cut once, so the cost stays
+        linear in what arrives whatever it holds."""
         frames: list[tuple[str, bytes, bytes | tuple[int, bool, bool]]] = []
-        self.buffer += data
-        while self.buffer:
+        buffer = self.buffer
+        buffer += data
+        at = 0
+        while at < len(buffer):
             if self.body is not None:
                 nonce, stream, missing = self.body
-                take = bytes(self.buffer[:missing])
-                del self.buffer[:missing]
+                take = bytes(buffer[at : at + missing])
+                at += len(take)
                 frames.append(("chunk", nonce + b":" + stream, take))
                 self.body = (nonce, stream, missing - len(take)) if missing > len(take) else None
                 continue
-            start = self.buffer.find(b"\n<<")
-            if start < 0:
-                del self.buffer[: max(0, len(self.buffer) - 2)]  # a marker may begin in the last bytes
-                break
-            del self.buffer[:start]
-            match = HEADER.match(self.buffer)
+            match = HEADER.search(buffer, at)
             if match is None:
-                if len(self.buffer) < MAX_HEADER and b">>\n" not in self.buffer[3:]:
-                    break  # the header may still be arriving
-                del self.buffer[:1]  # not a header: look further on
-                continue
+                # Only a header still arriving is kept: one that begins in the last bytes.
+                partial = buffer.rfind(b"\n<<", max(at, len(buffer) - MAX_HEADER))
+                at = partial if partial >= 0 else max(at, len(buffer) - 2)
+                break
             # The groups are read before the buffer changes: a match on a bytearray reads it when asked.
             chunk_nonce, stream, length, end_nonce, code, out_cut, err_cut = (bytes(g) if g else b"" for g in match.groups())
-            del self.buffer[: match.end()]
+            at = match.end()
             if chunk_nonce:
-                if int(length) > CHUNK:
-                    continue  # no frame of ours is this long: its data is dropped as it comes
-                self.body = (chunk_nonce, stream, int(length)) if int(length) else None
+                if int(length) <= CHUNK and int(length):  # no frame of ours is longer: such data is dropped as it comes
+                    self.body = (chunk_nonce, stream, int(length))
             else:
                 frames.append(("end", end_nonce, (int(code), out_cut == b"1", err_cut == b"1")))
+        del buffer[:at]
         return frames
+
+    def reset(self) -> None:
+        self.buffer.clear()
+        self.body = None
 
 
 class Agent:
@@ -181,6 +192,20 @@ class Agent:
         self._handshake = False
         self._handshake_lock = asyncio.Lock()
         self._closed_because = ""
+
+    @contextlib.asynccontextmanager
+    async def sending(self) -> AsyncIterator[None]:
+        """The turn to write to the port (a command is written whole, and a commit snapshots none half
+        written); a guest that does not read makes the wait end with DeadlineExceeded, never hang."""
+        try:
+            async with asyncio.timeout(SEND_SECONDS * 2):
+                await self.lock.acquire()
+        except TimeoutError:
+            raise DeadlineExceeded("the guest does not read its agent port: its commands cannot be sent") from None
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     @property
     def running(self) -> int:
@@ -200,10 +225,18 @@ class Agent:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         frames = FrameReader()
         loop = asyncio.get_running_loop()
-        window_start, window_bytes = loop.time(), 0
+        window_start, window_bytes, window_cpu = loop.time(), 0, 0.0
         try:
             while chunk := await reader.read(READ_SIZE):
-                for kind, key, value in frames.feed(chunk):
+                window_bytes += len(chunk)
+                if not self._pending:  # nobody waits for an answer: what the guest sends goes unread
+                    frames.reset()
+                    found = []
+                else:
+                    parsing = time.perf_counter()
+                    found = frames.feed(chunk)
+                    window_cpu += time.perf_counter() - parsing
+                for kind, key, value in found:
                     if kind == "chunk":
                         nonce, stream = key.split(b":")
                         if (pending := self._pending.get(nonce.decode())) is not None:
@@ -213,12 +246,14 @@ class Agent:
                         assert isinstance(value, tuple)
                         code, out_cut, err_cut = value
                         pending.done.set_result(ExecResult(code, bytes(pending.stdout), bytes(pending.stderr), out_cut, err_cut))
-                window_bytes += len(chunk)
-                if window_bytes >= MAX_READ_RATE:  # a flooding guest: read it no faster than this
-                    elapsed = loop.time() - window_start
+                elapsed = loop.time() - window_start
+                if window_bytes >= MAX_READ_RATE or window_cpu >= MAX_PARSE_SECONDS:
+                    # A flooding guest: read no more of it this second (it waits on its own port).
                     if elapsed < 1.0:
                         await asyncio.sleep(1.0 - elapsed)
-                    window_start, window_bytes = loop.time(), 0
+                    window_start, window_bytes, window_cpu = loop.time(), 0, 0.0
+                elif elapsed >= 1.0:
+                    window_start, window_bytes, window_cpu = loop.time(), 0, 0.0
         except (ConnectionError, OSError):
             pass
         finally:
@@ -234,12 +269,15 @@ class Agent:
         pending = _Pending(limit)
         self._pending[nonce] = pending
         try:
-            async with self.lock:
+            async with self.sending():
                 await self.connect()
                 assert self._writer is not None
+                if self._writer.transport.get_write_buffer_size():
+                    # An earlier command is still on its way: the guest does not read; nothing more is queued.
+                    raise DeadlineExceeded("the guest does not read its agent port: the command could not be sent")
                 self._writer.write(script)
                 try:
-                    await asyncio.wait_for(self._writer.drain(), 30.0)
+                    await asyncio.wait_for(self._writer.drain(), SEND_SECONDS)
                 except TimeoutError:
                     raise DeadlineExceeded("the guest does not read its agent port: the command could not be sent") from None
             try:

@@ -50,13 +50,23 @@ async def relay(
     resize: Resize,
 ) -> AsyncIterator[bytes]:
     """Keystrokes from `requests` to the console, console output back, until either side ends."""
+    # Only the latest size asked for is applied, one resize at a time, however many frames ask.
+    wanted: list[tuple[int, int]] = []
     resizing: set[asyncio.Task[None]] = set()
+
+    async def apply_sizes() -> None:
+        while wanted:
+            rows, cols = wanted.pop()
+            with contextlib.suppress(Exception):  # a size the guest did not take leaves the console as it is
+                await resize(rows, cols)
 
     def apply(message: pb.ConnectRequest) -> None:
         if check_size(message):
-            task = asyncio.ensure_future(resize(message.rows, message.cols))
-            resizing.add(task)
-            task.add_done_callback(resizing.discard)
+            wanted[:] = [(message.rows, message.cols)]
+            if not resizing:
+                task = asyncio.ensure_future(apply_sizes())
+                resizing.add(task)
+                task.add_done_callback(resizing.discard)
         if message.input:
             writer.write(message.input)
 

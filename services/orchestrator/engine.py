@@ -10,15 +10,17 @@ import os
 import resource
 import shutil
 import subprocess
+from stat import S_ISDIR
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections import Counter
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from services.common.errors import (
-    Conflict, DataLoss, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable,
+    Conflict, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable,
 )  # fmt: skip
 from services.common.faults import fault_point
 from services.common.files import fsync_dir, fsync_path, fsync_tree, write_atomic
@@ -76,6 +78,9 @@ class LiveVm:
     # Connections to its ports from outside (tunnels, SSH, domains), and the lock that makes host forwards.
     tunnels: int = 0
     forwarding: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # What its QEMU may take of this host at most: memory, and tmpfs for a RAM file of its own.
+    memory_mib: int = 0
+    run_mib: int = 0
 
 
 def _manifest(folder: Path) -> dict[str, str] | None:
@@ -109,6 +114,9 @@ class Engine:
         self._finishing_deletions: asyncio.Task[None] | None = None
         self._closing = False
         self._tunnels = 0  # connections into VMs open now, on this host
+        self._org_tunnels: Counter[str] = Counter()
+        # Host room promised to changes under way (VMs starting, commits, sleeps), not yet used.
+        self._reserved: Counter[str] = Counter()
 
     # Start-up and shutdown
 
@@ -319,7 +327,7 @@ class Engine:
         booted = vm.state != "booting"
         state = "paused" if status != "running" and booted else vm.state
         await self.store.update_vm(vm.id, state=state, pid=machine.pid)
-        self._attach(vm.id, machine, booted=booted)
+        self._attach(vm, machine, booted=booted)
         log.info("adopted VM %s (%s)", vm.id, state)
 
     async def _remove_orphans(self) -> None:
@@ -400,9 +408,12 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _attach(self, vm_id: str, machine: Machine, booted: bool) -> None:
+    def _attach(self, vm: VmRow, machine: Machine, booted: bool) -> None:
+        vm_id = vm.id
         record = self.live(vm_id)
         record.machine = machine
+        record.memory_mib = vm.mem_size_mib
+        record.run_mib = vm.mem_size_mib if vm.ram_mode == "shared" else 0
         record.ending = False
         record.booted = asyncio.Event()
         if booted:
@@ -467,36 +478,62 @@ class Engine:
     # Room on this host
 
     def _admit(self, what: str, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0) -> None:
-        """Refuse `what` unless this host keeps its reserves free after it: memory (MemAvailable), the run
-        folder's tmpfs (RAM files), the data folder's disk (commits, layers, saved states)."""
+        """Refuse `what` unless this host keeps its reserves free after it: memory, the run folder's tmpfs
+        (RAM files) and the data folder's disk. What is free now is not enough to go by (a VM's memory is
+        used as its guest touches it): the VMs running here count with all of their memory, and changes
+        under way with what they were promised."""
         settings = self.settings
+        running_memory = sum(r.memory_mib for r in self.vms.values() if r.machine is not None) + self._reserved["memory"]
+        running_run = sum(r.run_mib for r in self.vms.values() if r.machine is not None) + self._reserved["run"]
+        memory_total, memory_free = _memory()
+        run_total, run_free = _space(self.run_dir)
+        disk_total, disk_free = _space(self.layers_dir.parent)
         needs = (
-            ("memory", _available_memory(), memory_mib, settings.host_reserve_memory_mib, "VERS_HOST_RESERVE_MEMORY_MIB"),
-            (f"tmpfs at {self.run_dir}", _free_space(self.run_dir), run_mib, settings.host_reserve_run_mib, "VERS_HOST_RESERVE_RUN_MIB"),
-            (f"disk at {self.layers_dir.parent}", _free_space(self.layers_dir.parent), disk_mib, settings.host_reserve_disk_mib,
-             "VERS_HOST_RESERVE_DISK_MIB"),
+            ("memory", memory_free, memory_total, running_memory, memory_mib, settings.host_reserve_memory_mib,
+             "VERS_HOST_RESERVE_MEMORY_MIB"),
+            (f"tmpfs at {self.run_dir}", run_free, run_total, running_run, run_mib, settings.host_reserve_run_mib,
+             "VERS_HOST_RESERVE_RUN_MIB"),
+            (f"disk at {self.layers_dir.parent}", disk_free - self._reserved["disk"], None, 0, disk_mib,
+             settings.host_reserve_disk_mib, "VERS_HOST_RESERVE_DISK_MIB"),
         )  # fmt: skip
-        for resource_name, free_bytes, need_mib, reserve_mib, setting in needs:
-            if free_bytes is None:
+        for resource_name, free, total, promised, need, reserve, setting in needs:
+            if free is None:
                 continue
-            free_mib = free_bytes // MIB
-            if free_mib - need_mib < reserve_mib:
+            room = free if total is None else min(free, total - promised)
+            if room - need < reserve:
                 raise ResourceExhausted(
-                    f"this host has {free_mib} MiB of {resource_name} free and keeps {reserve_mib} MiB of it free ({setting}): "
-                    f"{what} needs {need_mib} MiB more. Delete VMs or commits, put VMs to sleep, try again later, or ask "
-                    f"the operator to make room or lower {setting}"
+                    f"this host has {max(room, 0)} MiB of {resource_name} left for new work and keeps {reserve} MiB of it "
+                    f"free ({setting}): {what} needs {need} MiB. Delete VMs or commits, put VMs to sleep, try again "
+                    f"later, or ask the operator to make room or lower {setting}"
                 )
 
-    async def _admit_or_discard(self, vms: Sequence[VmRow], operation: OperationRow, what: str, **needs: int) -> None:
+    @contextmanager
+    def _room(self, what: str, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0) -> Iterator[None]:
+        """Admitted, and the room held for the change until it ends (a VM it starts counts by itself then)."""
+        self._admit(what, memory_mib, run_mib, disk_mib)
+        held = Counter(memory=memory_mib, run=run_mib, disk=disk_mib)
+        self._reserved.update(held)
+        try:
+            yield
+        finally:
+            self._reserved.subtract(held)
+
+    @asynccontextmanager
+    async def _room_or_discard(self, vms: Sequence[VmRow], operation: OperationRow, what: str, **needs: int) -> AsyncIterator[None]:
         """Host room is asked after the org's limits (the answer a tenant can act on comes first): VMs
         just recorded are deleted again when the host has no room for them."""
+        room = self._room(what, **needs)
         try:
-            self._admit(what, **needs)
+            room.__enter__()
         except ResourceExhausted:
             for vm in vms:
                 await self._discard(vm.id)
             await self.store.finish(operation.id)
             raise
+        try:
+            yield
+        finally:
+            room.__exit__(None, None, None)
 
     # Creating VMs
 
@@ -558,7 +595,11 @@ class Engine:
         # leaves a process that the next start finds and adopts.
         operation = OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="create")
         await self.store.add_vms(org_id, [vm], [layer], operation)  # within the org's limits, or refused
-        await self._admit_or_discard([vm], operation, f"a VM of {memory} MiB", memory_mib=memory, run_mib=memory)
+        async with self._room_or_discard([vm], operation, f"a VM of {memory} MiB", memory_mib=memory, run_mib=memory):
+            return await self._start_root(vm, image, disk, operation)
+
+    async def _start_root(self, vm: VmRow, image: Image, disk: int, operation: OperationRow) -> VmRow:
+        memory, layer = vm.mem_size_mib, LayerRow(id=vm.layer_id)
         folder = self.run_folder(vm.id)
         try:
             await _qemu_img("create", "-f", "qcow2", "-b", image.disk, "-F", "qcow2", self.layer_path(layer.id), f"{disk}M")
@@ -573,7 +614,7 @@ class Engine:
         fault_point("create.after_launch")
         done = await self.store.finish(operation.id, vm.id, pid=machine.pid)
         assert done is not None
-        self._attach(vm.id, machine, booted=False)
+        self._attach(vm, machine, booted=False)
         return done
 
     def _spec(self, vm: VmRow, incoming: bool, ram_file: Path | None) -> LaunchSpec:
@@ -620,8 +661,8 @@ class Engine:
             id=str(uuid.uuid4()), vm_id=vms[0].id, kind="restore", commit_id=commit.id, vm_ids=json.dumps([vm.id for vm in vms])
         )
         await self.store.add_vms(org_id, vms, layers, operation, source=commit)
-        await self._admit_or_discard(vms, operation, f"{count} VM(s) of {commit.mem_size_mib} MiB", memory_mib=count * commit.mem_size_mib)
-        results = await asyncio.gather(*(self._start_restored(vm, commit) for vm in vms), return_exceptions=True)
+        async with self._room_or_discard(vms, operation, f"{count} VM(s) of {commit.mem_size_mib} MiB", memory_mib=count * commit.mem_size_mib):
+            results = await asyncio.gather(*(self._start_restored(vm, commit) for vm in vms), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             for vm in vms:
@@ -658,7 +699,7 @@ class Engine:
             await self.store.update_vm(vm.id, state="dead")
             raise Internal(f"VM {vm.id} could not be restored from commit {commit.id}: {error}") from error
         vm = await self.store.update_vm(vm.id, state="running", pid=machine.pid)
-        self._attach(vm.id, machine, booted=True)
+        self._attach(vm, machine, booted=True)
         return vm
 
     # Commits
@@ -673,7 +714,14 @@ class Engine:
 
     async def _commit_exclusive(self, vm: VmRow, name: str, description: str, keep_paused: bool, commit_id: str) -> tuple[CommitRow, float]:
         async with self._exclusive(vm) as current:
-            return await self._commit(current, name, description, keep_paused, commit_id)
+            # Its memory goes to the commit (copied within tmpfs first while the VM is paused, when it has a RAM file).
+            shared = current.ram_mode == "shared"
+            room = self._room(
+                f"a commit of {current.mem_size_mib} MiB of memory", run_mib=current.mem_size_mib if shared else 0,
+                disk_mib=current.mem_size_mib,
+            )  # fmt: skip
+            with room:
+                return await self._commit(current, name, description, keep_paused, commit_id)
 
     async def _commit(self, vm: VmRow, name: str, description: str, keep_paused: bool, commit_id: str) -> tuple[CommitRow, float]:
         machine = await self.wait_booted(vm)
@@ -685,9 +733,6 @@ class Engine:
                 f"until an operator has looked (vers admin fsck)"
             )
         folder = self.commit_folder(commit_id)
-        # Its memory goes to the commit (copied within tmpfs first while the VM is paused, when it has a RAM file).
-        shared = vm.ram_mode == "shared"
-        self._admit(f"a commit of {vm.mem_size_mib} MiB of memory", run_mib=vm.mem_size_mib if shared else 0, disk_mib=vm.mem_size_mib)
         new_layer = LayerRow(id=str(uuid.uuid4()), parent_id=vm.layer_id)
         operation = await self.store.begin(
             OperationRow(
@@ -701,19 +746,23 @@ class Engine:
         ram_copy = self.run_folder(vm.id) / f"ram-{commit_id}" if vm.ram_mode == "shared" else None
         # Commands running in the guest are part of the snapshot (a branch goes on with them); only the
         # sending of one is waited for, so the snapshot never holds half a command.
-        async with machine.agent.lock:
-            try:
-                folder.mkdir(mode=0o700, parents=True)
-                paused = await machine.snapshot(self.layer_path(new_layer.id), folder / "state", ram_copy, keep_paused)
-                fault_point("commit.after_state")
-                if ram_copy is not None:
-                    await asyncio.to_thread(copy_sparse, ram_copy, folder / "ram")
-            except Exception as error:
-                await self._undo_commit(machine, vm, new_layer, operation.id, folder)
-                raise Internal(f"commit of VM {vm.id} failed: {error}") from error
-            finally:
-                if ram_copy is not None:
-                    ram_copy.unlink(missing_ok=True)
+        try:
+            async with machine.agent.sending():
+                try:
+                    folder.mkdir(mode=0o700, parents=True)
+                    paused = await machine.snapshot(self.layer_path(new_layer.id), folder / "state", ram_copy, keep_paused)
+                    fault_point("commit.after_state")
+                    if ram_copy is not None:
+                        await asyncio.to_thread(copy_sparse, ram_copy, folder / "ram")
+                except Exception as error:
+                    await self._undo_commit(machine, vm, new_layer, operation.id, folder)
+                    raise Internal(f"commit of VM {vm.id} failed: {error}") from error
+                finally:
+                    if ram_copy is not None:
+                        ram_copy.unlink(missing_ok=True)
+        except DeadlineExceeded:  # the guest holds its port: no turn to send, nothing done yet
+            await self.store.finish(operation.id)
+            raise
         frozen = self.layer_path(vm.layer_id)
         try:
             for path in (*folder.iterdir(), frozen):
@@ -863,8 +912,14 @@ class Engine:
                 f"this host already carries {self.settings.max_tunnels} connections into VMs: try again later, or raise "
                 f"VERS_MAX_TUNNELS"
             )
+        if self._org_tunnels[vm.org_id] >= self.settings.org_max_tunnels:
+            raise ResourceExhausted(
+                f"your organization's VMs already have {self.settings.org_max_tunnels} open connections from outside "
+                f"(VERS_ORG_MAX_TUNNELS): close some first"
+            )
         record.tunnels += 1
         self._tunnels += 1
+        self._org_tunnels[vm.org_id] += 1
         try:
             machine = await self.wait_booted(vm)
             if port == SSH_PORT:
@@ -887,6 +942,9 @@ class Engine:
         finally:
             record.tunnels -= 1
             self._tunnels -= 1
+            self._org_tunnels[vm.org_id] -= 1
+            if not self._org_tunnels[vm.org_id]:
+                del self._org_tunnels[vm.org_id]
 
     async def exec(
         self, vm: VmRow, command: Sequence[str], env: Mapping[str, str] | None = None, stdin: bytes | None = None,
@@ -898,6 +956,11 @@ class Engine:
             raise InvalidArgument(
                 f"timeout_secs must be between 1 and {limit} seconds (VERS_EXEC_MAX_TIMEOUT_SECONDS), or 0 for the default "
                 f"of {self.settings.exec_default_timeout_seconds}; not {timeout_secs}"
+            )
+        if stdin and len(stdin) > self.settings.http_max_body_bytes:
+            raise InvalidArgument(
+                f"stdin is {len(stdin)} bytes, more than an exec takes ({self.settings.http_max_body_bytes}, "
+                f"VERS_HTTP_MAX_BODY_BYTES): copy large input into the VM another way"
             )
         machine = await self.wait_booted(vm)
         return await machine.agent.exec(
@@ -961,6 +1024,13 @@ class Engine:
     async def _sleep(self, vm: VmRow, by_shutdown: bool = False) -> VmRow:
         """Save the VM's devices and memory to disk and end its QEMU: it uses no memory until it wakes,
         where it was. Its disk layer stays as it is. A failed save leaves the VM as it was."""
+        if not by_shutdown:  # a stop puts every VM to sleep, whatever the limits: it must not fail on them
+            await self.store.check_sleep(vm)
+            with self._room(f"sleeping a VM of {vm.mem_size_mib} MiB", disk_mib=vm.mem_size_mib):
+                return await self._save_to_sleep(vm, by_shutdown)
+        return await self._save_to_sleep(vm, by_shutdown)
+
+    async def _save_to_sleep(self, vm: VmRow, by_shutdown: bool) -> VmRow:
         record = self.live(vm.id)
         machine = self.machine(vm) if by_shutdown else await self.wait_booted(vm)
         folder = self.sleep_folder(vm.id)
@@ -971,30 +1041,35 @@ class Engine:
         fault_point("sleep.after_intent")
         # Memory that was not a shared file is saved inside the state: it wakes with anonymous memory.
         ram_mode = "shared" if shared else "anonymous"
-        async with machine.agent.lock:  # never in the middle of sending a command
-            record.ending = True
-            try:
-                await machine.save(folder / "state", folder / "ram" if shared else None)
-                manifest = {"ram_mode": ram_mode, "state": vm.state, "by_shutdown": by_shutdown}
-                await asyncio.to_thread(write_atomic, folder / "manifest.json", json.dumps(manifest))
-                await asyncio.to_thread(fsync_tree, folder)
-                await asyncio.to_thread(fsync_dir, self.sleep_dir)
-                fault_point("sleep.after_save")
-                machine.agent.closing(
-                    f"VM {vm.id} was put to sleep while the command ran: it goes on when the VM wakes, but its output "
-                    f"does not come back to this call"
-                )
-                await machine.quit()
-            except Exception as error:
-                record.ending = False
-                machine.agent.closing("")
-                shutil.rmtree(folder, ignore_errors=True)
-                with contextlib.suppress(Exception):
-                    await machine.cancel_migration()  # a save still running would stop the VM again when it ends
-                    if vm.state == "running" and await machine.status() != "running":
-                        await machine.resume()
-                await self.store.finish(operation.id)
-                raise Internal(f"VM {vm.id} could not go to sleep: {error}; it goes on as it was") from error
+        try:
+            async with machine.agent.sending():  # never in the middle of sending a command
+                record.ending = True
+                try:
+                    await machine.save(folder / "state", folder / "ram" if shared else None)
+                    manifest = {"ram_mode": ram_mode, "state": vm.state, "by_shutdown": by_shutdown}
+                    await asyncio.to_thread(write_atomic, folder / "manifest.json", json.dumps(manifest))
+                    await asyncio.to_thread(fsync_tree, folder)
+                    await asyncio.to_thread(fsync_dir, self.sleep_dir)
+                    fault_point("sleep.after_save")
+                    machine.agent.closing(
+                        f"VM {vm.id} was put to sleep while the command ran: it goes on when the VM wakes, but its output "
+                        f"does not come back to this call"
+                    )
+                    await machine.quit()
+                except Exception as error:
+                    record.ending = False
+                    machine.agent.closing("")
+                    shutil.rmtree(folder, ignore_errors=True)
+                    with contextlib.suppress(Exception):
+                        await machine.cancel_migration()  # a save still running would stop the VM again when it ends
+                        if vm.state == "running" and await machine.status() != "running":
+                            await machine.resume()
+                    await self.store.finish(operation.id)
+                    raise Internal(f"VM {vm.id} could not go to sleep: {error}; it goes on as it was") from error
+        except DeadlineExceeded:  # the guest holds its port: no turn to send, nothing done yet
+            shutil.rmtree(folder, ignore_errors=True)
+            await self.store.finish(operation.id)
+            raise
         fault_point("sleep.after_quit")
         record.machine = None
         shutil.rmtree(self.run_folder(vm.id), ignore_errors=True)
@@ -1008,7 +1083,14 @@ class Engine:
         folder = self.sleep_folder(vm.id)
         if not (folder / "state").exists():
             raise DataLoss(f"VM {vm.id} is sleeping but its saved state is missing from {folder}")
-        self._admit(f"waking a VM of {vm.mem_size_mib} MiB", memory_mib=vm.mem_size_mib, run_mib=vm.mem_size_mib if vm.ram_mode == "shared" else 0)
+        room = self._room(
+            f"waking a VM of {vm.mem_size_mib} MiB", memory_mib=vm.mem_size_mib,
+            run_mib=vm.mem_size_mib if vm.ram_mode == "shared" else 0,
+        )  # fmt: skip
+        with room:
+            return await self._start_waking(vm, wanted, folder)
+
+    async def _start_waking(self, vm: VmRow, wanted: str, folder: Path) -> VmRow:
         operation = OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="wake")
         vm = await self.store.claim_wake(vm.id, operation)
         run = self.run_folder(vm.id)
@@ -1032,7 +1114,7 @@ class Engine:
             raise Internal(f"VM {vm.id} could not wake: {error}; it is still asleep, its saved state kept") from error
         done = await self.store.finish(operation.id, vm.id, state=wanted if wanted in LIVE_STATES else "running", pid=machine.pid)
         assert done is not None
-        self._attach(vm.id, machine, booted=wanted != "booting")
+        self._attach(vm, machine, booted=wanted != "booting")
         fault_point("wake.after_record")
         shutil.rmtree(folder, ignore_errors=True)
         return done
@@ -1063,29 +1145,36 @@ class Engine:
 def _check_private(folder: Path) -> None:
     """VM files (RAM, disks, sockets) live here: the folder must be this process's alone. One that someone
     else made (a run folder in /dev/shm, made in advance by another user) is refused."""
-    stat = folder.stat()
-    if stat.st_uid != os.geteuid():
-        raise RuntimeError(f"{folder} belongs to uid {stat.st_uid}, not to this process (uid {os.geteuid()}): remove it or choose another folder")
+    stat = folder.lstat()
+    if not S_ISDIR(stat.st_mode) or stat.st_uid != os.geteuid():
+        raise RuntimeError(
+            f"{folder} is not a folder of this process's own (uid {stat.st_uid}, this process {os.geteuid()}; a symbolic "
+            f"link is refused too): remove it or choose another folder"
+        )
     if stat.st_mode & 0o077:
-        folder.chmod(0o700)
+        os.chmod(folder, 0o700, follow_symlinks=False)
 
 
-def _available_memory() -> int | None:
+def _memory() -> tuple[int | None, int | None]:
+    """This host's memory and what of it is available now, in MiB (None where /proc does not say)."""
+    found: dict[str, int] = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+            name, _, rest = line.partition(":")
+            if name in ("MemTotal", "MemAvailable"):
+                found[name] = int(rest.split()[0]) // 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    return found.get("MemTotal"), found.get("MemAvailable")
 
 
-def _free_space(folder: Path) -> int | None:
+def _space(folder: Path) -> tuple[int | None, int | None]:
+    """A file system's size and its free space for this process, in MiB."""
     try:
         stat = os.statvfs(folder)
     except OSError:
-        return None
-    return stat.f_bavail * stat.f_frsize
+        return None, None
+    return stat.f_blocks * stat.f_frsize // MIB, stat.f_bavail * stat.f_frsize // MIB
 
 
 def _allocated(path: Path) -> int:

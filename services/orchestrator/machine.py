@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.errors import FailedPrecondition
 from services.common.faults import fault_point
 from services.common.settings import Settings
 from services.orchestrator.accel import cpu_args
@@ -62,15 +63,17 @@ def sockets(run_folder: Path) -> dict[str, Path]:
 
 @functools.cache
 def drop_user(name: str) -> str:
-    """The user QEMU runs as after start-up: `name` when this process is root and the user exists, else ""
-    (QEMU keeps this process's user; said once when the user is missing)."""
+    """The user QEMU runs as after start-up: `name` when this process is root, else "" (QEMU keeps this
+    process's user). A root platform never runs a guest as root: a missing user is an error to fix."""
     if not name or os.geteuid() != 0:
         return ""
     try:
         pwd.getpwnam(name)
     except KeyError:
-        log.warning("user %r does not exist (scripts/bootstrap.sh makes it): QEMU runs as root", name)
-        return ""
+        raise FailedPrecondition(
+            f"the user QEMU runs as, {name!r} (VERS_QEMU_USER), does not exist on this host: run scripts/bootstrap.sh "
+            f"as root (or useradd --system {name}), or set VERS_QEMU_USER to another unprivileged user"
+        ) from None
     return name
 
 

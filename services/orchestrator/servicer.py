@@ -255,7 +255,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         machine = await self.engine.wait_booted(vm)
 
         async def resize(rows: int, cols: int) -> None:
-            await machine.agent.exec(["stty", "-F", "/dev/hvc0", "rows", str(rows), "cols", str(cols)], wait=10.0)
+            await machine.agent.exec(
+                ["stty", "-F", "/dev/hvc0", "rows", str(rows), "cols", str(cols)], timeout_secs=5, wait=10.0,
+                max_running=self.engine.settings.vm_max_execs,
+            )
 
         async with self.engine.console(vm) as (reader, writer):
             yield pb.ConnectResponse()

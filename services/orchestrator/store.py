@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import func
+from sqlalchemy import case, func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -86,15 +86,27 @@ class OrchestratorStore:
             )
         ).one()
         if new:
-            existing, disk = (
-                await session.exec(
-                    select(func.count(), func.coalesce(func.sum(VmRow.fs_size_mib), 0)).where(*mine, col(VmRow.state).in_(EXISTING_STATES))
-                )
-            ).one()
+            existing, disk = await self._existing(session, org_id)
             check(limits, "max_vms", int(existing), len(vms), org, _DELETE_VMS)
             check(limits, "max_disk_mib", int(disk), sum(vm.fs_size_mib for vm in vms), org, _DELETE_VMS)
         check(limits, "max_vcpus", int(used_vcpus), sum(vm.vcpu_count for vm in vms), org, _SLEEP_HINT)
         check(limits, "max_memory_mib", int(used_memory), sum(vm.mem_size_mib for vm in vms), org, _SLEEP_HINT)
+
+    @staticmethod
+    async def _existing(session: AsyncSession, org_id: str) -> tuple[int, int]:
+        """The org's VMs that exist, and the MiB of disk they hold: their disks, and a sleeping VM's memory."""
+        held = VmRow.fs_size_mib + case((col(VmRow.state) == "sleeping", VmRow.mem_size_mib), else_=0)
+        mine = (VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None), col(VmRow.state).in_(EXISTING_STATES))
+        count, disk = (await session.exec(select(func.count(), func.coalesce(func.sum(held), 0)).where(*mine))).one()
+        return int(count), int(disk)
+
+    async def check_sleep(self, vm: VmRow) -> None:
+        """A sleeping VM keeps its memory on disk: within the org's disk limit, or refused."""
+        async with self.db.write() as session:
+            await serialize(session, f"org:{vm.org_id}")
+            limits, org = self.limits_for(vm.org_id)
+            _, disk = await self._existing(session, vm.org_id)
+            check(limits, "max_disk_mib", disk, vm.mem_size_mib, org, "delete VMs or commits it no longer uses")
 
     async def claim_wake(self, vm_id: str, operation: OperationRow) -> VmRow:
         """A sleeping VM becomes `booting` if its org has room for it, in one transaction with the wake's
@@ -305,9 +317,9 @@ class OrchestratorStore:
             if commit is None or commit.org_id != org_id or not await self._commit_is_live(session, commit_id):
                 raise NotFound(f"commit {commit_id!r} not found in your organization")
             users = await session.exec(
-                select(VmRow.id).where(VmRow.parent_commit_id == commit_id, col(VmRow.deleted_at).is_(None))
+                select(VmRow.id, VmRow.org_id).where(VmRow.parent_commit_id == commit_id, col(VmRow.deleted_at).is_(None))
             )
-            vm_ids = list(users)
+            vm_ids = [vm_id for vm_id, owner in users if owner == org_id]  # another org's VM is never named
             if vm_ids:
                 raise Conflict(f"commit {commit_id} is in use by VM {', '.join(vm_ids)}: delete the VM first")
             session.add(CommitDeletionRow(commit_id=commit_id, org_id=org_id))

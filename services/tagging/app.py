@@ -17,7 +17,7 @@ async def build(settings: Settings) -> Service:
     db = Database(settings.database_url("tagging"))
     await db.create_tables(TABLES)
     peers = Peers(settings)
-    store = TaggingStore(db, OrgLimits.defaults(settings))
+    store = TaggingStore(db, OrgLimits.defaults(settings), settings.tag_history_max_events)
     servicer = TaggingServicer(store, peers.channel("registry"), peers.channel("orchestrator"))
     internal = TaggingInternalServicer(store)
 

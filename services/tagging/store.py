@@ -41,14 +41,28 @@ async def _require_not_deleted(session: AsyncSession, commit_id: str | None) -> 
 
 
 class TaggingStore:
-    def __init__(self, db: Database, default_limits: OrgLimits | None = None) -> None:
+    def __init__(self, db: Database, default_limits: OrgLimits | None = None, max_history: int = 10_000) -> None:
         self.db = db
+        self.max_history = max_history
         if default_limits is None:
             from services.common.settings import get_settings
 
             default_limits = OrgLimits.defaults(get_settings())
         self.default_limits = default_limits
 
+
+    async def _record(self, session: AsyncSession, event: TagEventRow) -> None:
+        """A tag's event, in the history of its repository, which keeps its newest `max_history` events."""
+        session.add(event)
+        await session.flush()
+        oldest_kept = (
+            await session.exec(
+                select(TagEventRow.id).where(TagEventRow.repo_id == event.repo_id)
+                .order_by(col(TagEventRow.id).desc()).offset(self.max_history - 1).limit(1)
+            )
+        ).first()  # fmt: skip
+        if oldest_kept is not None:
+            await session.exec(delete(TagEventRow).where(TagEventRow.repo_id == event.repo_id, col(TagEventRow.id) < oldest_kept))  # type: ignore[call-overload]
     async def _require_tag_room(self, session: AsyncSession, org_id: str) -> None:
         """Inside the write transaction that adds a tag: repository tags and legacy tags of the org together
         within its limit (the caller's, from the registry; the default when unknown)."""
@@ -92,7 +106,7 @@ class TaggingStore:
             await _require_not_deleted(session, commit_id)
             await self._require_tag_room(session, caller.org_id)
             await insert_unique(session, tag, conflict)
-            session.add(_event(tag, caller, "created", "", commit_id))
+            await self._record(session, _event(tag, caller, "created", "", commit_id))
             return tag
 
     async def list_tags(self, repo_id: str, offset: int = 0, limit: int | None = None) -> list[RepoTagRow]:
@@ -125,14 +139,14 @@ class TaggingStore:
             _change(tag, commit_id, description)
             session.add(tag)
             action = "moved" if commit_id is not None and commit_id != old else "updated"
-            session.add(_event(tag, caller, action, old, tag.commit_id))
+            await self._record(session, _event(tag, caller, action, old, tag.commit_id))
             return tag
 
     async def delete_tag(self, caller: Principal, repo_id: str, repo_name: str, name: str) -> None:
         async with self.db.write() as session:
             tag = await self._tag(session, repo_id, repo_name, name)
             await session.delete(tag)
-            session.add(_event(tag, caller, "deleted", tag.commit_id, ""))
+            await self._record(session, _event(tag, caller, "deleted", tag.commit_id, ""))
 
     async def history(self, repo_id: str, name: str, offset: int = 0, limit: int | None = None) -> list[TagEventRow]:
         async with self.db.read() as session:
