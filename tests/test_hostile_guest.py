@@ -7,12 +7,14 @@ import asyncio
 import resource
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest_asyncio
 
-from tests.conftest import Org, Platform
+from tests.conftest import Org, Platform, kill_vms_under
+from tests.conftest import test_settings as settings_for_tests
 from tests.test_vms import new_vm, sh
 
 # The device of the agent port inside the guest.
@@ -181,3 +183,21 @@ async def test_a_flooding_guest_stays_bounded_and_others_are_served(
         assert max(latencies) < 10
     finally:
         await asyncio.gather(*(http.delete(f"/api/v1/vm/{vm}") for vm in (hostile, good)))
+
+
+async def test_a_host_without_room_refuses_new_vms(tmp_path: Path) -> None:
+    """A VM is refused, not started, when the host would keep less free than its reserve; nothing of it
+    is left. (A reserve larger than any disk stands for a full one.)"""
+    settings = settings_for_tests(tmp_path).model_copy(update={"host_reserve_disk_mib": 1 << 40})
+    platform = await Platform.start(settings)
+    try:
+        org = await platform.new_org("roomless")
+        async with platform.client(org) as http:
+            answer = await http.post("/api/v1/vm/new_root", json={"vm_config": {"mem_size_mib": 256}})
+            assert answer.status_code == 429, answer.text
+            assert "VERS_HOST_RESERVE_DISK_MIB" in answer.json()["error"]
+            assert (await http.get("/api/v1/vm")).json() == []
+        assert not list(settings.vm_run_dir.iterdir())
+    finally:
+        kill_vms_under(settings.vm_run_dir)
+        await platform.stop()
