@@ -157,8 +157,11 @@ class Engine:
                 await record.machine.qmp.close()
                 record.machine = None
         self.vms.clear()
-        if self.network.available and not find_processes(self.run_dir):
-            await asyncio.to_thread(self.network.teardown)  # made again on the next start
+        if not find_processes(self.run_dir):
+            if self.network.available:
+                await asyncio.to_thread(self.network.teardown)  # made again on the next start
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # in tmpfs, named after the data folder: no VM left, nothing to keep
 
     async def _sleep_for_shutdown(self) -> None:
         running = [vm_id for vm_id, record in self.vms.items() if record.machine is not None]
@@ -511,6 +514,11 @@ class Engine:
     def _room(self, what: str, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0) -> Iterator[None]:
         """Admitted, and the room held for the change until it ends (a VM it starts counts by itself then)."""
         self._admit(what, memory_mib, run_mib, disk_mib)
+        with self._hold(memory_mib, run_mib, disk_mib):
+            yield
+
+    @contextmanager
+    def _hold(self, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0) -> Iterator[None]:
         held = Counter(memory=memory_mib, run=run_mib, disk=disk_mib)
         self._reserved.update(held)
         try:
@@ -522,18 +530,15 @@ class Engine:
     async def _room_or_discard(self, vms: Sequence[VmRow], operation: OperationRow, what: str, **needs: int) -> AsyncIterator[None]:
         """Host room is asked after the org's limits (the answer a tenant can act on comes first): VMs
         just recorded are deleted again when the host has no room for them."""
-        room = self._room(what, **needs)
         try:
-            room.__enter__()
+            self._admit(what, **needs)
         except ResourceExhausted:
             for vm in vms:
                 await self._discard(vm.id)
             await self.store.finish(operation.id)
             raise
-        try:
+        with self._hold(**needs):
             yield
-        finally:
-            room.__exit__(None, None, None)
 
     # Creating VMs
 
