@@ -165,32 +165,25 @@ class Guard:
                 )
             if key and key in self.refused_tokens and path not in self.public_paths:
                 return Refusal(401, "UNAUTHENTICATED", "invalid API key")
-        wait = self.buckets.take(f"key:{key}" if known else f"address:{address}")
-        if wait:
-            whose = "this API key" if known else "this client address"
-            return Refusal(
-                429,
-                "RESOURCE_EXHAUSTED",
-                f"rate limit of {self.buckets.rate:g} requests per second (bursts of {self.buckets.burst}) reached "
-                f"for {whose}; try again in {retry_seconds(wait)} s, or raise VERS_RATE_LIMIT_PER_SECOND / "
-                f"VERS_RATE_LIMIT_BURST",
-                wait,
-            )
-        return None
+        return self._take(f"key:{key}" if known else f"address:{address}", "this API key" if known else "this client address")
 
     def check_address(self, address: str) -> Refusal | None:
         """A request to a domain (a VM's own web service): only its client address's rate counts; what the
         VM answers says nothing of our keys."""
-        wait = self.buckets.take(f"address:{address}")
-        if wait:
-            return Refusal(
-                429,
-                "RESOURCE_EXHAUSTED",
-                f"rate limit of {self.buckets.rate:g} requests per second (bursts of {self.buckets.burst}) reached for "
-                f"this client address; try again in {retry_seconds(wait)} s (VERS_RATE_LIMIT_PER_SECOND / VERS_RATE_LIMIT_BURST)",
-                wait,
-            )
-        return None
+        return self._take(f"address:{address}", "this client address")
+
+    def _take(self, bucket: str, whose: str) -> Refusal | None:
+        wait = self.buckets.take(bucket)
+        if not wait:
+            return None
+        return Refusal(
+            429,
+            "RESOURCE_EXHAUSTED",
+            f"rate limit of {self.buckets.rate:g} requests per second (bursts of {self.buckets.burst}) reached "
+            f"for {whose}; try again in {retry_seconds(wait)} s, or raise VERS_RATE_LIMIT_PER_SECOND / "
+            f"VERS_RATE_LIMIT_BURST",
+            wait,
+        )
 
     def record(self, address: str, token: str, status: int, authenticated: bool) -> None:
         key = token_key(token) if token else ""

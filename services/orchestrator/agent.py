@@ -42,6 +42,8 @@ MAX_READ_RATE = 16 * 1024 * 1024
 # ...and the time this process may spend a second reading one VM's frames (a guest sending nothing but
 # markers costs more per byte than one sending data).
 MAX_PARSE_SECONDS = 0.01
+# What a command still waiting is told when its VM's port closes and nobody said why.
+STOPPED = "the VM stopped while the command ran"
 # How long writing one command to the port may take.
 SEND_SECONDS = 30.0
 
@@ -257,7 +259,7 @@ class Agent:
         except (ConnectionError, OSError):
             pass
         finally:
-            self._fail_pending(self._closed_because or "the VM stopped while the command ran")
+            self._fail_pending(self._closed_because or STOPPED)
 
     def _fail_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
@@ -352,4 +354,4 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reading
             self._reading = None
-        self._fail_pending(self._closed_because or "the VM stopped while the command ran")
+        self._fail_pending(self._closed_because or STOPPED)
