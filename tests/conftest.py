@@ -20,7 +20,7 @@ from services.inprocess import InProcessPlatform, free_ports
 from services.orchestrator.images import build_all
 from services.orchestrator.network import GuestNetwork
 
-__all__ = ["IMAGES", "ROOT", "Org", "Platform", "free_ports", "kill_vms_under"]
+__all__ = ["IMAGES", "ROOT", "Org", "Platform", "discard", "free_ports", "kill_vms_under"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class Platform(InProcessPlatform):
 ROOT = Path(__file__).resolve().parent.parent
 # Platforms the tests start in subprocesses too: no guest's DNS query leaves this machine.
 os.environ.setdefault("VERS_GUEST_DNS", "none")
+# The host's disk reserve is tested on platforms of its own (test_hostile_guest.py); the suite's platforms
+# keep a small one so that it runs on a machine with a few GiB of disk free.
+os.environ.setdefault("VERS_HOST_RESERVE_DISK_MIB", "256")
 # `make test` builds the images first (make images); the suite shares that cache.
 IMAGES = Path(os.environ.get("VERS_IMAGES_DIR") or ROOT / ".vers" / "images")
 
@@ -73,6 +76,7 @@ def test_settings(data_dir: Path) -> Settings:
         # every test talks from 127.0.0.1 with keys made a moment before: the gateway's limits are tested on
         # platforms of their own (test_gateway_limits.py), not by the suite's pace
         rate_limit_per_second=10_000, rate_limit_burst=100_000, auth_failures_per_minute=100_000,
+        host_reserve_disk_mib=int(os.environ["VERS_HOST_RESERVE_DISK_MIB"]),
     )
 
 
@@ -90,6 +94,12 @@ def kill_vms_under(run_dir: Path) -> None:
     GuestNetwork(run_dir, [], []).teardown()
 
 
+def discard(folder: Path) -> None:
+    """A stopped platform's data folder goes as soon as its tests end: the suite's commits and disks would
+    otherwise add up to more than a small machine's disk holds."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest_asyncio.fixture(scope="session")
 async def platform(tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore[no-untyped-def]
     await asyncio.to_thread(build_all, IMAGES)
@@ -98,6 +108,7 @@ async def platform(tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore
     kill_vms_under(platform.settings.vm_run_dir)
     await asyncio.sleep(0.3)  # let the orchestrator see its VMs exit while the loop still runs
     await platform.stop()
+    discard(platform.settings.data_dir)
 
 
 @pytest_asyncio.fixture

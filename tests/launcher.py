@@ -23,7 +23,7 @@ from click_default_group import DefaultGroup
 from services.cli.main import cli
 from services.common.settings import Settings
 
-from tests.conftest import IMAGES, ROOT, free_ports, kill_vms_under
+from tests.conftest import IMAGES, ROOT, discard, free_ports, kill_vms_under
 
 VERS = Path(sys.executable).parent / "vers"
 
@@ -157,3 +157,4 @@ def running_site(folder: Path, **settings: str) -> Iterator[Site]:
     finally:
         launched.stop()
         kill_vms_under(Settings(data_dir=Path(launched.env["VERS_DATA_DIR"])).vm_run_dir)
+        discard(folder)

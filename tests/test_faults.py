@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from services.common.settings import Settings
-from tests.conftest import kill_vms_under
+from tests.conftest import discard, kill_vms_under
 from tests.launcher import VERS, Launched, launcher_env
 from tests.test_vms import COUNTER
 
@@ -79,6 +79,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         if site.launched.process.poll() is None:  # the platform as the last restart left it
             site.launched.stop()
         kill_vms_under(Settings(data_dir=Path(env["VERS_DATA_DIR"])).vm_run_dir)
+        discard(Path(env["VERS_DATA_DIR"]).parent)
 
 
 def org_vms(http: httpx.Client) -> dict[str, str]:
