@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     # Tag history kept per repository: its newest events.
     tag_history_max_events: int = Field(10000, validation_alias="VERS_TAG_HISTORY_MAX_EVENTS")
 
+    # Governance: how often the registry applies every org's retention rules by itself (seconds; 0 never,
+    # `vers gc` still does on demand), and guest paths whose secrets the scan before publishing does not
+    # report (comma-separated shell patterns; the SSH host keys a guest makes at its first boot by default).
+    gc_interval_seconds: int = Field(3600, validation_alias="VERS_GC_INTERVAL_SECONDS")
+    secret_scan_allow_paths: str = Field("/etc/ssh/ssh_host_*_key,/etc/dropbear/*", validation_alias="VERS_SECRET_SCAN_ALLOW_PATHS")
+
     # The gateway's rate limits: requests per second per API key (a token bucket of this burst), and
     # failed authentications per minute per client address before they are slowed down and refused;
     # an unknown token is remembered as unknown this long.

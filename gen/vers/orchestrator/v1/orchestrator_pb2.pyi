@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from vers.common.v1 import governance_pb2 as _governance_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,111 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class ScanCommitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMIT_IDS_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    force: _builtins.bool
+    purpose: _builtins.str
+    """What the scan is for, kept with a forced publish (e.g. "repository my-app made public")."""
+    @_builtins.property
+    def commit_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        commit_ids: _abc.Iterable[_builtins.str] | None = ...,
+        force: _builtins.bool = ...,
+        purpose: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ids", b"commit_ids", "force", b"force", "purpose", b"purpose"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScanCommitsRequest: _TypeAlias = ScanCommitsRequest  # noqa: Y015
+
+@_typing.final
+class ScanCommitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[_governance_pb2.SecretFinding]: ...
+    def __init__(
+        self,
+        *,
+        findings: _abc.Iterable[_governance_pb2.SecretFinding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["findings", b"findings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScanCommitsResponse: _TypeAlias = ScanCommitsResponse  # noqa: Y015
+
+@_typing.final
+class CollectCommitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    PROTECTED_COMMIT_IDS_FIELD_NUMBER: _builtins.int
+    UNTAGGED_OLDER_THAN_DAYS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    untagged_older_than_days: _builtins.int
+    """The org's rule for commits no tag names; 0: none."""
+    dry_run: _builtins.bool
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_governance_pb2.RetentionCandidate]: ...
+    @_builtins.property
+    def protected_commit_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Commits never deleted (those a tag or legacy tag names)."""
+
+    def __init__(
+        self,
+        *,
+        candidates: _abc.Iterable[_governance_pb2.RetentionCandidate] | None = ...,
+        protected_commit_ids: _abc.Iterable[_builtins.str] | None = ...,
+        untagged_older_than_days: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "dry_run", b"dry_run", "protected_commit_ids", b"protected_commit_ids", "untagged_older_than_days", b"untagged_older_than_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectCommitsRequest: _TypeAlias = CollectCommitsRequest  # noqa: Y015
+
+@_typing.final
+class CollectCommitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITS_FIELD_NUMBER: _builtins.int
+    BYTES_FREED_FIELD_NUMBER: _builtins.int
+    bytes_freed: _builtins.int
+    @_builtins.property
+    def commits(self) -> _containers.RepeatedCompositeFieldContainer[_governance_pb2.CollectedCommit]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        commits: _abc.Iterable[_governance_pb2.CollectedCommit] | None = ...,
+        bytes_freed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_freed", b"bytes_freed", "commits", b"commits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectCommitsResponse: _TypeAlias = CollectCommitsResponse  # noqa: Y015
 
 @_typing.final
 class VmConfig(_message.Message):
@@ -217,6 +323,8 @@ class Commit(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     PARENT_VM_ID_FIELD_NUMBER: _builtins.int
     GRANDPARENT_COMMIT_ID_FIELD_NUMBER: _builtins.int
+    BYTES_ALONE_FIELD_NUMBER: _builtins.int
+    BYTES_SHARED_FIELD_NUMBER: _builtins.int
     commit_id: _builtins.str
     owner_id: _builtins.str
     name: _builtins.str
@@ -224,6 +332,11 @@ class Commit(_message.Message):
     is_public: _builtins.bool
     parent_vm_id: _builtins.str
     grandparent_commit_id: _builtins.str
+    bytes_alone: _builtins.int
+    """Bytes only this commit holds (its memory, its device state, disk layers nothing else stands on), and
+    bytes of its disk layers that other commits or VMs share: what deleting it frees is bytes_alone.
+    """
+    bytes_shared: _builtins.int
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -237,10 +350,12 @@ class Commit(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         parent_vm_id: _builtins.str = ...,
         grandparent_commit_id: _builtins.str = ...,
+        bytes_alone: _builtins.int = ...,
+        bytes_shared: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_id", b"commit_id", "created_at", b"created_at", "description", b"description", "grandparent_commit_id", b"grandparent_commit_id", "is_public", b"is_public", "name", b"name", "owner_id", b"owner_id", "parent_vm_id", b"parent_vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_alone", b"bytes_alone", "bytes_shared", b"bytes_shared", "commit_id", b"commit_id", "created_at", b"created_at", "description", b"description", "grandparent_commit_id", b"grandparent_commit_id", "is_public", b"is_public", "name", b"name", "owner_id", b"owner_id", "parent_vm_id", b"parent_vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1606,3 +1721,61 @@ class DeleteCommitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteCommitResponse: _TypeAlias = DeleteCommitResponse  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    since: _builtins.str
+    """Only events at or after this time (RFC 3339); all when empty."""
+    type: _builtins.str
+    """Only events of this type, or of this family when it has no dot ("tag" matches "tag.move")."""
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        since: _builtins.str = ...,
+        type: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "since", b"since", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_governance_pb2.AuditEvent]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_governance_pb2.AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015

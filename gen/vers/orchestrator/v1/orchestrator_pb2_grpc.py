@@ -1245,6 +1245,21 @@ class OrchestratorInternalServiceStub:
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkRequest.SerializeToString,
                 response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkResponse.FromString,
                 _registered_method=True)
+        self.ScanCommits = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorInternalService/ScanCommits',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ScanCommitsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ScanCommitsResponse.FromString,
+                _registered_method=True)
+        self.CollectCommits = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorInternalService/CollectCommits',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CollectCommitsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CollectCommitsResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorInternalService/ListAuditEvents',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorInternalServiceServicer:
@@ -1268,6 +1283,32 @@ class OrchestratorInternalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScanCommits(self, request, context):
+        """Scans the org's commits for secrets (the disk layers its VMs wrote, the memory image) and answers the
+        findings. A commit's result is kept (commits never change), so each is scanned once per rule set.
+        With `force`, each commit with findings is recorded as published anyway, by the caller's key, and a
+        fork of it is no longer refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectCommits(self, request, context):
+        """Deletes (or with dry_run only lists) the candidates and, when untagged_older_than_days is set, every
+        commit of the org older than that which is not protected; none that a VM stands on, none protected.
+        Each deletion goes through DeleteCommit's path (the tagging service confirms no tag names it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """The org's audit events this service recorded (commit deletions).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1280,6 +1321,21 @@ def add_OrchestratorInternalServiceServicer_to_server(servicer, server):
                     servicer.AbandonFork,
                     request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkRequest.FromString,
                     response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkResponse.SerializeToString,
+            ),
+            'ScanCommits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScanCommits,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ScanCommitsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ScanCommitsResponse.SerializeToString,
+            ),
+            'CollectCommits': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectCommits,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CollectCommitsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CollectCommitsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1337,6 +1393,87 @@ class OrchestratorInternalService:
             '/vers.orchestrator.v1.OrchestratorInternalService/AbandonFork',
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkRequest.SerializeToString,
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AbandonForkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScanCommits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorInternalService/ScanCommits',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ScanCommitsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ScanCommitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectCommits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorInternalService/CollectCommits',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CollectCommitsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CollectCommitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorInternalService/ListAuditEvents',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListAuditEventsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -374,6 +374,19 @@ class OrchestratorInternalServiceStub:
     """Undoes the fork of a saga: deletes the VM and the commit it made, and refuses that saga id from then
     on, so a fork still running under it is undone when it ends. Nothing to undo is not an error.
     """
+    ScanCommits: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ScanCommitsRequest, _orchestrator_pb2.ScanCommitsResponse]
+    """Scans the org's commits for secrets (the disk layers its VMs wrote, the memory image) and answers the
+    findings. A commit's result is kept (commits never change), so each is scanned once per rule set.
+    With `force`, each commit with findings is recorded as published anyway, by the caller's key, and a
+    fork of it is no longer refused.
+    """
+    CollectCommits: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CollectCommitsRequest, _orchestrator_pb2.CollectCommitsResponse]
+    """Deletes (or with dry_run only lists) the candidates and, when untagged_older_than_days is set, every
+    commit of the org older than that which is not protected; none that a VM stands on, none protected.
+    Each deletion goes through DeleteCommit's path (the tagging service confirms no tag names it).
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListAuditEventsRequest, _orchestrator_pb2.ListAuditEventsResponse]
+    """The org's audit events this service recorded (commit deletions)."""
 
 @_typing.type_check_only
 class OrchestratorInternalServiceAsyncStub(OrchestratorInternalServiceStub):
@@ -389,6 +402,19 @@ class OrchestratorInternalServiceAsyncStub(OrchestratorInternalServiceStub):
     """Undoes the fork of a saga: deletes the VM and the commit it made, and refuses that saga id from then
     on, so a fork still running under it is undone when it ends. Nothing to undo is not an error.
     """
+    ScanCommits: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ScanCommitsRequest, _orchestrator_pb2.ScanCommitsResponse]  # type: ignore[assignment]
+    """Scans the org's commits for secrets (the disk layers its VMs wrote, the memory image) and answers the
+    findings. A commit's result is kept (commits never change), so each is scanned once per rule set.
+    With `force`, each commit with findings is recorded as published anyway, by the caller's key, and a
+    fork of it is no longer refused.
+    """
+    CollectCommits: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CollectCommitsRequest, _orchestrator_pb2.CollectCommitsResponse]  # type: ignore[assignment]
+    """Deletes (or with dry_run only lists) the candidates and, when untagged_older_than_days is set, every
+    commit of the org older than that which is not protected; none that a VM stands on, none protected.
+    Each deletion goes through DeleteCommit's path (the tagging service confirms no tag names it).
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListAuditEventsRequest, _orchestrator_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The org's audit events this service recorded (commit deletions)."""
 
 class OrchestratorInternalServiceServicer(metaclass=_abc_1.ABCMeta):
     """Calls between the platform's services; no REST path, the service credential only."""
@@ -413,5 +439,36 @@ class OrchestratorInternalServiceServicer(metaclass=_abc_1.ABCMeta):
         """Undoes the fork of a saga: deletes the VM and the commit it made, and refuses that saga id from then
         on, so a fork still running under it is undone when it ends. Nothing to undo is not an error.
         """
+
+    @_abc_1.abstractmethod
+    def ScanCommits(
+        self,
+        request: _orchestrator_pb2.ScanCommitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ScanCommitsResponse, _abc.Awaitable[_orchestrator_pb2.ScanCommitsResponse]]:
+        """Scans the org's commits for secrets (the disk layers its VMs wrote, the memory image) and answers the
+        findings. A commit's result is kept (commits never change), so each is scanned once per rule set.
+        With `force`, each commit with findings is recorded as published anyway, by the caller's key, and a
+        fork of it is no longer refused.
+        """
+
+    @_abc_1.abstractmethod
+    def CollectCommits(
+        self,
+        request: _orchestrator_pb2.CollectCommitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.CollectCommitsResponse, _abc.Awaitable[_orchestrator_pb2.CollectCommitsResponse]]:
+        """Deletes (or with dry_run only lists) the candidates and, when untagged_older_than_days is set, every
+        commit of the org older than that which is not protected; none that a VM stands on, none protected.
+        Each deletion goes through DeleteCommit's path (the tagging service confirms no tag names it).
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _orchestrator_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListAuditEventsResponse, _abc.Awaitable[_orchestrator_pb2.ListAuditEventsResponse]]:
+        """The org's audit events this service recorded (commit deletions)."""
 
 def add_OrchestratorInternalServiceServicer_to_server(servicer: OrchestratorInternalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from vers.common.v1 import governance_pb2 as _governance_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -157,12 +158,20 @@ class Repository(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     IS_PUBLIC_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    IMMUTABLE_TAGS_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
     repo_id: _builtins.str
     name: _builtins.str
     description: _builtins.str
     is_public: _builtins.bool
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def immutable_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags whose names match one of these shell-style patterns (`v*`) cannot be moved or deleted once made."""
+
+    @_builtins.property
+    def retention(self) -> _governance_pb2.RetentionPolicy: ...
     def __init__(
         self,
         *,
@@ -171,10 +180,12 @@ class Repository(_message.Message):
         description: _builtins.str = ...,
         is_public: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        immutable_tags: _abc.Iterable[_builtins.str] | None = ...,
+        retention: _governance_pb2.RetentionPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "retention", b"retention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "is_public", b"is_public", "name", b"name", "repo_id", b"repo_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "immutable_tags", b"immutable_tags", "is_public", b"is_public", "name", b"name", "repo_id", b"repo_id", "retention", b"retention"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -529,19 +540,29 @@ class CreateRepositoryRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    IMMUTABLE_TAGS_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-', not only dots; unique in the caller's org."""
     description: _builtins.str
     """At most 4096 bytes."""
+    @_builtins.property
+    def immutable_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Shell-style patterns of tag names that cannot be moved or deleted once made (at most 32)."""
+
+    @_builtins.property
+    def retention(self) -> _governance_pb2.RetentionPolicy: ...
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         description: _builtins.str = ...,
+        immutable_tags: _abc.Iterable[_builtins.str] | None = ...,
+        retention: _governance_pb2.RetentionPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "immutable_tags", b"immutable_tags", "name", b"name", "retention", b"retention"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -696,17 +717,21 @@ class SetRepositoryVisibilityRequest(_message.Message):
 
     REPO_NAME_FIELD_NUMBER: _builtins.int
     IS_PUBLIC_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     repo_name: _builtins.str
     is_public: _builtins.bool
+    force: _builtins.bool
+    """Publish even when the secret scan finds something (recorded in the audit log as a forced publish)."""
     def __init__(
         self,
         *,
         repo_name: _builtins.str = ...,
         is_public: _builtins.bool = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_public", b"is_public", "repo_name", b"repo_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "is_public", b"is_public", "repo_name", b"repo_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -731,6 +756,223 @@ class SetRepositoryVisibilityResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetRepositoryVisibilityResponse: _TypeAlias = SetRepositoryVisibilityResponse  # noqa: Y015
+
+@_typing.final
+class TagPatterns(_message.Message):
+    """A list of patterns, so that "unchanged" (absent) and "none" (an empty list) differ."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATTERNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        patterns: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["patterns", b"patterns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagPatterns: _TypeAlias = TagPatterns  # noqa: Y015
+
+@_typing.final
+class SetRepositoryPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPO_NAME_FIELD_NUMBER: _builtins.int
+    IMMUTABLE_TAGS_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
+    repo_name: _builtins.str
+    @_builtins.property
+    def immutable_tags(self) -> Global___TagPatterns:
+        """Left out: unchanged."""
+
+    @_builtins.property
+    def retention(self) -> _governance_pb2.RetentionPolicy:
+        """Left out: unchanged."""
+
+    def __init__(
+        self,
+        *,
+        repo_name: _builtins.str = ...,
+        immutable_tags: Global___TagPatterns | None = ...,
+        retention: _governance_pb2.RetentionPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["immutable_tags", b"immutable_tags", "retention", b"retention"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["immutable_tags", b"immutable_tags", "repo_name", b"repo_name", "retention", b"retention"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRepositoryPolicyRequest: _TypeAlias = SetRepositoryPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetRepositoryPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def repository(self) -> Global___Repository: ...
+    def __init__(
+        self,
+        *,
+        repository: Global___Repository | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["repository", b"repository"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["repository", b"repository"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRepositoryPolicyResponse: _TypeAlias = SetRepositoryPolicyResponse  # noqa: Y015
+
+@_typing.final
+class OrgRetention(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNTAGGED_OLDER_THAN_DAYS_FIELD_NUMBER: _builtins.int
+    untagged_older_than_days: _builtins.int
+    """Commits no tag or legacy tag names go once older than this many days; 0 keeps them."""
+    def __init__(
+        self,
+        *,
+        untagged_older_than_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["untagged_older_than_days", b"untagged_older_than_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrgRetention: _TypeAlias = OrgRetention  # noqa: Y015
+
+@_typing.final
+class GetOrgRetentionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrgRetentionRequest: _TypeAlias = GetOrgRetentionRequest  # noqa: Y015
+
+@_typing.final
+class GetOrgRetentionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETENTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def retention(self) -> Global___OrgRetention: ...
+    def __init__(
+        self,
+        *,
+        retention: Global___OrgRetention | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrgRetentionResponse: _TypeAlias = GetOrgRetentionResponse  # noqa: Y015
+
+@_typing.final
+class SetOrgRetentionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETENTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def retention(self) -> Global___OrgRetention: ...
+    def __init__(
+        self,
+        *,
+        retention: Global___OrgRetention | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOrgRetentionRequest: _TypeAlias = SetOrgRetentionRequest  # noqa: Y015
+
+@_typing.final
+class SetOrgRetentionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETENTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def retention(self) -> Global___OrgRetention: ...
+    def __init__(
+        self,
+        *,
+        retention: Global___OrgRetention | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOrgRetentionResponse: _TypeAlias = SetOrgRetentionResponse  # noqa: Y015
+
+@_typing.final
+class CollectGarbageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """List what would be deleted, delete nothing."""
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectGarbageRequest: _TypeAlias = CollectGarbageRequest  # noqa: Y015
+
+@_typing.final
+class CollectGarbageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    COMMITS_FIELD_NUMBER: _builtins.int
+    BYTES_FREED_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    bytes_freed: _builtins.int
+    """The sum of their bytes_freed: what the disk gains."""
+    @_builtins.property
+    def commits(self) -> _containers.RepeatedCompositeFieldContainer[_governance_pb2.CollectedCommit]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+        commits: _abc.Iterable[_governance_pb2.CollectedCommit] | None = ...,
+        bytes_freed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_freed", b"bytes_freed", "commits", b"commits", "dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectGarbageResponse: _TypeAlias = CollectGarbageResponse  # noqa: Y015
 
 @_typing.final
 class ForkRepositoryRequest(_message.Message):
@@ -999,3 +1241,61 @@ class SetOrgLimitsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetOrgLimitsResponse: _TypeAlias = SetOrgLimitsResponse  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    since: _builtins.str
+    """Only events at or after this time (RFC 3339); all when empty."""
+    type: _builtins.str
+    """Only events of this type, or of this family when it has no dot ("tag" matches "tag.move")."""
+    page_size: _builtins.int
+    """At most this many (100 when 0, 1000 at most)."""
+    page_token: _builtins.str
+    """next_page_token of the previous answer; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        since: _builtins.str = ...,
+        type: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "since", b"since", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_governance_pb2.AuditEvent]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_governance_pb2.AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015

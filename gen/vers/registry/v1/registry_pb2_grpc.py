@@ -100,10 +100,35 @@ class RegistryServiceStub:
                 request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryVisibilityRequest.SerializeToString,
                 response_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryVisibilityResponse.FromString,
                 _registered_method=True)
+        self.SetRepositoryPolicy = channel.unary_unary(
+                '/vers.registry.v1.RegistryService/SetRepositoryPolicy',
+                request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryPolicyRequest.SerializeToString,
+                response_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryPolicyResponse.FromString,
+                _registered_method=True)
         self.ForkRepository = channel.unary_unary(
                 '/vers.registry.v1.RegistryService/ForkRepository',
                 request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.ForkRepositoryRequest.SerializeToString,
                 response_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.ForkRepositoryResponse.FromString,
+                _registered_method=True)
+        self.GetOrgRetention = channel.unary_unary(
+                '/vers.registry.v1.RegistryService/GetOrgRetention',
+                request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.GetOrgRetentionRequest.SerializeToString,
+                response_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.GetOrgRetentionResponse.FromString,
+                _registered_method=True)
+        self.SetOrgRetention = channel.unary_unary(
+                '/vers.registry.v1.RegistryService/SetOrgRetention',
+                request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgRetentionRequest.SerializeToString,
+                response_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgRetentionResponse.FromString,
+                _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/vers.registry.v1.RegistryService/CollectGarbage',
+                request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/vers.registry.v1.RegistryService/ListAuditEvents',
+                request_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
         self.ListPublicRepositories = channel.unary_unary(
                 '/vers.registry.v1.RegistryService/ListPublicRepositories',
@@ -202,13 +227,53 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetRepositoryVisibility(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Making a repository public first scans every commit its tags name for secrets (files on the disk
+        layers the org wrote, and the memory image): findings refuse the change (409, the findings in the
+        error's detail) unless `force` is set, which publishes anyway and is audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRepositoryPolicy(self, request, context):
+        """Sets the repository's immutable tag patterns and retention rules; a field left out keeps its value.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ForkRepository(self, request, context):
         """Copies a public repository's tag into the caller's org: a running VM, a commit, the repo, the tag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOrgRetention(self, request, context):
+        """The org's own rule for commits no tag names, wherever they came from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOrgRetention(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Applies the org's retention rules (each repository's and the org's own): deletes the commits they
+        let go that nothing needs any more (a tag, a legacy tag, a VM), and the disk layers nothing else
+        stands on. With `dry_run`, deletes nothing and answers the same list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """The org's audit log: every change to its repositories, tags, commits and keys, oldest first. Read
+        only: nothing edits or deletes an entry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -295,10 +360,35 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     request_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryVisibilityRequest.FromString,
                     response_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryVisibilityResponse.SerializeToString,
             ),
+            'SetRepositoryPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRepositoryPolicy,
+                    request_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryPolicyRequest.FromString,
+                    response_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryPolicyResponse.SerializeToString,
+            ),
             'ForkRepository': grpc.unary_unary_rpc_method_handler(
                     servicer.ForkRepository,
                     request_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.ForkRepositoryRequest.FromString,
                     response_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.ForkRepositoryResponse.SerializeToString,
+            ),
+            'GetOrgRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrgRetention,
+                    request_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.GetOrgRetentionRequest.FromString,
+                    response_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.GetOrgRetentionResponse.SerializeToString,
+            ),
+            'SetOrgRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOrgRetention,
+                    request_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgRetentionRequest.FromString,
+                    response_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgRetentionResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=vers_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=vers_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsResponse.SerializeToString,
             ),
             'ListPublicRepositories': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPublicRepositories,
@@ -674,6 +764,33 @@ class RegistryService:
             _registered_method=True)
 
     @staticmethod
+    def SetRepositoryPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.registry.v1.RegistryService/SetRepositoryPolicy',
+            vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryPolicyRequest.SerializeToString,
+            vers_dot_registry_dot_v1_dot_registry__pb2.SetRepositoryPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ForkRepository(request,
             target,
             options=(),
@@ -690,6 +807,114 @@ class RegistryService:
             '/vers.registry.v1.RegistryService/ForkRepository',
             vers_dot_registry_dot_v1_dot_registry__pb2.ForkRepositoryRequest.SerializeToString,
             vers_dot_registry_dot_v1_dot_registry__pb2.ForkRepositoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrgRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.registry.v1.RegistryService/GetOrgRetention',
+            vers_dot_registry_dot_v1_dot_registry__pb2.GetOrgRetentionRequest.SerializeToString,
+            vers_dot_registry_dot_v1_dot_registry__pb2.GetOrgRetentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOrgRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.registry.v1.RegistryService/SetOrgRetention',
+            vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgRetentionRequest.SerializeToString,
+            vers_dot_registry_dot_v1_dot_registry__pb2.SetOrgRetentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.registry.v1.RegistryService/CollectGarbage',
+            vers_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageRequest.SerializeToString,
+            vers_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.registry.v1.RegistryService/ListAuditEvents',
+            vers_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsRequest.SerializeToString,
+            vers_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,8 +55,26 @@ class RegistryServiceStub:
     DeleteRepository: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteRepositoryRequest, _registry_pb2.DeleteRepositoryResponse]
     """Deletes the repository and its tags; never a commit."""
     SetRepositoryVisibility: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetRepositoryVisibilityRequest, _registry_pb2.SetRepositoryVisibilityResponse]
+    """Making a repository public first scans every commit its tags name for secrets (files on the disk
+    layers the org wrote, and the memory image): findings refuse the change (409, the findings in the
+    error's detail) unless `force` is set, which publishes anyway and is audited.
+    """
+    SetRepositoryPolicy: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetRepositoryPolicyRequest, _registry_pb2.SetRepositoryPolicyResponse]
+    """Sets the repository's immutable tag patterns and retention rules; a field left out keeps its value."""
     ForkRepository: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ForkRepositoryRequest, _registry_pb2.ForkRepositoryResponse]
     """Copies a public repository's tag into the caller's org: a running VM, a commit, the repo, the tag."""
+    GetOrgRetention: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetOrgRetentionRequest, _registry_pb2.GetOrgRetentionResponse]
+    """The org's own rule for commits no tag names, wherever they came from."""
+    SetOrgRetention: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetOrgRetentionRequest, _registry_pb2.SetOrgRetentionResponse]
+    CollectGarbage: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CollectGarbageRequest, _registry_pb2.CollectGarbageResponse]
+    """Applies the org's retention rules (each repository's and the org's own): deletes the commits they
+    let go that nothing needs any more (a tag, a legacy tag, a VM), and the disk layers nothing else
+    stands on. With `dry_run`, deletes nothing and answers the same list.
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListAuditEventsRequest, _registry_pb2.ListAuditEventsResponse]
+    """The org's audit log: every change to its repositories, tags, commits and keys, oldest first. Read
+    only: nothing edits or deletes an entry.
+    """
     ListPublicRepositories: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListPublicRepositoriesRequest, _registry_pb2.ListPublicRepositoriesResponse]
     """Public discovery, for any authenticated caller."""
     GetPublicRepository: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetPublicRepositoryRequest, _registry_pb2.GetPublicRepositoryResponse]
@@ -88,8 +106,26 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     DeleteRepository: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteRepositoryRequest, _registry_pb2.DeleteRepositoryResponse]  # type: ignore[assignment]
     """Deletes the repository and its tags; never a commit."""
     SetRepositoryVisibility: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetRepositoryVisibilityRequest, _registry_pb2.SetRepositoryVisibilityResponse]  # type: ignore[assignment]
+    """Making a repository public first scans every commit its tags name for secrets (files on the disk
+    layers the org wrote, and the memory image): findings refuse the change (409, the findings in the
+    error's detail) unless `force` is set, which publishes anyway and is audited.
+    """
+    SetRepositoryPolicy: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetRepositoryPolicyRequest, _registry_pb2.SetRepositoryPolicyResponse]  # type: ignore[assignment]
+    """Sets the repository's immutable tag patterns and retention rules; a field left out keeps its value."""
     ForkRepository: _aio.UnaryUnaryMultiCallable[_registry_pb2.ForkRepositoryRequest, _registry_pb2.ForkRepositoryResponse]  # type: ignore[assignment]
     """Copies a public repository's tag into the caller's org: a running VM, a commit, the repo, the tag."""
+    GetOrgRetention: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetOrgRetentionRequest, _registry_pb2.GetOrgRetentionResponse]  # type: ignore[assignment]
+    """The org's own rule for commits no tag names, wherever they came from."""
+    SetOrgRetention: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetOrgRetentionRequest, _registry_pb2.SetOrgRetentionResponse]  # type: ignore[assignment]
+    CollectGarbage: _aio.UnaryUnaryMultiCallable[_registry_pb2.CollectGarbageRequest, _registry_pb2.CollectGarbageResponse]  # type: ignore[assignment]
+    """Applies the org's retention rules (each repository's and the org's own): deletes the commits they
+    let go that nothing needs any more (a tag, a legacy tag, a VM), and the disk layers nothing else
+    stands on. With `dry_run`, deletes nothing and answers the same list.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListAuditEventsRequest, _registry_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The org's audit log: every change to its repositories, tags, commits and keys, oldest first. Read
+    only: nothing edits or deletes an entry.
+    """
     ListPublicRepositories: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListPublicRepositoriesRequest, _registry_pb2.ListPublicRepositoriesResponse]  # type: ignore[assignment]
     """Public discovery, for any authenticated caller."""
     GetPublicRepository: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetPublicRepositoryRequest, _registry_pb2.GetPublicRepositoryResponse]  # type: ignore[assignment]
@@ -195,7 +231,19 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _registry_pb2.SetRepositoryVisibilityRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_registry_pb2.SetRepositoryVisibilityResponse, _abc.Awaitable[_registry_pb2.SetRepositoryVisibilityResponse]]: ...
+    ) -> _typing.Union[_registry_pb2.SetRepositoryVisibilityResponse, _abc.Awaitable[_registry_pb2.SetRepositoryVisibilityResponse]]:
+        """Making a repository public first scans every commit its tags name for secrets (files on the disk
+        layers the org wrote, and the memory image): findings refuse the change (409, the findings in the
+        error's detail) unless `force` is set, which publishes anyway and is audited.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRepositoryPolicy(
+        self,
+        request: _registry_pb2.SetRepositoryPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SetRepositoryPolicyResponse, _abc.Awaitable[_registry_pb2.SetRepositoryPolicyResponse]]:
+        """Sets the repository's immutable tag patterns and retention rules; a field left out keeps its value."""
 
     @_abc_1.abstractmethod
     def ForkRepository(
@@ -204,6 +252,42 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ForkRepositoryResponse, _abc.Awaitable[_registry_pb2.ForkRepositoryResponse]]:
         """Copies a public repository's tag into the caller's org: a running VM, a commit, the repo, the tag."""
+
+    @_abc_1.abstractmethod
+    def GetOrgRetention(
+        self,
+        request: _registry_pb2.GetOrgRetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetOrgRetentionResponse, _abc.Awaitable[_registry_pb2.GetOrgRetentionResponse]]:
+        """The org's own rule for commits no tag names, wherever they came from."""
+
+    @_abc_1.abstractmethod
+    def SetOrgRetention(
+        self,
+        request: _registry_pb2.SetOrgRetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SetOrgRetentionResponse, _abc.Awaitable[_registry_pb2.SetOrgRetentionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CollectGarbage(
+        self,
+        request: _registry_pb2.CollectGarbageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.CollectGarbageResponse, _abc.Awaitable[_registry_pb2.CollectGarbageResponse]]:
+        """Applies the org's retention rules (each repository's and the org's own): deletes the commits they
+        let go that nothing needs any more (a tag, a legacy tag, a VM), and the disk layers nothing else
+        stands on. With `dry_run`, deletes nothing and answers the same list.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _registry_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListAuditEventsResponse, _abc.Awaitable[_registry_pb2.ListAuditEventsResponse]]:
+        """The org's audit log: every change to its repositories, tags, commits and keys, oldest first. Read
+        only: nothing edits or deletes an entry.
+        """
 
     @_abc_1.abstractmethod
     def ListPublicRepositories(

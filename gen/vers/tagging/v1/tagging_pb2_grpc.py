@@ -768,6 +768,16 @@ class TaggingInternalServiceStub:
                 request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionRequest.SerializeToString,
                 response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionResponse.FromString,
                 _registered_method=True)
+        self.PlanRetention = channel.unary_unary(
+                '/vers.tagging.v1.TaggingInternalService/PlanRetention',
+                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.PlanRetentionRequest.SerializeToString,
+                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.PlanRetentionResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/vers.tagging.v1.TaggingInternalService/ListAuditEvents',
+                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TaggingInternalServiceServicer:
@@ -783,6 +793,22 @@ class TaggingInternalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanRetention(self, request, context):
+        """What the org's repository rules let go: for each repository, the commits its tags once named that
+        the rules do not keep and no tag names now; and every commit a tag or legacy tag of the org names
+        now (which no rule deletes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """The org's audit events this service recorded (tag changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaggingInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -790,6 +816,16 @@ def add_TaggingInternalServiceServicer_to_server(servicer, server):
                     servicer.ReserveCommitDeletion,
                     request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionRequest.FromString,
                     response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionResponse.SerializeToString,
+            ),
+            'PlanRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanRetention,
+                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.PlanRetentionRequest.FromString,
+                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.PlanRetentionResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -820,6 +856,60 @@ class TaggingInternalService:
             '/vers.tagging.v1.TaggingInternalService/ReserveCommitDeletion',
             vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionRequest.SerializeToString,
             vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.tagging.v1.TaggingInternalService/PlanRetention',
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.PlanRetentionRequest.SerializeToString,
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.PlanRetentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.tagging.v1.TaggingInternalService/ListAuditEvents',
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.ListAuditEventsRequest.SerializeToString,
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

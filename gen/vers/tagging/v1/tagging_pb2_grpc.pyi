@@ -225,6 +225,13 @@ class TaggingInternalServiceStub:
     on no tag can be created on it or moved to it. In one transaction, so a tag made at the same time
     either blocks the deletion (a conflict naming the tags) or is refused.
     """
+    PlanRetention: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.PlanRetentionRequest, _tagging_pb2.PlanRetentionResponse]
+    """What the org's repository rules let go: for each repository, the commits its tags once named that
+    the rules do not keep and no tag names now; and every commit a tag or legacy tag of the org names
+    now (which no rule deletes).
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ListAuditEventsRequest, _tagging_pb2.ListAuditEventsResponse]
+    """The org's audit events this service recorded (tag changes)."""
 
 @_typing.type_check_only
 class TaggingInternalServiceAsyncStub(TaggingInternalServiceStub):
@@ -236,6 +243,13 @@ class TaggingInternalServiceAsyncStub(TaggingInternalServiceStub):
     on no tag can be created on it or moved to it. In one transaction, so a tag made at the same time
     either blocks the deletion (a conflict naming the tags) or is refused.
     """
+    PlanRetention: _aio.UnaryUnaryMultiCallable[_tagging_pb2.PlanRetentionRequest, _tagging_pb2.PlanRetentionResponse]  # type: ignore[assignment]
+    """What the org's repository rules let go: for each repository, the commits its tags once named that
+    the rules do not keep and no tag names now; and every commit a tag or legacy tag of the org names
+    now (which no rule deletes).
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ListAuditEventsRequest, _tagging_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The org's audit events this service recorded (tag changes)."""
 
 class TaggingInternalServiceServicer(metaclass=_abc_1.ABCMeta):
     """Calls between the platform's services; no REST path, the service credential only."""
@@ -250,5 +264,24 @@ class TaggingInternalServiceServicer(metaclass=_abc_1.ABCMeta):
         on no tag can be created on it or moved to it. In one transaction, so a tag made at the same time
         either blocks the deletion (a conflict naming the tags) or is refused.
         """
+
+    @_abc_1.abstractmethod
+    def PlanRetention(
+        self,
+        request: _tagging_pb2.PlanRetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tagging_pb2.PlanRetentionResponse, _abc.Awaitable[_tagging_pb2.PlanRetentionResponse]]:
+        """What the org's repository rules let go: for each repository, the commits its tags once named that
+        the rules do not keep and no tag names now; and every commit a tag or legacy tag of the org names
+        now (which no rule deletes).
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _tagging_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tagging_pb2.ListAuditEventsResponse, _abc.Awaitable[_tagging_pb2.ListAuditEventsResponse]]:
+        """The org's audit events this service recorded (tag changes)."""
 
 def add_TaggingInternalServiceServicer_to_server(servicer: TaggingInternalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
