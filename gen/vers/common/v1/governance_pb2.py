@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvers/common/v1/governance.proto\x12\x0evers.common.v1\"n\n\rSecretFinding\x12\x11\n\tcommit_id\x18\x01 \x01(\t\x12\r\n\x05where\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x0f\n\x07\x65xcerpt\x18\x06 \x01(\t\"A\n\x0eSecretFindings\x12/\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x1d.vers.common.v1.SecretFinding\"Y\n\x0fRetentionPolicy\x12\x11\n\tkeep_last\x18\x01 \x01(\x05\x12\x11\n\tkeep_tags\x18\x02 \x03(\t\x12 \n\x18untagged_older_than_days\x18\x03 \x01(\x05\"j\n\x13RepositoryRetention\x12\x0f\n\x07repo_id\x18\x01 \x01(\t\x12\x11\n\trepo_name\x18\x02 \x01(\t\x12/\n\x06policy\x18\x03 \x01(\x0b\x32\x1f.vers.common.v1.RetentionPolicy\"7\n\x12RetentionCandidate\x12\x11\n\tcommit_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"k\n\x0f\x43ollectedCommit\x12\x11\n\tcommit_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x62ytes_freed\x18\x04 \x01(\x03\x12\x12\n\ncreated_at\x18\x05 \x01(\t\"\x8b\x01\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\t\x12\x0e\n\x06org_id\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x07 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x08 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvers/common/v1/governance.proto\x12\x0evers.common.v1\"n\n\rSecretFinding\x12\x11\n\tcommit_id\x18\x01 \x01(\t\x12\r\n\x05where\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x0f\n\x07\x65xcerpt\x18\x06 \x01(\t\"A\n\x0eSecretFindings\x12/\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x1d.vers.common.v1.SecretFinding\"Y\n\x0fRetentionPolicy\x12\x11\n\tkeep_last\x18\x01 \x01(\x05\x12\x11\n\tkeep_tags\x18\x02 \x03(\t\x12 \n\x18untagged_older_than_days\x18\x03 \x01(\x05\"j\n\x13RepositoryRetention\x12\x0f\n\x07repo_id\x18\x01 \x01(\t\x12\x11\n\trepo_name\x18\x02 \x01(\t\x12/\n\x06policy\x18\x03 \x01(\x0b\x32\x1f.vers.common.v1.RetentionPolicy\"M\n\x12RetentionCandidate\x12\x11\n\tcommit_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0cmin_age_days\x18\x03 \x01(\x05\"k\n\x0f\x43ollectedCommit\x12\x11\n\tcommit_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x62ytes_freed\x18\x04 \x01(\x03\x12\x12\n\ncreated_at\x18\x05 \x01(\t\"\x8b\x01\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\t\x12\x0e\n\x06org_id\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x07 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x08 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPOSITORYRETENTION']._serialized_start=321
   _globals['_REPOSITORYRETENTION']._serialized_end=427
   _globals['_RETENTIONCANDIDATE']._serialized_start=429
-  _globals['_RETENTIONCANDIDATE']._serialized_end=484
-  _globals['_COLLECTEDCOMMIT']._serialized_start=486
-  _globals['_COLLECTEDCOMMIT']._serialized_end=593
-  _globals['_AUDITEVENT']._serialized_start=596
-  _globals['_AUDITEVENT']._serialized_end=735
+  _globals['_RETENTIONCANDIDATE']._serialized_end=506
+  _globals['_COLLECTEDCOMMIT']._serialized_start=508
+  _globals['_COLLECTEDCOMMIT']._serialized_end=615
+  _globals['_AUDITEVENT']._serialized_start=618
+  _globals['_AUDITEVENT']._serialized_end=757
 # @@protoc_insertion_point(module_scope)

@@ -155,17 +155,21 @@ class RetentionCandidate(_message.Message):
 
     COMMIT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    MIN_AGE_DAYS_FIELD_NUMBER: _builtins.int
     commit_id: _builtins.str
     reason: _builtins.str
+    min_age_days: _builtins.int
+    """Deleted only once the commit is at least this many days old; 0: whatever its age."""
     def __init__(
         self,
         *,
         commit_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        min_age_days: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_id", b"commit_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_id", b"commit_id", "min_age_days", b"min_age_days", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
