@@ -5,6 +5,7 @@ from datetime import datetime
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from services.common.audit import AuditEventRow
 from services.common.db import time_column
 from services.common.timestamps import utcnow
 
@@ -66,4 +67,5 @@ class DeletedCommitRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
-TABLES = [RepoTagRow.__table__, TagEventRow.__table__, CommitTagRow.__table__, DeletedCommitRow.__table__]  # type: ignore[attr-defined]
+# The audit log of tag changes lives beside the tags, so that an entry is written in the change's transaction.
+TABLES = [RepoTagRow.__table__, TagEventRow.__table__, CommitTagRow.__table__, DeletedCommitRow.__table__, AuditEventRow.__table__]  # type: ignore[attr-defined]

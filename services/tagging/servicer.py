@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.audit import AuditQuery, list_events
 from services.common.auth import caller_metadata, current_principal
 from services.common.errors import InvalidArgument, NotFound
 from services.common.names import validate_repo_name, validate_tag_name, validate_text
@@ -118,17 +119,20 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         description = validate_text("description", request.description) if request.HasField("description") else None
         repo = await self._repo(request.repo_name)
         commit_id = await self._own_commit(request.commit_id) if request.HasField("commit_id") else None
-        tag = await self.store.update_tag(current_principal(), repo.repo_id, repo.name, request.tag_name, commit_id, description)
+        tag = await self.store.update_tag(
+            current_principal(), repo.repo_id, repo.name, request.tag_name, commit_id, description, repo.immutable_tags
+        )
         return pb.UpdateRepositoryTagResponse(tag=tag_pb(tag))
 
     async def DeleteRepositoryTag(self, request: pb.DeleteRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryTagResponse:
         repo = await self._repo(request.repo_name)
-        await self.store.delete_tag(current_principal(), repo.repo_id, repo.name, request.tag_name)
+        await self.store.delete_tag(current_principal(), repo.repo_id, repo.name, request.tag_name, repo.immutable_tags)
         return pb.DeleteRepositoryTagResponse()
 
     async def DeleteRepositoryTags(self, request: pb.DeleteRepositoryTagsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryTagsResponse:
         repo = await self._repo(request.repo_name)
-        return pb.DeleteRepositoryTagsResponse(deleted=await self.store.delete_repository_tags(repo.repo_id))
+        deleted = await self.store.delete_repository_tags(current_principal().org_id, repo.repo_id)
+        return pb.DeleteRepositoryTagsResponse(deleted=deleted)
 
     async def ListRepositoryTagHistory(
         self, request: pb.ListRepositoryTagHistoryRequest, context: grpc.aio.ServicerContext
@@ -219,3 +223,13 @@ class TaggingInternalServicer(tagging_pb2_grpc.TaggingInternalServiceServicer):
     ) -> pb.ReserveCommitDeletionResponse:
         await self.store.reserve_commit_deletion(current_principal().org_id, request.commit_id)
         return pb.ReserveCommitDeletionResponse()
+
+    async def PlanRetention(self, request: pb.PlanRetentionRequest, context: grpc.aio.ServicerContext) -> pb.PlanRetentionResponse:
+        candidates, tagged = await self.store.plan_retention(current_principal().org_id, request.repositories)
+        return pb.PlanRetentionResponse(candidates=candidates, tagged_commit_ids=tagged)
+
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext) -> pb.ListAuditEventsResponse:
+        query = AuditQuery.of(current_principal().org_id, request)
+        events = await list_events(self.store.db, "tagging", query)
+        token = query.token_after(events[-1]) if len(events) == query.size else ""
+        return pb.ListAuditEventsResponse(events=events, next_page_token=token)

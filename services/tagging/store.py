@@ -1,13 +1,17 @@
-"""Tagging data: repository tags with their history, and legacy org-scoped commit tags."""
+"""Tagging data: repository tags with their history, and legacy org-scoped commit tags; every change with
+its audit entry, in the change's transaction."""
 
 from __future__ import annotations
 
+import fnmatch
 import uuid
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy import func
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.common.audit import record
 from services.common.auth import Principal, principal_of
 from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, NotFound
@@ -15,6 +19,8 @@ from services.common.names import validate_tag_name, validate_text
 from services.common.quotas import OrgLimits, check
 from services.common.timestamps import utcnow
 from services.tagging.models import CommitTagRow, DeletedCommitRow, RepoTagRow, TagEventRow
+from vers.common.v1 import governance_pb2
+
 
 def _event(tag: RepoTagRow, caller: Principal, action: str, old: str, new: str) -> TagEventRow:
     return TagEventRow(
@@ -32,12 +38,117 @@ def _change(tag: RepoTagRow | CommitTagRow, commit_id: str | None, description: 
     tag.updated_at = utcnow()
 
 
+def _record_tag_change(session: AsyncSession, tag: RepoTagRow, old: str, new: str) -> None:
+    """tag.create, tag.move or tag.delete of `repo:tag`; a description-only update changes no commit and is none."""
+    if old == new:
+        return
+    type = "tag.create" if not old else "tag.delete" if not new else "tag.move"
+    before = {"commit_id": old} if old else None
+    after = {"commit_id": new} if new else None
+    record(session, tag.org_id, type, f"{tag.repo_name}:{tag.name}", before, after)
+
+
+def _record_commit_tag_change(session: AsyncSession, tag: CommitTagRow, old: str, new: str) -> None:
+    if old == new:
+        return
+    type = "commit_tag.create" if not old else "commit_tag.delete" if not new else "commit_tag.move"
+    record(session, tag.org_id, type, tag.name, {"commit_id": old} if old else None, {"commit_id": new} if new else None)
+
+
+def immutable_rule(patterns: Iterable[str], tag_name: str) -> str | None:
+    """The repository's first immutable-tag pattern the tag's name matches (case-sensitive), if any."""
+    return next((pattern for pattern in patterns if fnmatch.fnmatchcase(tag_name, pattern)), None)
+
+
+def _require_mutable(tag: RepoTagRow, repo_name: str, immutable: Sequence[str]) -> None:
+    rule = immutable_rule(immutable, tag.name)
+    if rule is not None:
+        raise Conflict(
+            f"tag {tag.name} of repository {repo_name} is immutable (rule {rule!r}): make a new tag, "
+            f"or remove the rule with vers repo policy {repo_name}"
+        )
+
+
 async def _require_not_deleted(session: AsyncSession, commit_id: str | None) -> None:
     """Inside the write transaction that would make a tag name the commit: refused once its deletion began."""
     if commit_id is not None:
         await serialize(session, f"commit:{commit_id}")
     if commit_id is not None and await session.get(DeletedCommitRow, commit_id) is not None:
         raise NotFound(f"commit {commit_id!r} is being deleted (or was): tag another commit")
+
+
+def _commits_per_tag(history: Iterable[TagEventRow]) -> dict[str, list[str]]:
+    """Per tag name, the distinct commits it pointed at, newest last (a tag moved back to a commit makes that
+    commit its newest again), from the repository's history oldest first."""
+    pointed: dict[str, dict[str, None]] = {}
+    for event in history:
+        commits = pointed.setdefault(event.tag_name, {})
+        for commit_id in (event.old_commit_id, event.new_commit_id):
+            if commit_id:
+                commits.pop(commit_id, None)
+                commits[commit_id] = None
+    return {name: list(commits) for name, commits in pointed.items()}
+
+
+def _kept(policy: governance_pb2.RetentionPolicy, pointed: dict[str, list[str]], ruled_only: bool = False) -> set[str]:
+    """What the repository's keep rules keep: every commit of a tag matching `keep_tags`, the last `keep_last`
+    of every other tag, and everything when there is no `keep_last` rule (`ruled_only`: only what a rule
+    keeps, which the untagged rule leaves alone too)."""
+    kept: set[str] = set()
+    for name, commits in pointed.items():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in policy.keep_tags):
+            kept.update(commits)
+        elif policy.keep_last > 0:
+            kept.update(commits[-policy.keep_last :])
+        elif not ruled_only:
+            kept.update(commits)
+    return kept
+
+
+def _beyond(keep_last: int) -> str:
+    return "the last commit" if keep_last == 1 else f"the last {keep_last} commits"
+
+
+def plan_retention(
+    repositories: Sequence[governance_pb2.RepositoryRetention], histories: dict[str, list[TagEventRow]], tagged: set[str]
+) -> list[governance_pb2.RetentionCandidate]:
+    """The commits the repositories' rules let go, each once, oldest mention first. A commit any tag names now
+    (`tagged`) never goes; one that any repository's keep rules keep does not go for another's `keep_last`.
+    Only what the histories (capped per repository) still know is considered."""
+    pointed = {repo.repo_id: _commits_per_tag(histories[repo.repo_id]) for repo in repositories}
+    kept = set().union(*(_kept(repo.policy, pointed[repo.repo_id]) for repo in repositories))
+    # a keep rule wins over the untagged rule: what `keep_tags` or `keep_last` keeps stays at any age
+    ruled = set().union(*(_kept(repo.policy, pointed[repo.repo_id], ruled_only=True) for repo in repositories))
+    candidates: dict[str, governance_pb2.RetentionCandidate] = {}
+
+    def propose(commit_id: str, reason: str, min_age_days: int) -> None:
+        known = candidates.get(commit_id)
+        if known is None or min_age_days < known.min_age_days:
+            candidates[commit_id] = governance_pb2.RetentionCandidate(commit_id=commit_id, reason=reason, min_age_days=min_age_days)
+
+    for repo in repositories:
+        policy = repo.policy
+        named = [commit_id for commit_id in _mentioned(histories[repo.repo_id]) if commit_id not in tagged]
+        for commit_id in named if policy.keep_last > 0 else ():
+            if commit_id not in kept:
+                tag = min(name for name, commits in pointed[repo.repo_id].items() if commit_id in commits)
+                propose(commit_id, f"{repo.repo_name}: beyond {_beyond(policy.keep_last)} of {tag}", 0)
+        for commit_id in named if policy.untagged_older_than_days > 0 else ():
+            if commit_id in ruled:
+                continue
+            days = policy.untagged_older_than_days
+            propose(commit_id, f"{repo.repo_name}: untagged, and older than {days} day{'s' if days != 1 else ''}", days)
+    return list(candidates.values())
+
+
+def _mentioned(history: Iterable[TagEventRow]) -> list[str]:
+    """The distinct commits a history names, in the order it first names them."""
+    seen: dict[str, None] = {}
+    for event in history:
+        for commit_id in (event.old_commit_id, event.new_commit_id):
+            if commit_id:
+                seen.setdefault(commit_id, None)
+    return list(seen)
 
 
 class TaggingStore:
@@ -49,7 +160,6 @@ class TaggingStore:
 
             default_limits = OrgLimits.defaults(get_settings())
         self.default_limits = default_limits
-
 
     async def _record(self, session: AsyncSession, event: TagEventRow) -> None:
         """A tag's event, in the history of its repository, which keeps its newest `max_history` events."""
@@ -63,6 +173,7 @@ class TaggingStore:
         ).first()  # fmt: skip
         if oldest_kept is not None:
             await session.exec(delete(TagEventRow).where(TagEventRow.repo_id == event.repo_id, col(TagEventRow.id) < oldest_kept))  # type: ignore[call-overload]
+
     async def _require_tag_room(self, session: AsyncSession, org_id: str) -> None:
         """Inside the write transaction that adds a tag: repository tags and legacy tags of the org together
         within its limit (the caller's, from the registry; the default when unknown)."""
@@ -107,6 +218,7 @@ class TaggingStore:
             await self._require_tag_room(session, caller.org_id)
             await insert_unique(session, tag, conflict)
             await self._record(session, _event(tag, caller, "created", "", commit_id))
+            _record_tag_change(session, tag, "", commit_id)
             return tag
 
     async def list_tags(self, repo_id: str, offset: int = 0, limit: int | None = None) -> list[RepoTagRow]:
@@ -127,26 +239,33 @@ class TaggingStore:
         return tag
 
     async def update_tag(
-        self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str | None, description: str | None
+        self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str | None, description: str | None,
+        immutable: Sequence[str] = (),
     ) -> RepoTagRow:
-        """Move and/or describe a tag in one transaction, with its history event."""
+        """Move and/or describe a tag in one transaction, with its history event. A tag matching one of the
+        repository's `immutable` patterns keeps its commit (its description may change)."""
         if description is not None:
             validate_text("description", description)
         async with self.db.write() as session:
             tag = await self._tag(session, repo_id, repo_name, name)
-            await _require_not_deleted(session, commit_id)
             old = tag.commit_id
+            if commit_id is not None and commit_id != old:
+                _require_mutable(tag, repo_name, immutable)
+            await _require_not_deleted(session, commit_id)
             _change(tag, commit_id, description)
             session.add(tag)
             action = "moved" if commit_id is not None and commit_id != old else "updated"
             await self._record(session, _event(tag, caller, action, old, tag.commit_id))
+            _record_tag_change(session, tag, old, tag.commit_id)
             return tag
 
-    async def delete_tag(self, caller: Principal, repo_id: str, repo_name: str, name: str) -> None:
+    async def delete_tag(self, caller: Principal, repo_id: str, repo_name: str, name: str, immutable: Sequence[str] = ()) -> None:
         async with self.db.write() as session:
             tag = await self._tag(session, repo_id, repo_name, name)
+            _require_mutable(tag, repo_name, immutable)
             await session.delete(tag)
             await self._record(session, _event(tag, caller, "deleted", tag.commit_id, ""))
+            _record_tag_change(session, tag, tag.commit_id, "")
 
     async def history(self, repo_id: str, name: str, offset: int = 0, limit: int | None = None) -> list[TagEventRow]:
         async with self.db.read() as session:
@@ -157,10 +276,16 @@ class TaggingStore:
             )
             return list(await session.exec(query.offset(offset).limit(limit)))
 
-    async def delete_repository_tags(self, repo_id: str) -> int:
+    async def delete_repository_tags(self, org_id: str, repo_id: str) -> int:
+        """Every tag of a repository being deleted, immutable ones too (the repository goes with them), each
+        with its audit entry. Serialized with the org's tag creations, so none slips in between unrecorded."""
         async with self.db.write() as session:
-            result = await session.exec(delete(RepoTagRow).where(col(RepoTagRow.repo_id) == repo_id))
-            return int(result.rowcount or 0)
+            await serialize(session, f"org:{org_id}")
+            tags = list(await session.exec(select(RepoTagRow).where(RepoTagRow.repo_id == repo_id).order_by(RepoTagRow.name)))
+            for tag in tags:
+                _record_tag_change(session, tag, tag.commit_id, "")
+            await session.exec(delete(RepoTagRow).where(col(RepoTagRow.repo_id) == repo_id))  # type: ignore[call-overload]
+            return len(tags)
 
     async def references(self, org_id: str, commit_id: str) -> tuple[list[str], list[str]]:
         async with self.db.read() as session:
@@ -184,6 +309,7 @@ class TaggingStore:
             await _require_not_deleted(session, commit_id)
             await self._require_tag_room(session, org_id)
             await insert_unique(session, tag, f"tag {name!r} already exists in your organization")
+            _record_commit_tag_change(session, tag, "", commit_id)
             return tag
 
     async def list_commit_tags(self, org_id: str, offset: int = 0, limit: int | None = None) -> list[CommitTagRow]:
@@ -209,10 +335,34 @@ class TaggingStore:
         async with self.db.write() as session:
             tag = await self._commit_tag(session, org_id, name)
             await _require_not_deleted(session, commit_id)
+            old = tag.commit_id
             _change(tag, commit_id, description)
             session.add(tag)
+            _record_commit_tag_change(session, tag, old, tag.commit_id)
             return tag
 
     async def delete_commit_tag(self, org_id: str, name: str) -> None:
         async with self.db.write() as session:
-            await session.delete(await self._commit_tag(session, org_id, name))
+            tag = await self._commit_tag(session, org_id, name)
+            await session.delete(tag)
+            _record_commit_tag_change(session, tag, tag.commit_id, "")
+
+    # Retention
+
+    async def plan_retention(
+        self, org_id: str, repositories: Sequence[governance_pb2.RepositoryRetention]
+    ) -> tuple[list[governance_pb2.RetentionCandidate], list[str]]:
+        """The commits the repositories' rules let go, and every commit a tag or legacy tag of the org names
+        now. Read in one transaction, so that the histories and the tags agree."""
+        async with self.db.read() as session:
+            tagged = set(await session.exec(select(RepoTagRow.commit_id).where(RepoTagRow.org_id == org_id)))
+            tagged |= set(await session.exec(select(CommitTagRow.commit_id).where(CommitTagRow.org_id == org_id)))
+            histories: dict[str, list[TagEventRow]] = {}
+            for repository in repositories:
+                query = (
+                    select(TagEventRow)
+                    .where(TagEventRow.repo_id == repository.repo_id, TagEventRow.org_id == org_id)
+                    .order_by(col(TagEventRow.id))
+                )  # fmt: skip
+                histories[repository.repo_id] = list(await session.exec(query))
+        return plan_retention(repositories, histories, tagged), sorted(tagged)
