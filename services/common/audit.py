@@ -60,11 +60,15 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def record(session: AsyncSession, org_id: str, type: str, target: str, before: Any = None, after: Any = None) -> None:
-    """Add the entry to the transaction of `session`. Who made the change is the caller of this call when
-    it acts for `org_id`; none (the platform itself, e.g. a scheduled collection) otherwise."""
-    principal = principal_of(org_id)
-    key_id = principal.key_id if principal is not None and not principal.is_service else ""
+def record(
+    session: AsyncSession, org_id: str, type: str, target: str, before: Any = None, after: Any = None, key_id: str | None = None
+) -> None:
+    """Add the entry to the transaction of `session`. Who made the change is `key_id` when given (a change
+    finished later, for the key that asked), else the caller of this call when it acts for `org_id`, else
+    none (the platform itself, e.g. a scheduled collection)."""
+    if key_id is None:
+        principal = principal_of(org_id)
+        key_id = principal.key_id if principal is not None and not principal.is_service else ""
     session.add(
         AuditEventRow(org_id=org_id, api_key_id=key_id, type=type, target=target, before=_json(before), after=_json(after))
     )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.audit import create_audit_table
 from services.common.db import Database
 from services.common.errors import Conflict, Unavailable
 from services.common.peers import Peers
@@ -36,6 +37,7 @@ def _deletion_reserver(peers: Peers):  # type: ignore[no-untyped-def]
 async def build(settings: Settings) -> Service:
     db = Database(settings.database_url("orchestrator"))
     await db.create_tables(TABLES)
+    await create_audit_table(db)  # commit deletions are recorded in the transaction that makes them
     store = OrchestratorStore(db, settings.org_max_vcpus, settings.org_max_memory_mib)
     engine = Engine(settings, store)
     peers = Peers(settings)

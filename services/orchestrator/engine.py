@@ -20,19 +20,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from services.common.errors import (
-    Conflict, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted, Unavailable,
+    Conflict, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted,
+    Unavailable,
 )  # fmt: skip
 from services.common.faults import fault_point
 from services.common.files import fsync_dir, fsync_path, fsync_tree, write_atomic
 from services.common.settings import Settings
+from services.orchestrator import secrets
 from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
 from services.orchestrator.agent import ExecResult
 from services.orchestrator.integrity import Verifier
 from services.orchestrator.machine import LaunchSpec, Machine, QmpError, copy_sparse, find_processes, kill_process
-from services.orchestrator.models import LIVE_STATES, CommitRow, LayerRow, MachineShape, OperationRow, SshKeyRow, VmRow
+from services.orchestrator.models import (
+    LIVE_STATES, CommitRow, LayerRow, MachineShape, OperationRow, SecretScanRow, SshKeyRow, VmRow,
+)  # fmt: skip
 from services.orchestrator.network import NETWORK_MODES, GuestNetwork, guest_resolvers, new_ssh_key, parse_ranges
-from services.orchestrator.store import OrchestratorStore
+from services.orchestrator.store import Collectable, LayerGraph, OrchestratorStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,6 +116,8 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._changes: set[asyncio.Future[Any]] = set()
         self._finishing_deletions: asyncio.Task[None] | None = None
+        # Secret scans under way, by commit: a second ask of the same commit waits for the first.
+        self._scans: dict[str, asyncio.Task[SecretScanRow]] = {}
         self._closing = False
         self._tunnels = 0  # connections into VMs open now, on this host
         self._org_tunnels: Counter[str] = Counter()
@@ -146,9 +152,9 @@ class Engine:
         self._closing = True
         while self._changes:
             await asyncio.gather(*self._changes, return_exceptions=True)
-        for task in list(self._tasks):  # watchers and boot waits (a booting VM sleeps as it is)
+        for task in [*self._tasks, *self._scans.values()]:  # watchers, boot waits (a booting VM sleeps as it is), scans
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._scans.values(), return_exceptions=True)
         if not self.settings.keep_vms_running:
             await self._sleep_for_shutdown()
         for record in self.vms.values():
@@ -818,14 +824,15 @@ class Engine:
         except Exception:  # noqa: BLE001
             return layer.exists()
 
-    async def delete_commit(self, org_id: str, commit_id: str) -> None:
+    async def delete_commit(self, org_id: str, commit_id: str, reason: str = "") -> None:
         """Marked as being deleted first (from then on it cannot be restored or tagged), then the tagging
-        service confirms no tag names it and refuses new ones, then its files go."""
-        await self._whole(self._delete_commit(org_id, commit_id))
+        service confirms no tag names it and refuses new ones, then its files go. `reason`: why, when it is
+        not its owner's own ask (a collection's rule)."""
+        await self._whole(self._delete_commit(org_id, commit_id, reason))
 
-    async def _delete_commit(self, org_id: str, commit_id: str) -> None:
+    async def _delete_commit(self, org_id: str, commit_id: str, reason: str = "") -> None:
         assert self.reserve_deletion is not None
-        commit = await self.store.begin_commit_deletion(org_id, commit_id)
+        commit = await self.store.begin_commit_deletion(org_id, commit_id, reason)
         fault_point("commit_delete.after_mark")
         try:
             await self.reserve_deletion(org_id, commit.id)
@@ -881,6 +888,93 @@ class Engine:
     async def collect_garbage(self) -> None:
         for layer_id in await self.store.collect_garbage_layers():
             self.layer_path(layer_id).unlink(missing_ok=True)
+
+    # Bytes a commit holds
+
+    def _commit_folder_bytes(self, commit_id: str) -> int:
+        folder = self.commit_folder(commit_id)
+        return sum(_allocated_or_none(path) for path in folder.iterdir()) if folder.is_dir() else 0
+
+    def _layer_bytes(self, graph: LayerGraph, commits: Sequence[CommitRow]) -> dict[str, int]:
+        """Allocated bytes of the layers of these commits' chains (an image's root disk under them counts not)."""
+        return {layer_id: _allocated_or_none(self.layer_path(layer_id)) for c in commits for layer_id in graph.chain(c.layer_id)}
+
+    async def commit_bytes(self, commits: Sequence[CommitRow]) -> dict[str, tuple[int, int]]:
+        """Each commit's bytes held alone (its memory and device state, and the layers of its chain nothing
+        else stands on: what its deletion frees) and shared (its chain's layers other VMs or commits need)."""
+        graph = await self.store.layer_graph()
+        return await asyncio.to_thread(self._commit_bytes, graph, commits)
+
+    def _commit_bytes(self, graph: LayerGraph, commits: Sequence[CommitRow]) -> dict[str, tuple[int, int]]:
+        users = graph.users()
+        sizes = self._layer_bytes(graph, commits)
+        answer = {}
+        for commit in commits:
+            alone, shared = self._commit_folder_bytes(commit.id), 0
+            for layer_id in graph.chain(commit.layer_id):
+                if users.get(layer_id, set()) - {("commit", commit.id)}:
+                    shared += sizes[layer_id]
+                else:
+                    alone += sizes[layer_id]
+            answer[commit.id] = (alone, shared)
+        return answer
+
+    # Collecting commits
+
+    async def collect_commits(self, org_id: str, chosen: Sequence[Collectable], dry_run: bool) -> list[tuple[Collectable, int]]:
+        """Delete the chosen commits, oldest first, each through DeleteCommit's path (a tag made meanwhile keeps
+        its commit: that one is left out), or with `dry_run` only say which. Each with the bytes its deletion
+        frees, given all of them go: its memory and state, and the layers nothing needs once they are all gone,
+        each such layer counted with one of them (the one that froze it, or else the oldest that stands on it)."""
+        graph = await self.store.layer_graph()
+        commits = [found.commit for found in chosen]
+        layer_bytes = await asyncio.to_thread(self._layer_bytes, graph, commits)
+        folder_bytes = {c.id: await asyncio.to_thread(self._commit_folder_bytes, c.id) for c in commits}
+        deleted = list(chosen)
+        # Any other failure (the tagging service not answering) ends the run: what it deleted so far stays deleted.
+        if not dry_run:
+            deleted = []
+            for found in chosen:
+                try:
+                    await self.delete_commit(org_id, found.commit.id, found.reason)
+                except (Conflict, NotFound) as error:  # tagged (or deleted) since it was chosen: it stays
+                    log.info("collection keeps commit %s: %s", found.commit.id, error.message)
+                    continue
+                deleted.append(found)
+        freed = _freed_bytes(graph, [found.commit for found in deleted], layer_bytes, folder_bytes)
+        return [(found, freed[found.commit.id]) for found in deleted]
+
+    # Secret scans
+
+    async def scan(self, commit: CommitRow) -> SecretScanRow:
+        """The commit's scan under the current rules: the one kept, or made now. Commits never change, so each
+        is scanned once per rule set; two asks at once of the same commit share one scan."""
+        kept = await self.store.secret_scan(commit.id, secrets.RULES_VERSION)
+        if kept is not None:
+            return kept
+        task = self._scans.get(commit.id)
+        if task is None:
+            task = asyncio.create_task(self._scan(commit, secrets.RULES_VERSION))
+            self._scans[commit.id] = task
+            task.add_done_callback(lambda _: self._scans.pop(commit.id, None))
+        return await asyncio.shield(task)
+
+    async def _scan(self, commit: CommitRow, rules_version: str) -> SecretScanRow:
+        kept = await self.store.secret_scan(commit.id, rules_version)
+        if kept is not None:
+            return kept
+        folder = self.commit_folder(commit.id)
+        memory = [folder / name for name in ("ram", "state") if (folder / name).exists()]
+        chain = await self.store.layer_chain(commit.layer_id)
+        base = Path(chain[-1].base_path) if chain and chain[-1].base_path else None
+        allow = [pattern.strip() for pattern in self.settings.secret_scan_allow_paths.split(",") if pattern.strip()]
+        findings = await secrets.scan_commit(memory, [self.layer_path(layer.id) for layer in chain], base, allow)
+        found = [
+            {"where": f.where, "path": f.path, "offset": f.offset, "rule": f.rule, "excerpt": f.excerpt} for f in findings
+        ]  # fmt: skip
+        return await self.store.save_secret_scan(
+            SecretScanRow(commit_id=commit.id, rules_version=rules_version, findings=json.dumps(found))
+        )
 
     # Running VMs
 
@@ -1185,6 +1279,29 @@ def _space(folder: Path) -> tuple[int | None, int | None]:
 def _allocated(path: Path) -> int:
     """Bytes a file takes on disk (a RAM file's untouched pages take none)."""
     return path.stat().st_blocks * 512
+
+
+def _allocated_or_none(path: Path) -> int:
+    """As _allocated; 0 for a file already gone (removed by a deletion under way)."""
+    try:
+        return _allocated(path)
+    except FileNotFoundError:
+        return 0
+
+
+def _freed_bytes(
+    graph: LayerGraph, commits: Sequence[CommitRow], layer_bytes: dict[str, int], folder_bytes: dict[str, int]
+) -> dict[str, int]:
+    """What deleting all of `commits` frees, per commit: its folder, and each layer that nothing needs once
+    they are gone, counted once, with the commit that froze it or else the oldest of them standing on it."""
+    freed = {commit.id: folder_bytes.get(commit.id, 0) for commit in commits}
+    gone = {("commit", commit.id) for commit in commits}
+    oldest_first = sorted(commits, key=lambda c: (c.created_at, c.id))
+    for layer_id in graph.reachable() - graph.reachable(without=gone):
+        froze = [c for c in oldest_first if c.layer_id == layer_id]
+        holders = froze or [c for c in oldest_first if layer_id in graph.chain(c.layer_id)]
+        freed[holders[0].id] += layer_bytes.get(layer_id, 0)
+    return freed
 
 
 async def _qemu_img(*args: str | Path) -> None:

@@ -125,8 +125,10 @@ def qemu_args(spec: LaunchSpec, user: str = "", disk_fds: tuple[int, int] | None
         "-machine", "pc,memory-backend=ram0", *cpu_args(spec.accel),
         "-smp", str(spec.vcpus), "-m", f"{spec.mem_mib}M", "-object", memory,
         "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
-        "-append", "console=ttyS0 quiet panic=-1",
-        *add_fds, "-drive", f"file={disk},{locking}if=virtio,format=qcow2",
+        # init_on_free: memory a guest frees (a removed file's page cache, an ended process) is zeroed, so
+        # a later commit's memory image does not hold it
+        "-append", "console=ttyS0 quiet panic=-1 init_on_free=1",
+        *add_fds, "-drive", f"file={disk},{locking}if=virtio,format=qcow2,discard=unmap",
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={paths['agent']},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=agent",
@@ -426,6 +428,7 @@ class Machine:
         try:
             await self.qmp.execute("blockdev-add", {
                 "driver": "qcow2", "node-name": node, "backing": None,  # the layer it stands on is the VM's current one
+                "discard": "unmap",
                 "file": {"driver": "file", "filename": f"/dev/fdset/{added['fdset-id']}", "locking": "off"},
             })  # fmt: skip
         except BaseException:

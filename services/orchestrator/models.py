@@ -94,6 +94,10 @@ class CommitDeletionRow(SQLModel, table=True):
     commit_id: str = Field(primary_key=True)
     org_id: str = Field(index=True)
     started_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    # Who asked, for the audit entry written when the deletion finishes (perhaps later, in the background):
+    # the API key ("" for the platform's own), and why when it was not asked for by name (garbage collection).
+    api_key_id: str = ""
+    reason: str = ""
 
 
 LIVE_STATES = ("booting", "running", "paused")
@@ -139,5 +143,22 @@ class DomainRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
-MODELS = (LayerRow, VmRow, CommitRow, OperationRow, CommitDeletionRow, ForkRequestRow, SshKeyRow, DomainRow)
+class SecretScanRow(SQLModel, table=True):
+    """A commit's secret scan under one version of the rules. Commits never change, so a result stays true
+    for as long as the rules do. A publish that went ahead despite findings is noted on it (forced_at)."""
+
+    __tablename__ = "secret_scans"
+
+    commit_id: str = Field(primary_key=True)
+    rules_version: str = Field(primary_key=True)
+    findings: str = "[]"  # JSON: [{where, path, offset, rule, excerpt}]
+    scanned_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    forced_by_key_id: str = ""
+    forced_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
+    purpose: str = ""
+
+
+MODELS = (
+    LayerRow, VmRow, CommitRow, OperationRow, CommitDeletionRow, ForkRequestRow, SshKeyRow, DomainRow, SecretScanRow,
+)  # fmt: skip
 TABLES = [model.__table__ for model in MODELS]  # type: ignore[attr-defined]

@@ -8,18 +8,20 @@ import uuid
 
 import grpc
 
+from services.common.audit import AuditQuery, list_events
 from services.common.auth import caller_metadata, current_principal
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.faults import fault_point
 from services.common.names import COMMIT_DESCRIPTION_MAX_BYTES, COMMIT_NAME_MAX, validate_label, validate_text, validate_vm_labels
 from services.common.paging import Page
-from services.common.timestamps import to_timestamp
+from services.common.timestamps import as_utc, to_timestamp
 from services.orchestrator import console, tunnel
 from services.orchestrator.domains import Domains, domain_pb
 from services.orchestrator.engine import SSH_PORT, Engine, VmConfig
-from services.orchestrator.models import CommitRow, ForkRequestRow, VmRow
+from services.orchestrator.models import CommitRow, ForkRequestRow, SecretScanRow, VmRow
 from services.orchestrator.network import GUEST_ADDRESS
 from services.orchestrator.store import OrchestratorStore
+from vers.common.v1 import governance_pb2
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 from vers.orchestrator.v1 import orchestrator_pb2_grpc
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
@@ -36,7 +38,8 @@ def vm_pb(vm: VmRow) -> pb.Vm:
     )
 
 
-def commit_pb(commit: CommitRow) -> pb.Commit:
+def commit_pb(commit: CommitRow, sizes: tuple[int, int] = (0, 0)) -> pb.Commit:
+    """The commit, with its bytes held alone and shared when `sizes` gives them (Engine.commit_bytes)."""
     return pb.Commit(
         commit_id=commit.id,
         owner_id=commit.org_id,
@@ -46,7 +49,13 @@ def commit_pb(commit: CommitRow) -> pb.Commit:
         created_at=to_timestamp(commit.created_at),
         parent_vm_id=commit.parent_vm_id or "",
         grandparent_commit_id=commit.grandparent_commit_id or "",
+        bytes_alone=sizes[0],
+        bytes_shared=sizes[1],
     )
+
+
+def findings_pb(scan: SecretScanRow) -> list[governance_pb2.SecretFinding]:
+    return [governance_pb2.SecretFinding(commit_id=scan.commit_id, **finding) for finding in json.loads(scan.findings)]
 
 
 def lineage_pb(commit: CommitRow) -> pb.CommitLineageEntry:
@@ -226,10 +235,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if not 1 <= limit <= MAX_PAGE or request.offset < 0:
             raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE} and offset at least 0")
         commits, total = await self.store.list_commits(current_principal().org_id, limit, request.offset)
-        return pb.ListCommitsResponse(commits=[commit_pb(c) for c in commits], total=total, limit=limit, offset=request.offset)
+        sizes = await self.engine.commit_bytes(commits)
+        return pb.ListCommitsResponse(
+            commits=[commit_pb(c, sizes[c.id]) for c in commits], total=total, limit=limit, offset=request.offset
+        )
 
     async def GetCommit(self, request: pb.GetCommitRequest, context: grpc.aio.ServicerContext) -> pb.GetCommitResponse:
-        return pb.GetCommitResponse(commit=commit_pb(await self._commit(request.commit_id)))
+        commit = await self._commit(request.commit_id)
+        sizes = await self.engine.commit_bytes([commit])
+        return pb.GetCommitResponse(commit=commit_pb(commit, sizes[commit.id]))
 
     async def ListCommitParents(
         self, request: pb.ListCommitParentsRequest, context: grpc.aio.ServicerContext
@@ -306,8 +320,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
 class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalServiceServicer):
     """Calls only the platform's own services make (the service credential, acting for an org): the fork
-    step of the registry's fork saga, and its undo. Each fork is noted under its saga's id as it goes
-    (fork_requests), so whatever a fork made can be found again after any crash."""
+    step of the registry's fork saga, and its undo; the secret scan before publishing, the collection of
+    commits and the audit entries of this service, for the registry's governance. Each fork is noted under
+    its saga's id as it goes (fork_requests), so whatever a fork made can be found again after any crash."""
 
     def __init__(self, engine: Engine, store: OrchestratorStore, tagging: grpc.aio.Channel) -> None:
         self.engine = engine
@@ -351,10 +366,11 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
                 metadata=caller_metadata(),
             )
             if row.vm_id is None or (row.state != "done" and await self.store.vm(row.vm_id) is None):
+                source = await self.store.published_commit(public.tag.commit_id)
+                await self._require_scanned(source, f"{request.org_name}/{request.repo_name}:{request.tag_name}")
                 # The VM's id is noted before the VM is made, so a crash in between leaves nothing unnoted.
                 if row.vm_id is None:
                     row = await self._note(saga_id, vm_id=str(uuid.uuid4()))
-                source = await self.store.published_commit(public.tag.commit_id)
                 await self.engine.restore(org_id, source, vm_ids=[row.vm_id or ""])
                 fault_point("fork.after_restore")
             if row.state != "done":
@@ -371,6 +387,18 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
             await self._abandon(saga_id, org_id)
             raise
         return row
+
+    async def _require_scanned(self, source: CommitRow, reference: str) -> None:
+        """A published commit is forked only once it passed the secret scan of the current rules, or its owner
+        published it despite findings. One never scanned (public before the scan existed, or tagged since) is
+        scanned now. What the scan found is its owner's to see, not the forker's."""
+        scan = await self.engine.scan(source)
+        if json.loads(scan.findings) and scan.forced_at is None:
+            raise Conflict(
+                f"{reference} has not passed the secret scan that publishing now requires, so it cannot be forked: "
+                f"its owner must publish it again (make the repository public again, which scans it) before anyone "
+                f"can fork it"
+            )
 
     async def _note(self, saga_id: str, **changes: str) -> ForkRequestRow:
         row = await self.store.record_fork(saga_id, **changes)
@@ -415,3 +443,44 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
                 log.warning("commit %s of the abandoned fork %s is kept: %s", commit_id, row.saga_id, error.message)
         log.info("fork %s abandoned: VM %s and commit %s deleted", row.saga_id, row.vm_id, ", ".join(commit_ids) or "(none)")
 
+
+    # Governance (the registry's: secret scan before publishing, retention, audit log)
+
+    async def ScanCommits(self, request: pb.ScanCommitsRequest, context: grpc.aio.ServicerContext) -> pb.ScanCommitsResponse:
+        principal = current_principal()
+        commits = [await self.store.get_commit(principal.org_id, commit_id) for commit_id in dict.fromkeys(request.commit_ids)]
+        findings = []
+        for commit in commits:  # one at a time: a scan reads all of a commit's memory and disk
+            scan = await self.engine.scan(commit)
+            if request.force and json.loads(scan.findings):
+                scan = await self.store.force_secret_scan(commit.id, scan.rules_version, principal.key_id, request.purpose)
+            findings += findings_pb(scan)
+        return pb.ScanCommitsResponse(findings=findings)
+
+    async def CollectCommits(
+        self, request: pb.CollectCommitsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CollectCommitsResponse:
+        if request.untagged_older_than_days < 0 or any(c.min_age_days < 0 for c in request.candidates):
+            raise InvalidArgument("untagged_older_than_days and min_age_days are days: 0 or more")
+        org_id = current_principal().org_id
+        candidates = {c.commit_id: (c.reason, c.min_age_days) for c in request.candidates}
+        chosen = await self.store.collectable(
+            org_id, candidates, set(request.protected_commit_ids), request.untagged_older_than_days
+        )
+        collected = await self.engine.collect_commits(org_id, chosen, request.dry_run)
+        commits = [
+            governance_pb2.CollectedCommit(
+                commit_id=found.commit.id, name=found.commit.name, reason=found.reason, bytes_freed=freed,
+                created_at=as_utc(found.commit.created_at).isoformat(),
+            )
+            for found, freed in collected
+        ]  # fmt: skip
+        return pb.CollectCommitsResponse(commits=commits, bytes_freed=sum(c.bytes_freed for c in commits))
+
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAuditEventsResponse:
+        query = AuditQuery.of(current_principal().org_id, request)
+        events = await list_events(self.store.db, "orchestrator", query)
+        token = query.token_after(events[-1]) if len(events) == query.size else ""
+        return pb.ListAuditEventsResponse(events=events, next_page_token=token)

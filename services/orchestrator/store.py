@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import case, func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.common import audit
 from services.common.auth import principal_of
 from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, FailedPrecondition, NotFound
 from services.common.quotas import OrgLimits, check, exceeded
-from services.common.timestamps import utcnow
+from services.common.timestamps import as_utc, utcnow
 from services.orchestrator.models import (
-    LIVE_STATES, CommitDeletionRow, CommitRow, DomainRow, ForkRequestRow, LayerRow, OperationRow, SshKeyRow, VmRow,
+    LIVE_STATES, CommitDeletionRow, CommitRow, DomainRow, ForkRequestRow, LayerRow, OperationRow, SecretScanRow, SshKeyRow,
+    VmRow,
 )  # fmt: skip
 
 
@@ -30,6 +34,62 @@ _SLEEP_HINT = f"{_DELETE_VMS}, or put them to sleep"
 
 def _is_uuid_shaped(value: str) -> bool:
     return len(value) == 36 and value.count("-") == 4
+
+
+def _key_of(org_id: str) -> str:
+    """The API key acting for the org in this call, as the audit log names it ("" for the platform's own)."""
+    principal = principal_of(org_id)
+    return principal.key_id if principal is not None and not principal.is_service else ""
+
+
+# What stands on a layer chain: ("vm", id), ("commit", id) or ("operation", id).
+Holder = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class LayerGraph:
+    """Every layer, and what stands on which: VMs and commits whose rows are not deleted, and the layers an
+    unsettled intent names. A layer is needed while anything's chain passes through it. The layer collection,
+    a commit's bytes and what a commit collection frees all read it from here."""
+
+    layers: dict[str, LayerRow]
+    roots: dict[Holder, str]
+
+    def chain(self, layer_id: str) -> list[str]:
+        """The layer and those under it, top first."""
+        chain: list[str] = []
+        current: str | None = layer_id
+        while current is not None and current in self.layers:
+            chain.append(current)
+            current = self.layers[current].parent_id
+        return chain
+
+    def users(self) -> dict[str, set[Holder]]:
+        """Each needed layer, and all that stand on it."""
+        users: dict[str, set[Holder]] = {}
+        for holder, root in self.roots.items():
+            for layer_id in self.chain(root):
+                users.setdefault(layer_id, set()).add(holder)
+        return users
+
+    def reachable(self, without: Iterable[Holder] = ()) -> set[str]:
+        """The layers needed by all but `without`."""
+        gone = set(without)
+        reachable: set[str] = set()
+        for holder, root in self.roots.items():
+            current: str | None = root
+            while holder not in gone and current is not None and current in self.layers and current not in reachable:
+                reachable.add(current)
+                current = self.layers[current].parent_id
+        return reachable
+
+
+@dataclass(frozen=True)
+class Collectable:
+    """A commit a collection may delete, and why."""
+
+    commit: CommitRow
+    reason: str
 
 
 class OrchestratorStore:
@@ -308,9 +368,10 @@ class OrchestratorStore:
                 chain.append(parent)
             return [commit for commit in chain if await self._commit_is_live(session, commit.id)]
 
-    async def begin_commit_deletion(self, org_id: str, commit_id: str) -> CommitRow:
+    async def begin_commit_deletion(self, org_id: str, commit_id: str, reason: str = "") -> CommitRow:
         """Mark the commit as being deleted unless a VM still stands on it: from here on it cannot be
-        restored, branched or tagged (GetCommit answers NOT_FOUND)."""
+        restored, branched or tagged (GetCommit answers NOT_FOUND). The mark keeps who asked and why, for
+        the audit entry of its end."""
         async with self.db.write() as session:
             await serialize(session, f"commit:{commit_id}")
             commit = await session.get(CommitRow, commit_id) if _is_uuid_shaped(commit_id) else None
@@ -322,7 +383,7 @@ class OrchestratorStore:
             vm_ids = [vm_id for vm_id, owner in users if owner == org_id]  # another org's VM is never named
             if vm_ids:
                 raise Conflict(f"commit {commit_id} is in use by VM {', '.join(vm_ids)}: delete the VM first")
-            session.add(CommitDeletionRow(commit_id=commit_id, org_id=org_id))
+            session.add(CommitDeletionRow(commit_id=commit_id, org_id=org_id, api_key_id=_key_of(org_id), reason=reason))
             return commit
 
     async def abandon_commit_deletion(self, commit_id: str) -> None:
@@ -331,17 +392,51 @@ class OrchestratorStore:
                 await session.delete(row)
 
     async def finish_commit_deletion(self, commit_id: str) -> None:
+        """The commit is deleted, and the audit log says so in the same transaction, naming who asked."""
         async with self.db.write() as session:
             commit = await session.get(CommitRow, commit_id)
+            row = await session.get(CommitDeletionRow, commit_id)
             if commit is not None and commit.deleted_at is None:
                 commit.deleted_at = utcnow()
                 session.add(commit)
-            if (row := await session.get(CommitDeletionRow, commit_id)) is not None:
+                after = {"reason": row.reason} if row and row.reason else None
+                audit.record(session, commit.org_id, "commit.delete", commit.id, {"name": commit.name}, after, key_id=row.api_key_id if row else "")
+            if row is not None:
                 await session.delete(row)
 
     async def commit_deletions(self) -> list[CommitDeletionRow]:
         async with self.db.read() as session:
             return list(await session.exec(select(CommitDeletionRow)))
+
+    async def collectable(
+        self, org_id: str, candidates: dict[str, tuple[str, int]], protected: set[str], untagged_older_than_days: int
+    ) -> list[Collectable]:
+        """What a collection deletes, oldest first: the candidates (commit id -> reason, minimum age in days)
+        old enough, and with `untagged_older_than_days` every older commit, of the org only, none protected,
+        none being deleted, none a VM was started from (its deletion would be refused, as DeleteCommit's is).
+        A commit whose layers a VM's or another commit's chain passes through may go: its record and its
+        memory go, the layers stay for as long as anything stands on them (the layer collection's rule)."""
+        now = utcnow()
+        being_deleted = select(CommitDeletionRow.commit_id)
+        used = select(VmRow.parent_commit_id).where(col(VmRow.deleted_at).is_(None), col(VmRow.parent_commit_id).is_not(None))
+        mine = (
+            CommitRow.org_id == org_id, col(CommitRow.deleted_at).is_(None), col(CommitRow.id).not_in(being_deleted),
+            col(CommitRow.id).not_in(used), col(CommitRow.id).not_in(sorted(protected)),
+        )  # fmt: skip
+        chosen: list[Collectable] = []
+        async with self.db.read() as session:
+            if untagged_older_than_days > 0:
+                cutoff = now - timedelta(days=untagged_older_than_days)
+                reason = f"no tag names it and it is older than {untagged_older_than_days} days"
+                for commit in await session.exec(select(CommitRow).where(*mine, col(CommitRow.id).not_in(list(candidates)))):
+                    if as_utc(commit.created_at) < cutoff:
+                        chosen.append(Collectable(commit, reason))
+            named = [commit_id for commit_id in candidates if _is_uuid_shaped(commit_id)]
+            for commit in await session.exec(select(CommitRow).where(*mine, col(CommitRow.id).in_(named))):
+                reason, min_age_days = candidates[commit.id]
+                if min_age_days <= 0 or as_utc(commit.created_at) <= now - timedelta(days=min_age_days):
+                    chosen.append(Collectable(commit, reason))
+        return sorted(chosen, key=lambda found: (as_utc(found.commit.created_at), found.commit.id))
 
     # Layers
 
@@ -360,21 +455,32 @@ class OrchestratorStore:
         async with self.db.read() as session:
             return list(await session.exec(select(LayerRow.id)))
 
+    async def layer_graph(self) -> LayerGraph:
+        async with self.db.read() as session:
+            return await self._layer_graph(session)
+
+    @staticmethod
+    async def _layer_graph(session: AsyncSession) -> LayerGraph:
+        layers = {layer.id: layer for layer in await session.exec(select(LayerRow))}
+        roots: dict[Holder, str] = {}
+        for vm_id, layer_id in await session.exec(select(VmRow.id, VmRow.layer_id).where(col(VmRow.deleted_at).is_(None))):
+            roots[("vm", vm_id)] = layer_id
+        commits = select(CommitRow.id, CommitRow.layer_id).where(col(CommitRow.deleted_at).is_(None))
+        for commit_id, layer_id in await session.exec(commits):
+            roots[("commit", commit_id)] = layer_id
+        # Layers an unsettled intent names stay until it is settled (an operator may need them).
+        for operation in await session.exec(select(OperationRow)):
+            for end, layer_id in (("old", operation.old_layer_id), ("new", operation.new_layer_id)):
+                if layer_id in layers:
+                    roots[("operation", f"{operation.id}:{end}")] = layer_id
+        return LayerGraph(layers, roots)
+
     async def collect_garbage_layers(self) -> list[str]:
         """Delete the rows of layers no live VM or commit stands on; return their ids (files to remove)."""
         async with self.db.write() as session:
-            layers = {layer.id: layer for layer in await session.exec(select(LayerRow))}
-            roots = set(await session.exec(select(VmRow.layer_id).where(col(VmRow.deleted_at).is_(None))))
-            roots |= set(await session.exec(select(CommitRow.layer_id).where(col(CommitRow.deleted_at).is_(None))))
-            # Layers an unsettled intent names stay until it is settled (an operator may need them).
-            for operation in await session.exec(select(OperationRow)):
-                roots |= {layer for layer in (operation.old_layer_id, operation.new_layer_id) if layer in layers}
-            reachable: set[str] = set()
-            for root in roots:
-                current: str | None = root
-                while current is not None and current not in reachable:
-                    reachable.add(current)
-                    current = layers[current].parent_id
+            graph = await self._layer_graph(session)
+            layers = graph.layers
+            reachable = graph.reachable()
             garbage = [layer_id for layer_id in layers if layer_id not in reachable]
             # children before parents, for the foreign key
             depth = {layer_id: self._depth(layers, layer_id) for layer_id in garbage}
@@ -389,6 +495,31 @@ class OrchestratorStore:
         while current is not None:
             depth, current = depth + 1, layers[current].parent_id
         return depth
+
+    # Secret scans
+
+    async def secret_scan(self, commit_id: str, rules_version: str) -> SecretScanRow | None:
+        async with self.db.read() as session:
+            return await session.get(SecretScanRow, (commit_id, rules_version))
+
+    async def save_secret_scan(self, scan: SecretScanRow) -> SecretScanRow:
+        """The scan's result; when one is already kept for the commit and rules, that one stays the answer."""
+        async with self.db.write() as session:
+            found = await session.get(SecretScanRow, (scan.commit_id, scan.rules_version))
+            if found is not None:
+                return found
+            session.add(scan)
+            return scan
+
+    async def force_secret_scan(self, commit_id: str, rules_version: str, key_id: str, purpose: str) -> SecretScanRow:
+        """Its findings published anyway: by whom, when and for what (the latest such publish)."""
+        async with self.db.write() as session:
+            scan = await session.get(SecretScanRow, (commit_id, rules_version))
+            if scan is None:
+                raise NotFound(f"commit {commit_id} has not been scanned with rules {rules_version}")
+            scan.forced_by_key_id, scan.forced_at, scan.purpose = key_id, utcnow(), purpose
+            session.add(scan)
+            return scan
 
     # SSH keys
 
