@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install images images-all gen lint-protos bench-vm bench-net bench-fsck bench-registry bench-hostile clean
+.PHONY: run test install images images-all gen lint-protos bench-vm bench-net bench-fsck bench-registry bench-hostile bench-scan clean
 
 run: $(STAMP) images
 	$(PY) -m services.platform
@@ -34,6 +34,9 @@ bench-registry: $(STAMP) images
 
 bench-hostile: $(STAMP) images
 	$(PY) bench/hostile.py
+
+bench-scan: $(STAMP)
+	$(PY) bench/scan.py
 
 install: $(STAMP)
 

@@ -138,7 +138,7 @@ async def test_openapi_document_lists_every_route(platform: Platform) -> None:
     create = document["paths"]["/api/v1/repositories"]["post"]
     assert "201" in create["responses"]
     body_ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
-    assert set(document["components"]["schemas"][body_ref]["properties"]) == {"name", "description"}
+    assert set(document["components"]["schemas"][body_ref]["properties"]) == {"name", "description", "immutable_tags", "retention"}
     assert document["paths"]["/api/v1/keys/validate"]["post"]["security"] == []
     listing = document["paths"]["/api/v1/vm"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert listing["type"] == "array"

@@ -33,7 +33,7 @@ async def test_get_list_and_defaults(platform: Platform, org: Org) -> None:
         listed = await http.get("/api/v1/repositories")
     assert got.status_code == 200
     repo = got.json()
-    assert set(repo) == {"repo_id", "name", "description", "is_public", "created_at"}
+    assert set(repo) == {"repo_id", "name", "description", "is_public", "created_at", "immutable_tags", "retention"}
     assert repo == {**repo, "repo_id": created["repo_id"], "name": "my-app", "description": "trunk builds", "is_public": False}
     assert repo["created_at"].endswith("Z")
     assert [r["name"] for r in listed.json()["repositories"]] == ["internal-tools", "my-app"]

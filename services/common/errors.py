@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
+from google.protobuf.message import Message
 
 
 class DomainError(Exception):
+    """`details` are messages a client reads besides the text (e.g. the secret findings that refused a change):
+    sent as the details of a google.rpc.Status, which the gateway turns into fields of its JSON body."""
+
     code = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, details: Sequence[Message] = ()) -> None:
         super().__init__(message)
         self.message = message
+        self.details = tuple(details)
 
 
 class InvalidArgument(DomainError):

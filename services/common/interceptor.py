@@ -9,7 +9,9 @@ from functools import lru_cache
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
+from google.protobuf import any_pb2, descriptor_pool
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 
 from services.common.auth import Principal, TokenResolver, bearer_token, reset_principal, set_principal
 from services.common.errors import DomainError, PermissionDenied, Unauthenticated
@@ -70,12 +72,33 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return principal
 
 
+# The trailer that carries a google.rpc.Status with an error's details (grpc_status.rpc_status reads it).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def _rich_status(error: DomainError) -> tuple[tuple[str, bytes], ...]:
+    """The trailer with `error.details`, or none when it has no details."""
+    if not error.details:
+        return ()
+    packed = []
+    for detail in error.details:
+        wrapper = any_pb2.Any()
+        wrapper.Pack(detail)
+        packed.append(wrapper)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
+    return tuple(rpc_status.to_status(status).trailing_metadata)
+
+
+def _peer_details(error: grpc.aio.AioRpcError) -> tuple[tuple[str, bytes], ...]:
+    return tuple((key, value) for key, value in error.trailing_metadata() or () if key == STATUS_DETAILS_KEY)
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
     if isinstance(error, DomainError):
-        await context.abort(error.code, error.message)
+        await context.abort(error.code, error.message, _rich_status(error))
     if isinstance(error, grpc.aio.AioRpcError):
-        # A peer service's answer passes through as it was: NOT_FOUND stays NOT_FOUND.
-        await context.abort(error.code(), error.details() or error.code().name)
+        # A peer service's answer passes through as it was: NOT_FOUND stays NOT_FOUND, its details stay.
+        await context.abort(error.code(), error.details() or error.code().name, _peer_details(error))
     if isinstance(error, NotImplementedError):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
     log.exception("unexpected error in %s", method, exc_info=error)

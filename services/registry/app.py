@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
+from services.common.audit import create_audit_table
 from services.common.db import Database
 from services.common.files import write_atomic
 from services.common.errors import Unauthenticated
@@ -11,7 +13,7 @@ from services.common.quotas import OrgLimits
 from services.common.server import Service
 from services.common.settings import Settings
 from services.registry.models import TABLES
-from services.registry.sagas import Sagas
+from services.registry.sagas import Sagas, reason
 from services.registry.servicer import RegistryServicer
 from services.registry.store import RegistryStore
 from vers.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -38,9 +40,47 @@ async def ensure_admin_key(store: RegistryStore, platform_org_id: str, key_file:
     log.info("administrator key written to %s%s", key_file, f"; {revoked} earlier administrator keys revoked" if revoked else "")
 
 
+class ScheduledCollection:
+    """Every `interval` seconds (0: never), the platform applies the retention rules of every org that has
+    any, as itself (its audit entries name no key). One org's failure is logged and the others go on."""
+
+    def __init__(self, store: RegistryStore, sagas: Sagas, interval: float) -> None:
+        self.store = store
+        self.sagas = sagas
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.run_once()
+
+    async def run_once(self) -> None:
+        for org_id in await self.store.orgs_with_rules():
+            try:
+                collected = await self.sagas.collect_garbage(org_id, dry_run=False)
+            except Exception as error:  # noqa: BLE001 - one org's failure stops no other's collection
+                log.warning("scheduled garbage collection of org %s failed: %s", org_id, reason(error))
+                continue
+            if collected.commits:
+                log.info("scheduled garbage collection of org %s: %d commit(s) deleted, %d bytes freed",
+                         org_id, len(collected.commits), collected.bytes_freed)  # fmt: skip
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
 async def build(settings: Settings) -> Service:
     db = Database(settings.database_url("registry"))
     await db.create_tables(TABLES)
+    await create_audit_table(db)
     store = RegistryStore(db, OrgLimits.defaults(settings))
     platform_org = await store.ensure_org(PLATFORM_ORG)
     await ensure_admin_key(store, platform_org.id, settings.admin_key_file)
@@ -48,11 +88,13 @@ async def build(settings: Settings) -> Service:
     sagas = Sagas(store, peers.channel("tagging"), peers.channel("orchestrator"), peers.credential)
     # Read before the first call is served, so only sagas a stop or crash cut short are settled.
     sagas.recover(await store.sagas())
-    servicer = RegistryServicer(store, peers.channel("tagging"), sagas)
+    servicer = RegistryServicer(store, peers.channel("tagging"), peers.channel("orchestrator"), peers.credential, sagas)
+    collection = ScheduledCollection(store, sagas, settings.gc_interval_seconds)
+    collection.start()
     return Service(
         name="registry",
         service_names=[registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name],
         register=lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server),
         resolver=peers.resolver_over(store),
-        on_close=[db.close, peers.close, sagas.close],
+        on_close=[db.close, peers.close, sagas.close, collection.close],
     )

@@ -5,6 +5,7 @@ from datetime import datetime
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from services.common.audit import AuditEventRow
 from services.common.db import time_column
 from services.common.timestamps import utcnow
 
@@ -26,6 +27,8 @@ class OrgRow(SQLModel, table=True):
     max_tags: int | None = None
     max_api_keys: int | None = None
     max_domains: int | None = None
+    # The org's retention rule: commits no tag or legacy tag names go once older than this many days; 0 keeps them.
+    untagged_older_than_days: int = 0
 
 
 class ApiKeyRow(SQLModel, table=True):
@@ -50,6 +53,10 @@ class RepositoryRow(SQLModel, table=True):
     description: str = ""
     is_public: bool = Field(default=False, index=True)
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    # JSON: the shell-style patterns of tags that cannot be moved or deleted once made (a list), and the
+    # retention rules (vers.common.v1.RetentionPolicy's fields).
+    immutable_tags: str = "[]"
+    retention: str = "{}"
 
 
 class SagaRow(SQLModel, table=True):
@@ -67,4 +74,4 @@ class SagaRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
-TABLES = [OrgRow.__table__, ApiKeyRow.__table__, RepositoryRow.__table__, SagaRow.__table__]  # type: ignore[attr-defined]
+TABLES = [OrgRow.__table__, ApiKeyRow.__table__, RepositoryRow.__table__, SagaRow.__table__, AuditEventRow.__table__]  # type: ignore[attr-defined]

@@ -4,7 +4,10 @@ an undo that cannot run yet (a peer is down) is retried in the background. A row
 finished or undone on the next start, so nothing a saga made outlives it unaccounted for.
 
 A fork: the orchestrator's VM and commit (noted there under the saga's id), the repository (made or
-reused), the tag. A repository delete: its tags in the tagging service, then its row."""
+reused), the tag. A repository delete: its tags in the tagging service, then its row.
+
+Garbage collection spans the services too, though it needs no saga (each deletion stands alone): the
+tagging service plans what the repositories' rules let go, the orchestrator deletes it."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from services.common.auth import ServiceCredential, caller_metadata
+from services.common.auth import ServiceCredential, caller_metadata, principal_of
 from services.common.errors import AlreadyExists
 from services.common.faults import fault_point
 from services.registry.models import SagaRow
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)
 PEER_TIMEOUT = 30.0
 ABANDON_TIMEOUT = 120.0  # deletes a VM and a commit
+COLLECT_TIMEOUT = 600.0  # deletes every commit the rules let go
 
 
 def reason(error: BaseException) -> str:
@@ -61,6 +65,7 @@ class Sagas:
     ) -> None:
         self.store = store
         self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
+        self.tagging_internal = tagging_pb2_grpc.TaggingInternalServiceStub(tagging)
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorInternalServiceStub(orchestrator)
         self.credential = credential
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -102,7 +107,7 @@ class Sagas:
                 # Taken since the early check, by a concurrent fork or a person: said as the early check says it.
                 raise tag_taken(repo_name, tag_name) from None
             raise
-        await self.store.end_saga(saga.id)
+        await self.store.finish_fork(saga.id)
         return Forked(repo_name, tag_name, forked.commit_id, forked.vm_id)
 
     async def delete_repository(self, org_id: str, repo_name: str) -> None:
@@ -134,6 +139,30 @@ class Sagas:
             fault_point("repo_delete.after_tags")
         await self.store.finish_repository_deletion(saga.id, payload["repository_id"])
 
+    # Garbage collection
+
+    async def collect_garbage(self, org_id: str, *, dry_run: bool) -> orchestrator_pb2.CollectCommitsResponse:
+        """Apply the org's retention rules (its repositories' and its own); with `dry_run`, only list what
+        they let go. A real run is audited; the platform's scheduled run only when it deleted something."""
+        repositories, untagged_older_than_days = await self.store.retention_rules(org_id)
+        if not repositories and not untagged_older_than_days:
+            return orchestrator_pb2.CollectCommitsResponse()  # no rule lets anything go
+        metadata = self.credential.metadata(org_id)
+        plan = await self.tagging_internal.PlanRetention(
+            tagging_pb2.PlanRetentionRequest(repositories=repositories), metadata=metadata, timeout=PEER_TIMEOUT
+        )
+        collected = await self.orchestrator.CollectCommits(
+            orchestrator_pb2.CollectCommitsRequest(
+                candidates=plan.candidates, protected_commit_ids=plan.tagged_commit_ids,
+                untagged_older_than_days=untagged_older_than_days, dry_run=dry_run,
+            ),
+            metadata=metadata,
+            timeout=COLLECT_TIMEOUT,
+        )  # fmt: skip
+        if not dry_run and (collected.commits or principal_of(org_id) is not None):
+            await self.store.record_collection(org_id, [commit.commit_id for commit in collected.commits], collected.bytes_freed)
+        return collected
+
     # Finishing or undoing
 
     async def _settle_after_failure(self, saga_id: str) -> bool:
@@ -160,7 +189,7 @@ class Sagas:
             return "finished"
         payload = json.loads(saga.payload)
         if payload.get("commit_id") and await self._tag_points_at(saga, payload):
-            await self.store.end_saga(saga.id)
+            await self.store.finish_fork(saga.id)
             log.log(level, "fork %s of org %s: finished, %s:%s points at its commit %s", saga.id, saga.org_id,
                     payload["repo_name"], payload["tag_name"], payload["commit_id"])  # fmt: skip
             return "finished"

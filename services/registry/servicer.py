@@ -1,19 +1,28 @@
 from __future__ import annotations
 
+import asyncio
+from fnmatch import fnmatchcase
+
 import grpc
 
-from services.common.auth import bearer_token, caller_metadata, current_principal
-from services.common.errors import InvalidArgument, Unauthenticated
+from services.common import audit
+from services.common.auth import ServiceCredential, bearer_token, caller_metadata, current_principal
+from services.common.errors import Conflict, InvalidArgument, Unauthenticated
 from services.common.names import validate_repo_name, validate_tag_name
 from services.common.paging import Page
 from services.common.quotas import LIMITS, OrgLimits
 from services.common.timestamps import to_timestamp
 from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow
 from services.registry.sagas import Sagas, tag_taken
-from services.registry.store import PublicRepo, RegistryStore
+from services.registry.store import PublicRepo, RegistryStore, immutable_tags_of, retention_of
+from vers.common.v1 import governance_pb2
+from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from vers.registry.v1 import registry_pb2 as pb
 from vers.registry.v1 import registry_pb2_grpc
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
+
+# The largest page of tags asked of the tagging service when every tag of a repository is needed.
+TAG_PAGE = 1000
 
 
 def org_pb(org: OrgRow) -> pb.Org:
@@ -41,6 +50,25 @@ def repository_pb(repo: RepositoryRow) -> pb.Repository:
         description=repo.description,
         is_public=repo.is_public,
         created_at=to_timestamp(repo.created_at),
+        immutable_tags=immutable_tags_of(repo),
+        retention=retention_of(repo),
+    )
+
+
+# Findings an answer lists at most (the message counts them all): a disk full of keys stays one answer.
+MAX_LISTED_FINDINGS = 200
+
+
+def secrets_found(repo_name: str, findings: list[governance_pb2.SecretFinding]) -> Conflict:
+    """The refusal of a publish that would expose secrets, with the findings as the error's detail."""
+    commits = len({finding.commit_id for finding in findings})
+    rules = ", ".join(sorted({finding.rule for finding in findings}))
+    listed = "" if len(findings) <= MAX_LISTED_FINDINGS else f"; the first {MAX_LISTED_FINDINGS} are listed"
+    return Conflict(
+        f"making repository {repo_name!r} public would expose {len(findings)} secret(s) in {commits} commit(s) "
+        f"({rules}{listed}): remove them from the VM, commit again and point the tags at the new commit, or publish "
+        f"anyway with vers repo visibility {repo_name} --public --force (recorded in the audit log)",
+        details=[governance_pb2.SecretFindings(findings=findings[:MAX_LISTED_FINDINGS])],
     )
 
 
@@ -57,9 +85,14 @@ def public_repository_pb(public: PublicRepo) -> pb.PublicRepository:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, store: RegistryStore, tagging: grpc.aio.Channel, sagas: Sagas) -> None:
+    def __init__(
+        self, store: RegistryStore, tagging: grpc.aio.Channel, orchestrator: grpc.aio.Channel, credential: ServiceCredential, sagas: Sagas
+    ) -> None:
         self.store = store
         self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
+        self.tagging_internal = tagging_pb2_grpc.TaggingInternalServiceStub(tagging)
+        self.orchestrator = orchestrator_pb2_grpc.OrchestratorInternalServiceStub(orchestrator)
+        self.credential = credential
         self.sagas = sagas
 
     async def Authenticate(self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext) -> pb.AuthenticateResponse:
@@ -117,8 +150,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return pb.DeleteApiKeyResponse()
 
     async def CreateRepository(self, request: pb.CreateRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.CreateRepositoryResponse:
-        repo = await self.store.create_repository(current_principal().org_id, request.name, request.description)
+        repo = await self.store.create_repository(
+            current_principal().org_id, request.name, request.description,
+            list(request.immutable_tags), request.retention if request.HasField("retention") else None,
+        )  # fmt: skip
         return pb.CreateRepositoryResponse(repo_id=repo.id, name=repo.name)
+
+    async def SetRepositoryPolicy(self, request: pb.SetRepositoryPolicyRequest, context: grpc.aio.ServicerContext) -> pb.SetRepositoryPolicyResponse:
+        repo = await self.store.set_policy(
+            current_principal().org_id, request.repo_name,
+            list(request.immutable_tags.patterns) if request.HasField("immutable_tags") else None,
+            request.retention if request.HasField("retention") else None,
+        )  # fmt: skip
+        return pb.SetRepositoryPolicyResponse(repository=repository_pb(repo))
 
     async def ListRepositories(self, request: pb.ListRepositoriesRequest, context: grpc.aio.ServicerContext) -> pb.ListRepositoriesResponse:
         org_id = current_principal().org_id
@@ -135,14 +179,64 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def DeleteRepository(self, request: pb.DeleteRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryResponse:
         # A saga: its tags go first (tagging owns them; commits are never touched), then the repository
         # itself. Tags refer to the repository's id, so a repository made again under this name starts empty.
-        await self.sagas.delete_repository(current_principal().org_id, request.repo_name)
+        org_id = current_principal().org_id
+        await self._require_no_immutable_tag(await self.store.get_repository(org_id, request.repo_name))
+        await self.sagas.delete_repository(org_id, request.repo_name)
         return pb.DeleteRepositoryResponse()
+
+    async def _require_no_immutable_tag(self, repo: RepositoryRow) -> None:
+        """A repository is not deleted while it holds a tag its own immutable patterns keep."""
+        patterns = immutable_tags_of(repo)
+        if not patterns:
+            return
+        for tag in await self._tags(repo.name):
+            rule = next((pattern for pattern in patterns if fnmatchcase(tag.tag_name, pattern)), None)
+            if rule is not None:
+                raise Conflict(
+                    f"repository {repo.name!r} holds tag {tag.tag_name!r}, which its immutable tag rule {rule!r} keeps: "
+                    f"remove the rule first with vers repo policy {repo.name} --no-immutable-tags, then delete the repository"
+                )
+
+    async def _tags(self, repo_name: str) -> list[tagging_pb2.RepositoryTag]:
+        """Every tag of the caller's repository, all pages."""
+        tags: list[tagging_pb2.RepositoryTag] = []
+        token = ""
+        while True:
+            page = await self.tagging.ListRepositoryTags(
+                tagging_pb2.ListRepositoryTagsRequest(repo_name=repo_name, page_size=TAG_PAGE, page_token=token),
+                metadata=caller_metadata(),
+            )
+            tags.extend(page.tags)
+            token = page.next_page_token
+            if not token:
+                return tags
 
     async def SetRepositoryVisibility(
         self, request: pb.SetRepositoryVisibilityRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetRepositoryVisibilityResponse:
-        repo = await self.store.set_visibility(current_principal().org_id, request.repo_name, request.is_public)
+        """Made public only once a scan of every commit its tags name finds no secret, or with `force`."""
+        org_id = current_principal().org_id
+        forced = None
+        if request.is_public:
+            repo = await self.store.get_repository(org_id, request.repo_name)
+            commit_ids = list(dict.fromkeys(tag.commit_id for tag in await self._tags(repo.name)))
+            purpose = f"repository {repo.name} made public"
+            findings = await self._scan(org_id, commit_ids, request.force, purpose)
+            if findings and not request.force:
+                raise secrets_found(repo.name, findings)
+            if findings:
+                forced = {"findings": len(findings), "rules": sorted({finding.rule for finding in findings}), "purpose": purpose}
+        repo = await self.store.set_visibility(org_id, request.repo_name, request.is_public, forced)
         return pb.SetRepositoryVisibilityResponse(repository=repository_pb(repo))
+
+    async def _scan(self, org_id: str, commit_ids: list[str], force: bool, purpose: str) -> list[governance_pb2.SecretFinding]:
+        if not commit_ids:
+            return []
+        answer = await self.orchestrator.ScanCommits(
+            orchestrator_pb2.ScanCommitsRequest(commit_ids=commit_ids, force=force, purpose=purpose),
+            metadata=self.credential.metadata(org_id),
+        )
+        return list(answer.findings)
 
     async def ForkRepository(self, request: pb.ForkRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.ForkRepositoryResponse:
         """Check the source is public and the target tag free, then the fork saga: branch and commit a VM in
@@ -178,6 +272,34 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 return
             raise
         raise tag_taken(repo_name, tag_name)
+
+    async def GetOrgRetention(self, request: pb.GetOrgRetentionRequest, context: grpc.aio.ServicerContext) -> pb.GetOrgRetentionResponse:
+        days = await self.store.org_retention(current_principal().org_id)
+        return pb.GetOrgRetentionResponse(retention=pb.OrgRetention(untagged_older_than_days=days))
+
+    async def SetOrgRetention(self, request: pb.SetOrgRetentionRequest, context: grpc.aio.ServicerContext) -> pb.SetOrgRetentionResponse:
+        if not request.HasField("retention"):
+            raise InvalidArgument('retention is required: {"retention": {"untagged_older_than_days": N}} (0 keeps untagged commits)')
+        days = await self.store.set_org_retention(current_principal().org_id, request.retention.untagged_older_than_days)
+        return pb.SetOrgRetentionResponse(retention=pb.OrgRetention(untagged_older_than_days=days))
+
+    async def CollectGarbage(self, request: pb.CollectGarbageRequest, context: grpc.aio.ServicerContext) -> pb.CollectGarbageResponse:
+        collected = await self.sagas.collect_garbage(current_principal().org_id, dry_run=request.dry_run)
+        return pb.CollectGarbageResponse(dry_run=request.dry_run, commits=collected.commits, bytes_freed=collected.bytes_freed)
+
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext) -> pb.ListAuditEventsResponse:
+        """The registry's entries merged with the tagging service's and the orchestrator's, oldest first."""
+        org_id = current_principal().org_id
+        query = audit.AuditQuery.of(org_id, request)
+        fields = {"since": request.since, "type": request.type, "page_size": request.page_size, "page_token": request.page_token}
+        metadata = self.credential.metadata(org_id)
+        own, tagging, orchestrator = await asyncio.gather(
+            audit.list_events(self.store.db, "registry", query),
+            self.tagging_internal.ListAuditEvents(tagging_pb2.ListAuditEventsRequest(**fields), metadata=metadata),
+            self.orchestrator.ListAuditEvents(orchestrator_pb2.ListAuditEventsRequest(**fields), metadata=metadata),
+        )
+        events, token = audit.merge(query, own, list(tagging.events), list(orchestrator.events))
+        return pb.ListAuditEventsResponse(events=events, next_page_token=token)
 
     async def ListPublicRepositories(
         self, request: pb.ListPublicRepositoriesRequest, context: grpc.aio.ServicerContext

@@ -1,18 +1,22 @@
-"""Registry data: organisations, API keys (only their hashes are kept) and repositories."""
+"""Registry data: organisations, API keys (only their hashes are kept), repositories and their policies
+(immutable tags, retention), each change with its audit entry in the same transaction."""
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
+from google.protobuf import json_format
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.common import audit
 from services.common.auth import Principal, hash_token
 from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, InvalidArgument, NotFound, Unauthenticated
@@ -20,6 +24,7 @@ from services.common.names import KEY_LABEL_MAX, validate_label, validate_org_na
 from services.common.quotas import LIMITS, OrgLimits, check
 from services.common.timestamps import as_utc, utcnow
 from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow, SagaRow
+from vers.common.v1 import governance_pb2
 
 TOKEN_PREFIX = "vers_"
 FORK = "fork"
@@ -40,6 +45,59 @@ class PublicRepo:
 
 def _new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+# Repository policies: tag patterns (immutable tags, retention's keep_tags) and retention's numbers.
+TAG_PATTERN = re.compile(r"[A-Za-z0-9._\-*?\[\]]{1,64}")
+TAG_PATTERN_RULE = "1-64 characters of A-Z, a-z, 0-9, '.', '_', '-' and the wildcards '*', '?' and '[...]'"
+MAX_TAG_PATTERNS = 32
+MAX_KEEP_LAST = 1000
+MAX_RETENTION_DAYS = 36500
+
+
+def validate_patterns(field: str, patterns: list[str]) -> list[str]:
+    """The patterns, each once, in their order; InvalidArgument naming `field` for a bad one."""
+    if len(patterns) > MAX_TAG_PATTERNS:
+        raise InvalidArgument(f"{field} has {len(patterns)} patterns; at most {MAX_TAG_PATTERNS} are allowed")
+    for pattern in patterns:
+        if not TAG_PATTERN.fullmatch(pattern):
+            raise InvalidArgument(f"{field}: {pattern!r} is not a tag pattern: {TAG_PATTERN_RULE}")
+    return list(dict.fromkeys(patterns))
+
+
+def _validate_range(field: str, value: int, largest: int, unit: str) -> None:
+    if not 0 <= value <= largest:
+        raise InvalidArgument(f"{field} must be between 0 (off) and {largest} {unit}, not {value}")
+
+
+def validate_retention(policy: governance_pb2.RetentionPolicy) -> governance_pb2.RetentionPolicy:
+    _validate_range("retention.keep_last", policy.keep_last, MAX_KEEP_LAST, "commits")
+    _validate_range("retention.untagged_older_than_days", policy.untagged_older_than_days, MAX_RETENTION_DAYS, "days")
+    keep_tags = validate_patterns("retention.keep_tags", list(policy.keep_tags))
+    return governance_pb2.RetentionPolicy(
+        keep_last=policy.keep_last, keep_tags=keep_tags, untagged_older_than_days=policy.untagged_older_than_days
+    )
+
+
+def immutable_tags_of(repo: RepositoryRow) -> list[str]:
+    return list(json.loads(repo.immutable_tags or "[]"))
+
+
+def retention_of(repo: RepositoryRow) -> governance_pb2.RetentionPolicy:
+    return json_format.ParseDict(json.loads(repo.retention or "{}"), governance_pb2.RetentionPolicy())
+
+
+def has_rules(policy: governance_pb2.RetentionPolicy) -> bool:
+    return bool(policy.keep_last or policy.keep_tags or policy.untagged_older_than_days)
+
+
+def _retention_json(policy: governance_pb2.RetentionPolicy) -> dict[str, Any]:
+    return json_format.MessageToDict(policy, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def policy_json(repo: RepositoryRow) -> dict[str, Any]:
+    """The repository's rules as its audit entries show them."""
+    return {"immutable_tags": immutable_tags_of(repo), "retention": _retention_json(retention_of(repo))}
 
 
 class RegistryStore:
@@ -96,6 +154,55 @@ class RegistryStore:
                 setattr(org, name, None if value == -1 else value)
             session.add(org)
             return org, self.limits_of(org)
+
+    # Retention and garbage collection
+
+    async def org_retention(self, org_id: str) -> int:
+        """The org's rule for untagged commits, in days (0: none)."""
+        async with self.db.read() as session:
+            org = await session.get(OrgRow, org_id)
+        if org is None:
+            raise NotFound(f"organization {org_id!r} not found")
+        return org.untagged_older_than_days
+
+    async def set_org_retention(self, org_id: str, untagged_older_than_days: int) -> int:
+        _validate_range("retention.untagged_older_than_days", untagged_older_than_days, MAX_RETENTION_DAYS, "days")
+        async with self.db.write() as session:
+            org = await self._lock_org(session, org_id)
+            before = org.untagged_older_than_days
+            org.untagged_older_than_days = untagged_older_than_days
+            session.add(org)
+            after = {"untagged_older_than_days": untagged_older_than_days}
+            audit.record(session, org_id, "retention.set", "org", before={"untagged_older_than_days": before}, after=after)
+            return untagged_older_than_days
+
+    async def retention_rules(self, org_id: str) -> tuple[list[governance_pb2.RepositoryRetention], int]:
+        """The org's repositories that have retention rules, and the org's own rule (days, 0: none)."""
+        async with self.db.read() as session:
+            org = await session.get(OrgRow, org_id)
+            deleting = await self._being_deleted(session, org_id)
+            repos = list(await session.exec(select(RepositoryRow).where(RepositoryRow.org_id == org_id).order_by(RepositoryRow.name)))
+        if org is None:
+            raise NotFound(f"organization {org_id!r} not found")
+        rules = [
+            governance_pb2.RepositoryRetention(repo_id=repo.id, repo_name=repo.name, policy=retention_of(repo))
+            for repo in repos
+            if repo.id not in deleting and has_rules(retention_of(repo))
+        ]
+        return rules, org.untagged_older_than_days
+
+    async def orgs_with_rules(self) -> list[str]:
+        """Ids of the orgs with a retention rule of their own or on one of their repositories."""
+        async with self.db.read() as session:
+            orgs = set(await session.exec(select(OrgRow.id).where(OrgRow.untagged_older_than_days > 0)))
+            for org_id, retention in await session.exec(select(RepositoryRow.org_id, RepositoryRow.retention)):
+                if org_id not in orgs and has_rules(json_format.ParseDict(json.loads(retention or "{}"), governance_pb2.RetentionPolicy())):
+                    orgs.add(org_id)
+        return sorted(orgs)
+
+    async def record_collection(self, org_id: str, commit_ids: list[str], bytes_freed: int) -> None:
+        async with self.db.write() as session:
+            audit.record(session, org_id, "gc", "org", after={"commits": commit_ids, "bytes_freed": bytes_freed})
 
     async def service_principal(self, principal: Principal) -> Principal:
         """A service token's principal with its org's name and limits."""
@@ -157,12 +264,14 @@ class RegistryStore:
             revoked = list(await session.exec(query))
             for key in revoked:
                 await session.delete(key)
+                audit.record(session, org_id, "key.revoke", key.id, before={"label": key.label, "is_admin": key.is_admin})
             return len(revoked)
 
     async def _add_key(self, session: AsyncSession, org_id: str, label: str, *, is_admin: bool) -> NewKey:
         token = _new_token()
         key = ApiKeyRow(id=str(uuid.uuid4()), org_id=org_id, label=label, token_hash=hash_token(token), is_admin=is_admin)
         await insert_unique(session, key, "API key collision; try again")
+        audit.record(session, org_id, "key.create", key.id, after={"label": label, "is_admin": is_admin})
         return NewKey(key, token)
 
     async def get_api_key(self, key_id: str) -> tuple[ApiKeyRow, OrgRow]:
@@ -184,16 +293,44 @@ class RegistryStore:
             if key is None or key.org_id != org_id:
                 raise NotFound(f"API key {key_id!r} not found in your organization")
             await session.delete(key)
+            audit.record(session, org_id, "key.revoke", key.id, before={"label": key.label, "is_admin": key.is_admin})
 
     # Repositories of one org
 
-    async def create_repository(self, org_id: str, name: str, description: str) -> RepositoryRow:
+    async def create_repository(
+        self, org_id: str, name: str, description: str,
+        immutable_tags: list[str] | None = None, retention: governance_pb2.RetentionPolicy | None = None,
+    ) -> RepositoryRow:  # fmt: skip
         validate_repo_name(name)
         validate_text("description", description)
+        patterns = validate_patterns("immutable_tags", immutable_tags or [])
+        rules = validate_retention(retention or governance_pb2.RetentionPolicy())
         async with self.db.write() as session:
             await self._require_room(session, org_id, RepositoryRow, "max_repositories")
-            repo = RepositoryRow(id=str(uuid.uuid4()), org_id=org_id, name=name, description=description)
+            repo = RepositoryRow(
+                id=str(uuid.uuid4()), org_id=org_id, name=name, description=description,
+                immutable_tags=json.dumps(patterns), retention=json.dumps(_retention_json(rules)),
+            )  # fmt: skip
             await insert_unique(session, repo, f"repository {name!r} already exists in your organization")
+            audit.record(session, org_id, "repository.create", name, after={"repo_id": repo.id, "is_public": False, **policy_json(repo)})
+            return repo
+
+    async def set_policy(
+        self, org_id: str, name: str, immutable_tags: list[str] | None, retention: governance_pb2.RetentionPolicy | None
+    ) -> RepositoryRow:
+        """Replace the immutable tag patterns and the retention rules that are given (None: unchanged)."""
+        patterns = validate_patterns("immutable_tags", immutable_tags) if immutable_tags is not None else None
+        rules = validate_retention(retention) if retention is not None else None
+        async with self.db.write() as session:
+            await serialize(session, f"repository:{org_id}:{name}")
+            repo = await self._repository(session, org_id, name)
+            before = policy_json(repo)
+            if patterns is not None:
+                repo.immutable_tags = json.dumps(patterns)
+            if rules is not None:
+                repo.retention = json.dumps(_retention_json(rules))
+            session.add(repo)
+            audit.record(session, org_id, "repository.policy", name, before=before, after=policy_json(repo))
             return repo
 
     async def list_repositories(self, org_id: str, offset: int = 0, limit: int | None = None) -> list[RepositoryRow]:
@@ -221,11 +358,16 @@ class RegistryStore:
         async with self.db.read() as session:
             return await self._repository(session, org_id, name, being_deleted=being_deleted)
 
-    async def set_visibility(self, org_id: str, name: str, is_public: bool) -> RepositoryRow:
+    async def set_visibility(self, org_id: str, name: str, is_public: bool, forced: dict[str, Any] | None = None) -> RepositoryRow:
+        """`forced`: what the secret scan found that publishing goes past (recorded as a forced publish)."""
         async with self.db.write() as session:
             repo = await self._repository(session, org_id, name)
+            before = repo.is_public
             repo.is_public = is_public
             session.add(repo)
+            audit.record(session, org_id, "repository.visibility", name, before={"is_public": before}, after={"is_public": is_public})
+            if forced is not None:
+                audit.record(session, org_id, "publish.forced", name, after=forced)
             return repo
 
     async def _repository(self, session: AsyncSession, org_id: str, name: str, *, being_deleted: bool = False) -> RepositoryRow:
@@ -313,6 +455,17 @@ class RegistryStore:
             if (saga := await session.get(SagaRow, saga_id)) is not None:
                 await session.delete(saga)
 
+    async def finish_fork(self, saga_id: str) -> None:
+        """A fork that landed: its saga goes and its audit entry comes, together."""
+        async with self.db.write() as session:
+            saga = await session.get(SagaRow, saga_id)
+            if saga is None:
+                return
+            made = json.loads(saga.payload)
+            target = f"{made['source_org']}/{made['source_repo']}:{made['source_tag']} -> {made['repo_name']}:{made['tag_name']}"
+            audit.record(session, saga.org_id, "fork", target, after={"vm_id": made.get("vm_id", ""), "commit_id": made.get("commit_id", "")})
+            await session.delete(saga)
+
     async def fork_repository(self, saga_id: str, org_id: str, name: str) -> SagaRow:
         """The fork's repository, made or reused, noted in its saga in the same transaction (whether it was
         made here says whether an undo may remove it). Refused while the repository is being deleted."""
@@ -369,6 +522,8 @@ class RegistryStore:
             payload = {"repository_id": repo.id, "repo_name": repo.name}
             saga = SagaRow(id=str(uuid.uuid4()), kind=REPO_DELETE, org_id=org_id, step="started", payload=json.dumps(payload))
             session.add(saga)
+            # Recorded here, where the caller's decision is made: from this row on the deletion only goes forward.
+            audit.record(session, org_id, "repository.delete", name, before={"repo_id": repo.id, "is_public": repo.is_public, **policy_json(repo)})
             return saga
 
     async def finish_repository_deletion(self, saga_id: str, repo_id: str) -> None:
