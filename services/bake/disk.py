@@ -27,7 +27,7 @@ from pathlib import Path
 from services.bake.errors import BakeError, Log
 from services.bake.recipes import COMMON_PACKAGES, Recipe
 from services.bake.upstream import NODE_BINARY_PACKAGE, NpmPackage, debian_index_dates, fetch_verified, node_lts_major, npm_resolve
-from services.orchestrator.images import GUEST_FILES, build_disk, install_folder, install_vers_init, register
+from services.orchestrator.images import FILESYSTEM_OPTIONS, GUEST_FILES, build_disk, install_folder, install_vers_init, register
 
 # What the Node.js build from the npm registry links against, beyond libc.
 NODE_RUNTIME_PACKAGES = ("libatomic1", "libstdc++6")
@@ -86,6 +86,7 @@ def _key(recipe: Recipe, sources: Sources, upstream: Upstream) -> str:
         json.dumps([spec, upstream.facts()]).encode(),
         (GUEST_FILES / "vers-init").read_bytes(),
         Path(__file__).read_bytes(),
+        repr(FILESYSTEM_OPTIONS).encode(),
     ):
         digest.update(part)
     return digest.hexdigest()[:16]

@@ -31,7 +31,7 @@ from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
 from services.orchestrator.agent import ExecResult
 from services.orchestrator.integrity import Verifier
-from services.orchestrator.machine import LaunchSpec, Machine, QmpError, copy_sparse, find_processes, kill_process
+from services.orchestrator.machine import LAYER_OPTIONS, LaunchSpec, Machine, QmpError, copy_sparse, find_processes, kill_process
 from services.orchestrator.models import (
     LIVE_STATES, CommitRow, LayerRow, MachineShape, OperationRow, SecretScanRow, SshKeyRow, VmRow,
 )  # fmt: skip
@@ -613,7 +613,7 @@ class Engine:
         memory, layer = vm.mem_size_mib, LayerRow(id=vm.layer_id)
         folder = self.run_folder(vm.id)
         try:
-            await _qemu_img("create", "-f", "qcow2", "-b", image.disk, "-F", "qcow2", self.layer_path(layer.id), f"{disk}M")
+            await _qemu_img("create", *LAYER_OPTIONS, "-b", image.disk, "-F", "qcow2", self.layer_path(layer.id), f"{disk}M")
             folder.mkdir(mode=0o700, parents=True)
             with os.fdopen(os.open(folder / "ram", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as ram:
                 ram.truncate(memory * MIB)
@@ -698,7 +698,7 @@ class Engine:
         frozen = self.layer_path(commit.layer_id)
         machine = None
         try:
-            await _qemu_img("create", "-f", "qcow2", "-b", frozen, "-F", "qcow2", self.layer_path(vm.layer_id))
+            await _qemu_img("create", *LAYER_OPTIONS, "-b", frozen, "-F", "qcow2", self.layer_path(vm.layer_id))
             ram_file = Path(vm.ram_source) if vm.ram_source else None
             machine = await Machine.launch(self._spec(vm, incoming=True, ram_file=ram_file))
             fault_point("restore.after_launch")

@@ -547,6 +547,9 @@ async def _name_disk_hits(hits: list[_Hit], layers: list[Path], workspace: Path)
 async def _unchanged(base: Path, hits: list[_Hit]) -> set[_Hit]:
     """The hits whose bytes the base disk holds at the same offset: a layer holds whole clusters, so it also
     carries image data next to what the organisation wrote."""
+    info = json.loads(await _run("qemu-img", "info", "-U", "--output=json", str(base)))
+    # the disk grows past the image's size (a VM's disk is larger): what lies beyond, the image never held
+    hits = [hit for hit in hits if hit.secret_offset + len(hit.secret) <= int(info["virtual-size"])]
     contents: list[bytes] = []
     for batch in range(0, len(hits), 500):
         reads = [f"read -v {hit.secret_offset} {len(hit.secret)}" for hit in hits[batch : batch + 500]]
