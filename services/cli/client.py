@@ -25,11 +25,13 @@ def seg(value: str) -> str:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str = "") -> None:
+    def __init__(self, status: int, message: str, code: str = "", body: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        # The error's whole JSON body: some carry more than the message (a refused publish's findings).
+        self.body = body or {}
 
 
 class Unreachable(Exception):
@@ -82,7 +84,7 @@ class ApiClient:
             body = None
         if not isinstance(body, dict):
             raise ApiError(response.status_code, response.text.strip() or response.reason_phrase)
-        raise ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""))
+        raise ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""), body)
 
     def close(self) -> None:
         self._http.close()

@@ -16,11 +16,11 @@ from typing import Any
 import click
 from click_default_group import DefaultGroup
 
-from services.cli import config, ssh
-from services.cli.client import ApiClient, ApiError, Unreachable, seg
+from services.cli import config, governance, ssh
+from services.cli.client import ApiClient, ApiError, seg
 from services.cli.config import ConfigError, LocalState, check_alias, is_uuid
 from services.cli.console import open_console
-from services.cli.output import Output, progress, when, with_format
+from services.cli.output import Output, progress, vers_command, when
 from services.cli.refs import parse_public_ref, split_org
 from services.cli.ssh import HostBlock, host_block, save_key, write_config
 from services.cli.tunnel import open_stdio, run_stdio, serve
@@ -85,29 +85,13 @@ class Context:
             click.echo(f"alias {alias} now names VM {vm_id} (it named {previous})", err=True)
 
 
-def api_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The server's message on one line and exit code 1, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except ApiError as error:
-            raise click.ClickException(f"{error.message} (HTTP {error.status})") from None
-        except (Unreachable, ConfigError) as error:
-            raise click.ClickException(str(error)) from None
-
-    return wrapper
-
-
 def command(group: click.Group, name: str, formatted: bool = True, **settings: Any) -> Callable[..., Any]:
-    """A subcommand with `--format` (unless interactive), the shared Context and error handling."""
+    """A subcommand of `group` with `--format` (unless interactive), the shared Context and error handling."""
 
-    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
-        wrapped = api_errors(function)
-        if formatted:
-            wrapped = with_format(wrapped)
-        return group.command(name, **settings)(click.pass_obj(wrapped))
+    def decorate(function: Callable[..., Any]) -> click.Command:
+        found = vers_command(name, formatted, **settings)(function)
+        group.add_command(found)
+        return found
 
     return decorate
 
@@ -128,7 +112,8 @@ def alias_option(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="vers-platform", prog_name="vers")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """Run VMs, commit them, branch them, and tag commits in repositories."""
+    """Run VMs, commit them, branch them, and tag commits in repositories; keep those in check with
+    immutable tags, retention rules and garbage collection (`vers gc`), and an audit log (`vers audit`)."""
     ctx.obj = Context()
 
 
@@ -490,16 +475,28 @@ def status(ctx: Context, out: Output, vm: str | None) -> None:
 
 @cli.group("repo")
 def repo() -> None:
-    """Repositories of tagged commits, private or public."""
+    """Repositories of tagged commits, private or public, with immutable tags and retention rules
+    (`vers repo policy`); publishing scans them for secrets first."""
 
 
 @command(repo, "create")
 @click.argument("name")
 @click.option("--description", default="", help="What the repository is for.")
-def repo_create(ctx: Context, out: Output, name: str, description: str) -> None:
-    """Create a private repository; `vers repo visibility NAME --public` publishes it."""
-    answer = ctx.call("POST", "/api/v1/repositories", json={"name": name, "description": description})
-    out.result(answer, f"✓ Created repository {answer['name']} (private)")
+@governance.immutable_option
+@governance.retention_options
+def repo_create(ctx: Context, out: Output, name: str, description: str, immutable_tags: tuple[str, ...],
+                keep_last: int | None, keep_tags: tuple[str, ...], untagged_days: int | None) -> None:
+    """Create a private repository, with immutable tags and retention rules if given (`vers repo policy`
+    changes them later); `vers repo visibility NAME --public` publishes it."""
+    body: dict[str, Any] = {"name": name, "description": description}
+    if immutable_tags:
+        body["immutable_tags"] = list(immutable_tags)
+    retention = governance.retention_given(keep_last, keep_tags, untagged_days)
+    if retention:
+        body["retention"] = retention
+    answer = ctx.call("POST", "/api/v1/repositories", json=body)
+    rules = [f"  {label}: {value}" for label, value in governance.policy_fields(body) if value not in ("none", "off")]
+    out.result(answer, f"✓ Created repository {answer['name']} (private)", *rules)
 
 
 @command(repo, "list")
@@ -531,7 +528,8 @@ def repo_get(ctx: Context, out: Output, name: str) -> None:
         return
     found = ctx.call("GET", f"/api/v1/repositories/{seg(repo_name)}")
     out.fields(found, [("Repository", found["name"]), ("Visibility", "public" if found["is_public"] else "private"),
-                       ("Description", found["description"]), ("Created", when(found["created_at"])), ("ID", found["repo_id"])])
+                       ("Description", found["description"]), ("Created", when(found["created_at"])), ("ID", found["repo_id"]),
+                       *governance.policy_fields(found)])
 
 
 @command(repo, "delete")
@@ -546,12 +544,19 @@ def repo_delete(ctx: Context, out: Output, names: tuple[str, ...]) -> None:
 @click.option("--public", type=click.BOOL, is_flag=False, flag_value="true", default=None, metavar="[=true|false]",
               help="--public publishes, --public=false makes it private.")
 @click.option("--private", is_flag=True, help="Same as --public=false.")
-def repo_visibility(ctx: Context, out: Output, name: str, public: bool | None, private: bool) -> None:
-    """Publish a repository (--public) or make it private (--public=false)."""
+@click.option("--force", is_flag=True, help="Publish even when the secret scan finds something (the audit log records it).")
+def repo_visibility(ctx: Context, out: Output, name: str, public: bool | None, private: bool, force: bool) -> None:
+    """Publish a repository (--public) or make it private (--public=false).
+
+    Publishing first scans every commit its tags name (files on the disk, and the memory image) for private
+    keys, cloud credentials, tokens and API keys: findings refuse it, listed with where each one is; remove
+    them and tag a new commit, or publish anyway with --force."""
     if (public is None) == (not private):
         raise click.UsageError("say --public or --public=false (or --private)")
     is_public = bool(public) if public is not None else False
-    answer = ctx.call("PATCH", f"/api/v1/repositories/{seg(name)}/visibility", json={"is_public": is_public})
+    if force and not is_public:
+        raise click.UsageError("--force publishes despite the secret scan: it goes with --public")
+    answer = governance.set_visibility(ctx, out, name, is_public, force)
     out.result(answer, f"✓ {answer['name']} is now {'public' if answer['is_public'] else 'private'}")
 
 
@@ -568,6 +573,12 @@ def repo_fork(ctx: Context, out: Output, source: str, repo_name: str, tag_name: 
         answer = ctx.call("POST", "/api/v1/repositories/fork", json=body)
     ctx.remember(answer["vm_id"], alias)
     out.result(answer, f"✓ Forked → {answer['reference']}", f"  VM:     {answer['vm_id']}", f"  Commit: {answer['commit_id']}")
+
+
+for found in governance.REPO_COMMANDS:
+    repo.add_command(found)
+for found in governance.TOP_COMMANDS:
+    cli.add_command(found)
 
 
 # --- tags -----------------------------------------------------------------------------------------

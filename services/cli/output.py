@@ -1,5 +1,6 @@
 """What `vers` prints: lines and tables for people, or with `--format json` one JSON document on stdout
-and nothing else. Progress goes to stderr, and only when stderr is a terminal."""
+and nothing else. Progress goes to stderr, and only when stderr is a terminal; an error is one `Error:`
+line on stderr and exit code 1."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import click
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from services.cli.client import ApiError, Unreachable
+from services.cli.config import ConfigError
 
 FORMATS = ("text", "json")
 
@@ -46,12 +51,13 @@ class Output:
         for column in columns:
             table.add_column(column, overflow="fold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(str(cell)) for cell in row))  # as written: `[x]` in a name or excerpt is not rich markup
         self.console.print(table)
 
-    def fields(self, data: Any, pairs: Sequence[tuple[str, Any]]) -> None:
+    def fields(self, data: Any, pairs: Sequence[tuple[str, Any]], *before: str) -> None:
+        """`Name: value` lines, aligned, after the lines `before` (e.g. what a change did)."""
         width = max(len(name) for name, _ in pairs) + 1
-        self.result(data, *(f"{name + ':':<{width}} {'-' if value in (None, '') else value}" for name, value in pairs))
+        self.result(data, *before, *(f"{name + ':':<{width}} {'-' if value in (None, '') else value}" for name, value in pairs))
 
 
 @contextlib.contextmanager
@@ -73,6 +79,44 @@ def when(timestamp: str | None) -> str:
     except ValueError:
         return timestamp
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def size(count: int | str) -> str:
+    """A byte count for people: 512 B, 3.0 MiB, 1.2 GiB (int64 counts come as strings in JSON)."""
+    value = float(int(count))
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def api_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The server's message on one line and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ApiError as error:
+            raise click.ClickException(f"{error.message} (HTTP {error.status})") from None
+        except (Unreachable, ConfigError) as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def vers_command(name: str, formatted: bool = True, **settings: Any) -> Callable[[Callable[..., Any]], click.Command]:
+    """A command with `--format` (unless interactive), the shared context object and error handling;
+    a group adds it (`group.add_command`)."""
+
+    def decorate(function: Callable[..., Any]) -> click.Command:
+        wrapped = api_errors(function)
+        if formatted:
+            wrapped = with_format(wrapped)
+        return click.command(name, **settings)(click.pass_obj(wrapped))
+
+    return decorate
 
 
 def with_format(command: Callable[..., Any]) -> Callable[..., Any]:

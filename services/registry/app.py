@@ -57,7 +57,10 @@ class ScheduledCollection:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.run_once()
+            try:
+                await self.run_once()
+            except Exception as error:  # noqa: BLE001 - the schedule goes on (the database may be back next time)
+                log.warning("scheduled garbage collection could not run: %s", reason(error))
 
     async def run_once(self) -> None:
         for org_id in await self.store.orgs_with_rules():
