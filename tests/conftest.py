@@ -96,8 +96,9 @@ def kill_vms_under(run_dir: Path) -> None:
 
 def discard(folder: Path) -> None:
     """A stopped platform's data folder goes as soon as its tests end: the suite's commits and disks would
-    otherwise add up to more than a small machine's disk holds."""
-    shutil.rmtree(folder, ignore_errors=True)
+    otherwise add up to more than a small machine's disk holds. (VERS_TEST_KEEP_DATA=1 keeps it, to look at.)"""
+    if os.environ.get("VERS_TEST_KEEP_DATA") != "1":
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest_asyncio.fixture(scope="session")

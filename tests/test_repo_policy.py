@@ -158,7 +158,7 @@ async def test_audit_log_lists_changes_in_order_pages_and_filters(platform: Plat
         await create(http, "second", immutable_tags=["v*"])
         new_key = (await http.post("/api/v1/keys", json={"label": "ci"})).json()
         await http.patch("/api/v1/repositories/second/policy", json={"immutable_tags": {"patterns": []}})
-        await http.patch("/api/v1/repositories/first/visibility", json={"is_public": False})
+        await http.patch("/api/v1/repositories/first/visibility", json={"is_public": True})
         assert (await http.delete(f"/api/v1/keys/{new_key['api_key']['id']}")).status_code == 204
         assert (await http.delete("/api/v1/repositories/first")).status_code == 204
         await http.patch("/api/v1/retention", json={"retention": {"untagged_older_than_days": 9}})

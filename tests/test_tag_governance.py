@@ -263,6 +263,8 @@ async def test_retention_plans_the_oldest_commits_and_never_a_tagged_one(platfor
     assert {c.reason for c in three.candidates} == {"kept-three: beyond the last 3 commits of latest"}
     assert commits[6] in three.tagged_commit_ids
     assert not set(commits[:6]) & set(three.tagged_commit_ids)
+    # what keep_last keeps is said too: the org's own untagged rule must not delete it either
+    assert set(three.kept_commit_ids) == set(commits[4:])
 
     assert (await http.post("/api/v1/repositories", json={"name": "pins"})).status_code == 201
     await new_tag(http, "pins", "pin", commits[1])

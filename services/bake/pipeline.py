@@ -61,6 +61,8 @@ def _commit_image(client: ApiClient, recipe: Recipe, folder: Path, day: str, log
     try:
         versions = _versions(client, vm_id, recipe)
         log("committing: " + "; ".join(versions.values()))
+        # what the guest wrote, on its disk: the commit's disk alone is then a complete file system
+        client.request("POST", f"/api/v1/vm/{vm_id}/exec", json={"command": ["sync"], "timeout_secs": 120})
         body = {"name": f"{recipe.name} {day}", "description": describe(recipe, manifest, versions, day)}
         commit_id = client.request("POST", f"/api/v1/vm/{vm_id}/commit", json=body)["commit_id"]
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ from sqlalchemy import text
 from sqlmodel import Field, SQLModel, col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.common.auth import principal_of
+from services.common.auth import acting_key_id
 from services.common.db import Database, time_column
 from services.common.errors import InvalidArgument
 from services.common.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -67,11 +68,13 @@ def record(
     finished later, for the key that asked), else the caller of this call when it acts for `org_id`, else
     none (the platform itself, e.g. a scheduled collection)."""
     if key_id is None:
-        principal = principal_of(org_id)
-        key_id = principal.key_id if principal is not None and not principal.is_service else ""
+        key_id = acting_key_id(org_id)
     session.add(
         AuditEventRow(org_id=org_id, api_key_id=key_id, type=type, target=target, before=_json(before), after=_json(after))
     )
+
+
+_TYPE = re.compile(r"[a-z_]{1,32}(\.[a-z_]{1,32})?")
 
 
 class _ListRequest(Protocol):
@@ -99,9 +102,11 @@ class AuditQuery:
         since = None
         if request.since:
             try:
-                since = as_utc(datetime.fromisoformat(request.since.replace("Z", "+00:00")))
+                since = as_utc(datetime.fromisoformat(request.since.replace("Z", "+00:00").replace("z", "+00:00")))
             except ValueError:
                 raise InvalidArgument(f"since must be a time in RFC 3339 (2026-11-27T10:00:00Z), not {request.since!r}") from None
+        if request.type and not _TYPE.fullmatch(request.type):
+            raise InvalidArgument(f"type must be an event type (tag.move) or a family (tag), not {request.type!r}")
         query = cls(org_id, since, request.type, request.page_size or DEFAULT_PAGE_SIZE, None)
         return query if not request.page_token else query._resume(request.page_token)
 
@@ -114,7 +119,7 @@ class AuditQuery:
             data = json.loads(base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4)))
             after = (as_utc(datetime.fromisoformat(data["t"])), str(data["v"]), int(data["n"]))
             scope = data["s"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, OverflowError):
             raise InvalidArgument("page_token is not one this list gave: pass next_page_token of its previous answer as it was") from None
         if scope != self._scope():
             raise InvalidArgument("page_token belongs to another list (or to other filters): start again without it")
@@ -138,7 +143,7 @@ async def list_events(db: Database, service: str, query: AuditQuery) -> list[gov
         statement = statement.where(col(AuditEventRow.at) >= query.since)
     if query.type:
         kind = AuditEventRow.type
-        statement = statement.where(kind == query.type if "." in query.type else or_(kind == query.type, col(kind).startswith(f"{query.type}.")))
+        statement = statement.where(kind == query.type if "." in query.type else or_(kind == query.type, col(kind).startswith(f"{query.type}.", autoescape=True)))
     if query.after is not None:
         at, after_service, sequence = query.after
         if service > after_service:

@@ -45,6 +45,13 @@ def principal_of(org_id: str) -> Principal | None:
     return principal if principal is not None and principal.org_id == org_id else None
 
 
+def acting_key_id(org_id: str) -> str:
+    """The API key of the person this call acts for in `org_id`, as the audit log names it; "" for the
+    platform's own calls (a scheduled run, a repair) and outside a call."""
+    principal = principal_of(org_id)
+    return principal.key_id if principal is not None and not principal.is_service else ""
+
+
 _current: ContextVar[Principal | None] = ContextVar("vers_principal", default=None)
 
 

@@ -22,6 +22,10 @@ JSON_TO_PROTOBUF_GROWTH = 4
 FRAMING_HEADROOM = 1024 * 1024
 # gRPC's own default, kept as the floor when VERS_HTTP_MAX_BODY_BYTES is small.
 GRPC_DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
+# Deadlines of the calls that take longer than VERS_RPC_TIMEOUT_SECONDS by nature: a publish's secret scan
+# of every commit a repository's tags name (about 2 s a GiB), a collection's deletions.
+SCAN_TIMEOUT = 600.0
+COLLECT_TIMEOUT = 600.0
 
 
 def max_message_bytes(settings: Settings) -> int:

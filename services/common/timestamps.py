@@ -11,7 +11,7 @@ def utcnow() -> datetime:
 
 def as_utc(moment: datetime) -> datetime:
     """A stored time with its zone (SQLite hands times back without one: they are UTC)."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def to_timestamp(moment: datetime | None) -> Timestamp | None:

@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket
 
 from services.common.auth import bearer_token
 from services.common.interceptor import Access, method_access
+from services.common.peers import COLLECT_TIMEOUT, SCAN_TIMEOUT
 from services.common.settings import Settings
 from services.gateway.bindings import Binding
 from services.gateway.errors import error_response
@@ -245,7 +246,8 @@ def checks_token(binding: Binding) -> bool:
 
 def call_timeout(binding: Binding, message: Message, settings: Settings) -> float:
     """The deadline of one unary call: VERS_RPC_TIMEOUT_SECONDS, plus an exec's own timeout (the longest
-    allowed when it gives none), plus the boot timeout for a call that may first wait for a VM's boot."""
+    allowed when it gives none), plus the boot timeout for a call that may first wait for a VM's boot, plus
+    the time a publish's secret scan or a collection may take."""
     timeout = settings.rpc_timeout_seconds
     name = binding.method.name
     if name == "ExecVm":
@@ -253,7 +255,11 @@ def call_timeout(binding: Binding, message: Message, settings: Settings) -> floa
         timeout += asked if asked > 0 else settings.exec_max_timeout_seconds
     if _may_wait_for_boot(name, message):
         timeout += settings.boot_timeout_seconds
-    return timeout
+    return timeout + _LONGER.get(name, 0.0)
+
+
+# Calls that scan commits for secrets or collect them: as long as the registry gives them.
+_LONGER = {"SetRepositoryVisibility": SCAN_TIMEOUT, "CollectGarbage": COLLECT_TIMEOUT}
 
 
 # Calls that wait for a booting VM with no field to say so.

@@ -118,6 +118,8 @@ class Engine:
         self._finishing_deletions: asyncio.Task[None] | None = None
         # Secret scans under way, by commit: a second ask of the same commit waits for the first.
         self._scans: dict[str, asyncio.Task[SecretScanRow]] = {}
+        # ...and one at a time on this host: each takes every scan thread and reads disks at full speed
+        self._scan_turn = asyncio.Semaphore(1)
         self._closing = False
         self._tunnels = 0  # connections into VMs open now, on this host
         self._org_tunnels: Counter[str] = Counter()
@@ -354,6 +356,7 @@ class Engine:
         orphans: list[Path] = []
         orphans += [p for p in self.commits_dir.iterdir() if p.name not in commits]
         orphans += [p for p in self.layers_dir.glob("*.qcow2") if p.stem not in layers]
+        orphans += list(self.layers_dir.glob(f"{secrets.WORKSPACE_PREFIX}*"))  # a scan a crash cut short
         orphans += [p for p in self.sleep_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state != "sleeping")]
         orphans += [p for p in self.run_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state not in LIVE_STATES)]
         orphans += [p for p in self.run_dir.glob("*/ram-*") if p.parent.name not in busy_vms]
@@ -824,15 +827,15 @@ class Engine:
         except Exception:  # noqa: BLE001
             return layer.exists()
 
-    async def delete_commit(self, org_id: str, commit_id: str, reason: str = "") -> None:
+    async def delete_commit(self, org_id: str, commit_id: str, reason: str = "", key_id: str | None = None) -> None:
         """Marked as being deleted first (from then on it cannot be restored or tagged), then the tagging
         service confirms no tag names it and refuses new ones, then its files go. `reason`: why, when it is
-        not its owner's own ask (a collection's rule)."""
-        await self._whole(self._delete_commit(org_id, commit_id, reason))
+        not its owner's own ask (a collection's rule); `key_id`: who asked, when the caller acts for them."""
+        await self._whole(self._delete_commit(org_id, commit_id, reason, key_id))
 
-    async def _delete_commit(self, org_id: str, commit_id: str, reason: str = "") -> None:
+    async def _delete_commit(self, org_id: str, commit_id: str, reason: str = "", key_id: str | None = None) -> None:
         assert self.reserve_deletion is not None
-        commit = await self.store.begin_commit_deletion(org_id, commit_id, reason)
+        commit = await self.store.begin_commit_deletion(org_id, commit_id, reason, key_id)
         fault_point("commit_delete.after_mark")
         try:
             await self.reserve_deletion(org_id, commit.id)
@@ -921,7 +924,9 @@ class Engine:
 
     # Collecting commits
 
-    async def collect_commits(self, org_id: str, chosen: Sequence[Collectable], dry_run: bool) -> list[tuple[Collectable, int]]:
+    async def collect_commits(
+        self, org_id: str, chosen: Sequence[Collectable], dry_run: bool, key_id: str = ""
+    ) -> list[tuple[Collectable, int]]:
         """Delete the chosen commits, oldest first, each through DeleteCommit's path (a tag made meanwhile keeps
         its commit: that one is left out), or with `dry_run` only say which. Each with the bytes its deletion
         frees, given all of them go: its memory and state, and the layers nothing needs once they are all gone,
@@ -936,7 +941,7 @@ class Engine:
             deleted = []
             for found in chosen:
                 try:
-                    await self.delete_commit(org_id, found.commit.id, found.reason)
+                    await self.delete_commit(org_id, found.commit.id, found.reason, key_id)
                 except (Conflict, NotFound) as error:  # tagged (or deleted) since it was chosen: it stays
                     log.info("collection keeps commit %s: %s", found.commit.id, error.message)
                     continue
@@ -968,7 +973,8 @@ class Engine:
         chain = await self.store.layer_chain(commit.layer_id)
         base = Path(chain[-1].base_path) if chain and chain[-1].base_path else None
         allow = [pattern.strip() for pattern in self.settings.secret_scan_allow_paths.split(",") if pattern.strip()]
-        findings = await secrets.scan_commit(memory, [self.layer_path(layer.id) for layer in chain], base, allow)
+        async with self._scan_turn:
+            findings = await secrets.scan_commit(memory, [self.layer_path(layer.id) for layer in chain], base, allow)
         found = [
             {"where": f.where, "path": f.path, "offset": f.offset, "rule": f.rule, "excerpt": f.excerpt} for f in findings
         ]  # fmt: skip

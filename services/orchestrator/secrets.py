@@ -32,6 +32,8 @@ there is a disk finding.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -41,6 +43,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,7 +63,15 @@ from detect_secrets.plugins.slack import SlackDetector
 from detect_secrets.plugins.square_oauth import SquareOAuthDetector
 from detect_secrets.plugins.stripe import StripeDetector
 
+# Disk bytes no file holds on the disk: a deleted file's, or a file's the guest has not synced yet (its
+# page cache holds the name; `sync` in the guest before the commit names it).
 FREE_SPACE = "(free space)"
+# A disk finding whose file could not be named: no room on the host for the raw view the names come from.
+UNNAMED = "(not named: no room to read the file system)"
+# The scan's working folder next to the layers (removed by the scan, and at start-up if a crash left one).
+WORKSPACE_PREFIX = ".secret-scan-"
+# Disk the raw view leaves free at least.
+WORKSPACE_RESERVE = 1 << 30
 CHUNK = 16 << 20
 # Longest stretch a rule's match may span before the offset Hyperscan reports (an env value of 200
 # characters behind a long name, a GitLab agent token of 1 KiB); also the overlap between chunks.
@@ -70,6 +81,16 @@ EXCERPT_CONTEXT = 40
 # the images' small ext4 filesystems, 4 KiB on larger ones) and memory page.
 DISK_BOUNDARY, MEMORY_BOUNDARY = 1024, 4096
 HOLE_READ = 1 << 20
+# Bounds that keep a guest full of token-shaped text from costing more than a normal scan: offsets Hyperscan
+# reports in one chunk before the chunk's scan stops, and hits each worker confirms before it stops. A scan
+# that reaches a bound still reports what it found (so publishing is still refused), only not all of it.
+MAX_ENDS_PER_CHUNK = 20_000
+MAX_HITS_PER_WORKER = 500
+# Findings a commit's scan reports at most (the first by place).
+MAX_FINDINGS = 1000
+# Threads of their own, so a scan never holds the threads the rest of the orchestrator hands work to.
+SCAN_THREADS = max(1, min(os.cpu_count() or 1, 4))
+_EXECUTOR = ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="secret-scan")
 
 
 @dataclass(frozen=True)
@@ -309,6 +330,8 @@ def _confirm(buffer: memoryview, base: int, ends: dict[int, list[int]], segment:
             else:
                 windows.append([low, high])
         for low, high in windows:
+            if len(found) >= MAX_HITS_PER_WORKER:
+                return
             for shift, match in _matches(rule, buffer, base, low, high, segment.boundary):
                 if rule.accept is not None and not rule.accept(match):
                     continue
@@ -329,10 +352,20 @@ def _scan_segments(segments: list[_Segment], cancelled: threading.Event) -> list
     chunk_buffer = memoryview(bytearray(REACH + CHUNK))
     for segment in segments:
         for base, buffer in segment.chunks(chunk_buffer):
-            if cancelled.is_set():
-                return []
+            if cancelled.is_set() or len(found) >= MAX_HITS_PER_WORKER:
+                return list(found.values())
             ends: dict[int, list[int]] = {}
-            database.scan(buffer, match_event_handler=lambda rule_id, _from, to, _flags, _context: ends.setdefault(rule_id, []).append(to))
+            counted = [0]
+
+            def on_match(rule_id: int, _from: int, to: int, _flags: int, _context: object) -> bool:
+                ends.setdefault(rule_id, []).append(to)
+                counted[0] += 1
+                return counted[0] >= MAX_ENDS_PER_CHUNK  # True stops this chunk's scan
+
+            try:
+                database.scan(buffer, match_event_handler=on_match)
+            except hyperscan.ScanTerminated:
+                pass
             if ends:
                 _confirm(buffer, base, ends, segment, found)
     return list(found.values())
@@ -381,11 +414,16 @@ async def _scan(segments: list[_Segment]) -> list[_Hit]:
     if not segments:
         return []
     cancelled = threading.Event()
-    shares = _balanced(segments, max(1, min(os.cpu_count() or 1, 4)))
+    shares = _balanced(segments, SCAN_THREADS)
+    loop = asyncio.get_running_loop()
     try:
-        results = await asyncio.gather(*(asyncio.to_thread(_scan_segments, share, cancelled) for share in shares))
+        results = await asyncio.gather(*(loop.run_in_executor(_EXECUTOR, _scan_segments, share, cancelled) for share in shares))
     finally:
         cancelled.set()
+    return await loop.run_in_executor(_EXECUTOR, _merged, results)
+
+
+def _merged(results: list[list[_Hit]]) -> list[_Hit]:
     merged: dict[tuple[str, str, str, int], _Hit] = {}
     for hits in results:
         for hit in hits:  # parts overlap by REACH bytes: one hit may be seen twice
@@ -396,16 +434,20 @@ async def _scan(segments: list[_Segment]) -> list[_Hit]:
 
 
 def _most_specific(hits: list[_Hit]) -> list[_Hit]:
-    """One finding per secret: where two rules matched the same bytes, the earlier rule (the more specific)."""
+    """One finding per secret: where two rules matched the same bytes, the earlier rule (the more specific).
+    The spans kept in one file are disjoint, so they stay sorted by start and by end alike: only the one
+    starting last before a new span ends can overlap it."""
     order = {name: index for index, name in reversed(list(enumerate(r.name for r in RULES)))}
     kept: list[_Hit] = []
-    claimed: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    claimed: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
     for hit in sorted(hits, key=lambda h: (order[h.rule], h.offset)):
-        spans = claimed.setdefault((hit.where, hit.label), [])
+        starts, ends = claimed.setdefault((hit.where, hit.label), ([], []))
         start, end = hit.secret_offset, hit.secret_offset + len(hit.secret)
-        if any(start < other_end and other_start < end for other_start, other_end in spans):
+        index = bisect.bisect_left(starts, end)
+        if index > 0 and ends[index - 1] > start:
             continue
-        spans.append((start, end))
+        starts.insert(index, start)
+        ends.insert(index, end)
         kept.append(hit)
     return kept
 
@@ -452,7 +494,13 @@ def _memory_segments(memory_files: list[Path]) -> list[_Segment]:
 
 async def _run(*command: str) -> str:
     process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stdout, stderr = await process.communicate()
+    try:
+        stdout, stderr = await process.communicate()
+    except BaseException:  # cancelled (the orchestrator stops): the tool stops too
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await asyncio.shield(process.wait())
+        raise
     if process.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({process.returncode}): {stderr.decode(errors='replace').strip()}")
     return stdout.decode(errors="replace")
@@ -537,11 +585,28 @@ def _names(raw: Path, offsets: list[int]) -> dict[int, list[str]]:
 
 async def _name_disk_hits(hits: list[_Hit], layers: list[Path], workspace: Path) -> dict[int, list[str]]:
     raw = workspace / "disk.raw"
+    # the raw view takes what the whole chain holds (at most): made only when the disk keeps its reserve after
+    needed = sum(_allocated(path) for path in layers) + await _base_allocated(layers[0])
+    if shutil.disk_usage(workspace).free - needed < WORKSPACE_RESERVE:
+        return {hit.offset: [UNNAMED] for hit in hits}
     await _run("qemu-img", "convert", "-U", "-O", "raw", str(layers[0]), str(raw))
     try:
         return await asyncio.to_thread(_names, raw, [hit.offset for hit in hits])
     finally:
         await asyncio.to_thread(raw.unlink, missing_ok=True)  # a sparse file of the disk's size: not instant
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+async def _base_allocated(top: Path) -> int:
+    """Allocated bytes of the image disk at the bottom of a chain of layers."""
+    chain = json.loads(await _run("qemu-img", "info", "-U", "--backing-chain", "--output=json", str(top)))
+    return _allocated(Path(chain[-1]["filename"])) if chain else 0
 
 
 async def _unchanged(base: Path, hits: list[_Hit]) -> set[_Hit]:
@@ -583,7 +648,7 @@ async def scan_commit(memory_files: list[Path], layers: list[Path], base: Path |
     many times in memory is reported once, at its first offset in each file."""
     findings: list[Finding] = []
     allowed_secrets: set[bytes] = set()
-    workspace = Path(tempfile.mkdtemp(prefix=".secret-scan-", dir=layers[0].parent)) if layers else None
+    workspace = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX, dir=layers[0].parent)) if layers else None
     try:
         segments = await _disk_segments(layers, workspace) if workspace is not None else []
         hits = await _scan(segments + await asyncio.to_thread(_memory_segments, memory_files))
@@ -597,7 +662,8 @@ async def scan_commit(memory_files: list[Path], layers: list[Path], base: Path |
             await asyncio.to_thread(shutil.rmtree, workspace, ignore_errors=True)
     for hit in disk_hits:
         paths = names.get(hit.offset) or [FREE_SPACE]
-        if any(_allowed(path, allow_paths) for path in paths):
+        # every name of the file allowed: a hard link under an allowed path does not hide a file elsewhere
+        if all(_allowed(path, allow_paths) for path in paths) and paths != [FREE_SPACE]:
             allowed_secrets.add(hit.secret)
             continue
         findings.append(Finding("disk", paths[0], hit.offset, hit.rule, hit.excerpt))
@@ -607,4 +673,4 @@ async def scan_commit(memory_files: list[Path], layers: list[Path], base: Path |
             continue
         seen.add((hit.label, hit.rule, hit.secret))
         findings.append(Finding("memory", "", hit.offset, hit.rule, hit.excerpt))
-    return findings
+    return findings[:MAX_FINDINGS]

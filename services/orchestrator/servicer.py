@@ -29,6 +29,8 @@ from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 50
+# Findings one ScanCommits answer carries at most.
+MAX_SCAN_FINDINGS = 2000
 MAX_PAGE = 500
 
 
@@ -453,9 +455,11 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
         for commit in commits:  # one at a time: a scan reads all of a commit's memory and disk
             scan = await self.engine.scan(commit)
             if request.force and json.loads(scan.findings):
-                scan = await self.store.force_secret_scan(commit.id, scan.rules_version, principal.key_id, request.purpose)
+                forced_by = request.actor_key_id or principal.key_id
+                scan = await self.store.force_secret_scan(commit.id, scan.rules_version, forced_by, request.purpose)
             findings += findings_pb(scan)
-        return pb.ScanCommitsResponse(findings=findings)
+        # the first of them: an answer stays well under the message size however many commits hold keys
+        return pb.ScanCommitsResponse(findings=findings[:MAX_SCAN_FINDINGS])
 
     async def CollectCommits(
         self, request: pb.CollectCommitsRequest, context: grpc.aio.ServicerContext
@@ -467,7 +471,7 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
         chosen = await self.store.collectable(
             org_id, candidates, set(request.protected_commit_ids), request.untagged_older_than_days
         )
-        collected = await self.engine.collect_commits(org_id, chosen, request.dry_run)
+        collected = await self.engine.collect_commits(org_id, chosen, request.dry_run, request.actor_key_id)
         commits = [
             governance_pb2.CollectedCommit(
                 commit_id=found.commit.id, name=found.commit.name, reason=found.reason, bytes_freed=freed,

@@ -13,7 +13,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common import audit
-from services.common.auth import principal_of
+from services.common.auth import acting_key_id, principal_of
 from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, FailedPrecondition, NotFound
 from services.common.quotas import OrgLimits, check, exceeded
@@ -34,12 +34,6 @@ _SLEEP_HINT = f"{_DELETE_VMS}, or put them to sleep"
 
 def _is_uuid_shaped(value: str) -> bool:
     return len(value) == 36 and value.count("-") == 4
-
-
-def _key_of(org_id: str) -> str:
-    """The API key acting for the org in this call, as the audit log names it ("" for the platform's own)."""
-    principal = principal_of(org_id)
-    return principal.key_id if principal is not None and not principal.is_service else ""
 
 
 # What stands on a layer chain: ("vm", id), ("commit", id) or ("operation", id).
@@ -368,7 +362,7 @@ class OrchestratorStore:
                 chain.append(parent)
             return [commit for commit in chain if await self._commit_is_live(session, commit.id)]
 
-    async def begin_commit_deletion(self, org_id: str, commit_id: str, reason: str = "") -> CommitRow:
+    async def begin_commit_deletion(self, org_id: str, commit_id: str, reason: str = "", key_id: str | None = None) -> CommitRow:
         """Mark the commit as being deleted unless a VM still stands on it: from here on it cannot be
         restored, branched or tagged (GetCommit answers NOT_FOUND). The mark keeps who asked and why, for
         the audit entry of its end."""
@@ -383,7 +377,7 @@ class OrchestratorStore:
             vm_ids = [vm_id for vm_id, owner in users if owner == org_id]  # another org's VM is never named
             if vm_ids:
                 raise Conflict(f"commit {commit_id} is in use by VM {', '.join(vm_ids)}: delete the VM first")
-            session.add(CommitDeletionRow(commit_id=commit_id, org_id=org_id, api_key_id=_key_of(org_id), reason=reason))
+            session.add(CommitDeletionRow(commit_id=commit_id, org_id=org_id, api_key_id=acting_key_id(org_id) if key_id is None else key_id, reason=reason))
             return commit
 
     async def abandon_commit_deletion(self, commit_id: str) -> None:

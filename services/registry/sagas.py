@@ -20,11 +20,13 @@ from typing import Any
 
 import grpc
 
-from services.common.auth import ServiceCredential, caller_metadata, principal_of
+from services.common.auth import ServiceCredential, acting_key_id, caller_metadata, principal_of
 from services.common.errors import AlreadyExists
 from services.common.faults import fault_point
+from services.common.peers import COLLECT_TIMEOUT
 from services.registry.models import SagaRow
 from services.registry.store import FORK, REPO_DELETE, RegistryStore
+from vers.common.v1 import governance_pb2
 from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0)
 PEER_TIMEOUT = 30.0
 ABANDON_TIMEOUT = 120.0  # deletes a VM and a commit
-COLLECT_TIMEOUT = 600.0  # deletes every commit the rules let go
 
 
 def reason(error: BaseException) -> str:
@@ -147,14 +148,21 @@ class Sagas:
         repositories, untagged_older_than_days = await self.store.retention_rules(org_id)
         if not repositories and not untagged_older_than_days:
             return orchestrator_pb2.CollectCommitsResponse()  # no rule lets anything go
+        # from here on a task of its own: a caller that goes away (a deadline) does not cut the deletions
+        # short before they are recorded in the audit log
+        return await asyncio.shield(self._spawn(self._collect(org_id, repositories, untagged_older_than_days, dry_run)))
+
+    async def _collect(
+        self, org_id: str, repositories: list[governance_pb2.RepositoryRetention], untagged_older_than_days: int, dry_run: bool
+    ) -> orchestrator_pb2.CollectCommitsResponse:
         metadata = self.credential.metadata(org_id)
         plan = await self.tagging_internal.PlanRetention(
             tagging_pb2.PlanRetentionRequest(repositories=repositories), metadata=metadata, timeout=PEER_TIMEOUT
         )
         collected = await self.orchestrator.CollectCommits(
             orchestrator_pb2.CollectCommitsRequest(
-                candidates=plan.candidates, protected_commit_ids=plan.tagged_commit_ids,
-                untagged_older_than_days=untagged_older_than_days, dry_run=dry_run,
+                candidates=plan.candidates, protected_commit_ids=[*plan.tagged_commit_ids, *plan.kept_commit_ids],
+                untagged_older_than_days=untagged_older_than_days, dry_run=dry_run, actor_key_id=acting_key_id(org_id),
             ),
             metadata=metadata,
             timeout=COLLECT_TIMEOUT,

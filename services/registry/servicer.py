@@ -10,6 +10,7 @@ from services.common.auth import ServiceCredential, bearer_token, caller_metadat
 from services.common.errors import Conflict, InvalidArgument, Unauthenticated
 from services.common.names import validate_repo_name, validate_tag_name
 from services.common.paging import Page
+from services.common.peers import SCAN_TIMEOUT
 from services.common.quotas import LIMITS, OrgLimits
 from services.common.timestamps import to_timestamp
 from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow
@@ -55,20 +56,26 @@ def repository_pb(repo: RepositoryRow) -> pb.Repository:
     )
 
 
-# Findings an answer lists at most (the message counts them all): a disk full of keys stays one answer.
-MAX_LISTED_FINDINGS = 200
+# Bytes of findings an error carries at most: they travel in a trailer, and gRPC clients refuse trailers
+# past 8 KiB by default (the message counts them all).
+MAX_FINDINGS_BYTES = 6 * 1024
 
 
 def secrets_found(repo_name: str, findings: list[governance_pb2.SecretFinding]) -> Conflict:
     """The refusal of a publish that would expose secrets, with the findings as the error's detail."""
     commits = len({finding.commit_id for finding in findings})
     rules = ", ".join(sorted({finding.rule for finding in findings}))
-    listed = "" if len(findings) <= MAX_LISTED_FINDINGS else f"; the first {MAX_LISTED_FINDINGS} are listed"
+    detail = governance_pb2.SecretFindings()
+    for finding in findings:
+        if detail.ByteSize() + finding.ByteSize() + 8 > MAX_FINDINGS_BYTES:
+            break
+        detail.findings.append(finding)
+    listed = "" if len(detail.findings) == len(findings) else f"; the first {len(detail.findings)} are listed"
     return Conflict(
         f"making repository {repo_name!r} public would expose {len(findings)} secret(s) in {commits} commit(s) "
         f"({rules}{listed}): remove them from the VM, commit again and point the tags at the new commit, or publish "
         f"anyway with vers repo visibility {repo_name} --public --force (recorded in the audit log)",
-        details=[governance_pb2.SecretFindings(findings=findings[:MAX_LISTED_FINDINGS])],
+        details=[detail],
     )
 
 
@@ -233,8 +240,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if not commit_ids:
             return []
         answer = await self.orchestrator.ScanCommits(
-            orchestrator_pb2.ScanCommitsRequest(commit_ids=commit_ids, force=force, purpose=purpose),
+            orchestrator_pb2.ScanCommitsRequest(commit_ids=commit_ids, force=force, purpose=purpose, actor_key_id=current_principal().key_id),
             metadata=self.credential.metadata(org_id),
+            timeout=SCAN_TIMEOUT,
         )
         return list(answer.findings)
 

@@ -365,7 +365,8 @@ class RegistryStore:
             before = repo.is_public
             repo.is_public = is_public
             session.add(repo)
-            audit.record(session, org_id, "repository.visibility", name, before={"is_public": before}, after={"is_public": is_public})
+            if before != is_public:
+                audit.record(session, org_id, "repository.visibility", name, before={"is_public": before}, after={"is_public": is_public})
             if forced is not None:
                 audit.record(session, org_id, "publish.forced", name, after=forced)
             return repo

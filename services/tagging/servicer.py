@@ -131,7 +131,11 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
 
     async def DeleteRepositoryTags(self, request: pb.DeleteRepositoryTagsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryTagsResponse:
         repo = await self._repo(request.repo_name)
-        deleted = await self.store.delete_repository_tags(current_principal().org_id, repo.repo_id)
+        principal = current_principal()
+        # the registry's deletion of the whole repository (it checked the rules) takes immutable tags too; an
+        # org's own call of this path does not
+        immutable = () if principal.is_service else list(repo.immutable_tags)
+        deleted = await self.store.delete_repository_tags(principal.org_id, repo.repo_id, repo.name, immutable)
         return pb.DeleteRepositoryTagsResponse(deleted=deleted)
 
     async def ListRepositoryTagHistory(
@@ -225,8 +229,8 @@ class TaggingInternalServicer(tagging_pb2_grpc.TaggingInternalServiceServicer):
         return pb.ReserveCommitDeletionResponse()
 
     async def PlanRetention(self, request: pb.PlanRetentionRequest, context: grpc.aio.ServicerContext) -> pb.PlanRetentionResponse:
-        candidates, tagged = await self.store.plan_retention(current_principal().org_id, request.repositories)
-        return pb.PlanRetentionResponse(candidates=candidates, tagged_commit_ids=tagged)
+        candidates, tagged, kept = await self.store.plan_retention(current_principal().org_id, request.repositories)
+        return pb.PlanRetentionResponse(candidates=candidates, tagged_commit_ids=tagged, kept_commit_ids=kept)
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext) -> pb.ListAuditEventsResponse:
         query = AuditQuery.of(current_principal().org_id, request)

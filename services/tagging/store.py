@@ -118,7 +118,7 @@ def plan_retention(
     pointed = {repo.repo_id: _commits_per_tag(histories[repo.repo_id]) for repo in repositories}
     kept = set().union(*(_kept(repo.policy, pointed[repo.repo_id]) for repo in repositories))
     # a keep rule wins over the untagged rule: what `keep_tags` or `keep_last` keeps stays at any age
-    ruled = set().union(*(_kept(repo.policy, pointed[repo.repo_id], ruled_only=True) for repo in repositories))
+    ruled = kept_by_rules(repositories, histories)
     candidates: dict[str, governance_pb2.RetentionCandidate] = {}
 
     def propose(commit_id: str, reason: str, min_age_days: int) -> None:
@@ -139,6 +139,12 @@ def plan_retention(
             days = policy.untagged_older_than_days
             propose(commit_id, f"{repo.repo_name}: untagged, and older than {days} day{'s' if days != 1 else ''}", days)
     return list(candidates.values())
+
+
+def kept_by_rules(repositories: Sequence[governance_pb2.RepositoryRetention], histories: dict[str, list[TagEventRow]]) -> set[str]:
+    """The commits the repositories' keep rules (`keep_tags`, `keep_last`) keep: no age rule deletes them,
+    neither a repository's nor the org's."""
+    return set().union(*(_kept(repo.policy, _commits_per_tag(histories[repo.repo_id]), ruled_only=True) for repo in repositories))
 
 
 def _mentioned(history: Iterable[TagEventRow]) -> list[str]:
@@ -276,12 +282,15 @@ class TaggingStore:
             )
             return list(await session.exec(query.offset(offset).limit(limit)))
 
-    async def delete_repository_tags(self, org_id: str, repo_id: str) -> int:
-        """Every tag of a repository being deleted, immutable ones too (the repository goes with them), each
-        with its audit entry. Serialized with the org's tag creations, so none slips in between unrecorded."""
+    async def delete_repository_tags(self, org_id: str, repo_id: str, repo_name: str = "", immutable: Sequence[str] = ()) -> int:
+        """Every tag of a repository, each with its audit entry; refused whole while one matches an `immutable`
+        pattern (the registry's deletion of the repository passes none: the repository goes with them).
+        Serialized with the org's tag creations, so none slips in between unrecorded."""
         async with self.db.write() as session:
             await serialize(session, f"org:{org_id}")
             tags = list(await session.exec(select(RepoTagRow).where(RepoTagRow.repo_id == repo_id).order_by(RepoTagRow.name)))
+            for tag in tags:
+                _require_mutable(tag, repo_name, immutable)
             for tag in tags:
                 _record_tag_change(session, tag, tag.commit_id, "")
             await session.exec(delete(RepoTagRow).where(col(RepoTagRow.repo_id) == repo_id))  # type: ignore[call-overload]
@@ -351,9 +360,9 @@ class TaggingStore:
 
     async def plan_retention(
         self, org_id: str, repositories: Sequence[governance_pb2.RepositoryRetention]
-    ) -> tuple[list[governance_pb2.RetentionCandidate], list[str]]:
-        """The commits the repositories' rules let go, and every commit a tag or legacy tag of the org names
-        now. Read in one transaction, so that the histories and the tags agree."""
+    ) -> tuple[list[governance_pb2.RetentionCandidate], list[str], list[str]]:
+        """The commits the repositories' rules let go, every commit a tag or legacy tag of the org names now,
+        and those the keep rules keep. Read in one transaction, so that the histories and the tags agree."""
         async with self.db.read() as session:
             tagged = set(await session.exec(select(RepoTagRow.commit_id).where(RepoTagRow.org_id == org_id)))
             tagged |= set(await session.exec(select(CommitTagRow.commit_id).where(CommitTagRow.org_id == org_id)))
@@ -365,4 +374,4 @@ class TaggingStore:
                     .order_by(col(TagEventRow.id))
                 )  # fmt: skip
                 histories[repository.repo_id] = list(await session.exec(query))
-        return plan_retention(repositories, histories, tagged), sorted(tagged)
+        return plan_retention(repositories, histories, tagged), sorted(tagged), sorted(kept_by_rules(repositories, histories))

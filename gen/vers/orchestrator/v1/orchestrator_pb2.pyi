@@ -27,9 +27,12 @@ class ScanCommitsRequest(_message.Message):
     COMMIT_IDS_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
+    ACTOR_KEY_ID_FIELD_NUMBER: _builtins.int
     force: _builtins.bool
     purpose: _builtins.str
     """What the scan is for, kept with a forced publish (e.g. "repository my-app made public")."""
+    actor_key_id: _builtins.str
+    """The API key of the person the platform acts for, kept with a forced publish."""
     @_builtins.property
     def commit_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -38,10 +41,11 @@ class ScanCommitsRequest(_message.Message):
         commit_ids: _abc.Iterable[_builtins.str] | None = ...,
         force: _builtins.bool = ...,
         purpose: _builtins.str = ...,
+        actor_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ids", b"commit_ids", "force", b"force", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_key_id", b"actor_key_id", "commit_ids", b"commit_ids", "force", b"force", "purpose", b"purpose"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -75,9 +79,12 @@ class CollectCommitsRequest(_message.Message):
     PROTECTED_COMMIT_IDS_FIELD_NUMBER: _builtins.int
     UNTAGGED_OLDER_THAN_DAYS_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    ACTOR_KEY_ID_FIELD_NUMBER: _builtins.int
     untagged_older_than_days: _builtins.int
     """The org's rule for commits no tag names; 0: none."""
     dry_run: _builtins.bool
+    actor_key_id: _builtins.str
+    """The API key of the person who asked (empty for the platform's scheduled run), named by the audit log."""
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_governance_pb2.RetentionCandidate]: ...
     @_builtins.property
@@ -91,10 +98,11 @@ class CollectCommitsRequest(_message.Message):
         protected_commit_ids: _abc.Iterable[_builtins.str] | None = ...,
         untagged_older_than_days: _builtins.int = ...,
         dry_run: _builtins.bool = ...,
+        actor_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "dry_run", b"dry_run", "protected_commit_ids", b"protected_commit_ids", "untagged_older_than_days", b"untagged_older_than_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_key_id", b"actor_key_id", "candidates", b"candidates", "dry_run", b"dry_run", "protected_commit_ids", b"protected_commit_ids", "untagged_older_than_days", b"untagged_older_than_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -793,7 +793,9 @@ class SetRepositoryPolicyRequest(_message.Message):
 
     @_builtins.property
     def retention(self) -> _governance_pb2.RetentionPolicy:
-        """Left out: unchanged."""
+        """Left out: unchanged. Given, it replaces all of the repository's retention rules (send every rule
+        to keep: a field left out inside it turns that rule off).
+        """
 
     def __init__(
         self,

@@ -953,19 +953,25 @@ class PlanRetentionResponse(_message.Message):
 
     CANDIDATES_FIELD_NUMBER: _builtins.int
     TAGGED_COMMIT_IDS_FIELD_NUMBER: _builtins.int
+    KEPT_COMMIT_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_governance_pb2.RetentionCandidate]: ...
     @_builtins.property
     def tagged_commit_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def kept_commit_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Commits a keep rule keeps (keep_tags, keep_last), which no rule deletes, the org's own neither."""
+
     def __init__(
         self,
         *,
         candidates: _abc.Iterable[_governance_pb2.RetentionCandidate] | None = ...,
         tagged_commit_ids: _abc.Iterable[_builtins.str] | None = ...,
+        kept_commit_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "tagged_commit_ids", b"tagged_commit_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "kept_commit_ids", b"kept_commit_ids", "tagged_commit_ids", b"tagged_commit_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
