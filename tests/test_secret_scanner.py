@@ -88,13 +88,14 @@ def commit(tmp_path_factory: pytest.TempPathFactory) -> Commit:
     key_id, secret = fake_aws_pair()
     deleted_id = fake_aws_pair()[0]
     allowed_key, memory_key = vers_key(), vers_key()
-    private_key = fake_private_key()
+    private_key, host_key = fake_private_key(), fake_private_key()
     debugfs_write(disk, folder, {
         "/root/.ssh/id_ed25519": private_key,
         "/srv/app/.env": f"# the app\nDEBUG=1\nAWS_ACCESS_KEY_ID={key_id}\nAWS_SECRET_ACCESS_KEY={secret}\nDB_PASSWORD=$DB_PASSWORD\n",
         "/srv/app/README": "Set DB_PASSWORD=changeme in .env; token=your-token-here\n" * 20,
         "/tmp/scratch.txt": f"export ROTATED_KEY_ID={deleted_id}\n",
         "/opt/ci/token": f"{allowed_key}\n",
+        "/opt/ci/host_key": host_key,
     })  # fmt: skip
     run("debugfs", "-w", "-R", "rm /tmp/scratch.txt", disk)
     layer = folder / "layer.qcow2"
@@ -102,14 +103,17 @@ def commit(tmp_path_factory: pytest.TempPathFactory) -> Commit:
     run("qemu-img", "convert", "-O", "qcow2", "-B", base, "-F", "raw", disk, layer)
 
     memory = folder / "ram"
-    offsets = {"aws": 1 * MIB + 123, "vers": 5 * MIB + 4093, "allowed": 6 * MIB + 11}
+    # "cut": the allowed host key's first 300 bytes at the end of a page, as a process's heap copy of it may
+    # be cut by where the next page of it lies
+    offsets = {"aws": 1 * MIB + 123, "vers": 5 * MIB + 4093, "allowed": 6 * MIB + 11, "cut": 7 * MIB - 300}
     memory_id = fake_aws_pair()[0]
     with open(memory, "wb") as ram:
         ram.truncate(8 * MIB)
-        for name, text in (("aws", f"\x00\x07{memory_id}\x00"), ("vers", f"Bearer {memory_key}\r\n"), ("allowed", allowed_key)):
+        copies = (("aws", f"\x00\x07{memory_id}\x00"), ("vers", f"Bearer {memory_key}\r\n"), ("allowed", allowed_key), ("cut", host_key[:300]))
+        for name, text in copies:
             ram.seek(offsets[name])
             ram.write(text.encode())
-    offsets = {"aws": offsets["aws"] + 2, "vers": offsets["vers"] + 7, "allowed": offsets["allowed"]}
+    offsets = {"aws": offsets["aws"] + 2, "vers": offsets["vers"] + 7, "allowed": offsets["allowed"], "cut": offsets["cut"]}
     return Commit(disk, base, layer, memory, {
         "base_key_id": base_key_id, "key_id": key_id, "secret": secret, "deleted_id": deleted_id, "allowed": allowed_key,
         "memory_key": memory_key, "memory_id": memory_id, "private_key": private_key,
@@ -176,6 +180,8 @@ async def test_without_allowed_paths_the_file_and_its_copy_in_memory_are_reporte
     keys = [(finding.where, finding.path, finding.offset) for finding in findings if finding.rule == "vers-api-key"]
     assert ("disk", "/opt/ci/token", commit.disk_offset(commit.secrets["allowed"])) in keys
     assert ("memory", "", commit.memory_offsets["allowed"]) in keys
+    cut = [(finding.where, finding.offset) for finding in findings if finding.rule == "private-key"]
+    assert ("memory", commit.memory_offsets["cut"]) in cut, findings
 
 
 async def test_only_what_the_layer_changed_is_reported(tmp_path: Path) -> None:

@@ -98,11 +98,28 @@ def _publish(client: ApiClient, recipe: Recipe, commit_id: str, day: str, summar
         except ApiError as error:
             if error.status != 409:  # another bake took this name meanwhile: take the next
                 raise
+    _scan(client, recipe, dated)
     if "latest" in existing:
         client.request("PATCH", f"/api/v1/repositories/{recipe.name}/tags/latest", json={"commit_id": commit_id})
     else:
         client.request("POST", f"/api/v1/repositories/{recipe.name}/tags", json={"tag_name": "latest", "commit_id": commit_id})
     return dated
+
+
+def _scan(client: ApiClient, recipe: Recipe, dated: str) -> None:
+    """Published again, so the secret scan reads the new commit now, not at someone's first fork; with findings
+    the dated tag goes again (nobody could fork it meanwhile: a fork of an unscanned commit scans it first) and
+    the bake fails, saying what was found where."""
+    try:
+        client.request("PATCH", f"/api/v1/repositories/{recipe.name}/visibility", json={"is_public": True})
+    except ApiError as error:
+        findings = error.body.get("findings")
+        if not findings:
+            raise
+        with contextlib.suppress(ApiError, Unreachable):
+            client.request("DELETE", f"/api/v1/repositories/{recipe.name}/tags/{dated}")
+        where = "; ".join(f"{f['rule']} in {f['where']} {f.get('path') or f.get('offset')}" for f in findings[:10])
+        raise BakeError(f"vers/{recipe.name}: the secret scan found {len(findings)} secret(s) in the new commit: {where}") from None
 
 
 def bake(client: ApiClient, recipe: Recipe, image_root: Path, sources: Sources, log: Log, day: datetime.date | None = None) -> Baked:

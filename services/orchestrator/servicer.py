@@ -395,7 +395,12 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
         published it despite findings. One never scanned (public before the scan existed, or tagged since) is
         scanned now. What the scan found is its owner's to see, not the forker's."""
         scan = await self.engine.scan(source)
-        if json.loads(scan.findings) and scan.forced_at is None:
+        findings = json.loads(scan.findings)
+        if findings and scan.forced_at is None:
+            # the operator's log says where (never what): its owner learns it by publishing again
+            places = sorted({f"{f['rule']} in {f['where']}" + (f" {f['path']}" if f["path"] else "") for f in findings})
+            log.warning("a fork of %s (commit %s) is refused: its secret scan found %d secret(s): %s",
+                        reference, source.id, len(findings), "; ".join(places[:20]))  # fmt: skip
             raise Conflict(
                 f"{reference} has not passed the secret scan that publishing now requires, so it cannot be forked: "
                 f"its owner must publish it again (make the repository public again, which scans it) before anyone "
