@@ -164,6 +164,14 @@ async def list_events(db: Database, service: str, query: AuditQuery) -> list[gov
     ]  # fmt: skip
 
 
+async def service_page(db: Database, service: str, org_id: str, request: _ListRequest) -> tuple[list[governance_pb2.AuditEvent], str]:
+    """One service's page for the registry's merge (its internal ListAuditEvents): the events, and the next
+    page's token when the page is full."""
+    query = AuditQuery.of(org_id, request)
+    events = await list_events(db, service, query)
+    return events, query.token_after(events[-1]) if len(events) == query.size else ""
+
+
 def merge(query: AuditQuery, *pages: list[governance_pb2.AuditEvent]) -> tuple[list[governance_pb2.AuditEvent], str]:
     """The page the registry answers: the oldest `query.size` of the services' pages, and the next token."""
     events = sorted((event for page in pages for event in page), key=sort_key)

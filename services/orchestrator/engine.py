@@ -1303,9 +1303,10 @@ def _freed_bytes(
     freed = {commit.id: folder_bytes.get(commit.id, 0) for commit in commits}
     gone = {("commit", commit.id) for commit in commits}
     oldest_first = sorted(commits, key=lambda c: (c.created_at, c.id))
+    chains = {c.id: set(graph.chain(c.layer_id)) for c in oldest_first}  # each walked once, not once per layer
     for layer_id in graph.reachable() - graph.reachable(without=gone):
         froze = [c for c in oldest_first if c.layer_id == layer_id]
-        holders = froze or [c for c in oldest_first if layer_id in graph.chain(c.layer_id)]
+        holders = froze or [c for c in oldest_first if layer_id in chains[c.id]]
         freed[holders[0].id] += layer_bytes.get(layer_id, 0)
     return freed
 

@@ -8,7 +8,7 @@ import uuid
 
 import grpc
 
-from services.common.audit import AuditQuery, list_events
+from services.common.audit import service_page
 from services.common.auth import caller_metadata, current_principal
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.faults import fault_point
@@ -489,7 +489,5 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
     async def ListAuditEvents(
         self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAuditEventsResponse:
-        query = AuditQuery.of(current_principal().org_id, request)
-        events = await list_events(self.store.db, "orchestrator", query)
-        token = query.token_after(events[-1]) if len(events) == query.size else ""
+        events, token = await service_page(self.store.db, "orchestrator", current_principal().org_id, request)
         return pb.ListAuditEventsResponse(events=events, next_page_token=token)

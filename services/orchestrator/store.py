@@ -476,19 +476,11 @@ class OrchestratorStore:
             layers = graph.layers
             reachable = graph.reachable()
             garbage = [layer_id for layer_id in layers if layer_id not in reachable]
-            # children before parents, for the foreign key
-            depth = {layer_id: self._depth(layers, layer_id) for layer_id in garbage}
-            for layer_id in sorted(garbage, key=depth.__getitem__, reverse=True):
+            # children before parents (the longer chain first), for the foreign key
+            for layer_id in sorted(garbage, key=lambda layer_id: len(graph.chain(layer_id)), reverse=True):
                 await session.delete(layers[layer_id])
                 await session.flush()
             return garbage
-
-    @staticmethod
-    def _depth(layers: dict[str, LayerRow], layer_id: str) -> int:
-        depth, current = 0, layers[layer_id].parent_id
-        while current is not None:
-            depth, current = depth + 1, layers[current].parent_id
-        return depth
 
     # Secret scans
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.common.audit import AuditQuery, list_events
+from services.common.audit import service_page
 from services.common.auth import caller_metadata, current_principal
 from services.common.errors import InvalidArgument, NotFound
 from services.common.names import validate_repo_name, validate_tag_name, validate_text
@@ -233,7 +233,5 @@ class TaggingInternalServicer(tagging_pb2_grpc.TaggingInternalServiceServicer):
         return pb.PlanRetentionResponse(candidates=candidates, tagged_commit_ids=tagged, kept_commit_ids=kept)
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext) -> pb.ListAuditEventsResponse:
-        query = AuditQuery.of(current_principal().org_id, request)
-        events = await list_events(self.store.db, "tagging", query)
-        token = query.token_after(events[-1]) if len(events) == query.size else ""
+        events, token = await service_page(self.store.db, "tagging", current_principal().org_id, request)
         return pb.ListAuditEventsResponse(events=events, next_page_token=token)
