@@ -15,7 +15,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-GOOGLE_API_PROTOS = ("annotations.proto", "http.proto")
+GOOGLE_API_PROTOS = ("annotations.proto", "http.proto", "httpbody.proto", "field_behavior.proto")
 
 
 def googleapis_include() -> Path:

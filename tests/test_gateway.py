@@ -164,3 +164,22 @@ async def test_bad_boolean_query_value_is_400(platform: Platform, org: Org) -> N
         answer = await http.post("/api/v1/vm/new_root?wait_boot=perhaps", json={})
     assert answer.status_code == 400
     assert "wait_boot" in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("verb", "path", "field"),
+    [
+        ("PATCH", "/api/v1/vm/00000000-0000-0000-0000-000000000000/label", "labels"),
+        ("PUT", "/api/v1/vm/00000000-0000-0000-0000-000000000000/labels", "labels"),
+        ("PATCH", "/api/v1/commits/00000000-0000-0000-0000-000000000000", "is_public"),
+        ("PUT", "/api/v1/env_vars", "vars"),
+    ],
+)
+async def test_a_body_without_a_required_field_is_400(platform: Platform, org: Org, verb: str, path: str, field: str) -> None:
+    """A body that leaves out a field marked REQUIRED is a mistake, not a request for its empty value (a PUT
+    of labels without `labels` must not clear them): refused before any service sees it, body or none."""
+    async with platform.client(org) as http:
+        for content in (b"{}", b""):
+            answer = await http.request(verb, path, content=content, headers={"Content-Type": "application/json"})
+            assert answer.status_code == 400, answer.text
+            assert field in answer.json()["error"] and "required" in answer.json()["error"]

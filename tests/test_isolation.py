@@ -10,8 +10,9 @@ What each caller must get comes from the route's access annotation:
                  like any other here), 404 for the owner's object, the same answer as for an object that
                  does not exist, and never a byte of the owner's data.
 
-The streaming routes (console, tunnel) are WebSockets on the gateway: they are called as WebSockets, the
-handshake's status being the answer (101 when it opens). Destructive calls run first for everyone but
+The two-way streaming routes (console, tunnel) are WebSockets on the gateway: they are called as WebSockets,
+the handshake's status being the answer (101 when it opens); the one-way streams (exec output, file
+transfers) are plain HTTP, called as any other route. Destructive calls run first for everyone but
 the owner, on the owner's real objects, which must come out unchanged; the owner's own run last, on
 objects made for the purpose where those are cheap (repositories, tags, domains, keys, orgs) and on the
 one VM and commit at the very end.
@@ -36,6 +37,7 @@ from google.protobuf.descriptor import Descriptor
 
 from services.common.interceptor import Access, method_access
 from services.gateway.bindings import Binding, all_bindings
+from services.gateway.http_streams import is_http_stream
 from services.orchestrator.images import build_all
 from tests.conftest import IMAGES, Org, Platform, kill_vms_under
 from tests.conftest import test_settings as platform_settings
@@ -50,7 +52,7 @@ OBJECT_FIELDS = frozenset(
 # Fields that name an object the call makes: a fresh name each time.
 NEW_NAME_FIELDS = frozenset({"name", "label", "domain"})
 # Other fields a call needs to get past validation to the lookup of the object.
-EXAMPLES: dict[str, Any] = {"command": ["true"], "state": "Running", "port": 22}
+EXAMPLES: dict[str, Any] = {"command": ["true"], "state": "Running", "port": 22, "key": "ISOLATION_VAR"}
 # A message with `ref` names its commit by exactly one of these.
 ALTERNATIVES = ("commit_id", "tag_name", "ref")
 
@@ -241,7 +243,7 @@ class World:
     async def call(self, caller: str, route: Route, request: Request) -> Answer:
         token = self.tokens[caller]
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if route.binding.streaming:
+        if route.binding.streaming and not is_http_stream(route.binding):
             return await self._handshake(request, headers)
         async with httpx.AsyncClient(base_url=self.platform.url, headers=headers, timeout=180) as http:
             answer = await http.request(request.method, request.path, params=request.query, json=request.body)
@@ -287,6 +289,8 @@ async def make_objects(platform: Platform, owner: Org) -> Objects:
         await ok(await http.post("/api/v1/commit_tags", json={"tag_name": legacy, "commit_id": commit}))
         domain = (await ok(await http.post("/api/v1/domains", json={"domain": fresh("dom"), "vm_id": vm, "port": 80})))["domain_id"]
         key = (await ok(await http.post("/api/v1/keys", json={"label": "isolation"})))["api_key"]["id"]
+        # the org's variable that DELETE /env_vars/{key} names (EXAMPLES): every org has its own set
+        await ok(await http.put("/api/v1/env_vars", json={"vars": {EXAMPLES["key"]: "owner's value"}}))
     return Objects(owner, vm, commit, repo, tag, public_repo, public_tag, legacy, domain, key, limits_org=owner.name)
 
 

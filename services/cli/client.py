@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -85,6 +86,26 @@ class ApiClient:
         if not isinstance(body, dict):
             raise ApiError(response.status_code, response.text.strip() or response.reason_phrase)
         raise ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""), body)
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A response whose body is read as it arrives (a tar of any size); an error answer raises ApiError."""
+        try:
+            opened = self._http.stream(method, path, **kwargs)
+            response = opened.__enter__()
+        except httpx.TransportError as error:
+            raise Unreachable(unreachable(self.base_url, error)) from None
+        with contextlib.closing(response):
+            if not response.is_success:
+                response.read()
+                try:
+                    body = response.json()
+                except ValueError:
+                    body = None
+                if not isinstance(body, dict):
+                    raise ApiError(response.status_code, response.text.strip() or response.reason_phrase)
+                raise ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""), body)
+            yield response
 
     def close(self) -> None:
         self._http.close()

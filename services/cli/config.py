@@ -123,6 +123,13 @@ class LocalState:
             mine["last_vm"] = vm_id
         return previous if previous != vm_id else ""
 
+    def name(self, vm_id: str, alias: str) -> str:
+        """Give the VM the alias, leaving the current VM as it is; answers the VM the alias named before."""
+        with self._change() as mine:
+            previous = str(mine["aliases"].get(alias, ""))
+            mine["aliases"][alias] = vm_id
+        return previous if previous != vm_id else ""
+
     def forget(self, vm_id: str) -> None:
         with self._change() as mine:
             mine["aliases"] = {name: target for name, target in mine["aliases"].items() if target != vm_id}

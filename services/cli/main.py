@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click_default_group import DefaultGroup
 
-from services.cli import config, governance, ssh
+from services.cli import commits, config, copy, deploy, envvars, governance, mcp, ssh, streams, vmadmin
 from services.cli.client import ApiClient, ApiError, seg
 from services.cli.config import ConfigError, LocalState, check_alias, is_uuid
 from services.cli.console import open_console
@@ -109,7 +109,8 @@ def alias_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="vers-platform", prog_name="vers")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=vmadmin.print_version,
+              help="Print this CLI's version and the server's, and exit.")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Run VMs, commit them, branch them, and tag commits in repositories; keep those in check with
@@ -211,41 +212,7 @@ def connect(ctx: Context, over_ssh: bool, vm: str | None) -> None:
         click.echo(f"\r\n{'Left' if session.detached else 'Closed'} the console of VM {vm_id}.", err=True)
 
 
-@command(cli, "exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("-i", "--stdin", "send_stdin", is_flag=True, help="Send this command's stdin to the guest command.")
-@click.option("-e", "--env", multiple=True, metavar="NAME=VALUE", help="An environment variable; repeatable.")
-@click.option("-w", "--workdir", default="", help="Working directory in the guest.")
-@click.option("-t", "--timeout", type=click.IntRange(0), default=0, help="Kill the command after this many seconds.")
-@click.argument("vm")
-@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(ctx: Context, out: Output, send_stdin: bool, env: tuple[str, ...], workdir: str, timeout: int, vm: str, cmd: tuple[str, ...]) -> None:
-    """Run CMD in the VM (`vers exec VM -- CMD...`); its exit code becomes this one's.
-
-    One argument runs as a shell line (`vers exec dev -- 'ls | wc -l'`); several run as they are."""
-    if cmd[0] == "--":  # everything after VM is the command, so click keeps the separator
-        cmd = cmd[1:]
-    if not cmd:
-        raise click.UsageError("no command: vers exec VM -- CMD...")
-    variables = {}
-    for item in env:
-        name, equals, value = item.partition("=")
-        if not equals or not name:
-            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--env")
-        variables[name] = value
-    command_line = ["sh", "-c", cmd[0]] if len(cmd) == 1 else list(cmd)
-    body: dict[str, Any] = {"command": command_line, "env": variables, "working_dir": workdir, "timeout_secs": timeout}
-    if send_stdin:
-        body["stdin"] = sys.stdin.read()
-    vm_id = ctx.vm(vm)
-    result = ctx.call("POST", f"/api/v1/vm/{seg(vm_id)}/exec", json=body)
-    ctx.remember(vm_id)
-    if out.json:
-        out.result(result)
-    else:
-        sys.stdout.write(result["stdout"])
-        sys.stdout.flush()
-        sys.stderr.write(result["stderr"])
-    sys.exit(result["exit_code"])
+# `vers exec` and `vers logs`: services/cli/streams.py
 
 
 def _port(text: str, what: str, lowest: int = 1) -> int:
@@ -355,19 +322,29 @@ def commit_list(ctx: Context, out: Output, limit: int, offset: int) -> None:
 @click.argument("source", required=False, metavar="[VM|COMMIT]")
 @click.option("--count", type=click.IntRange(1, 64), default=1, show_default=True, help="How many VMs.")
 @click.option("--keep-paused", is_flag=True, help="Leave the source VM paused afterwards.")
+@click.option("--checkout", is_flag=True, help="Make the new VM the current one (the VM commands act on when none is given).")
 @alias_option
-def branch(ctx: Context, out: Output, source: str | None, count: int, keep_paused: bool, alias: str) -> None:
-    """New VMs branched copy-on-write from a VM (the VM used last if none is given) or a commit."""
+def branch(ctx: Context, out: Output, source: str | None, count: int, keep_paused: bool, checkout: bool, alias: str) -> None:
+    """New VMs branched copy-on-write from a VM (the current one if none is given) or a commit; the current VM
+    stays what it was unless --checkout."""
     if alias and count > 1:
         raise click.UsageError("--vm-alias names one VM: drop it or use --count 1")
+    if checkout and count > 1:
+        raise click.UsageError("--checkout makes one VM the current one: drop it or use --count 1")
     source_id = ctx.vm(source)  # an ID passes as it is, so a commit ID works too
     params = {"count": count, **({"keep_paused": "true"} if keep_paused else {})}
     with progress(f"Branching {source_id}…"):
         vms = [vm["vm_id"] for vm in ctx.call("POST", f"/api/v1/vm/{seg(source_id)}/branch", params=params)["vms"]]
     for vm_id in vms:
-        ctx.remember(vm_id, alias)
+        if alias and (previous := ctx.state.name(vm_id, alias)):
+            click.echo(f"alias {alias} now names VM {vm_id} (it named {previous})", err=True)
+    if checkout:
+        ctx.remember(vms[0])
     lines = [f"✓ Branched {source_id} → {len(vms)} VM{'s' if len(vms) > 1 else ''}", *(f"  VM: {vm_id}" for vm_id in vms)]
-    out.result({"source": source_id, "vms": [{"vm_id": vm_id} for vm_id in vms], "alias": alias or None}, *lines)
+    if checkout:
+        lines.append(f"✓ Switched to VM {vms[0]}")
+    out.result({"source": source_id, "vms": [{"vm_id": vm_id} for vm_id in vms], "alias": alias or None,
+                "current_vm_id": ctx.state.last_vm or None}, *lines)
 
 
 @command(cli, "run-commit")
@@ -457,17 +434,29 @@ def status(ctx: Context, out: Output, vm: str | None) -> None:
                 ("Created", when(meta["created_at"])),
                 ("vCPUs", meta["vcpu_count"]),
                 ("Memory", f"{meta['mem_size_mib']} MiB"),
+                ("Disk", f"{meta.get('fs_size_mib', 0)} MiB"),
                 ("From commit", meta["parent_commit_id"]),
             ],
         )
         return
     vms = ctx.list_all("/api/v1/vm")
     last = ctx.state.last_vm
+    # The list has no sizes: each VM's metadata has them (its memory and disk as made or resized).
+    for vm_entry in vms:
+        try:
+            meta = ctx.call("GET", f"/api/v1/vm/{seg(vm_entry['vm_id'])}/metadata")
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            meta = {}  # deleted since the list was made
+        vm_entry["mem_size_mib"], vm_entry["fs_size_mib"] = meta.get("mem_size_mib"), meta.get("fs_size_mib")
     rows = [
-        [vm["vm_id"] + (" *" if vm["vm_id"] == last else ""), ctx.state.alias_of(vm["vm_id"]) or "-", vm["state"], when(vm["created_at"])]
+        [vm["vm_id"] + (" *" if vm["vm_id"] == last else ""), ctx.state.alias_of(vm["vm_id"]) or "-", vm["state"],
+         f"{vm['mem_size_mib']} MiB" if vm["mem_size_mib"] else "-", f"{vm['fs_size_mib']} MiB" if vm["fs_size_mib"] else "-",
+         when(vm["created_at"])]
         for vm in vms
     ]
-    out.table(vms, ["VM", "ALIAS", "STATE", "CREATED"], rows, "No VMs: `vers run` starts one.")
+    out.table(vms, ["VM", "ALIAS", "STATE", "MEMORY", "DISK", "CREATED"], rows, "No VMs: `vers run` starts one.")
 
 
 # --- repositories ---------------------------------------------------------------------------------
@@ -579,6 +568,11 @@ for found in governance.REPO_COMMANDS:
     repo.add_command(found)
 for found in governance.TOP_COMMANDS:
     cli.add_command(found)
+for module in (streams, copy, vmadmin, commits, envvars, deploy, mcp):
+    for found in module.TOP_COMMANDS:
+        cli.add_command(found)
+for found in commits.COMMIT_COMMANDS:
+    commit_group.add_command(found)
 
 
 # --- tags -----------------------------------------------------------------------------------------

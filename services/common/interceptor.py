@@ -128,21 +128,41 @@ def _wrap(handler: grpc.RpcMethodHandler, interceptor: ServiceInterceptor, acces
             unary_unary, handler.request_deserializer, handler.response_serializer
         )
 
-    if handler.stream_stream:
-
-        async def stream_stream(request_iterator, context):  # type: ignore[no-untyped-def]
+    def answers_stream(call):  # type: ignore[no-untyped-def]
+        async def streaming(request_or_iterator, context):  # type: ignore[no-untyped-def]
             try:
                 # No reset afterwards: the call runs in a task of its own, whose context ends with it,
                 # and a stream the client abandons is closed from another context, where a reset fails.
                 await enter(context)
-                async for response in handler.stream_stream(request_iterator, context):
+                async for response in call(request_or_iterator, context):
                     yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as error:  # noqa: BLE001
                 await _abort(context, error, method)
 
+        return streaming
+
+    if handler.stream_stream:
         return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
+            answers_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
         )
-    raise TypeError(f"{method}: only unary and bidirectional methods are served")
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            answers_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+
+        async def stream_unary(request_iterator, context):  # type: ignore[no-untyped-def]
+            try:
+                await enter(context)  # no reset: as for the streams above
+                return await handler.stream_unary(request_iterator, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                await _abort(context, error, method)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )
+    raise TypeError(f"{method}: unknown kind of method")

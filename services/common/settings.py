@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # *.localhost, at the gateway); how many one organization may have.
     domain_suffix: str = Field("vers.localhost", validation_alias="VERS_DOMAIN_SUFFIX")
     org_max_domains: int = Field(20, validation_alias="VERS_ORG_MAX_DOMAINS")
+    # Environment variables: how many one organization may set (values kept encrypted, env-vars.key in the
+    # data folder).
+    org_max_env_vars: int = Field(100, validation_alias="VERS_ORG_MAX_ENV_VARS")
 
     # Exec: output kept per stream (stdout, stderr) of one exec (a command writing more has its pipe
     # closed, as with `| head -c`), the timeout when a request gives none, the longest a request may ask
@@ -72,6 +75,20 @@ class Settings(BaseSettings):
     exec_default_timeout_seconds: int = Field(600, validation_alias="VERS_EXEC_DEFAULT_TIMEOUT_SECONDS")
     exec_max_timeout_seconds: int = Field(3600, validation_alias="VERS_EXEC_MAX_TIMEOUT_SECONDS")
     vm_max_execs: int = Field(16, validation_alias="VERS_VM_MAX_EXECS")
+    # Streamed execs are kept after they end (their output, for reattaching) this long, and at most this
+    # many per VM (the oldest finished go first); each VM's exec log keeps its newest this many bytes.
+    exec_retain_seconds: int = Field(3600, validation_alias="VERS_EXEC_RETAIN_SECONDS")
+    exec_retain_per_vm: int = Field(16, validation_alias="VERS_EXEC_RETAIN_PER_VM")
+    vm_log_max_bytes: int = Field(8 * 1024 * 1024, validation_alias="VERS_VM_LOG_MAX_BYTES")
+    # Deploy (POST /deploy): where an `owner/repo` is cloned from (BASE + owner/repo + ".git"), and how long
+    # the clone, install and build may take (at most VERS_EXEC_MAX_TIMEOUT_SECONDS).
+    deploy_git_base: str = Field("https://github.com/", validation_alias="VERS_DEPLOY_GIT_BASE")
+    deploy_timeout_seconds: int = Field(1800, validation_alias="VERS_DEPLOY_TIMEOUT_SECONDS")
+    # The largest file ReadFile and WriteFile move whole (base64 in JSON, through the guest agent); larger
+    # files and folders go through DownloadFiles and UploadFiles (tar streams, `vers copy`).
+    file_max_bytes: int = Field(2 * 1024 * 1024, validation_alias="VERS_FILE_MAX_BYTES")
+    # The longest one file transfer (a tar stream into or out of a VM) may take before it is cut.
+    file_transfer_timeout_seconds: int = Field(3600, validation_alias="VERS_FILE_TRANSFER_TIMEOUT_SECONDS")
     # A guest's serial console log (ttyS0) in the run folder is cut to its last half past this size.
     serial_log_max_bytes: int = Field(1024 * 1024, validation_alias="VERS_SERIAL_LOG_MAX_BYTES")
     # Room a new VM, branch, commit or wake leaves free on this host: memory (MemAvailable), the data
@@ -137,6 +154,9 @@ class Settings(BaseSettings):
 
     # Name of the organization `make run` creates on its first start.
     first_org: str = Field("default", validation_alias="VERS_FIRST_ORG")
+    # The commit GET /system/version names when the orchestrator does not run from a git checkout (an
+    # installed package); "unknown" when empty too.
+    git_hash: str = Field("", validation_alias="VERS_GIT_HASH")
 
     def addr(self, service: str) -> str:
         return getattr(self, f"{service}_addr")

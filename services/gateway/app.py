@@ -23,6 +23,7 @@ from services.common.settings import SERVICES, Settings
 from services.gateway.bindings import Binding, all_bindings
 from services.gateway.domains import DomainRouter
 from services.gateway.errors import STATUS_CODE_NAMES, error_response, rpc_error_response
+from services.gateway.http_streams import is_http_stream, serve_client_stream, serve_server_stream
 from services.gateway.limits import AUTHENTICATED, Guard, GuardMiddleware, call_timeout, checks_token
 from services.gateway.openapi import openapi_document
 from services.gateway.streams import StreamBridge
@@ -82,9 +83,19 @@ class Gateway:
         response_class = message_factory.GetMessageClass(binding.method.output_type)
         proves_token = checks_token(binding)
 
+        http_stream = is_http_stream(binding)
+
         async def handle(request: Request) -> Response:
-            if binding.streaming:
+            if binding.streaming and not http_stream:
                 return error_response(426, "FAILED_PRECONDITION", f"{binding.path} is a stream: open it as a WebSocket")
+            channel = self.channels[binding.backend]
+            if binding.method.client_streaming:
+                answer = await serve_client_stream(
+                    binding, channel, request, request_class, response_class, forwarded(request),
+                    call_timeout(binding, request_class(), self.settings), response_json,
+                )  # fmt: skip
+                request.scope[AUTHENTICATED] = proves_token and answer.status_code < 400
+                return answer
             try:
                 body = await read_body(request, self.settings.http_max_body_bytes)
                 message = build_request(
@@ -96,7 +107,12 @@ class Gateway:
                 return error_response(400, "INVALID_ARGUMENT", str(error))
             if message.ByteSize() > max_message_bytes(self.settings):
                 return self.too_large("request is too large once encoded for the service")
-            call = self.channels[binding.backend].unary_unary(
+            if http_stream:
+                timeout = call_timeout(binding, message, self.settings)
+                streamed = await serve_server_stream(binding, channel, message, response_class, forwarded(request), timeout)
+                request.scope[AUTHENTICATED] = proves_token and streamed.status_code < 400
+                return streamed
+            call = channel.unary_unary(
                 binding.grpc_path,
                 request_serializer=request_class.SerializeToString,
                 response_deserializer=response_class.FromString,
@@ -167,7 +183,7 @@ def create_app(settings: Settings) -> ASGIApp:
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         *(Route(b.path, gateway.endpoint(b), methods=[b.verb]) for b in gateway.bindings),
-        *(WebSocketRoute(b.path, gateway.stream_endpoint(b)) for b in gateway.bindings if b.streaming),
+        *(WebSocketRoute(b.path, gateway.stream_endpoint(b)) for b in gateway.bindings if b.streaming and not is_http_stream(b)),
     ]
     api = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: _http_error})
     return DomainRouter(GuardMiddleware(api, gateway.guard), settings.domain_suffix, lambda: gateway.channels["orchestrator"], gateway.guard)

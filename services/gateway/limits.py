@@ -250,9 +250,13 @@ def call_timeout(binding: Binding, message: Message, settings: Settings) -> floa
     the time a publish's secret scan or a collection may take."""
     timeout = settings.rpc_timeout_seconds
     name = binding.method.name
-    if name == "ExecVm":
+    if name in ("ExecVm", "ExecVmStream"):
         asked = getattr(message, "timeout_secs", 0)
         timeout += asked if asked > 0 else settings.exec_max_timeout_seconds
+    elif name == "AttachExecStream":
+        timeout += settings.exec_max_timeout_seconds
+    elif name in ("DownloadFiles", "UploadFiles"):
+        timeout += settings.file_transfer_timeout_seconds
     if _may_wait_for_boot(name, message):
         timeout += settings.boot_timeout_seconds
     return timeout + _LONGER.get(name, 0.0)
@@ -263,7 +267,7 @@ _LONGER = {"SetRepositoryVisibility": SCAN_TIMEOUT, "CollectGarbage": COLLECT_TI
 
 
 # Calls that wait for a booting VM with no field to say so.
-_WAIT_FOR_BOOT = ("ExecVm", "GetSshKey")
+_WAIT_FOR_BOOT = ("ExecVm", "ExecVmStream", "GetSshKey", "ReadFile", "WriteFile", "DownloadFiles", "UploadFiles")
 
 
 def _may_wait_for_boot(name: str, message: Message) -> bool:

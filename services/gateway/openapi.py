@@ -15,6 +15,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from services.common.interceptor import Access, method_access
 from services.gateway.bindings import Binding
 from services.gateway.errors import HTTP_STATUS, STATUS_CODE_NAMES
+from services.gateway.http_streams import NDJSON, http_body_field, is_http_stream
+from services.gateway.transcode import required_fields
 
 _INT32 = {"type": "integer", "format": "int32", "minimum": -(2**31), "maximum": 2**31 - 1}
 _UINT32 = {"type": "integer", "format": "int32", "minimum": 0, "maximum": 2**32 - 1}
@@ -107,6 +109,8 @@ class _Schemas:
             schema["required"] = [f.name for f in fields]
         else:
             schema["additionalProperties"] = False
+            if required := [name for name in required_fields(descriptor) if name not in skip]:
+                schema["required"] = required
         return schema
 
     def field(self, field: FieldDescriptor, output: bool) -> dict[str, Any]:
@@ -138,6 +142,15 @@ def _success_response(binding: Binding, schemas: _Schemas) -> dict[str, Any]:
     if binding.success_code == 204:
         return success
     output = binding.method.output_type
+    if binding.method.server_streaming:
+        if http_body_field(output, binding.response_body) is not None:
+            success["content"] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+        else:
+            event = output.fields_by_name[binding.response_body] if binding.response_body else None
+            schema = schemas.field(event, output=True) if event is not None else schemas.message(output, output=True)
+            success["description"] = "Success: one JSON object per line, as the events come"
+            success["content"] = {NDJSON: {"schema": schema}}
+        return success
     if binding.response_body:
         answer = schemas.field(output.fields_by_name[binding.response_body], output=True)
     else:
@@ -167,6 +180,8 @@ def _operation(binding: Binding, schemas: _Schemas) -> dict[str, Any]:
     if binding.body == "*":
         body_schema = schemas.message(request, output=False, skip=path_params)
         operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": body_schema}}}
+    elif http_body_field(request, binding.body) is not None:
+        operation["requestBody"] = {"required": False, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     elif binding.body:
         body_schema = schemas.parameter(request.fields_by_name[binding.body])
         operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": body_schema}}}
@@ -180,7 +195,7 @@ def openapi_document(bindings: list[Binding]) -> dict[str, Any]:
     schemas = _Schemas()
     paths: dict[str, dict[str, Any]] = {}
     for binding in bindings:
-        if not binding.streaming:
+        if not binding.streaming or is_http_stream(binding):
             paths.setdefault(binding.path, {})[binding.verb.lower()] = _operation(binding, schemas)
     return {
         "openapi": "3.1.0",

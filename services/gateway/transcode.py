@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from google.api import field_behavior_pb2
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -59,6 +60,22 @@ def _place_query(target: dict[str, Any], descriptor: Descriptor, name: str, valu
         target[head] = _query_value(field, name, values[-1])
 
 
+def required_fields(descriptor: Descriptor) -> list[str]:
+    """Fields marked (google.api.field_behavior) = REQUIRED: a JSON body must name them, even empty
+    (`{"labels": {}}` clears labels; a body without `labels` is a mistake, not a request to clear them)."""
+    return [
+        field.name
+        for field in descriptor.fields
+        if field_behavior_pb2.REQUIRED in field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+    ]
+
+
+def _require(descriptor: Descriptor, data: Mapping[str, Any], path_params: Sequence[str]) -> None:
+    missing = [name for name in required_fields(descriptor) if name not in path_params and data.get(name) is None]
+    if missing:
+        raise BadRequest(f"request body must give {', '.join(missing)} (required)")
+
+
 def _deeper_than(data: Any, limit: int) -> bool:
     stack = [(data, 1)]
     while stack:
@@ -104,6 +121,8 @@ def build_request(
     body: bytes,
 ) -> Message:
     descriptor = message.DESCRIPTOR
+    if binding.body == "*" and not body.strip():
+        _require(descriptor, {}, binding.path_params)
     if body.strip():
         if not binding.body:
             raise BadRequest(f"{binding.verb} {binding.path} takes no request body")
@@ -114,6 +133,7 @@ def build_request(
             path_fields = set(binding.path_params) & set(data)
             if path_fields:
                 raise BadRequest(f"{', '.join(sorted(path_fields))} comes from the URL path, not the body")
+            _require(descriptor, data, binding.path_params)
             parse_json(data, message, "request body")
         else:
             parse_json({binding.body: data}, message, "request body")

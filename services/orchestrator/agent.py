@@ -13,6 +13,11 @@ One reader per VM reads the port all the time: frames go to the exec that waits 
 everything else (a guest writing to the port on its own, answers nobody waits for) is dropped as it
 arrives, so nothing the guest writes accumulates here. Lengths are read from the headers, so output is
 never searched for markers.
+
+A streamed command (`stream=True`) sends its output as it is written instead: a reader per stream keeps the
+FIFO open and reads it one `read()` at a time (`dd bs=CHUNK count=1`: a short read is a short frame, an empty
+one is the end), and sends each piece as one frame at once, in the same format and with the same guarantees;
+past the cap it stops reading, so the command finds its pipe closed, and the end marker says so.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +70,7 @@ def guest_script(
     working_dir: str = "",
     timeout_secs: int = 0,
     max_output: int = 1024 * 1024,
+    stream: bool = False,
 ) -> bytes:
     if not command:
         raise InvalidArgument("command is empty: give the program and its arguments, e.g. [\"sh\", \"-c\", \"ls\"]")
@@ -86,7 +92,7 @@ def guest_script(
         source = f"{files}.in"
         prepare = f"printf %s {base64.b64encode(stdin).decode()} | base64 -d > {source}; "
     line = (
-        JOB.replace("@F@", files).replace("@NONCE@", nonce).replace("@BLOCKS@", str(max_output // 512 + 1))
+        (STREAM_JOB if stream else JOB).replace("@F@", files).replace("@NONCE@", nonce).replace("@BLOCKS@", str(max_output // 512 + 1))
         .replace("@MAX@", str(max_output)).replace("@CHUNK@", str(CHUNK)).replace("@SOURCE@", source)
         .replace("@PREPARE@", prepare)
         .replace("@RUN@", run)  # last: the command's own text is never read for placeholders
@@ -120,14 +126,48 @@ printf '\\n<<E:%s:%s:%s:%s>>\\n' @NONCE@ "$r" $ot $et ) </dev/null 2>/dev/null &
 )
 
 
+# A streamed command: each stream's FIFO is read by `p o|e FIFO`, which sends what one read() gives as one
+# frame at once (the frame is made in a file first, so it leaves in one write); past @MAX@ bytes it marks the
+# stream cut (FIFO.t) and stops reading, so the command finds its pipe closed. The answer waits for the
+# command and its readers, and for processes it left running with its output open one second more.
+STREAM_JOB = " ".join(
+    """
+( @PREPARE@ mkfifo @F@.po @F@.pe;
+p() { exec 3<$2; t=0; while :; do dd bs=@CHUNK@ count=1 <&3 >$2.d 2>/dev/null; n=$(stat -c %s $2.d);
+[ "$n" -gt 0 ] || break; c=0; [ $((t+n)) -gt @MAX@ ] && { n=$((@MAX@-t)); truncate -s $n $2.d; : >$2.t; c=1; };
+[ "$n" -gt 0 ] && { printf '\\n<<C:%s:%s:%s>>\\n' @NONCE@ $1 $n; cat $2.d; } >$2.f && dd if=$2.f bs=32768 count=1 2>/dev/null;
+t=$((t+n)); [ $c = 1 ] && break; done; };
+( p o @F@.po ) 2>/dev/null & a=$!; ( p e @F@.pe ) 2>/dev/null & b=$!;
+( @RUN@ ) <@SOURCE@ >@F@.po 2>@F@.pe; r=$?;
+( sleep 1; kill $a $b ) 2>/dev/null & w=$!; wait $a $b; kill $w;
+ot=0; et=0; [ -e @F@.po.t ] && ot=1; [ -e @F@.pe.t ] && et=1;
+rm -f @F@.po @F@.pe @F@.po.d @F@.pe.d @F@.po.f @F@.pe.f @F@.po.t @F@.pe.t @F@.in;
+printf '\\n<<E:%s:%s:%s:%s>>\\n' @NONCE@ "$r" $ot $et ) </dev/null 2>/dev/null &
+""".split()
+)
+
+# Receives a streamed command's output as it comes: ("stdout" or "stderr", bytes).
+OnOutput = Callable[[str, bytes], None]
+
+
 @dataclass
 class _Pending:
     limit: int
     stdout: bytearray = field(default_factory=bytearray)
     stderr: bytearray = field(default_factory=bytearray)
     done: asyncio.Future[ExecResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # A streamed command: its output goes here as it comes, and only its size is kept (the cap holds here
+    # too, whatever a guest that knows the nonce sends).
+    on_output: OnOutput | None = None
+    sizes: dict[bytes, int] = field(default_factory=lambda: {b"o": 0, b"e": 0})
 
     def add(self, stream: bytes, data: bytes) -> None:
+        if self.on_output is not None:
+            room = self.limit - self.sizes[stream]
+            if room > 0 and data:
+                self.sizes[stream] += min(room, len(data))
+                self.on_output("stdout" if stream == b"o" else "stderr", data[:room])
+            return
         target = self.stdout if stream == b"o" else self.stderr
         room = self.limit - len(target)
         if room > 0:
@@ -267,8 +307,10 @@ class Agent:
             if not waiter.done.done():
                 waiter.done.set_exception(Conflict(reason))
 
-    async def _send(self, script: bytes, nonce: str, limit: int, timeout: float | None) -> ExecResult:
-        pending = _Pending(limit)
+    async def _send(
+        self, script: bytes, nonce: str, limit: int, timeout: float | None, on_output: OnOutput | None = None
+    ) -> ExecResult:
+        pending = _Pending(limit, on_output=on_output)
         self._pending[nonce] = pending
         try:
             async with self.sending():
@@ -311,15 +353,17 @@ class Agent:
         wait: float | None = None,
         max_output: int = 1024 * 1024,
         max_running: int = 0,
+        on_output: OnOutput | None = None,
     ) -> ExecResult:
-        """Run a command; with `max_running`, refused when that many already run on this VM."""
+        """Run a command; with `max_running`, refused when that many already run on this VM. With
+        `on_output`, its output goes there as the command writes it (the result then holds none)."""
         if max_running and self.running >= max_running:
             raise ResourceExhausted(
                 f"{self.running} commands already run in this VM, the most at once (VERS_VM_MAX_EXECS): wait for "
                 f"one to end, or raise VERS_VM_MAX_EXECS"
             )
         nonce = secrets.token_hex(8)
-        script = guest_script(nonce, command, env, stdin, working_dir, timeout_secs, max_output)
+        script = guest_script(nonce, command, env, stdin, working_dir, timeout_secs, max_output, stream=on_output is not None)
         if wait is None and timeout_secs > 0:
             wait = timeout_secs + 10.0
         if self._handshake:
@@ -327,7 +371,7 @@ class Agent:
                 if self._handshake:
                     await self.connect()
                     await self._ping_until_answered(timeout=60.0, attempt=1.0)
-        return await self._send(script, nonce, max_output, wait)
+        return await self._send(script, nonce, max_output, wait, on_output)
 
     async def wait_ready(self, timeout: float, attempt: float = 1.0) -> None:
         """Ping until the guest answers. The guest driver drops what arrives after it loads but before

@@ -28,8 +28,10 @@ from services.common.files import fsync_dir, fsync_path, fsync_tree, write_atomi
 from services.common.settings import Settings
 from services.orchestrator import secrets
 from services.orchestrator.accel import choose_accelerator
+from services.orchestrator.envvars import EnvVars
 from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
-from services.orchestrator.agent import ExecResult
+from services.orchestrator.agent import ExecResult, OnOutput
+from services.orchestrator.execs import ExecRegistry
 from services.orchestrator.integrity import Verifier
 from services.orchestrator.machine import LAYER_OPTIONS, LaunchSpec, Machine, QmpError, copy_sparse, find_processes, kill_process
 from services.orchestrator.models import (
@@ -103,6 +105,8 @@ class Engine:
         self.layers_dir = data / "layers"
         self.commits_dir = data / "commits"
         self.sleep_dir = data / "sleeping"
+        # Each VM's exec log (a folder per VM), kept with the VM's data: it outlives restarts, not the VM.
+        self.exec_logs_dir = data / "exec-logs"
         self.run_dir = settings.vm_run_dir
         self.network = GuestNetwork(
             self.run_dir,
@@ -112,6 +116,9 @@ class Engine:
         self.accel = "tcg"
         self.vms: dict[str, LiveVm] = {}
         self.verifier = Verifier()
+        # Streamed execs and the VMs' exec logs.
+        self.execs = ExecRegistry(self, self.exec_logs_dir)
+        self.env_vars = EnvVars(settings, store.db)
         self.reserve_deletion: ReserveDeletion | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._changes: set[asyncio.Future[Any]] = set()
@@ -129,7 +136,7 @@ class Engine:
     # Start-up and shutdown
 
     async def start(self) -> None:
-        for folder in (self.layers_dir, self.commits_dir, self.sleep_dir, self.run_dir):
+        for folder in (self.layers_dir, self.commits_dir, self.sleep_dir, self.exec_logs_dir, self.run_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             _check_private(folder)
         image = find_image(self.images_root, DEFAULT_IMAGE)
@@ -152,6 +159,7 @@ class Engine:
         """Stop managing the VMs: put them to sleep (memory to disk), so nothing runs unmanaged and the next
         start wakes them where they were; with VERS_KEEP_VMS_RUNNING they go on running, to be adopted."""
         self._closing = True
+        await self.execs.close()
         while self._changes:
             await asyncio.gather(*self._changes, return_exceptions=True)
         for task in [*self._tasks, *self._scans.values()]:  # watchers, boot waits (a booting VM sleeps as it is), scans
@@ -340,6 +348,7 @@ class Engine:
         await self.store.update_vm(vm.id, state=state, pid=machine.pid)
         self._attach(vm, machine, booted=booted)
         log.info("adopted VM %s (%s)", vm.id, state)
+        await self._finish_disk_growth(vm, machine, running=state == "running")
 
     async def _remove_orphans(self) -> None:
         """Files no row owns: commit folders of no commit, layers of no layer row, saved states of VMs
@@ -360,6 +369,7 @@ class Engine:
         orphans += [p for p in self.sleep_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state != "sleeping")]
         orphans += [p for p in self.run_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state not in LIVE_STATES)]
         orphans += [p for p in self.run_dir.glob("*/ram-*") if p.parent.name not in busy_vms]
+        orphans += [p for p in self.exec_logs_dir.iterdir() if p.name not in vms and p.name not in busy_vms]
         for path in orphans:
             log.warning("removing %s, which nothing owns", path)
             if path.is_dir():
@@ -441,6 +451,9 @@ class Engine:
             log.warning("VM %s did not boot: %s; %s", vm_id, error, Machine.read_log(machine.run_folder))
             await machine.kill()
             return
+        vm = await self.store.vm(vm_id)
+        if vm is not None:  # a new VM's /etc/environment, before anyone can exec in it or open its console
+            await self.env_vars.install(machine.agent, vm.org_id, vm_id)
         await self.store.update_vm(vm_id, state="running")
         booted.set()
 
@@ -660,14 +673,17 @@ class Engine:
         await asyncio.to_thread(self.verify_commit, commit)
         layers = [LayerRow(id=str(uuid.uuid4()), parent_id=commit.layer_id) for _ in range(count)]
         shape = commit.model_dump(include=set(MachineShape.model_fields))
-        # A fork keeps no link upstream: a VM started from another org's commit does not name it.
+        # A fork keeps no link upstream: a VM started from another org's commit does not name it. A public
+        # commit branched by id is named (it is public), so its owner cannot delete it under the VM; the
+        # owner's VM it was made from is not (another org's VM is never shown).
         own = commit.org_id == org_id
+        linked = own or commit.is_public
         vms = [
             VmRow(
                 id=vm_id, org_id=org_id, **shape, layer_id=layer.id,
                 ram_mode="private" if commit.ram_format == "file" else "anonymous",
                 ram_source=str(self.commit_folder(commit.id) / "ram") if commit.ram_format == "file" else "",
-                parent_commit_id=commit.id if own else None, grandparent_vm_id=commit.parent_vm_id if own else None,
+                parent_commit_id=commit.id if linked else None, grandparent_vm_id=commit.parent_vm_id if own else None,
             )  # fmt: skip
             for vm_id, layer in zip(ids, layers, strict=True)
         ]
@@ -1053,9 +1069,34 @@ class Engine:
 
     async def exec(
         self, vm: VmRow, command: Sequence[str], env: Mapping[str, str] | None = None, stdin: bytes | None = None,
-        working_dir: str = "", timeout_secs: int = 0,
+        working_dir: str = "", timeout_secs: int = 0, exec_id: str = "", on_output: OnOutput | None = None,
     ) -> ExecResult:  # fmt: skip
-        """Run a command in the guest; several run at once, and none holds up a commit, branch or sleep."""
+        """Run a command in the guest; several run at once, and none holds up a commit, branch or sleep. Its
+        output goes to the VM's exec log under `exec_id`; with `on_output` it also goes there as it comes
+        (streamed), and the result holds none of it."""
+        self.check_exec(timeout_secs, stdin)
+        machine = await self.wait_booted(vm)
+        exec_log = self.execs.log(vm.id)
+        exec_id = exec_id or str(uuid.uuid4())
+
+        def streamed(stream: str, data: bytes) -> None:
+            exec_log.append(exec_id, stream, data)
+            assert on_output is not None
+            on_output(stream, data)
+
+        result = await machine.agent.exec(
+            command, env=env, stdin=stdin, working_dir=working_dir,
+            timeout_secs=timeout_secs or self.settings.exec_default_timeout_seconds,
+            max_output=self.settings.exec_max_output_bytes, max_running=self.settings.vm_max_execs,
+            on_output=streamed if on_output is not None else None,
+        )  # fmt: skip
+        if on_output is None:
+            exec_log.append(exec_id, "stdout", result.stdout)
+            exec_log.append(exec_id, "stderr", result.stderr)
+        return result
+
+    def check_exec(self, timeout_secs: int, stdin: bytes | None) -> None:
+        """An exec's timeout and stdin within the limits."""
         limit = self.settings.exec_max_timeout_seconds
         if timeout_secs < 0 or timeout_secs > limit:
             raise InvalidArgument(
@@ -1067,12 +1108,6 @@ class Engine:
                 f"stdin is {len(stdin)} bytes, more than an exec takes ({self.settings.http_max_body_bytes}, "
                 f"VERS_HTTP_MAX_BODY_BYTES): copy large input into the VM another way"
             )
-        machine = await self.wait_booted(vm)
-        return await machine.agent.exec(
-            command, env=env, stdin=stdin, working_dir=working_dir,
-            timeout_secs=timeout_secs or self.settings.exec_default_timeout_seconds,
-            max_output=self.settings.exec_max_output_bytes, max_running=self.settings.vm_max_execs,
-        )  # fmt: skip
 
     async def ssh_key(self, vm: VmRow) -> SshKeyRow:
         """The VM's SSH key (made on the first ask), installed in the guest as the one key root accepts: a
@@ -1224,6 +1259,83 @@ class Engine:
         shutil.rmtree(folder, ignore_errors=True)
         return done
 
+    # Disk size
+
+    async def resize_disk(self, vm: VmRow, size_mib: int, skip_wait_boot: bool = False) -> VmRow:
+        """Grow a running VM's disk and its root filesystem without a reboot; the VM's row, and with it every
+        commit and branch made of it from then on, keeps the new size."""
+        if vm.state == "booting" and not skip_wait_boot:
+            await self.wait_booted(vm)  # not under the lock: a delete need not wait for a boot
+        return await self._whole(self._resize_disk(vm, size_mib, skip_wait_boot))
+
+    async def _resize_disk(self, vm: VmRow, size_mib: int, skip_wait_boot: bool) -> VmRow:
+        async with self._exclusive(vm) as vm:  # never during a commit: it would freeze half a resize
+            if vm.state == "paused":
+                raise FailedPrecondition(
+                    f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}}, or vers resume), '
+                    f"then resize its disk"
+                )
+            machine = await self.wait_booted(vm, skip_wait_boot)  # a sleeping or dead VM is refused here
+            # The disk QEMU has is the truth when it is larger than the row (it never is but by an operator's hand).
+            current = max(vm.fs_size_mib, -(-await machine.disk_size() // MIB))
+            if size_mib <= current:
+                raise InvalidArgument(f"fs_size_mib {size_mib} must be more than the current {current} MiB: a disk only grows")
+            if size_mib > MAX_DISK_MIB:
+                raise InvalidArgument(f"fs_size_mib must be at most {MAX_DISK_MIB} MiB, not {size_mib}")
+            growth = size_mib - current
+            # The new space is sparse, but the guest may fill it: the host must have it to give.
+            self._admit(f"growing the disk of VM {vm.id} by {growth} MiB", disk_mib=growth)
+            # The row first (within the org's disk limit): after a crash between the two steps the row names the
+            # size the disk was meant to have, and adoption grows the disk to it (see _finish_disk_growth).
+            grown = await self.store.grow_disk(vm, size_mib)
+            fault_point("resize.after_record")
+            try:
+                await machine.grow_disk(size_mib * MIB)
+            except Exception as error:
+                await self.store.update_vm(vm.id, fs_size_mib=vm.fs_size_mib)
+                raise Internal(f"the disk of VM {vm.id} could not grow: {error}; it keeps its {vm.fs_size_mib} MiB") from error
+            await self._grow_filesystem(machine, vm.id, size_mib)
+            return grown
+
+    async def _grow_filesystem(self, machine: Machine, vm_id: str, size_mib: int) -> None:
+        """The guest's root filesystem grown to its disk, online. The guest learns the new capacity from an
+        interrupt, so the script waits (a few seconds at most) until its kernel sees it before resize2fs asks."""
+        sectors = size_mib * MIB // 512
+        script = (
+            f"i=0; while [ \"$(cat /sys/block/vda/size)\" -lt {sectors} ] && [ $i -lt 100 ]; do "
+            f"sleep 0.1 2>/dev/null || usleep 100000; i=$((i+1)); done; "
+            f"command -v resize2fs >/dev/null || {{ echo 'resize2fs is not installed in the guest' >&2; exit 127; }}; "
+            f"resize2fs /dev/vda"
+        )
+        result = await machine.agent.exec(["sh", "-c", script], timeout_secs=120, max_running=self.settings.vm_max_execs)
+        if result.exit_code != 0:
+            why = (result.stderr or result.stdout).decode(errors="replace").strip()[-500:]
+            raise Internal(
+                f"the disk of VM {vm_id} is now {size_mib} MiB, but its filesystem did not grow ({why}): it grows at the "
+                f"VM's next boot, or run `resize2fs /dev/vda` in the VM"
+            )
+
+    async def _finish_disk_growth(self, vm: VmRow, machine: Machine, running: bool) -> None:
+        """A resize a crash cut between recording the size and growing the disk is finished: the disk grows to
+        the size its row names, and the guest's filesystem with it (a booting guest grows it as it boots; a
+        paused one when it is resized again or boots). A failure here is logged: the VM itself is fine."""
+        try:
+            if await machine.disk_size() >= vm.fs_size_mib * MIB:
+                return
+            log.warning("VM %s: growing its disk to the %d MiB its record names (a resize a crash interrupted)", vm.id, vm.fs_size_mib)
+            await machine.grow_disk(vm.fs_size_mib * MIB)
+        except Exception as error:  # noqa: BLE001
+            log.error("VM %s: its disk could not grow to the %d MiB its record names: %s", vm.id, vm.fs_size_mib, error)
+            return
+        if running:
+            self._spawn(self._grow_filesystem_quietly(machine, vm.id, vm.fs_size_mib))
+
+    async def _grow_filesystem_quietly(self, machine: Machine, vm_id: str, size_mib: int) -> None:
+        try:
+            await self._grow_filesystem(machine, vm_id, size_mib)
+        except Exception as error:  # noqa: BLE001 - the VM runs on; it grows at its next boot
+            log.warning("VM %s: %s", vm_id, error)
+
     async def delete_vm(self, vm: VmRow) -> None:
         await self._whole(self._delete_vm(vm))
 
@@ -1243,6 +1355,7 @@ class Engine:
             await self.store.mark_vm_deleted(vm.id, operation.id)
             shutil.rmtree(self.run_folder(vm.id), ignore_errors=True)
             shutil.rmtree(self.sleep_folder(vm.id), ignore_errors=True)
+            self.execs.drop_vm(vm.id)
             self.vms.pop(vm.id, None)
         await self.collect_garbage()
 

@@ -300,6 +300,16 @@ class Machine:
             image = image.get("backing-image")
         return chain
 
+    async def disk_size(self) -> int:
+        """The size in bytes of the disk the guest sees (its writable layer's virtual size)."""
+        return int((await self._top_image())["virtual-size"])
+
+    async def grow_disk(self, size_bytes: int) -> None:
+        """Grow the disk the guest sees, while it runs: the layer it writes to gets the new virtual size (the
+        frozen layers under it stay as they are: what lies past their end reads as zeros), and the guest's
+        virtio-blk driver learns the new capacity at once. Never asked to shrink (the engine checks)."""
+        await self.qmp.execute("block_resize", {"device": "virtio0", "size": size_bytes})
+
     async def forward(self, host_address: str, host_port: int, guest_port: int) -> None:
         """Make the VM's user-mode stack listen on host_address:host_port and carry each connection to the
         guest's guest_port (raises QmpError with QEMU's reason, e.g. the port is taken)."""

@@ -67,6 +67,8 @@ class CommitRow(MachineShape, table=True):
     checksums: str = "{}"
     # Bytes of its files (memory, device state, the disk layer it froze), counted against its org's quota.
     size_bytes: int = 0
+    # Published by its owner (UpdateCommit, after the secret scan): any org may branch or restore it by id.
+    is_public: bool = False
 
 
 class OperationRow(SQLModel, table=True):
@@ -158,7 +160,20 @@ class SecretScanRow(SQLModel, table=True):
     purpose: str = ""
 
 
+class EnvVarRow(SQLModel, table=True):
+    """One of an org's environment variables. The value is a Fernet token (services/orchestrator/envvars.py)
+    of the org, the name and the value together, so a token copied to another row or org does not decrypt."""
+
+    __tablename__ = "env_vars"
+
+    org_id: str = Field(primary_key=True)
+    name: str = Field(primary_key=True)
+    token: str
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+
+
 MODELS = (
     LayerRow, VmRow, CommitRow, OperationRow, CommitDeletionRow, ForkRequestRow, SshKeyRow, DomainRow, SecretScanRow,
+    EnvVarRow,
 )  # fmt: skip
 TABLES = [model.__table__ for model in MODELS]  # type: ignore[attr-defined]

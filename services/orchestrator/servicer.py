@@ -16,11 +16,17 @@ from services.common.names import COMMIT_DESCRIPTION_MAX_BYTES, COMMIT_NAME_MAX,
 from services.common.paging import Page
 from services.common.timestamps import as_utc, to_timestamp
 from services.orchestrator import console, tunnel
+from services.orchestrator.deploy import DeployMethods
 from services.orchestrator.domains import Domains, domain_pb
 from services.orchestrator.engine import SSH_PORT, Engine, VmConfig
+from services.orchestrator.envvars import EnvVarMethods
+from services.orchestrator.execs import ExecStreamMethods
+from services.orchestrator.files import FileMethods
 from services.orchestrator.models import CommitRow, ForkRequestRow, SecretScanRow, VmRow
 from services.orchestrator.network import GUEST_ADDRESS
+from services.orchestrator.publishing import CommitMethods
 from services.orchestrator.store import OrchestratorStore
+from services.orchestrator.vmadmin import VmAdminMethods, parse_label_filters
 from vers.common.v1 import governance_pb2
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 from vers.orchestrator.v1 import orchestrator_pb2_grpc
@@ -47,7 +53,7 @@ def commit_pb(commit: CommitRow, sizes: tuple[int, int] = (0, 0)) -> pb.Commit:
         owner_id=commit.org_id,
         name=commit.name,
         description=commit.description,
-        is_public=False,
+        is_public=commit.is_public,
         created_at=to_timestamp(commit.created_at),
         parent_vm_id=commit.parent_vm_id or "",
         grandparent_commit_id=commit.grandparent_commit_id or "",
@@ -87,7 +93,15 @@ def require_uuid(value: str, what: str, hint: str = "") -> str:
     return value
 
 
-class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+class OrchestratorServicer(
+    ExecStreamMethods,
+    FileMethods,
+    VmAdminMethods,
+    CommitMethods,
+    EnvVarMethods,
+    DeployMethods,
+    orchestrator_pb2_grpc.OrchestratorServiceServicer,
+):
     def __init__(self, engine: Engine, store: OrchestratorStore, tagging: grpc.aio.Channel, domains: Domains) -> None:
         self.engine = engine
         self.store = store
@@ -113,9 +127,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             await self.store.require_commit_room(org_id)
             commit, _ = await self.engine.commit(vm, f"branch of {vm.id}", "", keep_paused)
         else:
-            commit = await self.store.find_commit(org_id, vm_or_commit_id)
-            if commit is None:
-                raise NotFound(f"no VM or commit {vm_or_commit_id!r} in your organization")
+            try:  # one of the org's commits, or a public one of any org
+                commit = await self.store.visible_commit(org_id, vm_or_commit_id)
+            except NotFound:
+                raise NotFound(f"no VM or commit {vm_or_commit_id!r} in your organization, nor a public commit") from None
         return [pb.NewVm(vm_id=new.id) for new in await self.engine.restore(org_id, commit, count or 1)]
 
     async def CreateRootVm(self, request: pb.CreateRootVmRequest, context: grpc.aio.ServicerContext) -> pb.CreateRootVmResponse:
@@ -142,7 +157,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             )
         if request.commit_id:
             hint = '; to restore by repo:tag send {"ref": "' + request.commit_id + '"}' if ":" in request.commit_id else ""
-            commit = await self._commit(require_uuid(request.commit_id, "commit_id", hint))
+            commit = await self._branchable(require_uuid(request.commit_id, "commit_id", hint))
         else:
             commit = await self._resolve(ref=request.ref, tag_name=request.tag_name)
         [vm] = await self.engine.restore(current_principal().org_id, commit)
@@ -156,7 +171,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.BranchByVmResponse(vms=await self._branch(vm.id, request.count, request.keep_paused))
 
     async def BranchByCommit(self, request: pb.BranchByCommitRequest, context: grpc.aio.ServicerContext) -> pb.BranchByCommitResponse:
-        commit = await self._commit(request.commit_id)
+        commit = await self._branchable(request.commit_id)
         vms = await self.engine.restore(current_principal().org_id, commit, request.count or 1)
         return pb.BranchByCommitResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
 
@@ -184,8 +199,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def ListVms(self, request: pb.ListVmsRequest, context: grpc.aio.ServicerContext) -> pb.ListVmsResponse:
         org_id = current_principal().org_id
-        page = Page.of(f"vms:{org_id}", request.page_size, request.page_token)
-        vms, token = page.cut(await self.store.list_vms(org_id, page.offset, page.fetch))
+        labels = parse_label_filters(list(request.label))
+        # A token of one filter is no good for another: the filters are part of the list's scope.
+        scope = f"vms:{org_id}" + (":" + json.dumps(sorted(labels, key=str)) if labels else "")
+        page = Page.of(scope, request.page_size, request.page_token)
+        vms, token = page.cut(await self.store.list_vms(org_id, page.offset, page.fetch, labels))
         return pb.ListVmsResponse(vms=[vm_pb(vm) for vm in vms], next_page_token=token)
 
     async def GetVmStatus(self, request: pb.GetVmStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetVmStatusResponse:
@@ -204,25 +222,29 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             grandparent_vm_id=vm.grandparent_vm_id or "",
             ip=GUEST_ADDRESS if vm.network else "",
             network=vm.network,
+            fs_size_mib=vm.fs_size_mib,
+            labels=json.loads(vm.labels),
         )
         return pb.GetVmMetadataResponse(metadata=metadata)
 
     async def ExecVm(self, request: pb.ExecVmRequest, context: grpc.aio.ServicerContext) -> pb.ExecVmResponse:
         vm = await self._vm(request.vm_id)
         require_not_paused(vm)
+        exec_id = request.exec_id or str(uuid.uuid4())  # names its output in the VM's exec log too
         result = await self.engine.exec(
             vm,
             list(request.command),
-            env=dict(request.env),
+            env=await self._exec_env(vm.org_id, request.env),
             stdin=request.stdin.encode() if request.stdin else None,
             working_dir=request.working_dir,
             timeout_secs=request.timeout_secs,
+            exec_id=exec_id,
         )
         return pb.ExecVmResponse(
             exit_code=result.exit_code,
             stdout=result.stdout.decode(errors="replace"),
             stderr=result.stderr.decode(errors="replace"),
-            exec_id=request.exec_id or str(uuid.uuid4()),
+            exec_id=exec_id,
             stdout_truncated=result.stdout_truncated,
             stderr_truncated=result.stderr_truncated,
         )
@@ -251,7 +273,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: pb.ListCommitParentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCommitParentsResponse:
         chain = await self.store.lineage(current_principal().org_id, request.commit_id)
-        return pb.ListCommitParentsResponse(commits=[lineage_pb(c) for c in chain])
+        return pb.ListCommitParentsResponse(commits=await self._lineage_shown(chain))
 
     async def DeleteCommit(self, request: pb.DeleteCommitRequest, context: grpc.aio.ServicerContext) -> pb.DeleteCommitResponse:
         # The engine marks it as being deleted, then the tagging service checks no tag names it (and from

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import case, func
-from sqlmodel import col, select
+from sqlalchemy import JSON, case, cast, exists, func, literal
+from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common import audit
 from services.common.auth import acting_key_id, principal_of
 from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, FailedPrecondition, NotFound
+from services.common.names import validate_vm_labels
 from services.common.quotas import OrgLimits, check, exceeded
 from services.common.timestamps import as_utc, utcnow
 from services.orchestrator.models import (
@@ -118,6 +120,11 @@ class OrchestratorStore:
                 await serialize(session, f"commit:{source.id}")
             if source is not None and not await self._commit_is_live(session, source.id):
                 raise NotFound(f"commit {source.id} is being deleted")
+            if source is not None and source.org_id != org_id and source.is_public:
+                # another org's commit branched because it was public: unpublished since, it is not branched
+                current = await session.get(CommitRow, source.id)
+                if current is None or not current.is_public:
+                    raise NotFound(f"commit {source.id!r} not found in your organization, nor among public commits")
             await self._check_capacity(session, org_id, vms)
             for layer in layers:
                 session.add(layer)
@@ -190,12 +197,52 @@ class OrchestratorStore:
         except NotFound:
             return None
 
-    async def list_vms(self, org_id: str, offset: int = 0, limit: int | None = None) -> list[VmRow]:
+    async def list_vms(
+        self, org_id: str, offset: int = 0, limit: int | None = None, labels: Sequence[tuple[str, str | None]] = ()
+    ) -> list[VmRow]:
+        """The org's VMs, oldest first; with `labels`, only those that have every (key, value) pair (value None:
+        the key with any value), filtered in the query so pages stay whole."""
         async with self.db.read() as session:
             query = (
                 select(VmRow).where(VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None)).order_by(VmRow.created_at, VmRow.id)
             )
+            for key, value in labels:
+                query = query.where(self._has_label(key, value))
             return list(await session.exec(query.offset(offset).limit(limit)))
+
+    def _has_label(self, key: str, value: str | None) -> Any:
+        """The row's labels (a JSON object) hold `key` (with `value` unless None), as the database's own JSON
+        functions read them: keys are bound as values, never spliced into a JSON path."""
+        source = func.json_each(VmRow.labels) if self.db.is_sqlite else func.json_each_text(cast(VmRow.labels, JSON))
+        pairs = source.table_valued("key", "value").alias("label")
+        match = [pairs.c.key == key] + ([pairs.c.value == value] if value is not None else [])
+        return exists(select(literal(1)).select_from(pairs).where(*match))
+
+    async def change_labels(
+        self, org_id: str, vm_id: str, change: Callable[[dict[str, str]], dict[str, str]]
+    ) -> dict[str, str]:
+        """The VM's labels made `change(labels)` and checked (validate_vm_labels) in one transaction, so two
+        changes at once never lose one another's keys; the labels it has now."""
+        async with self.db.write() as session:
+            vm = await session.get(VmRow, vm_id) if _is_uuid_shaped(vm_id) else None
+            if vm is None or vm.org_id != org_id or vm.deleted_at is not None:
+                raise NotFound(f"VM {vm_id!r} not found in your organization")
+            labels = validate_vm_labels(change(dict(json.loads(vm.labels))))
+            await self._change_vm(session, vm_id, {"labels": json.dumps(labels, sort_keys=True)})
+            return labels
+
+    async def grow_disk(self, vm: VmRow, size_mib: int) -> VmRow:
+        """Record the VM's disk at its new size, within its org's disk limit (counted with the other disks in
+        the same transaction, so two resizes at once cannot both pass it)."""
+        async with self.db.write() as session:
+            await serialize(session, f"org:{vm.org_id}")
+            current = await session.get(VmRow, vm.id)
+            if current is None or current.deleted_at is not None:
+                raise NotFound(f"VM {vm.id!r} not found in your organization")
+            limits, org = self.limits_for(vm.org_id)
+            _, disk = await self._existing(session, vm.org_id)
+            check(limits, "max_disk_mib", disk, size_mib - current.fs_size_mib, org, "delete VMs it no longer uses")
+            return await self._change_vm(session, vm.id, {"fs_size_mib": size_mib})
 
     async def live_vms(self) -> list[VmRow]:
         async with self.db.read() as session:
@@ -316,6 +363,56 @@ class OrchestratorStore:
         commit = await self._commit(commit_id)
         return commit if commit is not None and commit.org_id == org_id else None
 
+    async def visible_commit(self, org_id: str, commit_id: str) -> CommitRow:
+        """One of the org's commits, or any org's public one: what the org may branch, restore, or read the
+        lineage of (and nothing more: GetCommit, tags, changes and deletion stay the owner's)."""
+        commit = await self._commit(commit_id)
+        if commit is None or (commit.org_id != org_id and not commit.is_public):
+            raise NotFound(f"commit {commit_id!r} not found in your organization, nor among public commits")
+        return commit
+
+    async def update_commit(
+        self, org_id: str, commit_id: str, name: str | None, description: str | None, is_public: bool
+    ) -> CommitRow:
+        """Change one of the org's commits (None: unchanged), with its audit entries in the same transaction."""
+        async with self.db.write() as session:
+            await serialize(session, f"commit:{commit_id}")
+            commit = await session.get(CommitRow, commit_id) if _is_uuid_shaped(commit_id) else None
+            if commit is None or commit.org_id != org_id or not await self._commit_is_live(session, commit_id):
+                raise NotFound(f"commit {commit_id!r} not found in your organization")
+            before = {"name": commit.name, "description": commit.description}
+            commit.name = commit.name if name is None else name
+            commit.description = commit.description if description is None else description
+            after = {"name": commit.name, "description": commit.description}
+            if after != before:
+                audit.record(session, org_id, "commit.update", commit.id, before, after)
+            if is_public != commit.is_public:
+                audit.record(session, org_id, "commit.publish" if is_public else "commit.unpublish", commit.id, None, {"name": commit.name})
+            commit.is_public = is_public
+            session.add(commit)
+            return commit
+
+    async def list_public_commits(self, limit: int, offset: int) -> tuple[list[CommitRow], int]:
+        """Every org's public commits, newest first, and how many there are."""
+        being_deleted = select(CommitDeletionRow.commit_id)
+        public = (col(CommitRow.is_public).is_(True), col(CommitRow.deleted_at).is_(None), col(CommitRow.id).not_in(being_deleted))
+        async with self.db.read() as session:
+            total = (await session.exec(select(func.count()).select_from(CommitRow).where(*public))).one()
+            query = select(CommitRow).where(*public).order_by(col(CommitRow.created_at).desc(), col(CommitRow.id))
+            return list(await session.exec(query.limit(limit).offset(offset))), int(total)
+
+    async def visible_commit_ids(self, org_id: str, commit_ids: Iterable[str]) -> set[str]:
+        """Those of the commits the org may see: its own, and public ones (not deleted)."""
+        wanted = sorted({commit_id for commit_id in commit_ids if _is_uuid_shaped(commit_id)})
+        if not wanted:
+            return set()
+        async with self.db.read() as session:
+            query = select(CommitRow.id).where(
+                col(CommitRow.id).in_(wanted), col(CommitRow.deleted_at).is_(None),
+                or_(CommitRow.org_id == org_id, col(CommitRow.is_public).is_(True)),
+            )  # fmt: skip
+            return set(await session.exec(query))
+
     async def published_commit(self, commit_id: str) -> CommitRow:
         """A commit of any org, for a fork: the caller has shown it is the tag of a public repository."""
         commit = await self._commit(commit_id)
@@ -352,12 +449,14 @@ class OrchestratorStore:
             return list(await session.exec(query)), int(total)
 
     async def lineage(self, org_id: str, commit_id: str) -> list[CommitRow]:
-        """The commit and the commits it descends from, newest first, as far as the org's own commits go."""
-        chain = [await self.get_commit(org_id, commit_id)]
+        """The commit (the org's own or a public one) and the commits it descends from, newest first, as far as
+        the org may see them: its own and public ones. The first it may not see (another org's private commit,
+        e.g. what a public commit was made from) ends the chain."""
+        chain = [await self.visible_commit(org_id, commit_id)]
         async with self.db.read() as session:
             while (parent_id := chain[-1].grandparent_commit_id) is not None:
                 parent = await session.get(CommitRow, parent_id)
-                if parent is None or parent.org_id != org_id:
+                if parent is None or (parent.org_id != org_id and not parent.is_public):
                     break
                 chain.append(parent)
             return [commit for commit in chain if await self._commit_is_live(session, commit.id)]
@@ -374,9 +473,15 @@ class OrchestratorStore:
             users = await session.exec(
                 select(VmRow.id, VmRow.org_id).where(VmRow.parent_commit_id == commit_id, col(VmRow.deleted_at).is_(None))
             )
+            users = list(users)
             vm_ids = [vm_id for vm_id, owner in users if owner == org_id]  # another org's VM is never named
             if vm_ids:
                 raise Conflict(f"commit {commit_id} is in use by VM {', '.join(vm_ids)}: delete the VM first")
+            if users:  # VMs other orgs branched from it while it was public stand on its memory and disk
+                raise Conflict(
+                    f"commit {commit_id} is in use by {len(users)} VM(s) of other organizations, branched from it while it "
+                    f"was public: it can be deleted once they are gone (unpublishing it stops new ones)"
+                )
             session.add(CommitDeletionRow(commit_id=commit_id, org_id=org_id, api_key_id=acting_key_id(org_id) if key_id is None else key_id, reason=reason))
             return commit
 

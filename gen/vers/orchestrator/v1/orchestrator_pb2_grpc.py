@@ -105,6 +105,61 @@ class OrchestratorServiceStub:
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmRequest.SerializeToString,
                 response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmResponse.FromString,
                 _registered_method=True)
+        self.ExecVmStream = channel.unary_stream(
+                '/vers.orchestrator.v1.OrchestratorService/ExecVmStream',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ExecVmStreamRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ExecVmStreamResponse.FromString,
+                _registered_method=True)
+        self.AttachExecStream = channel.unary_stream(
+                '/vers.orchestrator.v1.OrchestratorService/AttachExecStream',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AttachExecStreamRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AttachExecStreamResponse.FromString,
+                _registered_method=True)
+        self.GetVmLogs = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/GetVmLogs',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetVmLogsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetVmLogsResponse.FromString,
+                _registered_method=True)
+        self.ReadFile = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/ReadFile',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReadFileResponse.FromString,
+                _registered_method=True)
+        self.WriteFile = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/WriteFile',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WriteFileResponse.FromString,
+                _registered_method=True)
+        self.DownloadFiles = channel.unary_stream(
+                '/vers.orchestrator.v1.OrchestratorService/DownloadFiles',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DownloadFilesRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DownloadFilesResponse.FromString,
+                _registered_method=True)
+        self.UploadFiles = channel.stream_unary(
+                '/vers.orchestrator.v1.OrchestratorService/UploadFiles',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UploadFilesRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UploadFilesResponse.FromString,
+                _registered_method=True)
+        self.UpsertVmLabels = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/UpsertVmLabels',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpsertVmLabelsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpsertVmLabelsResponse.FromString,
+                _registered_method=True)
+        self.ReplaceVmLabels = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/ReplaceVmLabels',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReplaceVmLabelsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReplaceVmLabelsResponse.FromString,
+                _registered_method=True)
+        self.DeleteVmLabel = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/DeleteVmLabel',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmLabelRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmLabelResponse.FromString,
+                _registered_method=True)
+        self.ResizeVmDisk = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/ResizeVmDisk',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResizeVmDiskRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResizeVmDiskResponse.FromString,
+                _registered_method=True)
         self.Connect = channel.stream_stream(
                 '/vers.orchestrator.v1.OrchestratorService/Connect',
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ConnectRequest.SerializeToString,
@@ -159,6 +214,41 @@ class OrchestratorServiceStub:
                 '/vers.orchestrator.v1.OrchestratorService/DeleteCommit',
                 request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitRequest.SerializeToString,
                 response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitResponse.FromString,
+                _registered_method=True)
+        self.UpdateCommit = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/UpdateCommit',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCommitRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCommitResponse.FromString,
+                _registered_method=True)
+        self.ListPublicCommits = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/ListPublicCommits',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListPublicCommitsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListPublicCommitsResponse.FromString,
+                _registered_method=True)
+        self.ListEnvVars = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/ListEnvVars',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListEnvVarsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListEnvVarsResponse.FromString,
+                _registered_method=True)
+        self.SetEnvVars = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/SetEnvVars',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SetEnvVarsRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SetEnvVarsResponse.FromString,
+                _registered_method=True)
+        self.DeleteEnvVar = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/DeleteEnvVar',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteEnvVarRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteEnvVarResponse.FromString,
+                _registered_method=True)
+        self.Deploy = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/Deploy',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeployRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeployResponse.FromString,
+                _registered_method=True)
+        self.GetSystemVersion = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorService/GetSystemVersion',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSystemVersionRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSystemVersionResponse.FromString,
                 _registered_method=True)
 
 
@@ -252,8 +342,86 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecVmStream(self, request, context):
+        """Exec with its output as it comes: NDJSON events on the gateway, one per line ("chunk" events, then
+        one "exit" event), each with a cursor. The output is kept (bounded) for AttachExecStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachExecStream(self, request, context):
+        """The events of a streaming exec after `cursor` (all that is kept when absent; only new ones with
+        from_latest), then live ones until its "exit" event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVmLogs(self, request, context):
+        """What the VM's execs wrote, from a byte offset of its exec log (bounded; the oldest is dropped first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
+        """A small file of the VM, whole (at most VERS_FILE_MAX_BYTES; larger ones through DownloadFiles).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadFiles(self, request, context):
+        """A file or folder of the VM as a tar stream (application/x-tar on the gateway), any size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadFiles(self, request_iterator, context):
+        """A tar stream unpacked into a folder of the VM (created when missing), modes kept. The first message
+        names the VM and the folder; every message may carry bytes of the tar (the HTTP body on the gateway).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertVmLabels(self, request, context):
+        """Labels: set or overwrite the given ones (PATCH .../label), make them exactly the given ones
+        (PUT .../labels), remove one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplaceVmLabels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVmLabel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizeVmDisk(self, request, context):
+        """Grows the VM's disk while it runs, and its filesystem with it; a smaller or equal size is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Connect(self, request_iterator, context):
-        """The VM's console, interactively: the one streaming method (a WebSocket on the gateway).
+        """The VM's console, interactively (a WebSocket on the gateway).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -322,6 +490,56 @@ class OrchestratorServiceServicer:
 
     def DeleteCommit(self, request, context):
         """Refused (409) while a tag, a legacy tag or a VM still references the commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCommit(self, request, context):
+        """Name, description and visibility of one of the org's commits. Making it public runs the secret scan
+        first (409 with the findings, as a repository's visibility does).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPublicCommits(self, request, context):
+        """Every org's public commits, newest first: they can be branched and restored by id from any org.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnvVars(self, request, context):
+        """The org's environment variables: written to /etc/environment of every new VM and set in every exec and
+        console session. Values are kept encrypted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetEnvVars(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteEnvVar(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Deploy(self, request, context):
+        """A new VM that clones a git repository, runs its install and build commands and starts its run command
+        in the background. Answers at once; the progress is the exec stream `project_id` of the VM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSystemVersion(self, request, context):
+        """What the platform runs (no API key needed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -400,6 +618,61 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmRequest.FromString,
                     response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmResponse.SerializeToString,
             ),
+            'ExecVmStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecVmStream,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ExecVmStreamRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ExecVmStreamResponse.SerializeToString,
+            ),
+            'AttachExecStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.AttachExecStream,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AttachExecStreamRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AttachExecStreamResponse.SerializeToString,
+            ),
+            'GetVmLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVmLogs,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetVmLogsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetVmLogsResponse.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReadFileRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReadFileResponse.SerializeToString,
+            ),
+            'WriteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteFile,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WriteFileRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WriteFileResponse.SerializeToString,
+            ),
+            'DownloadFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadFiles,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DownloadFilesRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DownloadFilesResponse.SerializeToString,
+            ),
+            'UploadFiles': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFiles,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UploadFilesRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UploadFilesResponse.SerializeToString,
+            ),
+            'UpsertVmLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertVmLabels,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpsertVmLabelsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpsertVmLabelsResponse.SerializeToString,
+            ),
+            'ReplaceVmLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplaceVmLabels,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReplaceVmLabelsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReplaceVmLabelsResponse.SerializeToString,
+            ),
+            'DeleteVmLabel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVmLabel,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmLabelRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmLabelResponse.SerializeToString,
+            ),
+            'ResizeVmDisk': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeVmDisk,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResizeVmDiskRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResizeVmDiskResponse.SerializeToString,
+            ),
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
                     request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ConnectRequest.FromString,
@@ -454,6 +727,41 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.DeleteCommit,
                     request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitRequest.FromString,
                     response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitResponse.SerializeToString,
+            ),
+            'UpdateCommit': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCommit,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCommitRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCommitResponse.SerializeToString,
+            ),
+            'ListPublicCommits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPublicCommits,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListPublicCommitsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListPublicCommitsResponse.SerializeToString,
+            ),
+            'ListEnvVars': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnvVars,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListEnvVarsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListEnvVarsResponse.SerializeToString,
+            ),
+            'SetEnvVars': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEnvVars,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SetEnvVarsRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SetEnvVarsResponse.SerializeToString,
+            ),
+            'DeleteEnvVar': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteEnvVar,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteEnvVarRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteEnvVarResponse.SerializeToString,
+            ),
+            'Deploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deploy,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeployRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeployResponse.SerializeToString,
+            ),
+            'GetSystemVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSystemVersion,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSystemVersionRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSystemVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -846,6 +1154,303 @@ class OrchestratorService:
             _registered_method=True)
 
     @staticmethod
+    def ExecVmStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/ExecVmStream',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ExecVmStreamRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ExecVmStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachExecStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/AttachExecStream',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AttachExecStreamRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.AttachExecStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVmLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/GetVmLogs',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetVmLogsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetVmLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/ReadFile',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReadFileRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/WriteFile',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WriteFileRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WriteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/DownloadFiles',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DownloadFilesRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DownloadFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFiles(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/UploadFiles',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UploadFilesRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UploadFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertVmLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/UpsertVmLabels',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpsertVmLabelsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpsertVmLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplaceVmLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/ReplaceVmLabels',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReplaceVmLabelsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ReplaceVmLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVmLabel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/DeleteVmLabel',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmLabelRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteVmLabelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeVmDisk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/ResizeVmDisk',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResizeVmDiskRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResizeVmDiskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Connect(request_iterator,
             target,
             options=(),
@@ -1132,6 +1737,195 @@ class OrchestratorService:
             '/vers.orchestrator.v1.OrchestratorService/DeleteCommit',
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitRequest.SerializeToString,
             vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCommit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/UpdateCommit',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCommitRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPublicCommits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/ListPublicCommits',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListPublicCommitsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListPublicCommitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnvVars(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/ListEnvVars',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListEnvVarsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListEnvVarsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEnvVars(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/SetEnvVars',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SetEnvVarsRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SetEnvVarsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteEnvVar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/DeleteEnvVar',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteEnvVarRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeleteEnvVarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/Deploy',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeployRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.DeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSystemVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.orchestrator.v1.OrchestratorService/GetSystemVersion',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSystemVersionRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetSystemVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

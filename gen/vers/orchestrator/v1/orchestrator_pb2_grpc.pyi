@@ -49,8 +49,35 @@ class OrchestratorServiceStub:
     GetVmMetadata: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetVmMetadataRequest, _orchestrator_pb2.GetVmMetadataResponse]
     ExecVm: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ExecVmRequest, _orchestrator_pb2.ExecVmResponse]
     DeleteVm: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteVmRequest, _orchestrator_pb2.DeleteVmResponse]
+    ExecVmStream: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.ExecVmStreamRequest, _orchestrator_pb2.ExecVmStreamResponse]
+    """Exec with its output as it comes: NDJSON events on the gateway, one per line ("chunk" events, then
+    one "exit" event), each with a cursor. The output is kept (bounded) for AttachExecStream.
+    """
+    AttachExecStream: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.AttachExecStreamRequest, _orchestrator_pb2.AttachExecStreamResponse]
+    """The events of a streaming exec after `cursor` (all that is kept when absent; only new ones with
+    from_latest), then live ones until its "exit" event.
+    """
+    GetVmLogs: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetVmLogsRequest, _orchestrator_pb2.GetVmLogsResponse]
+    """What the VM's execs wrote, from a byte offset of its exec log (bounded; the oldest is dropped first)."""
+    ReadFile: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ReadFileRequest, _orchestrator_pb2.ReadFileResponse]
+    """A small file of the VM, whole (at most VERS_FILE_MAX_BYTES; larger ones through DownloadFiles)."""
+    WriteFile: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.WriteFileRequest, _orchestrator_pb2.WriteFileResponse]
+    DownloadFiles: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.DownloadFilesRequest, _orchestrator_pb2.DownloadFilesResponse]
+    """A file or folder of the VM as a tar stream (application/x-tar on the gateway), any size."""
+    UploadFiles: _grpc.StreamUnaryMultiCallable[_orchestrator_pb2.UploadFilesRequest, _orchestrator_pb2.UploadFilesResponse]
+    """A tar stream unpacked into a folder of the VM (created when missing), modes kept. The first message
+    names the VM and the folder; every message may carry bytes of the tar (the HTTP body on the gateway).
+    """
+    UpsertVmLabels: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.UpsertVmLabelsRequest, _orchestrator_pb2.UpsertVmLabelsResponse]
+    """Labels: set or overwrite the given ones (PATCH .../label), make them exactly the given ones
+    (PUT .../labels), remove one.
+    """
+    ReplaceVmLabels: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ReplaceVmLabelsRequest, _orchestrator_pb2.ReplaceVmLabelsResponse]
+    DeleteVmLabel: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteVmLabelRequest, _orchestrator_pb2.DeleteVmLabelResponse]
+    ResizeVmDisk: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ResizeVmDiskRequest, _orchestrator_pb2.ResizeVmDiskResponse]
+    """Grows the VM's disk while it runs, and its filesystem with it; a smaller or equal size is refused."""
     Connect: _grpc.StreamStreamMultiCallable[_orchestrator_pb2.ConnectRequest, _orchestrator_pb2.ConnectResponse]
-    """The VM's console, interactively: the one streaming method (a WebSocket on the gateway)."""
+    """The VM's console, interactively (a WebSocket on the gateway)."""
     OpenTunnel: _grpc.StreamStreamMultiCallable[_orchestrator_pb2.OpenTunnelRequest, _orchestrator_pb2.OpenTunnelResponse]
     """A TCP connection to a port of the VM, as `ssh -L` makes (a WebSocket on the gateway, binary frames
     both ways). The first answer, empty, says the connection is open; the stream ends when either side
@@ -71,6 +98,24 @@ class OrchestratorServiceStub:
     """The commit's lineage, newest first."""
     DeleteCommit: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteCommitRequest, _orchestrator_pb2.DeleteCommitResponse]
     """Refused (409) while a tag, a legacy tag or a VM still references the commit."""
+    UpdateCommit: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateCommitRequest, _orchestrator_pb2.UpdateCommitResponse]
+    """Name, description and visibility of one of the org's commits. Making it public runs the secret scan
+    first (409 with the findings, as a repository's visibility does).
+    """
+    ListPublicCommits: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListPublicCommitsRequest, _orchestrator_pb2.ListPublicCommitsResponse]
+    """Every org's public commits, newest first: they can be branched and restored by id from any org."""
+    ListEnvVars: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListEnvVarsRequest, _orchestrator_pb2.ListEnvVarsResponse]
+    """The org's environment variables: written to /etc/environment of every new VM and set in every exec and
+    console session. Values are kept encrypted.
+    """
+    SetEnvVars: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SetEnvVarsRequest, _orchestrator_pb2.SetEnvVarsResponse]
+    DeleteEnvVar: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteEnvVarRequest, _orchestrator_pb2.DeleteEnvVarResponse]
+    Deploy: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeployRequest, _orchestrator_pb2.DeployResponse]
+    """A new VM that clones a git repository, runs its install and build commands and starts its run command
+    in the background. Answers at once; the progress is the exec stream `project_id` of the VM.
+    """
+    GetSystemVersion: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSystemVersionRequest, _orchestrator_pb2.GetSystemVersionResponse]
+    """What the platform runs (no API key needed)."""
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -93,8 +138,35 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     GetVmMetadata: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetVmMetadataRequest, _orchestrator_pb2.GetVmMetadataResponse]  # type: ignore[assignment]
     ExecVm: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ExecVmRequest, _orchestrator_pb2.ExecVmResponse]  # type: ignore[assignment]
     DeleteVm: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteVmRequest, _orchestrator_pb2.DeleteVmResponse]  # type: ignore[assignment]
+    ExecVmStream: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.ExecVmStreamRequest, _orchestrator_pb2.ExecVmStreamResponse]  # type: ignore[assignment]
+    """Exec with its output as it comes: NDJSON events on the gateway, one per line ("chunk" events, then
+    one "exit" event), each with a cursor. The output is kept (bounded) for AttachExecStream.
+    """
+    AttachExecStream: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.AttachExecStreamRequest, _orchestrator_pb2.AttachExecStreamResponse]  # type: ignore[assignment]
+    """The events of a streaming exec after `cursor` (all that is kept when absent; only new ones with
+    from_latest), then live ones until its "exit" event.
+    """
+    GetVmLogs: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetVmLogsRequest, _orchestrator_pb2.GetVmLogsResponse]  # type: ignore[assignment]
+    """What the VM's execs wrote, from a byte offset of its exec log (bounded; the oldest is dropped first)."""
+    ReadFile: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ReadFileRequest, _orchestrator_pb2.ReadFileResponse]  # type: ignore[assignment]
+    """A small file of the VM, whole (at most VERS_FILE_MAX_BYTES; larger ones through DownloadFiles)."""
+    WriteFile: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.WriteFileRequest, _orchestrator_pb2.WriteFileResponse]  # type: ignore[assignment]
+    DownloadFiles: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.DownloadFilesRequest, _orchestrator_pb2.DownloadFilesResponse]  # type: ignore[assignment]
+    """A file or folder of the VM as a tar stream (application/x-tar on the gateway), any size."""
+    UploadFiles: _aio.StreamUnaryMultiCallable[_orchestrator_pb2.UploadFilesRequest, _orchestrator_pb2.UploadFilesResponse]  # type: ignore[assignment]
+    """A tar stream unpacked into a folder of the VM (created when missing), modes kept. The first message
+    names the VM and the folder; every message may carry bytes of the tar (the HTTP body on the gateway).
+    """
+    UpsertVmLabels: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.UpsertVmLabelsRequest, _orchestrator_pb2.UpsertVmLabelsResponse]  # type: ignore[assignment]
+    """Labels: set or overwrite the given ones (PATCH .../label), make them exactly the given ones
+    (PUT .../labels), remove one.
+    """
+    ReplaceVmLabels: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ReplaceVmLabelsRequest, _orchestrator_pb2.ReplaceVmLabelsResponse]  # type: ignore[assignment]
+    DeleteVmLabel: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteVmLabelRequest, _orchestrator_pb2.DeleteVmLabelResponse]  # type: ignore[assignment]
+    ResizeVmDisk: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ResizeVmDiskRequest, _orchestrator_pb2.ResizeVmDiskResponse]  # type: ignore[assignment]
+    """Grows the VM's disk while it runs, and its filesystem with it; a smaller or equal size is refused."""
     Connect: _aio.StreamStreamMultiCallable[_orchestrator_pb2.ConnectRequest, _orchestrator_pb2.ConnectResponse]  # type: ignore[assignment]
-    """The VM's console, interactively: the one streaming method (a WebSocket on the gateway)."""
+    """The VM's console, interactively (a WebSocket on the gateway)."""
     OpenTunnel: _aio.StreamStreamMultiCallable[_orchestrator_pb2.OpenTunnelRequest, _orchestrator_pb2.OpenTunnelResponse]  # type: ignore[assignment]
     """A TCP connection to a port of the VM, as `ssh -L` makes (a WebSocket on the gateway, binary frames
     both ways). The first answer, empty, says the connection is open; the stream ends when either side
@@ -115,6 +187,24 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """The commit's lineage, newest first."""
     DeleteCommit: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteCommitRequest, _orchestrator_pb2.DeleteCommitResponse]  # type: ignore[assignment]
     """Refused (409) while a tag, a legacy tag or a VM still references the commit."""
+    UpdateCommit: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateCommitRequest, _orchestrator_pb2.UpdateCommitResponse]  # type: ignore[assignment]
+    """Name, description and visibility of one of the org's commits. Making it public runs the secret scan
+    first (409 with the findings, as a repository's visibility does).
+    """
+    ListPublicCommits: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListPublicCommitsRequest, _orchestrator_pb2.ListPublicCommitsResponse]  # type: ignore[assignment]
+    """Every org's public commits, newest first: they can be branched and restored by id from any org."""
+    ListEnvVars: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListEnvVarsRequest, _orchestrator_pb2.ListEnvVarsResponse]  # type: ignore[assignment]
+    """The org's environment variables: written to /etc/environment of every new VM and set in every exec and
+    console session. Values are kept encrypted.
+    """
+    SetEnvVars: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SetEnvVarsRequest, _orchestrator_pb2.SetEnvVarsResponse]  # type: ignore[assignment]
+    DeleteEnvVar: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteEnvVarRequest, _orchestrator_pb2.DeleteEnvVarResponse]  # type: ignore[assignment]
+    Deploy: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeployRequest, _orchestrator_pb2.DeployResponse]  # type: ignore[assignment]
+    """A new VM that clones a git repository, runs its install and build commands and starts its run command
+    in the background. Answers at once; the progress is the exec stream `project_id` of the VM.
+    """
+    GetSystemVersion: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSystemVersionRequest, _orchestrator_pb2.GetSystemVersionResponse]  # type: ignore[assignment]
+    """What the platform runs (no API key needed)."""
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """VMs, commits (full snapshots of disk and memory) and copy-on-write branches."""
@@ -220,12 +310,105 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orchestrator_pb2.DeleteVmResponse, _abc.Awaitable[_orchestrator_pb2.DeleteVmResponse]]: ...
 
     @_abc_1.abstractmethod
+    def ExecVmStream(
+        self,
+        request: _orchestrator_pb2.ExecVmStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.ExecVmStreamResponse], _abc.AsyncIterator[_orchestrator_pb2.ExecVmStreamResponse]]:
+        """Exec with its output as it comes: NDJSON events on the gateway, one per line ("chunk" events, then
+        one "exit" event), each with a cursor. The output is kept (bounded) for AttachExecStream.
+        """
+
+    @_abc_1.abstractmethod
+    def AttachExecStream(
+        self,
+        request: _orchestrator_pb2.AttachExecStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.AttachExecStreamResponse], _abc.AsyncIterator[_orchestrator_pb2.AttachExecStreamResponse]]:
+        """The events of a streaming exec after `cursor` (all that is kept when absent; only new ones with
+        from_latest), then live ones until its "exit" event.
+        """
+
+    @_abc_1.abstractmethod
+    def GetVmLogs(
+        self,
+        request: _orchestrator_pb2.GetVmLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetVmLogsResponse, _abc.Awaitable[_orchestrator_pb2.GetVmLogsResponse]]:
+        """What the VM's execs wrote, from a byte offset of its exec log (bounded; the oldest is dropped first)."""
+
+    @_abc_1.abstractmethod
+    def ReadFile(
+        self,
+        request: _orchestrator_pb2.ReadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ReadFileResponse, _abc.Awaitable[_orchestrator_pb2.ReadFileResponse]]:
+        """A small file of the VM, whole (at most VERS_FILE_MAX_BYTES; larger ones through DownloadFiles)."""
+
+    @_abc_1.abstractmethod
+    def WriteFile(
+        self,
+        request: _orchestrator_pb2.WriteFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.WriteFileResponse, _abc.Awaitable[_orchestrator_pb2.WriteFileResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadFiles(
+        self,
+        request: _orchestrator_pb2.DownloadFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.DownloadFilesResponse], _abc.AsyncIterator[_orchestrator_pb2.DownloadFilesResponse]]:
+        """A file or folder of the VM as a tar stream (application/x-tar on the gateway), any size."""
+
+    @_abc_1.abstractmethod
+    def UploadFiles(
+        self,
+        request_iterator: _MaybeAsyncIterator[_orchestrator_pb2.UploadFilesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.UploadFilesResponse, _abc.Awaitable[_orchestrator_pb2.UploadFilesResponse]]:
+        """A tar stream unpacked into a folder of the VM (created when missing), modes kept. The first message
+        names the VM and the folder; every message may carry bytes of the tar (the HTTP body on the gateway).
+        """
+
+    @_abc_1.abstractmethod
+    def UpsertVmLabels(
+        self,
+        request: _orchestrator_pb2.UpsertVmLabelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.UpsertVmLabelsResponse, _abc.Awaitable[_orchestrator_pb2.UpsertVmLabelsResponse]]:
+        """Labels: set or overwrite the given ones (PATCH .../label), make them exactly the given ones
+        (PUT .../labels), remove one.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplaceVmLabels(
+        self,
+        request: _orchestrator_pb2.ReplaceVmLabelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ReplaceVmLabelsResponse, _abc.Awaitable[_orchestrator_pb2.ReplaceVmLabelsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteVmLabel(
+        self,
+        request: _orchestrator_pb2.DeleteVmLabelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.DeleteVmLabelResponse, _abc.Awaitable[_orchestrator_pb2.DeleteVmLabelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ResizeVmDisk(
+        self,
+        request: _orchestrator_pb2.ResizeVmDiskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ResizeVmDiskResponse, _abc.Awaitable[_orchestrator_pb2.ResizeVmDiskResponse]]:
+        """Grows the VM's disk while it runs, and its filesystem with it; a smaller or equal size is refused."""
+
+    @_abc_1.abstractmethod
     def Connect(
         self,
         request_iterator: _MaybeAsyncIterator[_orchestrator_pb2.ConnectRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.ConnectResponse], _abc.AsyncIterator[_orchestrator_pb2.ConnectResponse]]:
-        """The VM's console, interactively: the one streaming method (a WebSocket on the gateway)."""
+        """The VM's console, interactively (a WebSocket on the gateway)."""
 
     @_abc_1.abstractmethod
     def OpenTunnel(
@@ -306,6 +489,66 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.DeleteCommitResponse, _abc.Awaitable[_orchestrator_pb2.DeleteCommitResponse]]:
         """Refused (409) while a tag, a legacy tag or a VM still references the commit."""
+
+    @_abc_1.abstractmethod
+    def UpdateCommit(
+        self,
+        request: _orchestrator_pb2.UpdateCommitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.UpdateCommitResponse, _abc.Awaitable[_orchestrator_pb2.UpdateCommitResponse]]:
+        """Name, description and visibility of one of the org's commits. Making it public runs the secret scan
+        first (409 with the findings, as a repository's visibility does).
+        """
+
+    @_abc_1.abstractmethod
+    def ListPublicCommits(
+        self,
+        request: _orchestrator_pb2.ListPublicCommitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListPublicCommitsResponse, _abc.Awaitable[_orchestrator_pb2.ListPublicCommitsResponse]]:
+        """Every org's public commits, newest first: they can be branched and restored by id from any org."""
+
+    @_abc_1.abstractmethod
+    def ListEnvVars(
+        self,
+        request: _orchestrator_pb2.ListEnvVarsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListEnvVarsResponse, _abc.Awaitable[_orchestrator_pb2.ListEnvVarsResponse]]:
+        """The org's environment variables: written to /etc/environment of every new VM and set in every exec and
+        console session. Values are kept encrypted.
+        """
+
+    @_abc_1.abstractmethod
+    def SetEnvVars(
+        self,
+        request: _orchestrator_pb2.SetEnvVarsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.SetEnvVarsResponse, _abc.Awaitable[_orchestrator_pb2.SetEnvVarsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteEnvVar(
+        self,
+        request: _orchestrator_pb2.DeleteEnvVarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.DeleteEnvVarResponse, _abc.Awaitable[_orchestrator_pb2.DeleteEnvVarResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Deploy(
+        self,
+        request: _orchestrator_pb2.DeployRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.DeployResponse, _abc.Awaitable[_orchestrator_pb2.DeployResponse]]:
+        """A new VM that clones a git repository, runs its install and build commands and starts its run command
+        in the background. Answers at once; the progress is the exec stream `project_id` of the VM.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSystemVersion(
+        self,
+        request: _orchestrator_pb2.GetSystemVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetSystemVersionResponse, _abc.Awaitable[_orchestrator_pb2.GetSystemVersionResponse]]:
+        """What the platform runs (no API key needed)."""
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

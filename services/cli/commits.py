@@ -1,0 +1,118 @@
+"""`vers commit publish|unpublish|history|delete`. main.py adds the commands; this module needs nothing from it."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from services.cli.client import ApiError, seg
+from services.cli.config import is_uuid
+from services.cli.governance import _finding_row
+from services.cli.output import Output, progress, vers_command, when
+
+if TYPE_CHECKING:
+    from services.cli.main import Context
+
+# Top-level commands.
+TOP_COMMANDS: list[click.Command] = []
+
+FINDING_COLUMNS = ["COMMIT", "WHERE", "PATH OR OFFSET", "RULE", "EXCERPT"]
+
+
+def _commit_id(given: str) -> str:
+    if not is_uuid(given):
+        raise click.BadParameter(f"{given!r} is not a commit ID (a UUID: vers commit list shows them)", param_hint="COMMIT")
+    return given
+
+
+def _set_public(ctx: Context, out: Output, commit_id: str, is_public: bool) -> dict[str, Any]:
+    """The commit after the change; a refusal for secrets prints its findings (the table `vers repo
+    visibility` prints) and exits 1."""
+    try:
+        with progress("Scanning the commit for secrets…" if is_public else "Unpublishing…"):
+            return ctx.call("PATCH", f"/api/v1/commits/{seg(commit_id)}", json={"is_public": is_public})  # type: ignore[no-any-return]
+    except ApiError as error:
+        if not error.body.get("findings"):
+            raise
+        if out.json:
+            out.result(error.body)
+            sys.exit(1)
+        out.table(error.body, FINDING_COLUMNS, [_finding_row(f) for f in error.body["findings"]], "")
+        raise click.ClickException(f"{error.message} (HTTP {error.status})") from None
+
+
+@vers_command("publish")
+@click.argument("commit", metavar="COMMIT")
+def commit_publish(ctx: Context, out: Output, commit: str) -> None:
+    """Make one of your commits public: any organization can then branch or restore it by ID (`vers branch
+    COMMIT`, `vers run-commit COMMIT`), and `GET /api/v1/commits/public` lists it; only you can change,
+    tag or delete it. The commit's memory and disk are scanned for secrets first: findings refuse it."""
+    answer = _set_public(ctx, out, _commit_id(commit), True)
+    out.result(answer, f"✓ Published commit {answer['commit_id']}: any organization can branch it by its ID")
+
+
+@vers_command("unpublish")
+@click.argument("commit", metavar="COMMIT")
+def commit_unpublish(ctx: Context, out: Output, commit: str) -> None:
+    """Make a public commit private again: no new branches from other organizations (the VMs they
+    already made run on)."""
+    answer = _set_public(ctx, out, _commit_id(commit), False)
+    out.result(answer, f"✓ Commit {answer['commit_id']} is private again")
+
+
+@vers_command("history")
+@click.argument("source", required=False, metavar="[VM|COMMIT]")
+def commit_history(ctx: Context, out: Output, source: str | None) -> None:
+    """The lineage of a commit, or of the commit a VM was started from (the VM used last if none is given),
+    newest first: each commit and the one its VM was started from, as far as you may see them."""
+    commit_id = _lineage_start(ctx, source)
+    chain = ctx.call("GET", f"/api/v1/vm/commits/{seg(commit_id)}/parents")  # a list (the SDK's shape)
+    rows = [
+        [c["id"], c.get("name") or "-", when(c.get("created_at")), c.get("parent_vm_id") or "-", "yes" if c.get("is_public") else "no"]
+        for c in chain
+    ]  # fmt: skip
+    out.table(chain, ["COMMIT", "NAME", "CREATED", "FROM VM", "PUBLIC"], rows, f"No commits in the lineage of {commit_id}.")
+
+
+def _lineage_start(ctx: Context, source: str | None) -> str:
+    """A commit ID as it is; a VM (alias, ID, ID prefix, or the one used last): the commit it was started from."""
+    if source and is_uuid(source) and source not in ctx.state.aliases:
+        try:
+            metadata = ctx.call("GET", f"/api/v1/vm/{seg(source)}/metadata")
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            return source  # not a VM of yours: a commit
+    else:
+        metadata = ctx.call("GET", f"/api/v1/vm/{seg(ctx.vm(source))}/metadata")
+    if not metadata.get("parent_commit_id"):
+        raise click.ClickException(f"VM {metadata['vm_id']} was not started from a commit: it has no history yet (vers commit makes one)")
+    return str(metadata["parent_commit_id"])
+
+
+@vers_command("delete")
+@click.argument("commits", nargs=-1, required=True, metavar="COMMIT...")
+def commit_delete(ctx: Context, out: Output, commits: tuple[str, ...]) -> None:
+    """Delete commits of yours, each on its own: a commit a VM stands on, or a tag names, stays (the reason
+    is printed), and the exit code is 1 if any stayed."""
+    ids = [_commit_id(given) for given in dict.fromkeys(commits)]
+    deleted: list[str] = []
+    failed: list[dict[str, str]] = []
+    for commit_id in ids:
+        try:
+            ctx.call("DELETE", f"/api/v1/commits/{seg(commit_id)}")
+            deleted.append(commit_id)
+        except ApiError as error:
+            failed.append({"commit_id": commit_id, "error": f"{error.message} (HTTP {error.status})"})
+    out.result({"deleted": deleted, "failed": failed}, *(f"✓ Deleted commit {commit_id}" for commit_id in deleted))
+    if not out.json:
+        for failure in failed:
+            click.echo(f"Error: commit {failure['commit_id']} stays: {failure['error']}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+# Subcommands of `vers commit`.
+COMMIT_COMMANDS: list[click.Command] = [commit_publish, commit_unpublish, commit_history, commit_delete]
