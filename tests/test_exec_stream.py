@@ -122,6 +122,23 @@ async def test_stdin_env_working_dir_and_a_running_id_taken(world: World, caplog
     assert "secret-value-42" not in caplog.text
 
 
+async def test_an_exec_id_runs_once_and_env_stays_off_command_lines(world: World) -> None:
+    """A start retried with the id of one that already ran is refused (the client attaches to read it): a
+    command never runs twice. The variables reach the command without passing through a command line,
+    where any user of the guest reads them (/proc/PID/cmdline)."""
+    exec_id = str(uuid.uuid4())
+    every_command_line = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done"
+    body = {"command": ["sh", "-c", every_command_line], "env": {"SEEN_NOWHERE": "value-on-no-command-line"}, "exec_id": exec_id}
+    events = await world.events("exec/stream", body)
+    assert events[-1]["type"] == "exit" and b"value-on-no-command-line" not in output(events)
+    async with world.stream("exec/stream", body) as again:
+        assert again.status_code == 409 and "already ran" in (await again.aread()).decode()
+    replay = await world.events("exec/stream/attach", {"exec_id": exec_id})
+    assert output(replay) == output(events)
+    unary = await world.sdk._client.post(f"/api/v1/vm/{world.vm_id}/exec", json={"command": ["true"], "exec_id": "x" * 5000})
+    assert unary.status_code == 400 and "not a UUID" in unary.json()["error"] and len(unary.text) < 500
+
+
 async def test_more_than_the_cap_is_cut_without_stalling(world: World) -> None:
     cap = world.platform.settings.exec_max_output_bytes
     streamed = asyncio.ensure_future(world.events("exec/stream", {"command": ["sh", "-c", "yes abcdefg; echo \"yes: $?\" >&2"]}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.gateway.bindings import all_bindings
+from services.gateway.openapi import openapi_document
 from tests.conftest import Org, Platform
 
 
@@ -183,3 +184,16 @@ async def test_a_body_without_a_required_field_is_400(platform: Platform, org: O
             answer = await http.request(verb, path, content=content, headers={"Content-Type": "application/json"})
             assert answer.status_code == 400, answer.text
             assert field in answer.json()["error"] and "required" in answer.json()["error"]
+
+
+async def test_a_required_field_may_come_by_its_json_name(platform: Platform, org: Org) -> None:
+    async with platform.client(org) as http:
+        answer = await http.patch("/api/v1/commits/00000000-0000-0000-0000-000000000000", json={"isPublic": True})
+    assert answer.status_code == 404, answer.text  # past the gateway's check: the service found no such commit
+
+
+def test_a_path_variable_leaves_out_what_a_literal_route_answers() -> None:
+    """GET /commits/public is its own route, not GET /commits/{commit_id} with "public": the document says so."""
+    document = openapi_document(all_bindings())
+    [commit_id] = document["paths"]["/api/v1/commits/{commit_id}"]["get"]["parameters"]
+    assert commit_id["schema"]["not"] == {"enum": ["public"]}

@@ -226,3 +226,7 @@ def test_label_filters_parse() -> None:
     with pytest.raises(Exception, match="has no key"):
         parse_label_filters(["=x"])
 
+    with pytest.raises(Exception, match="at most 64"):
+        parse_label_filters([f"k{n}" for n in range(65)])  # each filter is a subquery: no more than labels a VM has
+    with pytest.raises(Exception, match="longer than a label"):
+        parse_label_filters(["k" * 129])

@@ -39,6 +39,18 @@ class Unreachable(Exception):
     pass
 
 
+def api_error(response: httpx.Response) -> ApiError:
+    """The API's error answer (read whole) as an ApiError with its message, code and body."""
+    response.read()
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return ApiError(response.status_code, response.text.strip() or response.reason_phrase)
+    return ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""), body)
+
+
 def unreachable(url: str, error: object) -> str:
     return f"cannot reach the Vers API at {url} ({error}): is the platform running, and is VERS_URL (or `vers login --url`) right?"
 
@@ -79,13 +91,7 @@ class ApiClient:
             raise Unreachable(unreachable(self.base_url, error)) from None
         if response.is_success:
             return _Answer(response.json() if response.content else None, response.headers)
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise ApiError(response.status_code, response.text.strip() or response.reason_phrase)
-        raise ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""), body)
+        raise api_error(response)
 
     @contextlib.contextmanager
     def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
@@ -97,14 +103,7 @@ class ApiClient:
             raise Unreachable(unreachable(self.base_url, error)) from None
         with contextlib.closing(response):
             if not response.is_success:
-                response.read()
-                try:
-                    body = response.json()
-                except ValueError:
-                    body = None
-                if not isinstance(body, dict):
-                    raise ApiError(response.status_code, response.text.strip() or response.reason_phrase)
-                raise ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""), body)
+                raise api_error(response)
             yield response
 
     def close(self) -> None:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from services.cli.client import ApiError, seg
 from services.cli.config import is_uuid
-from services.cli.governance import _finding_row
-from services.cli.output import Output, progress, vers_command, when
+from services.cli.governance import publish
+from services.cli.output import Output, each, vers_command, when
 
 if TYPE_CHECKING:
     from services.cli.main import Context
 
 # Top-level commands.
 TOP_COMMANDS: list[click.Command] = []
-
-FINDING_COLUMNS = ["COMMIT", "WHERE", "PATH OR OFFSET", "RULE", "EXCERPT"]
 
 
 def _commit_id(given: str) -> str:
@@ -28,19 +25,9 @@ def _commit_id(given: str) -> str:
 
 
 def _set_public(ctx: Context, out: Output, commit_id: str, is_public: bool) -> dict[str, Any]:
-    """The commit after the change; a refusal for secrets prints its findings (the table `vers repo
-    visibility` prints) and exits 1."""
-    try:
-        with progress("Scanning the commit for secrets…" if is_public else "Unpublishing…"):
-            return ctx.call("PATCH", f"/api/v1/commits/{seg(commit_id)}", json={"is_public": is_public})  # type: ignore[no-any-return]
-    except ApiError as error:
-        if not error.body.get("findings"):
-            raise
-        if out.json:
-            out.result(error.body)
-            sys.exit(1)
-        out.table(error.body, FINDING_COLUMNS, [_finding_row(f) for f in error.body["findings"]], "")
-        raise click.ClickException(f"{error.message} (HTTP {error.status})") from None
+    """The commit after the change; a refusal for secrets prints its findings and exits 1."""
+    waiting = "Scanning the commit for secrets…" if is_public else "Unpublishing…"
+    return publish(ctx, out, f"/api/v1/commits/{seg(commit_id)}", {"is_public": is_public}, waiting)
 
 
 @vers_command("publish")
@@ -97,21 +84,8 @@ def _lineage_start(ctx: Context, source: str | None) -> str:
 def commit_delete(ctx: Context, out: Output, commits: tuple[str, ...]) -> None:
     """Delete commits of yours, each on its own: a commit a VM stands on, or a tag names, stays (the reason
     is printed), and the exit code is 1 if any stayed."""
-    ids = [_commit_id(given) for given in dict.fromkeys(commits)]
-    deleted: list[str] = []
-    failed: list[dict[str, str]] = []
-    for commit_id in ids:
-        try:
-            ctx.call("DELETE", f"/api/v1/commits/{seg(commit_id)}")
-            deleted.append(commit_id)
-        except ApiError as error:
-            failed.append({"commit_id": commit_id, "error": f"{error.message} (HTTP {error.status})"})
-    out.result({"deleted": deleted, "failed": failed}, *(f"✓ Deleted commit {commit_id}" for commit_id in deleted))
-    if not out.json:
-        for failure in failed:
-            click.echo(f"Error: commit {failure['commit_id']} stays: {failure['error']}", err=True)
-    if failed:
-        sys.exit(1)
+    ids = tuple(_commit_id(given) for given in dict.fromkeys(commits))
+    each(out, ids, lambda commit_id: ctx.call("DELETE", f"/api/v1/commits/{seg(commit_id)}"), "Deleted commit {}")
 
 
 # Subcommands of `vers commit`.

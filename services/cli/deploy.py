@@ -2,75 +2,16 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import sys
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
-import httpx
 
-from services.cli.client import ApiError, Unreachable, seg, unreachable
 from services.cli.output import Output, progress, vers_command
+from services.cli.streams import stream_exec
 
 if TYPE_CHECKING:
     from services.cli.main import Context
-
-# How often a dropped exec stream is attached again (from the last event seen) before giving up.
-REATTACH_ATTEMPTS = 5
-
-
-def attach_exec(
-    url: str, api_key: str, vm_id: str, exec_id: str, write: Callable[[str, bytes], None], cursor: int | None = None
-) -> int:
-    """Follow an exec session's events (POST .../exec/stream/attach, NDJSON) until its exit event, handing
-    each chunk's bytes to `write(stream, data)`; a dropped connection is attached again after the last
-    cursor seen. Answers the command's exit code."""
-    path = f"/api/v1/vm/{seg(vm_id)}/exec/stream/attach"
-    # A build may be silent for long: no read timeout, the session's own timeout ends it.
-    timeout = httpx.Timeout(30.0, read=None)
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout) as http:
-        for attempt in range(REATTACH_ATTEMPTS):
-            body: dict[str, Any] = {"exec_id": exec_id}
-            if cursor is not None:
-                body["cursor"] = cursor
-            try:
-                with http.stream("POST", path, json=body) as answer:
-                    if not answer.is_success:
-                        answer.read()
-                        raise _api_error(answer)
-                    for line in answer.iter_lines():
-                        if not line.strip():
-                            continue
-                        event = json.loads(line)
-                        if "type" not in event and "error" in event:  # the server's last word on a failed stream
-                            raise ApiError(answer.status_code, event["error"], event.get("code", ""), event)
-                        cursor = int(event.get("cursor") or 0)
-                        if event.get("type") == "chunk":
-                            write(event.get("stream") or "stdout", base64.b64decode(event.get("data_b64") or ""))
-                        elif event.get("type") == "exit":
-                            return int(event.get("exit_code") or 0)
-            except (httpx.TransportError, json.JSONDecodeError) as error:  # cut off, mid-line perhaps
-                if attempt == REATTACH_ATTEMPTS - 1:
-                    raise Unreachable(unreachable(url, error)) from None
-            time.sleep(min(0.25 * 2**attempt, 4.0))
-    raise click.ClickException(
-        f"the exec stream of {exec_id} ended {REATTACH_ATTEMPTS} times without its exit event: "
-        f"`vers deploy` can be followed again with POST {path} {{\"exec_id\": \"{exec_id}\"}}"
-    )
-
-
-def _api_error(answer: httpx.Response) -> ApiError:
-    try:
-        body = answer.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        return ApiError(answer.status_code, answer.text.strip() or answer.reason_phrase)
-    return ApiError(answer.status_code, body.get("error") or answer.text, body.get("code", ""), body)
-
 
 def to_terminal(stream: str, data: bytes) -> None:
     """A chunk of the guest's output on our stdout or stderr, as it comes."""
@@ -118,7 +59,8 @@ def deploy(ctx: Context, out: Output, repo_url: str, branch: str, install: str, 
     if not out.json:
         out.fields(answer, [("VM", vm_id), ("Project", project_id)], f"✓ Deploying {repo_url} to VM {vm_id}")
     credentials = ctx.credentials
-    code = attach_exec(credentials.url, credentials.api_key, vm_id, project_id, to_stderr if out.json else to_terminal)
+    follow = to_stderr if out.json else to_terminal
+    code = stream_exec(credentials.url, credentials.api_key, vm_id, {"exec_id": project_id}, follow, attach_only=True)
     status = "deployed" if code == 0 else "failed"
     if out.json:
         out.result({**answer, "status": status, "exit_code": code})

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from services.cli.client import ApiError, seg
-from services.cli.output import Output, vers_command
+from services.cli.client import seg
+from services.cli.output import Output, each, vers_command
 
 if TYPE_CHECKING:
     from services.cli.main import Context
@@ -70,20 +70,7 @@ def env_set(ctx: Context, out: Output, assignments: tuple[str, ...], replace: bo
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 def env_delete(ctx: Context, out: Output, names: tuple[str, ...]) -> None:
     """Delete variables; a name that is not set is an error (exit code 1), the others are deleted."""
-    deleted: list[str] = []
-    failed: list[dict[str, str]] = []
-    for name in dict.fromkeys(names):
-        try:
-            ctx.call("DELETE", f"/api/v1/env_vars/{seg(name)}")
-            deleted.append(name)
-        except ApiError as error:
-            failed.append({"name": name, "error": f"{error.message} (HTTP {error.status})"})
-    out.result({"deleted": deleted, "failed": failed}, *(f"✓ Deleted {name}" for name in deleted))
-    if not out.json:
-        for failure in failed:
-            click.echo(f"Error: {failure['error']}", err=True)
-    if failed:
-        sys.exit(1)
+    each(out, tuple(dict.fromkeys(names)), lambda name: ctx.call("DELETE", f"/api/v1/env_vars/{seg(name)}"), "Deleted {}")
 
 
 for command in (env_list, env_set, env_delete):

@@ -25,6 +25,9 @@ AUDIT_PAGE_SIZE = 1000
 # --- repository policies --------------------------------------------------------------------------
 
 
+FINDING_COLUMNS = ["COMMIT", "WHERE", "PATH OR OFFSET", "RULE", "EXCERPT"]
+
+
 def retention_options(function: Any) -> Any:
     """--keep-last, --keep-tag and --untagged-days, as `repo create` and `repo policy` take them."""
     for option in reversed([
@@ -107,16 +110,23 @@ def repo_policy(ctx: Context, out: Output, name: str, immutable_tags: tuple[str,
 def set_visibility(ctx: Context, out: Output, name: str, is_public: bool, force: bool) -> dict[str, Any]:
     """The repository after the change; a refusal for secrets prints its findings and exits 1."""
     body = {"is_public": is_public, "force": force}
+    waiting = "Scanning the commits for secrets…" if is_public else "Changing the visibility…"
+    return publish(ctx, out, f"/api/v1/repositories/{seg(name)}/visibility", body, waiting)
+
+
+def publish(ctx: Context, out: Output, path: str, body: dict[str, Any], waiting: str) -> dict[str, Any]:
+    """PATCH a visibility (a repository's, a commit's): the answer; a refusal for secrets prints its findings
+    as a table (or the error's JSON body) and exits 1."""
     try:
-        with progress("Scanning the commits for secrets…" if is_public else "Changing the visibility…"):
-            return ctx.call("PATCH", f"/api/v1/repositories/{seg(name)}/visibility", json=body)  # type: ignore[no-any-return]
+        with progress(waiting):
+            return ctx.call("PATCH", path, json=body)  # type: ignore[no-any-return]
     except ApiError as error:
         if not error.body.get("findings"):
             raise
         if out.json:
             out.result(error.body)
             sys.exit(1)
-        out.table(error.body, ["COMMIT", "WHERE", "PATH OR OFFSET", "RULE", "EXCERPT"], [_finding_row(f) for f in error.body["findings"]], "")
+        out.table(error.body, FINDING_COLUMNS, [_finding_row(f) for f in error.body["findings"]], "")
         raise click.ClickException(f"{error.message} (HTTP {error.status})") from None
 
 

@@ -20,7 +20,7 @@ from services.cli import commits, config, copy, deploy, envvars, governance, mcp
 from services.cli.client import ApiClient, ApiError, seg
 from services.cli.config import ConfigError, LocalState, check_alias, is_uuid
 from services.cli.console import open_console
-from services.cli.output import Output, progress, vers_command, when
+from services.cli.output import Output, each, progress, vers_command, when
 from services.cli.refs import parse_public_ref, split_org
 from services.cli.ssh import HostBlock, host_block, save_key, write_config
 from services.cli.tunnel import open_stdio, run_stdio, serve
@@ -525,7 +525,7 @@ def repo_get(ctx: Context, out: Output, name: str) -> None:
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 def repo_delete(ctx: Context, out: Output, names: tuple[str, ...]) -> None:
     """Delete repositories and their tags; the commits stay."""
-    _each(out, names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{seg(name)}"), "Deleted repository {} (commits kept)")
+    each(out, names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{seg(name)}"), "Deleted repository {} (commits kept)")
 
 
 @command(repo, "visibility")
@@ -644,7 +644,7 @@ def tag_update(ctx: Context, out: Output, repo_name: str, tag_name: str, commit_
 @click.argument("tag_names", nargs=-1, required=True, metavar="TAG...")
 def tag_delete(ctx: Context, out: Output, repo_name: str, tag_names: tuple[str, ...]) -> None:
     """Delete tags; the commits they named stay."""
-    _each(out, tag_names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{seg(repo_name)}/tags/{seg(name)}"),
+    each(out, tag_names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{seg(repo_name)}/tags/{seg(name)}"),
           f"Deleted tag {repo_name}:{{}} (commit kept)")
 
 
@@ -657,26 +657,6 @@ def tag_history(ctx: Context, out: Output, repo_name: str, tag_name: str) -> Non
     rows = [[when(e["created_at"]), e["action"], e["old_commit_id"] or "-", e["new_commit_id"] or "-", e["api_key_id"]]
             for e in answer["events"]]
     out.table(answer, ["WHEN", "ACTION", "FROM", "TO", "BY KEY"], rows, f"No history for {repo_name}:{tag_name}.")
-
-
-def _each(out: Output, names: tuple[str, ...], action: Callable[[str], Any], done: str) -> None:
-    """Act on several names; report each, go on after a failure, exit 1 if any failed."""
-    results, failed = [], False
-    for name in names:
-        try:
-            action(name)
-            results.append({"name": name, "deleted": True, "error": None})
-            if not out.json:
-                click.echo(f"✓ {done.format(name)}")
-        except ApiError as error:
-            failed = True
-            results.append({"name": name, "deleted": False, "error": error.message})
-            if not out.json:
-                click.echo(f"Error: {name}: {error.message} (HTTP {error.status})", err=True)
-    if out.json:
-        out.result({"results": results})
-    if failed:
-        sys.exit(1)
 
 
 # --- domains --------------------------------------------------------------------------------------
@@ -729,7 +709,7 @@ def domain_delete(ctx: Context, out: Output, names: tuple[str, ...]) -> None:
             raise ApiError(404, f"no domain {given!r} in your organization: `vers domain list` shows them")
         ctx.call("DELETE", f"/api/v1/domains/{seg(found['domain_id'])}")
 
-    _each(out, names, delete, "Deleted domain {}")
+    each(out, names, delete, "Deleted domain {}")
 
 
 # --- administration -------------------------------------------------------------------------------

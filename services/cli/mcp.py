@@ -52,8 +52,8 @@ def serve(ctx: Context, over_http: bool, host: str | None, port: int | None, tok
         return
     listen_host = host or "127.0.0.1"
     made = not token
-    secret = token or secrets.token_urlsafe(32)
-    if not secret.strip():
+    secret = (token or secrets.token_urlsafe(32)).strip()  # compared with what clients send, stripped too
+    if not secret:
         raise click.BadParameter("the token is empty: give one, or leave --token and VERS_MCP_TOKEN out to have one made", param_hint="--token")
     try:
         listener = socket.create_server((listen_host, DEFAULT_PORT if port is None else port),
@@ -96,7 +96,8 @@ class BearerToken:
         self.expected = token.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not self._authorized(scope):
+        # Every kind of connection but the server's own lifespan needs the token (not only plain HTTP).
+        if scope["type"] != "lifespan" and not self._authorized(scope):
             from starlette.responses import JSONResponse
 
             refusal = JSONResponse(

@@ -131,3 +131,23 @@ def with_format(command: Callable[..., Any]) -> Callable[..., Any]:
         return command(*args, out=Output(format_), **kwargs)
 
     return wrapper
+
+
+def each(out: Output, names: tuple[str, ...], action: Callable[[str], Any], done: str) -> None:
+    """Act on several names; report each, go on after a failure, exit 1 if any failed."""
+    results, failed = [], False
+    for name in names:
+        try:
+            action(name)
+            results.append({"name": name, "deleted": True, "error": None})
+            if not out.json:
+                click.echo(f"✓ {done.format(name)}")
+        except ApiError as error:
+            failed = True
+            results.append({"name": name, "deleted": False, "error": error.message})
+            if not out.json:
+                click.echo(f"Error: {name}: {error.message} (HTTP {error.status})", err=True)
+    if out.json:
+        out.result({"results": results})
+    if failed:
+        sys.exit(1)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import httpx
 
-from services.cli.client import ApiError, Unreachable, seg, unreachable
+from services.cli.client import Unreachable, api_error, seg, unreachable
 from services.cli.output import Output, vers_command
 from services.cli.ssh import host_block, save_key, write_config
 
@@ -36,17 +36,6 @@ class StreamError(click.ClickException):
     pass
 
 
-def _error_of(response: httpx.Response) -> ApiError:
-    response.read()
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        return ApiError(response.status_code, response.text.strip() or response.reason_phrase)
-    return ApiError(response.status_code, body.get("error") or response.text, body.get("code", ""), body)
-
-
 def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
     for line in response.iter_lines():
         if not line.strip():
@@ -57,13 +46,16 @@ def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
         yield event
 
 
-def stream_exec(url: str, api_key: str, vm_id: str, body: dict[str, Any], on_chunk: Callable[[str, bytes], None]) -> int:
+def stream_exec(
+    url: str, api_key: str, vm_id: str, body: dict[str, Any], on_chunk: Callable[[str, bytes], None], attach_only: bool = False
+) -> int:
     """Run a command with its output given to `on_chunk` as it comes; its exit code. A dropped connection
-    is resumed after the last cursor seen, so nothing is given twice or missed."""
+    is resumed after the last cursor seen, so nothing is given twice or missed. With `attach_only`, follows
+    the exec `body["exec_id"]` that something else started (a deploy) instead of starting one."""
     body = {**body, "exec_id": body.get("exec_id") or str(uuid.uuid4())}
     path = f"/api/v1/vm/{seg(vm_id)}/exec/stream"
     cursor: int | None = None
-    started = False
+    started = attach_only
     failures = 0
     headers = {"Authorization": f"Bearer {api_key}"}
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60.0, read=None)) as http:
@@ -81,7 +73,7 @@ def stream_exec(url: str, api_key: str, vm_id: str, body: dict[str, Any], on_chu
                         started = True  # an earlier try started it after all: attach to it
                         continue
                     if not response.is_success:
-                        raise _error_of(response)
+                        raise api_error(response)
                     started = True
                     for event in _events(response):
                         cursor = int(event["cursor"])

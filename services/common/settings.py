@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     # many per VM (the oldest finished go first); each VM's exec log keeps its newest this many bytes.
     exec_retain_seconds: int = Field(3600, validation_alias="VERS_EXEC_RETAIN_SECONDS")
     exec_retain_per_vm: int = Field(16, validation_alias="VERS_EXEC_RETAIN_PER_VM")
+    # ...and all the streamed output the orchestrator keeps, every VM's together (the oldest finished go first).
+    exec_retain_max_bytes: int = Field(256 * 1024 * 1024, validation_alias="VERS_EXEC_RETAIN_MAX_BYTES")
     vm_log_max_bytes: int = Field(8 * 1024 * 1024, validation_alias="VERS_VM_LOG_MAX_BYTES")
     # Deploy (POST /deploy): where an `owner/repo` is cloned from (BASE + owner/repo + ".git"), and how long
     # the clone, install and build may take (at most VERS_EXEC_MAX_TIMEOUT_SECONDS).

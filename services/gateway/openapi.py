@@ -159,13 +159,35 @@ def _success_response(binding: Binding, schemas: _Schemas) -> dict[str, Any]:
     return success
 
 
-def _operation(binding: Binding, schemas: _Schemas) -> dict[str, Any]:
+def _taken_by_literals(binding: Binding, bindings: list[Binding]) -> dict[str, list[str]]:
+    """For each path variable, the values a route of literal segments answers instead (GET /commits/public
+    is not GET /commits/{commit_id} with commit_id "public"): the router tries literal segments first."""
+    parts = binding.path.split("/")
+    taken: dict[str, list[str]] = {}
+    for other in bindings:
+        theirs = other.path.split("/")
+        if other is binding or other.verb != binding.verb or len(theirs) != len(parts):
+            continue
+        differ = [i for i, (mine, their) in enumerate(zip(parts, theirs, strict=True)) if mine != their]
+        if len(differ) == 1 and parts[differ[0]].startswith("{") and not theirs[differ[0]].startswith("{"):
+            taken.setdefault(parts[differ[0]].strip("{}"), []).append(theirs[differ[0]])
+    return taken
+
+
+def _operation(binding: Binding, schemas: _Schemas, bindings: list[Binding]) -> dict[str, Any]:
     request = binding.method.input_type
     path_params = frozenset(binding.path_params)
+    taken = _taken_by_literals(binding, bindings)
     parameters = [
-        {"name": name, "in": "path", "required": True, "schema": {**schemas.parameter(request.fields_by_name[name]), "minLength": 1}}
+        {
+            "name": name, "in": "path", "required": True,
+            "schema": {
+                **schemas.parameter(request.fields_by_name[name]), "minLength": 1,
+                **({"not": {"enum": sorted(taken[name])}} if name in taken else {}),
+            },
+        }
         for name in binding.path_params
-    ]
+    ]  # fmt: skip
     # Scalar fields may come in the query string, also next to a body ("POST /vm/new_root?wait_boot=true").
     parameters += [
         {"name": field.name, "in": "query", "required": False, "schema": schemas.parameter(field)}
@@ -196,7 +218,7 @@ def openapi_document(bindings: list[Binding]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for binding in bindings:
         if not binding.streaming or is_http_stream(binding):
-            paths.setdefault(binding.path, {})[binding.verb.lower()] = _operation(binding, schemas)
+            paths.setdefault(binding.path, {})[binding.verb.lower()] = _operation(binding, schemas, bindings)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Vers API", "version": "1.0.0"},

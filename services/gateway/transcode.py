@@ -71,7 +71,10 @@ def required_fields(descriptor: Descriptor) -> list[str]:
 
 
 def _require(descriptor: Descriptor, data: Mapping[str, Any], path_params: Sequence[str]) -> None:
-    missing = [name for name in required_fields(descriptor) if name not in path_params and data.get(name) is None]
+    def given(name: str) -> bool:  # by its proto name or its JSON one (isPublic), as the parser takes both
+        return data.get(name) is not None or data.get(descriptor.fields_by_name[name].json_name) is not None
+
+    missing = [name for name in required_fields(descriptor) if name not in path_params and not given(name)]
     if missing:
         raise BadRequest(f"request body must give {', '.join(missing)} (required)")
 

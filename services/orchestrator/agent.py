@@ -44,9 +44,10 @@ READ_SIZE = 1 << 16
 # What one VM's port may make this process read per second; a guest writing faster waits on its own
 # port (the socket's buffers fill and QEMU stops taking its writes).
 MAX_READ_RATE = 16 * 1024 * 1024
-# ...and the time this process may spend a second reading one VM's frames (a guest sending nothing but
-# markers costs more per byte than one sending data).
-MAX_PARSE_SECONDS = 0.01
+# ...and the time this process may spend a second reading one VM's frames and handing them on (a guest
+# sending nothing but markers, or a streamed command writing a byte at a time, costs more per byte than one
+# sending data): a fiftieth of a core per VM at most.
+MAX_PARSE_SECONDS = 0.02
 # What a command still waiting is told when its VM's port closes and nobody said why.
 STOPPED = "the VM stopped while the command ran"
 # How long writing one command to the port may take.
@@ -78,8 +79,6 @@ def guest_script(
         if not key.replace("_", "a").isalnum() or key[0].isdigit():
             raise InvalidArgument(f"environment variable name {key!r} is not a valid shell identifier")
     words = [shlex.quote(part) for part in command]
-    if env:
-        words = ["env", *(shlex.quote(f"{k}={v}") for k, v in env.items()), *words]
     if timeout_secs > 0:
         words = ["timeout", "-s", "KILL", str(timeout_secs), *words]
     run = " ".join(words)
@@ -91,6 +90,12 @@ def guest_script(
     if stdin:
         source = f"{files}.in"
         prepare = f"printf %s {base64.b64encode(stdin).decode()} | base64 -d > {source}; "
+    if env:
+        # The variables (the org's secrets among them) reach the command through a file only root reads,
+        # removed before it runs: on its command line any user of the guest would read them in /proc.
+        exports = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
+        prepare += f"(umask 077; printf %s {base64.b64encode(exports.encode()).decode()} | base64 -d > {files}.env); "
+        run = f". {files}.env && rm -f {files}.env && {run}"
     line = (
         (STREAM_JOB if stream else JOB).replace("@F@", files).replace("@NONCE@", nonce).replace("@BLOCKS@", str(max_output // 512 + 1))
         .replace("@MAX@", str(max_output)).replace("@CHUNK@", str(CHUNK)).replace("@SOURCE@", source)
@@ -120,7 +125,7 @@ dd if=@F@.f bs=32768 count=1 2>/dev/null; i=$((i+n)); done; };
 set -- $(stat -c %s @F@.o @F@.e); so=$1; se=$2; ot=0; et=0;
 [ "$so" -gt @MAX@ ] && { truncate -s @MAX@ @F@.o; so=@MAX@; ot=1; };
 [ "$se" -gt @MAX@ ] && { truncate -s @MAX@ @F@.e; se=@MAX@; et=1; };
-s o @F@.o $so; s e @F@.e $se; rm -f @F@.o @F@.e @F@.po @F@.pe @F@.f @F@.in;
+s o @F@.o $so; s e @F@.e $se; rm -f @F@.o @F@.e @F@.po @F@.pe @F@.f @F@.in @F@.env;
 printf '\\n<<E:%s:%s:%s:%s>>\\n' @NONCE@ "$r" $ot $et ) </dev/null 2>/dev/null &
 """.split()
 )
@@ -141,7 +146,7 @@ t=$((t+n)); [ $c = 1 ] && break; done; };
 ( @RUN@ ) <@SOURCE@ >@F@.po 2>@F@.pe; r=$?;
 ( sleep 1; kill $a $b ) 2>/dev/null & w=$!; wait $a $b; kill $w;
 ot=0; et=0; [ -e @F@.po.t ] && ot=1; [ -e @F@.pe.t ] && et=1;
-rm -f @F@.po @F@.pe @F@.po.d @F@.pe.d @F@.po.f @F@.pe.f @F@.po.t @F@.pe.t @F@.in;
+rm -f @F@.po @F@.pe @F@.po.d @F@.pe.d @F@.po.f @F@.pe.f @F@.po.t @F@.pe.t @F@.in @F@.env;
 printf '\\n<<E:%s:%s:%s:%s>>\\n' @NONCE@ "$r" $ot $et ) </dev/null 2>/dev/null &
 """.split()
 )
@@ -271,23 +276,14 @@ class Agent:
         try:
             while chunk := await reader.read(READ_SIZE):
                 window_bytes += len(chunk)
+                parsing = time.perf_counter()
                 if not self._pending:  # nobody waits for an answer: what the guest sends goes unread
                     frames.reset()
-                    found = []
                 else:
-                    parsing = time.perf_counter()
-                    found = frames.feed(chunk)
+                    # The time this costs counts, what a streamed command's output is handed to included (its
+                    # log, its events): a guest sending many tiny frames pays for them in its own budget.
+                    self._dispatch(frames.feed(chunk))
                     window_cpu += time.perf_counter() - parsing
-                for kind, key, value in found:
-                    if kind == "chunk":
-                        nonce, stream = key.split(b":")
-                        if (pending := self._pending.get(nonce.decode())) is not None:
-                            assert isinstance(value, bytes)
-                            pending.add(stream, value)
-                    elif (pending := self._pending.pop(key.decode(), None)) is not None and not pending.done.done():
-                        assert isinstance(value, tuple)
-                        code, out_cut, err_cut = value
-                        pending.done.set_result(ExecResult(code, bytes(pending.stdout), bytes(pending.stderr), out_cut, err_cut))
                 elapsed = loop.time() - window_start
                 if window_bytes >= MAX_READ_RATE or window_cpu >= MAX_PARSE_SECONDS:
                     # A flooding guest: read no more of it this second (it waits on its own port).
@@ -300,6 +296,27 @@ class Agent:
             pass
         finally:
             self._fail_pending(self._closed_because or STOPPED)
+
+    def _dispatch(self, found: list[tuple[str, bytes, bytes | tuple[int, bool, bool]]]) -> None:
+        # Adjacent pieces of one command's stream (one read may hold many small frames) go on as one.
+        merged: list[tuple[str, bytes, bytes | tuple[int, bool, bool]]] = []
+        for kind, key, value in found:
+            if kind == "chunk" and merged and merged[-1][0] == "chunk" and merged[-1][1] == key:
+                previous = merged[-1][2]
+                assert isinstance(previous, bytes) and isinstance(value, bytes)
+                merged[-1] = (kind, key, previous + value)
+            else:
+                merged.append((kind, key, value))
+        for kind, key, value in merged:
+            if kind == "chunk":
+                nonce, stream = key.split(b":")
+                if (pending := self._pending.get(nonce.decode())) is not None:
+                    assert isinstance(value, bytes)
+                    pending.add(stream, value)
+            elif (pending := self._pending.pop(key.decode(), None)) is not None and not pending.done.done():
+                assert isinstance(value, tuple)
+                code, out_cut, err_cut = value
+                pending.done.set_result(ExecResult(code, bytes(pending.stdout), bytes(pending.stderr), out_cut, err_cut))
 
     def _fail_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}

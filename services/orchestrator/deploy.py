@@ -194,7 +194,9 @@ class DeployMethods:
 
     engine: Engine
     store: OrchestratorStore
-    _deploy_names: asyncio.Lock | None = None
+    # One lock per org: between the name check and the new VM's row, so two deploys of one name cannot both
+    # pass (other orgs' deploys never wait on it).
+    _deploy_names: dict[str, asyncio.Lock] | None = None
 
     if TYPE_CHECKING:
 
@@ -218,10 +220,10 @@ class DeployMethods:
             config.vcpu_count, config.mem_size_mib, config.fs_size_mib, config.image_name, config.kernel_name, labels,
             config.network,
         )  # fmt: skip
-        # One deploy at a time between the name check and the new VM's row, so two of one name cannot both pass.
         if self._deploy_names is None:
-            self._deploy_names = asyncio.Lock()
-        async with self._deploy_names:
+            self._deploy_names = {}
+        names = self._deploy_names.setdefault(org_id, asyncio.Lock())
+        async with names:
             for vm in await self.store.list_vms(org_id):
                 if json.loads(vm.labels).get(NAME_LABEL) == deploy.name:
                     raise Conflict(

@@ -25,6 +25,7 @@ from services.common.errors import (
 )  # fmt: skip
 from services.common.faults import fault_point
 from services.common.files import fsync_dir, fsync_path, fsync_tree, write_atomic
+from services.common.names import validate_vm_labels
 from services.common.settings import Settings
 from services.orchestrator import secrets
 from services.orchestrator.accel import choose_accelerator
@@ -585,9 +586,7 @@ class Engine:
             raise InvalidArgument(
                 f"fs_size_mib must be between {image.disk_mib} (the size of image {image.name!r}) and {MAX_DISK_MIB}, not {disk}"
             )
-        for key, value in (config.labels or {}).items():
-            if not key or len(key) > 63 or len(value) > 255:
-                raise InvalidArgument("labels: keys are 1-63 characters, values at most 255")
+        validate_vm_labels(dict(config.labels or {}))
         # Without the privileges for outbound networking, VMs get a closed NIC unless "nat" is asked for.
         network = config.network or ("nat" if self.network.available else "none")
         self._check_network(network)
@@ -968,19 +967,24 @@ class Engine:
     # Secret scans
 
     async def scan(self, commit: CommitRow) -> SecretScanRow:
-        """The commit's scan under the current rules: the one kept, or made now. Commits never change, so each
-        is scanned once per rule set; two asks at once of the same commit share one scan."""
-        kept = await self.store.secret_scan(commit.id, secrets.RULES_VERSION)
+        """The commit's scan under the current rules and its owner's current environment variables (every new
+        root VM and exec of the org holds their values in plain text): the one kept, or made now. Commits never
+        change, so each is scanned once per rule set and set of values; two asks at once share one scan."""
+        variables = await self.env_vars.get(commit.org_id)
+        literals = secrets.org_literals(variables)
+        rules_version = secrets.scan_version(literals, self.env_vars.digest_key() if literals else b"")
+        kept = await self.store.secret_scan(commit.id, rules_version)
         if kept is not None:
             return kept
-        task = self._scans.get(commit.id)
+        key = f"{commit.id} {rules_version}"
+        task = self._scans.get(key)
         if task is None:
-            task = asyncio.create_task(self._scan(commit, secrets.RULES_VERSION))
-            self._scans[commit.id] = task
-            task.add_done_callback(lambda _: self._scans.pop(commit.id, None))
+            task = asyncio.create_task(self._scan(commit, rules_version, literals))
+            self._scans[key] = task
+            task.add_done_callback(lambda _: self._scans.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _scan(self, commit: CommitRow, rules_version: str) -> SecretScanRow:
+    async def _scan(self, commit: CommitRow, rules_version: str, literals: list[bytes]) -> SecretScanRow:
         kept = await self.store.secret_scan(commit.id, rules_version)
         if kept is not None:
             return kept
@@ -990,7 +994,7 @@ class Engine:
         base = Path(chain[-1].base_path) if chain and chain[-1].base_path else None
         allow = [pattern.strip() for pattern in self.settings.secret_scan_allow_paths.split(",") if pattern.strip()]
         async with self._scan_turn:
-            findings = await secrets.scan_commit(memory, [self.layer_path(layer.id) for layer in chain], base, allow)
+            findings = await secrets.scan_commit(memory, [self.layer_path(layer.id) for layer in chain], base, allow, literals)
         found = [
             {"where": f.where, "path": f.path, "offset": f.offset, "rule": f.rule, "excerpt": f.excerpt} for f in findings
         ]  # fmt: skip

@@ -7,6 +7,7 @@ had there; every exec gets the org's current ones (`_exec_env`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -114,6 +115,12 @@ class EnvVars:
             self._fernet = Fernet(self.key_file.read_bytes().strip())
         return self._fernet
 
+    def digest_key(self) -> bytes:
+        """A key for digests of values (the secret scan's record of which values it looked for), derived from
+        the encryption key: no one without it can try guesses, even of short values, against a digest."""
+        self._cipher()  # the key file, made if it is not yet
+        return hashlib.sha256(b"vers env-vars digest key\x00" + self.key_file.read_bytes().strip()).digest()
+
     def _seal(self, org_id: str, name: str, value: str) -> str:
         return self._cipher().encrypt(json.dumps([org_id, name, value]).encode()).decode()
 
@@ -123,9 +130,11 @@ class EnvVars:
         except (InvalidToken, ValueError):
             org_id = name = value = None
         if org_id != row.org_id or name != row.name or not isinstance(value, str):
+            # the host's path is for the operator's log, not for the tenant
+            log.error("environment variable %s of org %s cannot be decrypted with %s", row.name, row.org_id, self.key_file)
             raise DataLoss(
-                f"environment variable {row.name} cannot be decrypted: {self.key_file} is not the key it was stored "
-                f"with (restore that file, or set the variable again)"
+                f"environment variable {row.name} cannot be decrypted: the platform's key ({KEY_FILE} in its data "
+                f"folder) is not the one it was stored with; set the variable again, or ask the operator to restore the key"
             )
         return value
 

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import shutil
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -60,7 +61,7 @@ def new_exec_id(given: str) -> str:
     try:
         return str(uuid.UUID(given))
     except ValueError:
-        raise InvalidArgument(f"exec_id {given!r} is not a UUID: leave it empty and one is made") from None
+        raise InvalidArgument(f"exec_id {given[:64]!r} is not a UUID: leave it empty and one is made") from None
 
 
 # --- the exec log of one VM --------------------------------------------------------------------------
@@ -76,6 +77,8 @@ class ExecLog:
         # A file is started past a quarter of the bound: dropping one drops at most that much.
         self.segment_bytes = max(max_bytes // 4, 64 * 1024)
         self._segments: list[tuple[int, Path]] | None = None
+        # Appends come from the event loop, reads from a worker thread: one at a time sees the file list.
+        self._lock = threading.Lock()
 
     def _load(self) -> list[tuple[int, Path]]:
         if self._segments is None:
@@ -110,7 +113,8 @@ class ExecLog:
         if not lines:
             return
         try:
-            self._write(lines)
+            with self._lock:
+                self._write(lines)
         except OSError as error:  # a full disk loses log lines, never an exec
             log.warning("the exec log of %s could not be written: %s", self.folder.name, error)
 
@@ -131,8 +135,9 @@ class ExecLog:
     def read(self, offset: int, max_entries: int, stream: str) -> tuple[list[pb.VmExecLogEntry], bool, int]:
         """Entries from `offset` (the oldest kept when it is before them, or past the end), up to
         max_entries of `stream` (both when empty): (entries, reached the end, the offset after them)."""
-        segments = list(self._load())  # a copy: appends in the event loop may drop the oldest meanwhile
-        end = self._end()
+        with self._lock:  # a copy: appends in the event loop may drop the oldest meanwhile
+            segments = list(self._load())
+            end = self._end()
         if not segments:
             return [], True, 0
         if offset < segments[0][0] or offset > end:
@@ -162,7 +167,7 @@ class ExecLog:
                         if stream and entry["stream"] != stream:
                             continue
                         data = base64.b64decode(entry["data_b64"])
-                        carried += len(data)
+                        carried += len(line)  # the whole entry: its exec id and stream travel too
                         entries.append(pb.VmExecLogEntry(
                             data_b64=data, stream=entry["stream"], timestamp=entry["timestamp"], exec_id=entry["exec_id"],
                         ))  # fmt: skip
@@ -272,6 +277,10 @@ class ExecSession:
                 return
             await changed.wait()
 
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept
+
     async def wait(self) -> int:
         """The command's exit code (or the error that ended the session)."""
         return await asyncio.shield(self._done)
@@ -303,17 +312,26 @@ class ExecRegistry:
     def log(self, vm_id: str) -> ExecLog:
         return self._of(vm_id).log
 
-    def _prune(self, record: _VmExecs) -> None:
-        """Finished sessions past their time go, and the oldest finished beyond the number kept per VM."""
+    def _prune(self) -> None:
+        """Finished sessions past their time go, and the oldest finished beyond the number kept per VM; then,
+        across every VM, the oldest finished ones while all kept output passes VERS_EXEC_RETAIN_MAX_BYTES."""
         settings = self.engine.settings
         now = time.monotonic()
-        finished = [s for s in record.sessions.values() if not s.running]
-        over = len(finished) - settings.exec_retain_per_vm
-        for session in finished:
-            assert session.finished_at is not None
-            if over > 0 or now - session.finished_at > settings.exec_retain_seconds:
-                record.sessions.pop(session.exec_id, None)
-                over -= 1
+        for each in self._vms.values():
+            finished = [s for s in each.sessions.values() if not s.running]
+            over = len(finished) - settings.exec_retain_per_vm
+            for session in finished:
+                assert session.finished_at is not None
+                if over > 0 or now - session.finished_at > settings.exec_retain_seconds:
+                    each.sessions.pop(session.exec_id, None)
+                    over -= 1
+        kept = [(s.finished_at or now, each, s) for each in self._vms.values() for s in each.sessions.values()]
+        total = sum(s.kept_bytes for _, _, s in kept)
+        for _, each, session in sorted((k for k in kept if not k[2].running), key=lambda k: k[0]):
+            if total <= settings.exec_retain_max_bytes:
+                break
+            each.sessions.pop(session.exec_id, None)
+            total -= session.kept_bytes
 
     def start(
         self, vm: VmRow, command: Sequence[str], *, env: Mapping[str, str], stdin: bytes | None, working_dir: str,
@@ -330,7 +348,7 @@ class ExecRegistry:
         engine.check_exec(timeout_secs, stdin)
         machine = engine.machine(vm)
         record = self._of(vm.id)
-        self._prune(record)
+        self._prune()
         running = sum(1 for s in record.sessions.values() if s.running)
         if max(running, machine.agent.running) >= settings.vm_max_execs:
             raise ResourceExhausted(
@@ -338,9 +356,11 @@ class ExecRegistry:
                 f"wait for one to end, or raise VERS_VM_MAX_EXECS"
             )
         earlier = record.sessions.get(exec_id)
-        if earlier is not None and earlier.running:
-            raise Conflict(f"exec {exec_id} is still running in VM {vm.id}: attach to it, or give another exec_id")
-        record.sessions.pop(exec_id, None)
+        if earlier is not None:
+            # Finished or not, it is not run twice: a client that retries a start whose answer it lost
+            # attaches to the first one instead.
+            state = "is still running" if earlier.running else "already ran"
+            raise Conflict(f"exec {exec_id} {state} in VM {vm.id}: attach to it to read its output, or give another exec_id")
         session = ExecSession(exec_id, vm.id, budget=2 * (settings.exec_max_output_bytes + EVENT_COST))
         record.sessions[exec_id] = session
         task = asyncio.create_task(self._run(session, vm, command, env, stdin, working_dir, timeout_secs))
@@ -370,16 +390,13 @@ class ExecRegistry:
             session.finish(result.exit_code)
 
     def get(self, vm_id: str, exec_id: str) -> ExecSession:
+        self._prune()
         record = self._vms.get(vm_id)
-        if record is not None:
-            self._prune(record)
-        key = exec_id
-        with contextlib.suppress(ValueError):
-            key = str(uuid.UUID(exec_id))
+        key = new_exec_id(exec_id)
         session = record.sessions.get(key) if record is not None else None
         if session is None:
             raise NotFound(
-                f"no exec session {exec_id!r} in VM {vm_id}: it never ran here as a streamed exec, or it ended more "
+                f"no exec session {key} in VM {vm_id}: it never ran here as a streamed exec, or it ended more "
                 f"than VERS_EXEC_RETAIN_SECONDS ago (or more than VERS_EXEC_RETAIN_PER_VM execs ended since)"
             )
         return session

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from services.common.auth import current_principal
-from services.common.errors import Conflict, InvalidArgument
+from services.common.errors import Conflict, InvalidArgument, secrets_refusal
 from services.common.names import COMMIT_DESCRIPTION_MAX_BYTES, COMMIT_NAME_MAX, validate_label, validate_text
 from services.orchestrator.models import CommitRow
 from vers.common.v1 import governance_pb2
@@ -25,24 +25,12 @@ if TYPE_CHECKING:
 
 PUBLIC_PAGE = 50
 MAX_PUBLIC_PAGE = 100
-# Bytes of findings a refusal carries at most: they travel in a trailer, which gRPC clients refuse past
-# 8 KiB by default (as the registry's refusal of a repository's publishing does).
-MAX_FINDINGS_BYTES = 6 * 1024
 
 
 def secrets_found(commit: CommitRow, findings: Sequence[governance_pb2.SecretFinding]) -> Conflict:
-    """The refusal of a publish that would expose secrets, with the findings as the error's detail."""
-    rules = ", ".join(sorted({finding.rule for finding in findings}))
-    detail = governance_pb2.SecretFindings()
-    for finding in findings:
-        if detail.ByteSize() + finding.ByteSize() + 8 > MAX_FINDINGS_BYTES:
-            break
-        detail.findings.append(finding)
-    listed = "" if len(detail.findings) == len(findings) else f"; the first {len(detail.findings)} are listed"
-    return Conflict(
-        f"making commit {commit.id} public would expose {len(findings)} secret(s) ({rules}{listed}): remove them from "
-        f"the VM (files, and processes that hold them in memory), commit it again and publish the new commit",
-        details=[detail],
+    return secrets_refusal(
+        f"commit {commit.id}", findings,
+        "remove them from the VM (files, and processes that hold them in memory), commit it again and publish the new commit",
     )
 
 

@@ -16,6 +16,14 @@ assignments without quotes, the newer GitHub, OpenAI, Anthropic, npm and Google 
 assignments of `*_SECRET`/`*_TOKEN`/`*_PASSWORD`/`*_API_KEY` names to a literal that is not a variable, a
 format directive or a placeholder, and `vers_` keys.
 
+The organisation's own values. The platform writes an org's environment variables (envvars.py) into every new
+root VM's /etc/environment and into every exec, so a commit holds them in plain text whatever their format
+(`DATABASE_URL=postgres://u:pw@host` matches no rule above). A scan is given the owning org's current values
+and looks for each as a literal (rule `org-env-var`), first in order so that one named by a provider rule too
+is reported as the org's variable. Their Hyperscan database is compiled for that scan with the rules; a scan
+without values uses the rules' own, compiled once per process. A scan's result is kept under `scan_version`:
+the rules' version and a keyed digest of the values looked for, so a change of the variables scans again.
+
 Speed. A memory image and a disk's written data are a gigabyte or more of binary data, scanned as bytes, not
 lines. Every rule is compiled into one Hyperscan database (Intel's multi-pattern regex engine, several GB/s per
 core) in prefilter mode, which may report more than the rule matches but never less; each reported end
@@ -37,6 +45,7 @@ import contextlib
 import errno
 import fnmatch
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -45,7 +54,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -236,12 +245,68 @@ RULES_VERSION = "detect-secrets-{}+hyperscan-{}+{}".format(
 )
 
 
-def _database() -> hyperscan.Database:
+# The org's variables (see the module's docstring). Values shorter than this name nothing worth refusing a
+# publish for (1, true, 8080, a region are in every guest's memory anyway).
+LITERAL_RULE = "org-env-var"
+MIN_LITERAL_BYTES = 8
+# What is looked for of a value: its first bytes. They identify a long value (a PEM key or a JSON credential
+# in a variable, up to envvars.MAX_VALUE_CHARS) as well as the whole would, and a match must fit in the
+# window of REACH bytes it is confirmed in.
+LITERAL_BYTES = 256
+# A value of letters in one case without a digit, with at most the punctuation of paths and URLs
+# (production, /usr/local/bin, https://api.example.com), is configuration: every process the VM runs holds
+# it, and looking for it would refuse every publish of an org that sets NODE_ENV. Looked for only under a
+# name that says it is a secret.
+_PLAIN_VALUE = re.compile(rb"[a-z./:,_-]+|[A-Z./:,_-]+")
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASS|PWD|KEY|AUTH|CRED|PRIVATE|SALT|SIGN|DSN|CERT", re.IGNORECASE)
+
+
+def org_literals(variables: Mapping[str, str]) -> list[bytes]:
+    """What a scan looks for of an org's environment variables (name -> value): the first LITERAL_BYTES
+    bytes of each value of MIN_LITERAL_BYTES or more that is not plain configuration; sorted, each once."""
+    found = set()
+    for name, value in variables.items():
+        raw = value.encode()
+        if len(raw) < MIN_LITERAL_BYTES or (_PLAIN_VALUE.fullmatch(raw) and not _SECRET_NAME.search(name)):
+            continue
+        found.add(raw[:LITERAL_BYTES])
+    return sorted(found)
+
+
+def scan_version(literals: Sequence[bytes], key: bytes) -> str:
+    """The version a commit's scan with these literals is kept under: RULES_VERSION, and with literals an
+    HMAC of the whole set under the platform's secret `key`. The record of a scan tells nothing of the
+    values, even short ones, to one who reads the database without the key; another set scans again."""
+    if not literals:
+        return RULES_VERSION
+    digest = hmac.new(key, b"\x00".join(sorted(set(literals))), hashlib.sha256).hexdigest()[:16]  # values hold no NUL
+    return f"{RULES_VERSION}+{LITERAL_RULE}-{digest}"
+
+
+def _literal_rules(literals: Sequence[bytes]) -> list[Rule]:
+    # every byte escaped for Hyperscan: a value may hold anything but NUL, which no expression can carry
+    return [Rule(LITERAL_RULE, re.escape(value), scout=b"".join(b"\\x%02x" % c for c in value), after=0) for value in literals]
+
+
+def _compile(rules: Sequence[Rule]) -> hyperscan.Database:
     database = hyperscan.Database()
-    flags = [hyperscan.HS_FLAG_PREFILTER | (hyperscan.HS_FLAG_CASELESS if r.caseless else 0) for r in RULES]
+    flags = [hyperscan.HS_FLAG_PREFILTER | (hyperscan.HS_FLAG_CASELESS if r.caseless else 0) for r in rules]
     # Hyperscan has no backreference: the quote of a quoted env value is approximated by prefilter mode.
-    database.compile(expressions=[r.scout or r.pattern for r in RULES], ids=list(range(len(RULES))), elements=len(RULES), flags=flags)
+    database.compile(expressions=[r.scout or r.pattern for r in rules], ids=list(range(len(rules))), elements=len(rules), flags=flags)
     return database
+
+
+_RULES_DATABASE: list[hyperscan.Database] = []
+_RULES_DATABASE_LOCK = threading.Lock()
+
+
+def _rules_database() -> hyperscan.Database:
+    """RULES' database, compiled on first use (a tenth of a second). A database is only read while scanning:
+    threads share one, each with scratch space of its own."""
+    with _RULES_DATABASE_LOCK:
+        if not _RULES_DATABASE:
+            _RULES_DATABASE.append(_compile(RULES))
+        return _RULES_DATABASE[0]
 
 
 # Scanning
@@ -319,9 +384,11 @@ def _matches(rule: Rule, buffer: memoryview, base: int, low: int, high: int, uni
                 yield boundary, match
 
 
-def _confirm(buffer: memoryview, base: int, ends: dict[int, list[int]], segment: _Segment, found: dict[tuple[str, int], _Hit]) -> None:
+def _confirm(
+    buffer: memoryview, base: int, ends: dict[int, list[int]], segment: _Segment, found: dict[tuple[str, int], _Hit], rules: Sequence[Rule]
+) -> None:
     for rule_id, positions in ends.items():
-        rule = RULES[rule_id]
+        rule = rules[rule_id]
         windows: list[list[int]] = []
         for end in sorted(positions):
             low, high = max(0, end - REACH), min(len(buffer), end + rule.after)
@@ -346,8 +413,8 @@ def _confirm(buffer: memoryview, base: int, ends: dict[int, list[int]], segment:
                 found[key] = _Hit(segment.where, segment.label, base + start, rule.name, secret, base + secret_start, excerpt)
 
 
-def _scan_segments(segments: list[_Segment], cancelled: threading.Event) -> list[_Hit]:
-    database = _database()
+def _scan_segments(segments: list[_Segment], rules: Sequence[Rule], database: hyperscan.Database, cancelled: threading.Event) -> list[_Hit]:
+    scratch = hyperscan.Scratch(database)
     found: dict[tuple[str, int], _Hit] = {}
     chunk_buffer = memoryview(bytearray(REACH + CHUNK))
     for segment in segments:
@@ -363,11 +430,11 @@ def _scan_segments(segments: list[_Segment], cancelled: threading.Event) -> list
                 return counted[0] >= MAX_ENDS_PER_CHUNK  # True stops this chunk's scan
 
             try:
-                database.scan(buffer, match_event_handler=on_match)
+                database.scan(buffer, match_event_handler=on_match, scratch=scratch)
             except hyperscan.ScanTerminated:
                 pass
             if ends:
-                _confirm(buffer, base, ends, segment, found)
+                _confirm(buffer, base, ends, segment, found, rules)
     return list(found.values())
 
 
@@ -410,34 +477,38 @@ def _split(segments: list[_Segment], workers: int) -> list[_Segment]:
     return parts
 
 
-async def _scan(segments: list[_Segment]) -> list[_Hit]:
+async def _scan(segments: list[_Segment], rules: Sequence[Rule] = RULES) -> list[_Hit]:
     if not segments:
         return []
     cancelled = threading.Event()
     shares = _balanced(segments, SCAN_THREADS)
     loop = asyncio.get_running_loop()
+    # With literals, one database of them and the rules, compiled for this scan: 107 ms against the rules'
+    # 100 ms with 100 values of 256 bytes, and one pass over each chunk with it takes a third less time than
+    # two passes with a database each (94 ms against 79 + 65 ms per 256 MiB on one core).
+    database = await loop.run_in_executor(_EXECUTOR, _rules_database if rules is RULES else lambda: _compile(rules))
     try:
-        results = await asyncio.gather(*(loop.run_in_executor(_EXECUTOR, _scan_segments, share, cancelled) for share in shares))
+        results = await asyncio.gather(*(loop.run_in_executor(_EXECUTOR, _scan_segments, share, rules, database, cancelled) for share in shares))
     finally:
         cancelled.set()
-    return await loop.run_in_executor(_EXECUTOR, _merged, results)
+    return await loop.run_in_executor(_EXECUTOR, _merged, results, rules)
 
 
-def _merged(results: list[list[_Hit]]) -> list[_Hit]:
+def _merged(results: list[list[_Hit]], rules: Sequence[Rule]) -> list[_Hit]:
     merged: dict[tuple[str, str, str, int], _Hit] = {}
     for hits in results:
         for hit in hits:  # parts overlap by REACH bytes: one hit may be seen twice
             key = (hit.where, hit.label, hit.rule, hit.offset)
             if key not in merged or len(hit.secret) > len(merged[key].secret):
                 merged[key] = hit
-    return _most_specific(list(merged.values()))
+    return _most_specific(list(merged.values()), rules)
 
 
-def _most_specific(hits: list[_Hit]) -> list[_Hit]:
+def _most_specific(hits: list[_Hit], rules: Sequence[Rule] = RULES) -> list[_Hit]:
     """One finding per secret: where two rules matched the same bytes, the earlier rule (the more specific).
     The spans kept in one file are disjoint, so they stay sorted by start and by end alike: only the one
     starting last before a new span ends can overlap it."""
-    order = {name: index for index, name in reversed(list(enumerate(r.name for r in RULES)))}
+    order = {name: index for index, name in reversed(list(enumerate(r.name for r in rules)))}
     kept: list[_Hit] = []
     claimed: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
     for hit in sorted(hits, key=lambda h: (order[h.rule], h.offset)):
@@ -640,18 +711,22 @@ def _allowed(path: str, allow_paths: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, pattern) for pattern in allow_paths)
 
 
-async def scan_commit(memory_files: list[Path], layers: list[Path], base: Path | None, allow_paths: list[str]) -> list[Finding]:
+async def scan_commit(
+    memory_files: list[Path], layers: list[Path], base: Path | None, allow_paths: list[str], literals: Sequence[bytes] = ()
+) -> list[Finding]:
     """Findings in a commit's memory files (every byte) and in the disk data its layers hold (top first;
     `base` is the image disk at the bottom of the chain, not scanned: a match whose bytes it holds at the
     same offset was not written by the organisation, and is not reported). Findings in files matching an
     `allow_paths` pattern are dropped, and so are memory copies of their secrets. A secret that appears
-    many times in memory is reported once, at its first offset in each file."""
+    many times in memory is reported once, at its first offset in each file. `literals` (org_literals of
+    the owning org's variables) are looked for too, as rule LITERAL_RULE."""
+    rules = [*_literal_rules(literals), *RULES] if literals else RULES
     findings: list[Finding] = []
     allowed_secrets: set[bytes] = set()
     workspace = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX, dir=layers[0].parent)) if layers else None
     try:
         segments = await _disk_segments(layers, workspace) if workspace is not None else []
-        hits = await _scan(segments + await asyncio.to_thread(_memory_segments, memory_files))
+        hits = await _scan(segments + await asyncio.to_thread(_memory_segments, memory_files), rules)
         disk_hits = sorted((h for h in hits if h.where == "disk"), key=lambda h: h.offset)
         if disk_hits and base is not None:
             unchanged = await _unchanged(base, disk_hits)

@@ -20,7 +20,7 @@ from services.orchestrator.deploy import DeployMethods
 from services.orchestrator.domains import Domains, domain_pb
 from services.orchestrator.engine import SSH_PORT, Engine, VmConfig
 from services.orchestrator.envvars import EnvVarMethods
-from services.orchestrator.execs import ExecStreamMethods
+from services.orchestrator.execs import ExecStreamMethods, new_exec_id
 from services.orchestrator.files import FileMethods
 from services.orchestrator.models import CommitRow, ForkRequestRow, SecretScanRow, VmRow
 from services.orchestrator.network import GUEST_ADDRESS
@@ -230,7 +230,7 @@ class OrchestratorServicer(
     async def ExecVm(self, request: pb.ExecVmRequest, context: grpc.aio.ServicerContext) -> pb.ExecVmResponse:
         vm = await self._vm(request.vm_id)
         require_not_paused(vm)
-        exec_id = request.exec_id or str(uuid.uuid4())  # names its output in the VM's exec log too
+        exec_id = new_exec_id(request.exec_id)  # names its output in the VM's exec log too (a UUID: bounded)
         result = await self.engine.exec(
             vm,
             list(request.command),

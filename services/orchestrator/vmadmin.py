@@ -11,6 +11,7 @@ import grpc
 
 from services.common.auth import current_principal
 from services.common.errors import InvalidArgument
+from services.common.names import VM_LABEL_KEY_MAX, VM_LABEL_VALUE_MAX_BYTES, VM_LABELS_MAX
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -22,12 +23,20 @@ PACKAGE = "vers-platform"
 
 
 def parse_label_filters(filters: list[str]) -> list[tuple[str, str | None]]:
-    """`?label=KEY=VALUE` (that value) or `?label=KEY` (any value), each as (key, value or None)."""
+    """`?label=KEY=VALUE` (that value) or `?label=KEY` (any value), each as (key, value or None); no more
+    filters than a VM may have labels, and none longer than a label may be (each is a subquery)."""
+    if len(filters) > VM_LABELS_MAX:
+        raise InvalidArgument(f"{len(filters)} label filters: at most {VM_LABELS_MAX}, as many as a VM may have labels")
     parsed: list[tuple[str, str | None]] = []
     for item in filters:
         key, equals, value = item.partition("=")
         if not key:
-            raise InvalidArgument(f"label filter {item!r} has no key: use label=KEY=VALUE, or label=KEY for any value")
+            raise InvalidArgument(f"label filter {item[:64]!r} has no key: use label=KEY=VALUE, or label=KEY for any value")
+        if len(key) > VM_LABEL_KEY_MAX or len(value.encode()) > VM_LABEL_VALUE_MAX_BYTES:
+            raise InvalidArgument(
+                f"label filter {item[:64]!r} is longer than a label can be (keys {VM_LABEL_KEY_MAX} characters, values "
+                f"{VM_LABEL_VALUE_MAX_BYTES} bytes): no VM has it"
+            )
         parsed.append((key, value if equals else None))
     return parsed
 

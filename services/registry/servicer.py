@@ -7,7 +7,7 @@ import grpc
 
 from services.common import audit
 from services.common.auth import ServiceCredential, bearer_token, caller_metadata, current_principal
-from services.common.errors import Conflict, InvalidArgument, Unauthenticated
+from services.common.errors import Conflict, InvalidArgument, Unauthenticated, secrets_refusal
 from services.common.names import validate_repo_name, validate_tag_name
 from services.common.paging import Page
 from services.common.peers import SCAN_TIMEOUT
@@ -56,27 +56,12 @@ def repository_pb(repo: RepositoryRow) -> pb.Repository:
     )
 
 
-# Bytes of findings an error carries at most: they travel in a trailer, and gRPC clients refuse trailers
-# past 8 KiB by default (the message counts them all).
-MAX_FINDINGS_BYTES = 6 * 1024
-
-
 def secrets_found(repo_name: str, findings: list[governance_pb2.SecretFinding]) -> Conflict:
-    """The refusal of a publish that would expose secrets, with the findings as the error's detail."""
-    commits = len({finding.commit_id for finding in findings})
-    rules = ", ".join(sorted({finding.rule for finding in findings}))
-    detail = governance_pb2.SecretFindings()
-    for finding in findings:
-        if detail.ByteSize() + finding.ByteSize() + 8 > MAX_FINDINGS_BYTES:
-            break
-        detail.findings.append(finding)
-    listed = "" if len(detail.findings) == len(findings) else f"; the first {len(detail.findings)} are listed"
-    return Conflict(
-        f"making repository {repo_name!r} public would expose {len(findings)} secret(s) in {commits} commit(s) "
-        f"({rules}{listed}): remove them from the VM, commit again and point the tags at the new commit, or publish "
-        f"anyway with vers repo visibility {repo_name} --public --force (recorded in the audit log)",
-        details=[detail],
-    )
+    return secrets_refusal(
+        f"repository {repo_name!r}", findings,
+        "remove them from the VM, commit again and point the tags at the new commit, or publish anyway with "
+        f"vers repo visibility {repo_name} --public --force (recorded in the audit log)", count_commits=True,
+    )  # fmt: skip
 
 
 def public_repository_pb(public: PublicRepo) -> pb.PublicRepository:
