@@ -193,6 +193,9 @@ def test_operation_answers_as_documented(
     operation = api_schema[path][verb]
     names = re.findall(r"\{(\w+)\}", path)
     bound = {name: existing[name] for name in names} if mode == "existing" else None
+    # A value a literal route answers instead (the document leaves it out): the negative mode sends it anyway.
+    document = openapi_document(all_bindings())["paths"][path][verb.lower()]
+    taken = {p["name"]: p["schema"]["not"]["enum"] for p in document["parameters"] if "not" in p["schema"]}
 
     @given(case=operation.as_strategy(generation_mode=MODES[mode], path_parameters=bound))
     @settings(
@@ -200,6 +203,8 @@ def test_operation_answers_as_documented(
         suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink],
     )
     def answers_as_documented(case: Any) -> None:
+        if any(case.path_parameters.get(name) in values for name, values in taken.items()):
+            return  # another route's path ("public" of GET /commits/public): the document says so, not a mistake
         response = case.call_and_validate(base_url=fuzzed.platform.url, headers=fuzzed.org.auth, checks=CHECKS, timeout=240)
         SEEN[(f"{verb} {path}", mode, response.status_code)] += 1
 
