@@ -52,7 +52,12 @@ OBJECT_FIELDS = frozenset(
 # Fields that name an object the call makes: a fresh name each time.
 NEW_NAME_FIELDS = frozenset({"name", "label", "domain"})
 # Other fields a call needs to get past validation to the lookup of the object.
-EXAMPLES: dict[str, Any] = {"command": ["true"], "state": "Running", "port": 22, "key": "ISOLATION_VAR"}
+# (A streamed exec of the owner's VM runs under EXEC_ID; a disk of 1 MiB is refused, but for the owner only.)
+EXEC_ID = "5f0c3bde-2b3c-4f7e-9d4a-1c2b3a4d5e6f"
+EXAMPLES: dict[str, Any] = {
+    "command": ["true"], "state": "Running", "port": 22, "key": "ISOLATION_VAR", "label_name": "isolation",
+    "labels": {"isolation": "yes"}, "is_public": False, "fs_size_mib": 1, "path": "/tmp", "exec_id": EXEC_ID,
+}  # fmt: skip
 # A message with `ref` names its commit by exactly one of these.
 ALTERNATIVES = ("commit_id", "tag_name", "ref")
 
@@ -291,6 +296,9 @@ async def make_objects(platform: Platform, owner: Org) -> Objects:
         key = (await ok(await http.post("/api/v1/keys", json={"label": "isolation"})))["api_key"]["id"]
         # the org's variable that DELETE /env_vars/{key} names (EXAMPLES): every org has its own set
         await ok(await http.put("/api/v1/env_vars", json={"vars": {EXAMPLES["key"]: "owner's value"}}))
+        # the streamed exec AttachExecStream names (EXAMPLES)
+        async with http.stream("POST", f"/api/v1/vm/{vm}/exec/stream", json={"command": ["true"], "exec_id": EXEC_ID}) as streamed:
+            assert streamed.status_code == 200 and b'"exit"' in await streamed.aread()
     return Objects(owner, vm, commit, repo, tag, public_repo, public_tag, legacy, domain, key, limits_org=owner.name)
 
 
@@ -457,7 +465,7 @@ async def run_matrix(world: World) -> Matrix:
 
 def owner_order(route: Route) -> tuple[int, int, int]:
     real = route.references() & {"vm_id", "vm_or_commit_id", "commit_id"}
-    deletes_vm = route.binding.verb == "DELETE" and "vm_id" in route.binding.path_params
+    deletes_vm = route.binding.verb == "DELETE" and route.binding.path == "/api/v1/vm/{vm_id}"
     return (int(route.mutates), int(bool(real) and route.binding.verb == "DELETE"), int(deletes_vm))
 
 

@@ -88,6 +88,9 @@ class Gateway:
         async def handle(request: Request) -> Response:
             if binding.streaming and not http_stream:
                 return error_response(426, "FAILED_PRECONDITION", f"{binding.path} is a stream: open it as a WebSocket")
+            if proves_token and not request.headers.get("authorization"):
+                # before the request is read and checked: without a key, the answer is the same whatever it holds
+                return error_response(401, "UNAUTHENTICATED", "this call needs an API key: send the header 'Authorization: Bearer <key>'")
             channel = self.channels[binding.backend]
             if binding.method.client_streaming:
                 answer = await serve_client_stream(
