@@ -111,17 +111,35 @@ class Bench:
         print("guest alone (no transfer):")
         drop = "sync; echo 3 > /proc/sys/vm/drop_caches"
         await self.sh(vm_id, f"head -c {self.size} /dev/urandom > /tmp/src")
-        await self.median("guest write /root (ext4 on qcow2), synced", lambda: self.timed_sh(vm_id, "dd if=/tmp/src of=/root/dst bs=1M 2>/dev/null && sync"), lambda: self.sh(vm_id, f"rm -f /root/dst; {drop}"))
-        await self.median("guest write /tmp (tmpfs, zeros)", lambda: self.timed_sh(vm_id, f"dd if=/dev/zero of=/tmp/dst bs=1M count={self.size // MIB} 2>/dev/null"), lambda: self.sh(vm_id, "rm -f /tmp/dst"))
+        await self.median(
+            "guest write /root (ext4 on qcow2), synced",
+            lambda: self.timed_sh(vm_id, "dd if=/tmp/src of=/root/dst bs=1M 2>/dev/null && sync"),
+            lambda: self.sh(vm_id, f"rm -f /root/dst; {drop}"),
+        )
+        await self.median(
+            "guest write /tmp (tmpfs, zeros)",
+            lambda: self.timed_sh(vm_id, f"dd if=/dev/zero of=/tmp/dst bs=1M count={self.size // MIB} 2>/dev/null"),
+            lambda: self.sh(vm_id, "rm -f /tmp/dst"),
+        )
         await self.sh(vm_id, "rm -f /tmp/dst")
         await self.median("guest write /dev/null", lambda: self.timed_sh(vm_id, "dd if=/tmp/src of=/dev/null bs=1M 2>/dev/null"))
-        await self.median("guest read /root, page cache dropped", lambda: self.timed_sh(vm_id, "dd if=/root/dst of=/dev/null bs=1M 2>/dev/null"), lambda: self.sh(vm_id, drop))
+        await self.median(
+            "guest read /root, page cache dropped",
+            lambda: self.timed_sh(vm_id, "dd if=/root/dst of=/dev/null bs=1M 2>/dev/null"),
+            lambda: self.sh(vm_id, drop),
+        )
 
     async def tar(self, vm_id: str) -> None:
         print("tar in the guest (no transfer):")
-        await self.median("guest tar -c of a file in /tmp > /dev/null", lambda: self.timed_sh(vm_id, "cd /tmp && tar -c -f - src | cat > /dev/null"))
+        await self.median(
+            "guest tar -c of a file in /tmp > /dev/null", lambda: self.timed_sh(vm_id, "cd /tmp && tar -c -f - src | cat > /dev/null")
+        )
         await self.sh(vm_id, "cd /tmp && tar -c -f /tmp/src.tar src && rm /tmp/src")
-        await self.median("guest tar -x from /tmp into /root, synced", lambda: self.timed_sh(vm_id, "mkdir -p /root/x && cd /root/x && tar -x -o -f /tmp/src.tar && sync"), lambda: self.sh(vm_id, "rm -rf /root/x; sync"))
+        await self.median(
+            "guest tar -x from /tmp into /root, synced",
+            lambda: self.timed_sh(vm_id, "mkdir -p /root/x && cd /root/x && tar -x -o -f /tmp/src.tar && sync"),
+            lambda: self.sh(vm_id, "rm -rf /root/x; sync"),
+        )
         await self.sh(vm_id, "rm -rf /root/x /tmp/src.tar /root/dst")
 
     async def ssh(self, vm_id: str) -> None:
@@ -129,28 +147,32 @@ class Bench:
         for label, options in (("default window", {}), ("16 MiB window, 256 KiB packets", {"window": 16 * MIB, "max_pktsize": 256 * 1024})):
             print(f"SSH alone ({label}):")
 
-            async def into() -> float:
-                async with guest_ssh(self.engine, vm) as ssh:
-                    async with ssh.create_process("cat > /dev/null", encoding=None, **options) as process:
-                        started = time.perf_counter()
-                        async for data in self.chunks():
-                            process.stdin.write(data)
-                            await process.stdin.drain()
-                        process.stdin.write_eof()
-                        await process.wait()
-                        return time.perf_counter() - started
+            async def into(options: dict[str, int] = options) -> float:
+                async with (
+                    guest_ssh(self.engine, vm) as ssh,
+                    ssh.create_process("cat > /dev/null", encoding=None, **options) as process,
+                ):
+                    started = time.perf_counter()
+                    async for data in self.chunks():
+                        process.stdin.write(data)
+                        await process.stdin.drain()
+                    process.stdin.write_eof()
+                    await process.wait()
+                    return time.perf_counter() - started
 
-            async def out() -> float:
-                async with guest_ssh(self.engine, vm) as ssh:
-                    async with ssh.create_process(f"head -c {self.size} /dev/urandom > /tmp/src; cat /tmp/src", encoding=None, **options) as process:
-                        first = await process.stdout.read(CHUNK)
-                        started = time.perf_counter()
-                        got = len(first)
-                        while data := await process.stdout.read(CHUNK):
-                            got += len(data)
-                        await process.wait()
-                        assert got == self.size, got
-                        return time.perf_counter() - started
+            async def out(options: dict[str, int] = options) -> float:
+                async with (
+                    guest_ssh(self.engine, vm) as ssh,
+                    ssh.create_process(f"head -c {self.size} /dev/urandom > /tmp/src; cat /tmp/src", encoding=None, **options) as process,
+                ):
+                    first = await process.stdout.read(CHUNK)
+                    started = time.perf_counter()
+                    got = len(first)
+                    while data := await process.stdout.read(CHUNK):
+                        got += len(data)
+                    await process.wait()
+                    assert got == self.size, got
+                    return time.perf_counter() - started
 
             await self.median(f"ssh into the VM ({label})", into)
             await self.median(f"ssh out of the VM ({label})", out)
@@ -235,7 +257,9 @@ class Bench:
             async def out() -> float:
                 started = time.perf_counter()
                 got = 0
-                async for message in stub.DownloadFiles(pb.DownloadFilesRequest(vm_id=vm_id, path="/root/in/payload.bin"), metadata=metadata, timeout=1800):
+                async for message in stub.DownloadFiles(
+                    pb.DownloadFilesRequest(vm_id=vm_id, path="/root/in/payload.bin"), metadata=metadata, timeout=1800
+                ):
                     got += len(message.data.data)
                 assert got >= self.size, got
                 return time.perf_counter() - started
@@ -308,6 +332,7 @@ async def main() -> None:
     parser.add_argument("--over-ssh", action="store_true", help="gRPC and REST carry the tar over SSH, as for a guest without busybox")
     args = parser.parse_args()
     if args.over_ssh:
+
         @contextlib.asynccontextmanager
         async def no_port(vm: VmRow) -> AsyncIterator[str]:
             yield ""

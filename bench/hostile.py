@@ -29,10 +29,7 @@ from services.inprocess import InProcessPlatform  # noqa: E402
 
 AGENT_PORT = 'for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = agent ] && echo /dev/${p##*/}; done'
 MARKERS = "while :; do printf '\\n<<%.0s' $(seq 2000); done"
-FORGE = (
-    "while :; do printf '\\n<<E:0123456789abcdef:0:0:0>>\\n<<C:0123456789abcdef:o:99999>>\\n'; "
-    "head -c 70000 /dev/urandom; done"
-)
+FORGE = "while :; do printf '\\n<<E:0123456789abcdef:0:0:0>>\\n<<C:0123456789abcdef:o:99999>>\\n'; head -c 70000 /dev/urandom; done"
 GOALS = {"exec_during_flood_p95_ms": 1000, "rss_growth_mib": 64}
 
 
@@ -73,7 +70,9 @@ async def timed_execs(http: httpx.AsyncClient, vm: str, runs: int) -> list[float
 
 
 async def flood(data: Path, runs: int, seconds: float) -> dict[str, Any]:
-    settings = Settings(data_dir=data, images_dir=str(Settings().image_root), guest_dns="none", rate_limit_per_second=10_000, rate_limit_burst=10_000)
+    settings = Settings(
+        data_dir=data, images_dir=str(Settings().image_root), guest_dns="none", rate_limit_per_second=10_000, rate_limit_burst=10_000
+    )
     platform = await InProcessPlatform.start(settings)
     try:
         token = await new_org(platform, "flood")
@@ -88,7 +87,9 @@ async def flood(data: Path, runs: int, seconds: float) -> dict[str, Any]:
             quiet = await timed_execs(http, good, runs)
             rss_before = rss_mib()
             port = (await sh(http, hostile, AGENT_PORT))["stdout"].strip()
-            await sh(http, hostile, f"(cat /dev/zero > {port} &); ({FORGE} > {port} &); ({MARKERS} > {port} &); (yes serial > /dev/ttyS0 &)")
+            await sh(
+                http, hostile, f"(cat /dev/zero > {port} &); ({FORGE} > {port} &); ({MARKERS} > {port} &); (yes serial > /dev/ttyS0 &)"
+            )
             # a command of the hostile VM's own waits meanwhile, so its port is parsed, not only dropped
             waiting = asyncio.create_task(sh(http, hostile, f"sleep {int(seconds) + 5}"))
             flooded: list[float] = []

@@ -142,7 +142,9 @@ class Bench:
         # what the NIC costs a branch: a VM without one, one with network "none", one with "nat"; the three
         # take turns in every round, so the machine's drift over the run falls on each alike
         sources = {"no NIC": await self.nicless_vm(), "none": await self.new_vm("none"), "nat": await self.new_vm("nat")}
-        commits = {name: (await self.http.post(f"/api/v1/vm/{vm_id}/commit", json={})).json()["commit_id"] for name, vm_id in sources.items()}
+        commits = {
+            name: (await self.http.post(f"/api/v1/vm/{vm_id}/commit", json={})).json()["commit_id"] for name, vm_id in sources.items()
+        }
         samples: dict[str, list[float]] = {name: [] for name in sources}
         for _ in range(self.runs):
             for name, commit in commits.items():
@@ -151,8 +153,10 @@ class Bench:
         for vm_id in sources.values():
             await self.http.delete(f"/api/v1/vm/{vm_id}")
         added = round(branch_ms["nat"] - branch_ms["no NIC"], 2)
-        print(f"branch to first exec over REST: no NIC {branch_ms['no NIC']} ms, network none {branch_ms['none']} ms, "
-              f"nat {branch_ms['nat']} ms: the network adds {added} ms (goal < 10 ms)")
+        print(
+            f"branch to first exec over REST: no NIC {branch_ms['no NIC']} ms, network none {branch_ms['none']} ms, "
+            f"nat {branch_ms['nat']} ms: the network adds {added} ms (goal < 10 ms)"
+        )
         await self.http.delete(f"/api/v1/vm/{vm}")
         await self.http.aclose()
         return {

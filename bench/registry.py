@@ -107,7 +107,10 @@ async def run(platform: InProcessPlatform, seconds: float) -> dict[str, object]:
         "ref_resolve": (grpc_resolve, rest_resolve),
     }
     results: dict[str, object] = {}
-    print(f"{'operation':<12} {'clients':>7} {'gRPC rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'REST rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'REST/gRPC':>9}")
+    print(
+        f"{'operation':<12} {'clients':>7} {'gRPC rps':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'REST rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'REST/gRPC':>9}"
+    )
     for name, (direct, gateway) in operations.items():
         for clients in CONCURRENCY:
             via_grpc = await measure(direct, clients, seconds)

@@ -12,7 +12,6 @@ Prints the figures next to their goal and writes them as JSON (default bench/res
 from __future__ import annotations
 
 import argparse
-import sys
 import asyncio
 import json
 import random
@@ -20,6 +19,7 @@ import secrets
 import statistics
 import string
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.orchestrator.secrets import RULES_VERSION, scan_commit
+from services.orchestrator.secrets import RULES_VERSION, scan_commit  # noqa: E402 - after the path is set
 
 GOAL_SECONDS = 10.0
 MIB = 1 << 20
@@ -70,7 +70,9 @@ def make_commit(folder: Path, memory_mib: int, disk_mib: int) -> tuple[Path, Pat
     for number in range(count):
         data = filler(FILE_MIB * MIB, number)
         if number == count // 3:
-            data[5 * MIB : 5 * MIB] = f"\nAWS_ACCESS_KEY_ID={keys['aws-access-key-id']}\nAWS_SECRET_ACCESS_KEY={keys['aws-secret-access-key']}\n".encode()
+            data[5 * MIB : 5 * MIB] = (
+                f"\nAWS_ACCESS_KEY_ID={keys['aws-access-key-id']}\nAWS_SECRET_ACCESS_KEY={keys['aws-secret-access-key']}\n".encode()
+            )
         if number == count - 1:
             data[40 * MIB : 40 * MIB] = f"\n  git remote add origin https://{keys['github-token']}@github.com/org/app\n".encode()
         (files / f"blob-{number:02d}.bin").write_bytes(data[: FILE_MIB * MIB])

@@ -102,8 +102,10 @@ class Bench:
             wakes.append(time.perf_counter() - started)
             await self.exec(base, "true")
             woken_exec.append(time.perf_counter() - started)
-        print(f"sleep (memory to disk, QEMU gone): median {median_ms(sleeps)} ms; wake to running: median "
-              f"{median_ms(wakes)} ms, to first exec answered: median {median_ms(woken_exec)} ms")
+        print(
+            f"sleep (memory to disk, QEMU gone): median {median_ms(sleeps)} ms; wake to running: median "
+            f"{median_ms(wakes)} ms, to first exec answered: median {median_ms(woken_exec)} ms"
+        )
 
         to_running, to_exec = [], []
         for _ in range(self.runs):
@@ -127,8 +129,10 @@ class Bench:
             disk_times[size] = statistics.median(samples)
             await self.delete(vm)
         ratio = disk_times[4096] / disk_times[128]
-        print(f"branch to running, 128 MiB disk {disk_times[128] * 1000:.1f} ms, 4 GiB disk with 256 MiB written "
-              f"{disk_times[4096] * 1000:.1f} ms: ratio {ratio:.2f}")
+        print(
+            f"branch to running, 128 MiB disk {disk_times[128] * 1000:.1f} ms, 4 GiB disk with 256 MiB written "
+            f"{disk_times[4096] * 1000:.1f} ms: ratio {ratio:.2f}"
+        )
 
         one, _, _ = await self.branch(commit)
         await asyncio.sleep(1)
@@ -140,8 +144,7 @@ class Bench:
         await asyncio.sleep(1)
         ten_pss = sum(pss_kib(self.engine.machine(vm).pid) for vm in ten)
         await self.delete(*ten, base)
-        print(f"memory (PSS): 1 branch {one_pss / 1024:.0f} MiB, 10 branches {ten_pss / 1024:.0f} MiB: "
-              f"{ten_pss / one_pss:.2f}x")
+        print(f"memory (PSS): 1 branch {one_pss / 1024:.0f} MiB, 10 branches {ten_pss / 1024:.0f} MiB: {ten_pss / one_pss:.2f}x")
         return {
             "accelerator": self.engine.accel,
             "guest_mem_mib": GUEST_MIB,

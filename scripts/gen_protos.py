@@ -56,5 +56,6 @@ def generate(out_dir: Path) -> None:
     for folder in (p for p in out_dir.rglob("*") if p.is_dir()):
         (folder / "__init__.py").touch()
 
+
 if __name__ == "__main__":
     generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "gen")

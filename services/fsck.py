@@ -523,7 +523,7 @@ class Fsck:
                     entry["action"] = await problem.action()
                 except Skipped as reason:
                     entry["skipped"] = str(reason)
-                except Exception as error:  # noqa: BLE001 - one failed repair never stops the others
+                except Exception as error:
                     entry["error"] = f"{type(error).__name__}: {error}"
                 report.repaired.append(entry)
             pending = await self.check()
@@ -556,7 +556,9 @@ class Survey:
             self.elsewhere[process.vm_id].append(process)
         self.away: dict[str, tuple[int, str] | None] = {}
         # a layer file any QEMU holds open is in use, whatever run folder the QEMU uses
-        self.open_layers = set().union(*(process.layers for process in processes), *(p.layers for ps in self.elsewhere.values() for p in ps))
+        self.open_layers = set().union(
+            *(process.layers for process in processes), *(p.layers for ps in self.elsewhere.values() for p in ps)
+        )
         # What operations in flight own, whatever their age: an old one is reported, and left to the
         # orchestrator's start-up, which finishes or undoes it with what it owns.
         self.busy_vms, self.busy_commits, self.busy_layers = in_flight(tables["operations"])
@@ -658,7 +660,8 @@ class Survey:
         for commit, why in zip(live, verdicts, strict=True):
             if why:
                 self.add("commit-damaged", f"commit {commit['id']}", f"{why} (organization {self.org(commit['org_id'])}): "
-                         f"restoring it fails; fsck never deletes a commit: put the file back from a backup, or delete the commit")  # fmt: skip
+                         "restoring it fails; fsck never deletes a commit: put the file back from a backup, "
+                         "or delete the commit")  # fmt: skip
             self.walk(commit["layer_id"], f"commit {commit['id']}")
         for commit_id in sorted(self.tag_refused):
             commit = self.commits.get(commit_id)
@@ -733,13 +736,23 @@ class Survey:
                              f"the run folder fsck looks in: VERS_RUN_DIR must be the platform's; fsck never marks a VM dead "
                              f"whose QEMU runs")  # fmt: skip
             elif not mine and saved.exists():
-                self.add("vm-no-process", name, f"VM {vm['id']} is {vm['state']} in the database but no QEMU runs it; its saved state "
-                         f"from a wake that did not finish is still there",  # fmt: skip
-                         "put it back to sleep, its saved state kept", self.set_state(vm, "sleeping"))
+                self.add(
+                    "vm-no-process",
+                    name,
+                    f"VM {vm['id']} is {vm['state']} in the database but no QEMU runs it; its saved state "
+                    f"from a wake that did not finish is still there",
+                    "put it back to sleep, its saved state kept",
+                    self.set_state(vm, "sleeping"),
+                )
             elif not mine:
-                self.add("vm-no-process", name, f"VM {vm['id']} (organization {self.org(vm['org_id'])}) is {vm['state']} in the "
-                         f"database, and counted in its quota, but no QEMU runs it: it is gone",  # fmt: skip
-                         "mark it dead and remove its run folder", self.set_state(vm, "dead"))
+                self.add(
+                    "vm-no-process",
+                    name,
+                    f"VM {vm['id']} (organization {self.org(vm['org_id'])}) is {vm['state']} in the "
+                    f"database, and counted in its quota, but no QEMU runs it: it is gone",
+                    "mark it dead and remove its run folder",
+                    self.set_state(vm, "dead"),
+                )
             recorded = set(self.chain_ids(vm["layer_id"]))
             for process in mine:
                 if unknown := process.layers - recorded:
@@ -762,9 +775,14 @@ class Survey:
                 why = f"it is a second QEMU of that VM, whose row names process {vm['pid']}"
             else:
                 continue
-            self.add("orphan-process", f"process {process.pid}", f"QEMU process {process.pid} of VM {process.vm_id} runs, but {why}: "
-                     "nothing manages it, it holds its disk and no quota counts it",  # fmt: skip
-                     "kill it", self.kill(process))
+            self.add(
+                "orphan-process",
+                f"process {process.pid}",
+                f"QEMU process {process.pid} of VM {process.vm_id} runs, but {why}: "
+                "nothing manages it, it holds its disk and no quota counts it",
+                "kill it",
+                self.kill(process),
+            )
 
     # Layers
 
@@ -814,7 +832,9 @@ class Survey:
             self.backing_files.add(os.path.normpath(named if os.path.isabs(named) else path.parent / named))
         if expected and (named is None or not (named.startswith("json:") or _same_file(named, expected, path.parent))):
             found.add(("layer-backing-mismatch", layer_id))
-            self.chain_details[("layer-backing-mismatch", layer_id)] = f"its qcow2 header names {named or 'no backing file'}, its row {expected}"
+            self.chain_details[("layer-backing-mismatch", layer_id)] = (
+                f"its qcow2 header names {named or 'no backing file'}, its row {expected}"
+            )
         if not parent and base and not Path(base).exists():
             found.add(("image-missing", base))
         return frozenset(found)
@@ -827,7 +847,9 @@ class Survey:
                 self.add(code, f"layer {obj}", f"no layer row {obj}, yet {on}: their disks cannot be opened, "
                          "and the orchestrator's garbage collection fails on it")  # fmt: skip
             elif code == "layer-missing":
-                self.add(code, f"layer {obj}", f"the layer file {self.fsck.layer_path(obj)} is missing and {on}: they cannot run or be restored")
+                self.add(
+                    code, f"layer {obj}", f"the layer file {self.fsck.layer_path(obj)} is missing and {on}: they cannot run or be restored"
+                )
             elif code == "image-missing":
                 self.add(code, f"image {obj}", f"the image disk {obj} is missing and {on}: rebuild that image (make images)")
             elif code == "layer-damaged":
@@ -885,7 +907,13 @@ class Survey:
                 continue
             if vm is not None and vm["deleted_at"] is None and vm["state"] in LIVE_STATES and not self.by_vm.get(path.name):
                 continue  # a wake that did not finish: the VM goes back to sleep on this saved state (vm-no-process)
-            why = "no VM row names it" if vm is None else "its VM was deleted" if vm["deleted_at"] else f"its VM is {vm['state']}, not sleeping"
+            why = (
+                "no VM row names it"
+                if vm is None
+                else "its VM was deleted"
+                if vm["deleted_at"]
+                else f"its VM is {vm['state']}, not sleeping"
+            )
             self.add("orphan-sleep-folder", str(path), f"a sleeping VM's saved state, but {why}", "remove it",
                      self.remove(path, lambda name=path.name: self.fsck.sleep_owner(name)))  # fmt: skip
         for path in self._entries(self.fsck.run_dir):
@@ -942,9 +970,13 @@ class Survey:
         for org in sorted(set(counted) | set(running)):
             if counted[org] != running[org]:
                 (cv, cm), (rv, rm) = counted[org], running[org]
-                self.add("quota-mismatch", f"organization {self.org(org)}", f"its rows count {cv} vCPUs and {cm} MiB against its "
-                         f"limits, but its QEMU processes use {rv} vCPUs and {rm} MiB: {'; '.join(notes[org])}",  # fmt: skip
-                         "settled by the repairs of the VMs named" if fixable[org] else "")
+                self.add(
+                    "quota-mismatch",
+                    f"organization {self.org(org)}",
+                    f"its rows count {cv} vCPUs and {cm} MiB against its "
+                    f"limits, but its QEMU processes use {rv} vCPUs and {rm} MiB: {'; '.join(notes[org])}",
+                    "settled by the repairs of the VMs named" if fixable[org] else "",
+                )
 
     # Changes that did not finish
 
@@ -1046,7 +1078,8 @@ class Survey:
             if state == "sleeping" and not (self.fsck.sleep_dir / vm["id"] / "state").exists():
                 raise Skipped(f"the saved state of VM {vm['id']} is gone")
             changed = await self.fsck.write(
-                "orchestrator", "UPDATE vms SET state = :state, pid = 0 WHERE id = :id AND state = :seen AND pid = :pid AND deleted_at IS NULL",
+                "orchestrator",
+                "UPDATE vms SET state = :state, pid = 0 WHERE id = :id AND state = :seen AND pid = :pid AND deleted_at IS NULL",
                 state=state, id=vm["id"], seen=row["state"], pid=row["pid"],
             )  # fmt: skip
             if not changed:

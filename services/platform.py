@@ -116,7 +116,7 @@ def main() -> int:
     try:
         wait_healthy(settings, children)
         org, key = first_org_key(settings)
-    except Exception as error:  # noqa: BLE001 - said plainly, then everything is stopped
+    except Exception as error:
         print(f"vers: {error}", file=sys.stderr)
         stop(children, settings.shutdown_grace_seconds)
         return 1

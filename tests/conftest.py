@@ -70,12 +70,18 @@ IMAGES = Path(os.environ.get("VERS_IMAGES_DIR") or ROOT / ".vers" / "images")
 
 def test_settings(data_dir: Path) -> Settings:
     return Settings(
-        data_dir=data_dir, images_dir=str(IMAGES), auth_cache_seconds=0.5, shutdown_grace_seconds=1, accel="auto",
+        data_dir=data_dir,
+        images_dir=str(IMAGES),
+        auth_cache_seconds=0.5,
+        shutdown_grace_seconds=1,
+        accel="auto",
         keep_vms_running=True,  # a restart in these tests is one under systemd: VMs are adopted, not put to sleep
         guest_dns="none",  # guests' DNS goes nowhere but to a test's own server
         # every test talks from 127.0.0.1 with keys made a moment before: the gateway's limits are tested on
         # platforms of their own (test_gateway_limits.py), not by the suite's pace
-        rate_limit_per_second=10_000, rate_limit_burst=100_000, auth_failures_per_minute=100_000,
+        rate_limit_per_second=10_000,
+        rate_limit_burst=100_000,
+        auth_failures_per_minute=100_000,
         host_reserve_disk_mib=int(os.environ["VERS_HOST_RESERVE_DISK_MIB"]),
     )
 

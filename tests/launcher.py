@@ -11,8 +11,8 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from click_default_group import DefaultGroup
 
 from services.cli.main import cli
 from services.common.settings import Settings
-
 from tests.conftest import IMAGES, ROOT, discard, free_ports, kill_vms_under
 
 VERS = Path(sys.executable).parent / "vers"
@@ -49,9 +48,7 @@ def launcher_env(folder: Path) -> dict[str, str]:
 class Launched:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.platform"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
-        )
+        self.process = subprocess.Popen([sys.executable, "-m", "services.platform"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
         self.banner = self._read_banner()
 
     def _read_banner(self) -> str:
@@ -74,8 +71,6 @@ class Launched:
     def stop(self, signum: int = signal.SIGTERM) -> int:
         self.process.send_signal(signum)
         return self.process.wait(30)
-
-
 
 
 FORKED = re.compile(r"\A✓ Forked → (?P<reference>\S+)\n  VM:     (?P<vm>\S+)\n  Commit: (?P<commit>\S+)\n\Z")

@@ -63,8 +63,14 @@ def test_a_baked_python_image_forks_and_runs_python(site: Site, publisher: User,
     forked = FORKED.match(me.vers("repo", "fork", "vers/python:latest", "--repo-name", "py-base", "--tag-name", "latest").stdout)
     assert forked and forked["reference"] == "py-base:latest"
     assert me.vers("exec", forked["vm"], "--", "python3 --version").stdout.startswith("Python 3.")
-    for tool in ("pip3 --version", "python3 -m venv /tmp/env && /tmp/env/bin/python -c 'import sys; print(sys.prefix)'",
-                 "git --version", "curl --version", "nginx -v", "ip -V"):
+    for tool in (
+        "pip3 --version",
+        "python3 -m venv /tmp/env && /tmp/env/bin/python -c 'import sys; print(sys.prefix)'",
+        "git --version",
+        "curl --version",
+        "nginx -v",
+        "ip -V",
+    ):
         me.vers("exec", forked["vm"], "--", tool)
     console = me.console(forked["vm"])
     console.expect("Connected to VM")
@@ -75,7 +81,9 @@ def test_a_baked_python_image_forks_and_runs_python(site: Site, publisher: User,
 
 
 def site_commit(user: User, commit_id: str) -> dict[str, str]:
-    answer = httpx.get(f"{user.env['VERS_URL']}/api/v1/commits/{commit_id}", headers={"Authorization": f"Bearer {user.env['VERS_API_KEY']}"})
+    answer = httpx.get(
+        f"{user.env['VERS_URL']}/api/v1/commits/{commit_id}", headers={"Authorization": f"Bearer {user.env['VERS_API_KEY']}"}
+    )
     assert answer.status_code == 200, answer.text
     return answer.json()
 

@@ -19,7 +19,6 @@ from services.cli.main import cli
 from tests.launcher import COMMITTED, FORKED, STARTED, VERS, Site, User, command_path, running_site
 
 
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     with running_site(tmp_path_factory.mktemp("cli")) as started:
@@ -92,7 +91,7 @@ def test_team_ci_flow(site: Site) -> None:
     # CI on a merge to main: branch from my-app:latest, "pull and reinstall", commit, move latest.
     ci = developer
     ci.vers("run-commit", "my-app:latest", "--ref", "--vm-alias", "ci")
-    ci.vers("exec", "ci", "--", "test \"$(cat /srv-version)\" = v1 && echo v2 > /srv-version")
+    ci.vers("exec", "ci", "--", 'test "$(cat /srv-version)" = v1 && echo v2 > /srv-version')
     new = COMMITTED.search(ci.vers("commit", "ci").stdout)["commit"]  # type: ignore[index]
     moved = ci.vers("repo", "tag", "update", "my-app", "latest", "--commit", new).stdout
     assert moved == f"✓ Moved my-app:latest → {new} (was {first})\n"
@@ -149,7 +148,7 @@ def test_release_tagging_and_rollback(site: Site) -> None:
 
     # Roll back latest in a pinch: the history says where it was.
     history = me.json("repo", "tag", "history", "my-app", "latest")["events"]
-    assert [(e["action"], e["old_commit_id"], e["new_commit_id"]) for e in history][0] == ("moved", previous, release)
+    assert next((e["action"], e["old_commit_id"], e["new_commit_id"]) for e in history) == ("moved", previous, release)
     rolled = me.vers("repo", "tag", "update", "my-app", "latest", "--commit", history[0]["old_commit_id"]).stdout
     assert rolled == f"✓ Moved my-app:latest → {previous} (was {release})\n"
     me.vers("run-commit", "my-app:latest", "--ref", "--vm-alias", "check")
@@ -162,8 +161,12 @@ def test_connect_in_a_terminal_leaves_with_ctrl_bracket_and_restores_it(site: Si
     vm = STARTED.search(me.vers("run").stdout)["vm"]  # type: ignore[index]
     before, after = tmp_path / "before", tmp_path / "after"
     shell = pexpect.spawn(
-        "sh", ["-c", f"stty -g > {before}; {VERS} connect {vm}; echo vers-exited-$?; stty -g > {after}"],
-        env=me.env, encoding="utf-8", timeout=60, dimensions=(33, 101),
+        "sh",
+        ["-c", f"stty -g > {before}; {VERS} connect {vm}; echo vers-exited-$?; stty -g > {after}"],
+        env=me.env,
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(33, 101),
     )
     shell.expect("Connected to VM")
     type_in_console(shell, "echo typed-$((40+2)); stty size", r"typed-42\r\n33 101")

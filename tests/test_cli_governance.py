@@ -25,10 +25,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 def test_policy_set_on_create_shown_changed_and_cleared(site: Site) -> None:
     me = site.user("policies")
-    created = me.vers("repo", "create", "my-app", "--immutable-tag", "v*", "--keep-last", "5", "--keep-tag", "release-*",
-                      "--untagged-days", "30").stdout
-    assert created == ("✓ Created repository my-app (private)\n  Immutable tags: v*\n  Keep last: 5 commits per tag\n"
-                       "  Keep tags: release-*\n  Untagged after: 30 days\n")
+    created = me.vers(
+        "repo", "create", "my-app", "--immutable-tag", "v*", "--keep-last", "5", "--keep-tag", "release-*", "--untagged-days", "30"
+    ).stdout
+    assert created == (
+        "✓ Created repository my-app (private)\n  Immutable tags: v*\n  Keep last: 5 commits per tag\n"
+        "  Keep tags: release-*\n  Untagged after: 30 days\n"
+    )
 
     assert me.vers("repo", "policy", "my-app").stdout == (
         "Repository:     my-app\nImmutable tags: v*\nKeep last:      5 commits per tag\nKeep tags:      release-*\n"
@@ -44,7 +47,10 @@ def test_policy_set_on_create_shown_changed_and_cleared(site: Site) -> None:
     assert changed.startswith("✓ Updated the policy of my-app\n")
     assert "Immutable tags: v*, stable\nKeep last:      3 commits per tag\nKeep tags:      release-*\n" in changed
     assert me.json("repo", "policy", "my-app", "--untagged-days", "7")["retention"] == {
-        "keep_last": 3, "keep_tags": ["release-*"], "untagged_older_than_days": 7}
+        "keep_last": 3,
+        "keep_tags": ["release-*"],
+        "untagged_older_than_days": 7,
+    }
 
     cleared = me.json("repo", "policy", "my-app", "--no-immutable-tags", "--no-keep-tags", "--keep-last", "0", "--untagged-days", "0")
     assert cleared["immutable_tags"] == []
@@ -61,7 +67,8 @@ def test_org_retention_set_and_shown(site: Site) -> None:
     me = site.user("retention")
     assert me.vers("retention").stdout == "Untagged commits: kept (no rule)\n"
     assert me.vers("retention", "--untagged-days", "14").stdout == (
-        "✓ Updated your organization's retention rule\nUntagged commits: deleted once older than 14 days\n")
+        "✓ Updated your organization's retention rule\nUntagged commits: deleted once older than 14 days\n"
+    )
     assert me.json("retention") == {"untagged_older_than_days": 14}
     assert me.json("retention", "--untagged-days", "0") == {"untagged_older_than_days": 0}
     assert me.vers("retention").stdout == "Untagged commits: kept (no rule)\n"
@@ -71,7 +78,8 @@ def test_gc_dry_run_on_an_org_without_commits(site: Site) -> None:
     me = site.user("empty")
     me.vers("retention", "--untagged-days", "1")
     assert me.vers("gc", "--dry-run").stdout == (
-        "Nothing to collect: no commit falls under a retention rule (dry run: nothing was deleted).\n")
+        "Nothing to collect: no commit falls under a retention rule (dry run: nothing was deleted).\n"
+    )
     assert me.json("gc", "--dry-run") == {"dry_run": True, "commits": [], "bytes_freed": 0}
     assert me.json("gc") == {"dry_run": False, "commits": [], "bytes_freed": 0}
 
@@ -96,7 +104,9 @@ def test_audit_shows_the_repository_create_and_policy_change(site: Site) -> None
     only = me.json("audit", "--type", "repository.policy")["events"]
     assert [e["type"] for e in only] == ["repository.policy"]
     assert [e["type"] for e in me.json("audit", "--since", "1h", "--type", "repository")["events"]] == [
-        "repository.create", "repository.policy"]
+        "repository.create",
+        "repository.policy",
+    ]
     assert me.vers("audit", "--since", "2099-01-01").stdout == "No changes recorded that match.\n"
 
     first = me.vers("audit", "--type", "repository", "--limit", "1").stdout
@@ -128,8 +138,9 @@ def test_bad_arguments_are_usage_errors_before_any_request(tmp_path: Path, args:
 def _private_key() -> str:
     """A PEM private key made now, so that no key is kept in the source."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    ).decode()
 
 
 def test_publishing_a_commit_with_a_private_key_is_refused_with_findings_then_forced(site: Site) -> None:

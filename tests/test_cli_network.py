@@ -46,10 +46,14 @@ def me(site: Site) -> User:
 def web(me: User) -> str:
     """A VM `web` serving FILES random files (also slowly, /cgi-bin/slow?N) and an index page with busybox httpd on port 8000."""
     vm = STARTED.search(me.vers("run", "--vm-alias", "web").stdout)["vm"]  # type: ignore[index]
-    me.vers("exec", "-i", "web", "--", "mkdir -p /www/cgi-bin && cat > /www/cgi-bin/slow && chmod +x /www/cgi-bin/slow",
-            stdin=SLOW_CGI)
-    me.vers("exec", "web", "--", f"echo hello-from-the-vm > /www/index.html && "
-            f"for i in $(seq 1 {FILES}); do head -c $((100000 + i * 7919)) /dev/urandom > /www/f$i; done && httpd -p 8000 -h /www")
+    me.vers("exec", "-i", "web", "--", "mkdir -p /www/cgi-bin && cat > /www/cgi-bin/slow && chmod +x /www/cgi-bin/slow", stdin=SLOW_CGI)
+    me.vers(
+        "exec",
+        "web",
+        "--",
+        f"echo hello-from-the-vm > /www/index.html && "
+        f"for i in $(seq 1 {FILES}); do head -c $((100000 + i * 7919)) /dev/urandom > /www/f$i; done && httpd -p 8000 -h /www",
+    )
     return vm
 
 
@@ -155,8 +159,9 @@ def test_a_tunnel_listens_on_the_remote_port_by_default_and_stops_with_connectio
 @contextlib.contextmanager
 def stdio_tunnel(me: User, port: str) -> Iterator[subprocess.Popen[bytes]]:
     """`vers tunnel --stdio web PORT`, killed if it outlives two minutes or the block."""
-    process = subprocess.Popen([VERS, "tunnel", "--stdio", "web", port], env=me.env,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [VERS, "tunnel", "--stdio", "web", port], env=me.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     watchdog = threading.Timer(120, process.kill)
     watchdog.start()
     try:
@@ -170,8 +175,13 @@ def stdio_tunnel(me: User, port: str) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def test_tunnel_stdio_carries_one_connection_both_ways(me: User, web: str) -> None:
-    me.vers("exec", "web", "--", "nc -ll -p 7000 -e /bin/cat </dev/null >/dev/null 2>&1 & "
-            "for i in $(seq 100); do netstat -ltn | grep -q ':7000 ' && exit 0; sleep 0.1; done; exit 1")
+    me.vers(
+        "exec",
+        "web",
+        "--",
+        "nc -ll -p 7000 -e /bin/cat </dev/null >/dev/null 2>&1 & "
+        "for i in $(seq 100); do netstat -ltn | grep -q ':7000 ' && exit 0; sleep 0.1; done; exit 1",
+    )
     payload = os.urandom(300_000)
     with stdio_tunnel(me, "7000") as process:
         assert process.stdin and process.stdout and process.stderr
@@ -198,18 +208,29 @@ def test_tunnel_stdio_carries_one_connection_both_ways(me: User, web: str) -> No
 
 def test_another_organizations_vm_is_not_found(site: Site, web: str) -> None:
     outsider = site.user("outsider")
-    for args in (["tunnel", web, "0:8000"], ["tunnel", "--stdio", web, "8000"], ["ssh-config", web], ["connect", "--ssh", web],
-                 ["domain", "create", "stolen", web]):
+    for args in (
+        ["tunnel", web, "0:8000"],
+        ["tunnel", "--stdio", web, "8000"],
+        ["ssh-config", web],
+        ["connect", "--ssh", web],
+        ["domain", "create", "stolen", web],
+    ):
         refused = outsider.vers(*args, expect=1, stdin="")
         assert refused.stderr.startswith("Error: ") and refused.stderr.endswith("(HTTP 404)\n"), (args, refused.stderr)
         assert refused.stderr.count("\n") == 1, refused.stderr
         assert refused.stdout == ""
 
 
-def _ssh(user: User, config: Path, host: str, *command: str, env: dict[str, str] | None = None,
-         timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", host, *command], env=env or user.env,
-                          capture_output=True, text=True, timeout=timeout)
+def _ssh(
+    user: User, config: Path, host: str, *command: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ssh", "-F", str(config), "-o", "BatchMode=yes", host, *command],
+        env=env or user.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_ssh_config_lets_openssh_scp_rsync_and_git_in(me: User, web: str, tmp_path: Path) -> None:
@@ -312,8 +333,7 @@ def test_domains_are_created_listed_and_deleted_by_name_or_id(me: User, web: str
     assert other, shown
 
     listed = me.json("domain", "list", "--vm", "web")
-    assert {(d["domain"], d["port"], d["is_public"]) for d in listed} == {
-        (created["domain"], 8000, False), (f"open.{suffix}", 80, True)}
+    assert {(d["domain"], d["port"], d["is_public"]) for d in listed} == {(created["domain"], 8000, False), (f"open.{suffix}", 80, True)}
     table = me.vers("domain", "list").stdout
     assert created["domain"] in table and f"{web}:8000" in table and "public" in table
 

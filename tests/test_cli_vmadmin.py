@@ -22,8 +22,13 @@ class Terminal:
     """Someone at a terminal: their own config folder, the platform's URL and their org's key."""
 
     def __init__(self, platform: Platform, org: Org, config: Path) -> None:
-        self.env = {"PATH": str(VERS.parent) + ":/usr/bin:/bin", "VERS_URL": platform.url, "VERS_API_KEY": org.key,
-                    "VERS_CONFIG_DIR": str(config), "HOME": str(config)}
+        self.env = {
+            "PATH": str(VERS.parent) + ":/usr/bin:/bin",
+            "VERS_URL": platform.url,
+            "VERS_API_KEY": org.key,
+            "VERS_CONFIG_DIR": str(config),
+            "HOME": str(config),
+        }
 
     async def vers(self, *args: str, expect: int = 0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         result = await asyncio.to_thread(
@@ -81,10 +86,20 @@ async def test_vm_admin_commands(platform: Platform, org: Org, tmp_path: Path) -
     info = await me.json("info")  # the current VM: the branch made by --checkout
     assert info["vm"]["vm_id"] == current
     assert (info["vm"]["fs_size_mib"], info["vm"]["parent_commit_id"], info["vm"]["grandparent_vm_id"]) == (192, commit, vm)
-    assert [step["id"] for step in info["lineage"]][0] == commit
+    assert next(step["id"] for step in info["lineage"]) == commit
     text = (await me.vers("info", current)).stdout
-    for line in ("Disk:", "192 MiB", "Memory:", "vCPUs:", "Network:", "IP:", f"Parent commit:  {commit}",
-                 f"Grandparent VM: {vm}", "Lineage:", commit):
+    for line in (
+        "Disk:",
+        "192 MiB",
+        "Memory:",
+        "vCPUs:",
+        "Network:",
+        "IP:",
+        f"Parent commit:  {commit}",
+        f"Grandparent VM: {vm}",
+        "Lineage:",
+        commit,
+    ):
         assert line in text, text
     root = (await me.vers("info", "dev")).stdout
     assert "a root VM" in root and "Labels:" + " " * 9 + "team=api" in root

@@ -116,7 +116,8 @@ async def test_a_commit_holds_alone_what_nothing_else_stands_on(platform: Platfo
         # commit's layer is now shared with it, the branch's layer is its own.
         assert await sizes(http, second) == (folder_bytes(platform, second), only_second + shared_root)
         assert await sizes(http, child_commit) == (
-            folder_bytes(platform, child_commit) + layer_bytes(platform, child_commit), only_second + shared_root
+            folder_bytes(platform, child_commit) + layer_bytes(platform, child_commit),
+            only_second + shared_root,
         )
         listed = (await http.get("/api/v1/commits")).json()["commits"]
         listed = {c["commit_id"]: (int(c["bytes_alone"]), int(c["bytes_shared"])) for c in listed}
@@ -141,9 +142,7 @@ async def test_a_commit_holds_alone_what_nothing_else_stands_on(platform: Platfo
             assert (await http.delete(f"/api/v1/commits/{commit_id}")).status_code == 204
 
 
-async def test_collection_frees_what_its_dry_run_said_and_keeps_what_a_vm_stands_on(
-    platform: Platform, org: Org, other_org: Org
-) -> None:
+async def test_collection_frees_what_its_dry_run_said_and_keeps_what_a_vm_stands_on(platform: Platform, org: Org, other_org: Org) -> None:
     async with platform.client(org) as http, platform.client(other_org) as other:
         vm = await new_vm(http)
         made = []

@@ -152,7 +152,9 @@ async def test_a_public_commit_is_branched_by_other_orgs_and_stays_its_owners(
 
         audit = (await mine.get("/api/v1/audit", params={"page_size": 1000})).json()
         events = [(e["type"], e["target"]) for e in audit["events"] if e["target"] == clean]
-        assert events == [("commit.update", clean), ("commit.publish", clean), ("commit.update", clean), ("commit.unpublish", clean)], events
+        assert events == [("commit.update", clean), ("commit.publish", clean), ("commit.update", clean), ("commit.unpublish", clean)], (
+            events
+        )
 
         # the CLI: refused with the findings table, published, its history, unpublished, deleted
         config = tmp_path / "config"

@@ -41,7 +41,7 @@ async def test_concurrent_commits_of_one_vm_each_restore_their_own_state(platfor
 
         commits = await asyncio.gather(*(mark_and_commit(i) for i in range(10)))
         last = await commit(http, vm)
-        assert len(set(commits + [last])) == 11
+        assert len(set([*commits, last])) == 11
 
         for i, commit_id in enumerate(commits):
             restored = await restore(http, commit_id)

@@ -194,9 +194,7 @@ async def follow(http: httpx.AsyncClient, vm_id: str, exec_id: str) -> tuple[byt
     raise AssertionError(f"the stream ended without an exit event: {output}")
 
 
-async def test_deploy_over_rest_serves_the_app_and_refuses_what_it_must(
-    deploy_platform: Platform, deployer: Org, outside: Outside
-) -> None:
+async def test_deploy_over_rest_serves_the_app_and_refuses_what_it_must(deploy_platform: Platform, deployer: Org, outside: Outside) -> None:
     async with deploy_platform.client(deployer) as http:
         body = {"repo": "team/webapp", "settings": {"build_command": BUILD, "run_command": RUN}}
         answer = await http.post("/api/v1/deploy", json=body)
@@ -264,9 +262,7 @@ async def test_deploy_over_rest_serves_the_app_and_refuses_what_it_must(
         assert not [v for v in (await http.get("/api/v1/vm")).json() if v["labels"].get("vers.deploy") == "webapp"]
 
 
-async def test_vers_deploy_wait_follows_the_build_and_the_app_answers(
-    deploy_platform: Platform, deployer: Org, tmp_path: Path
-) -> None:
+async def test_vers_deploy_wait_follows_the_build_and_the_app_answers(deploy_platform: Platform, deployer: Org, tmp_path: Path) -> None:
     env = {**os.environ, "VERS_URL": deploy_platform.url, "VERS_API_KEY": deployer.key, "VERS_CONFIG_DIR": str(tmp_path)}
     command = [
         str(VERS), "deploy", "http://git.test:8080/team/webapp.git", "--branch", "main", "--name", "site",

@@ -283,9 +283,7 @@ async def test_websocket_through_a_domain(platform: Platform, served: Served) ->
     with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
         await websockets.connect(f"ws://{private}:{port}/", host="127.0.0.1", port=port)
     assert refused.value.response.status_code == 401
-    async with websockets.connect(
-        f"ws://{private}:{port}/", host="127.0.0.1", port=port, additional_headers=served.org.auth
-    ) as owner:
+    async with websockets.connect(f"ws://{private}:{port}/", host="127.0.0.1", port=port, additional_headers=served.org.auth) as owner:
         assert await owner.recv() == "hello"
 
 
@@ -332,9 +330,7 @@ async def test_sdk_ssh_key(platform: Platform, served: Served, other_org: Org) -
             await stranger.ssh_key(served.vm_id)
 
 
-async def test_names_are_platform_wide_and_a_deleted_vm_takes_its_domains(
-    platform: Platform, served: Served, other_org: Org
-) -> None:
+async def test_names_are_platform_wide_and_a_deleted_vm_takes_its_domains(platform: Platform, served: Served, other_org: Org) -> None:
     mine = await create(served.http, unique("mine"), served.vm_id)
     async with platform.client(other_org) as other:
         their_vm = await new_vm(other)

@@ -42,9 +42,7 @@ async def test_the_org_values_are_found_redacted_and_keyed(tmp_path: Path) -> No
         "ADMIN_PASSWORD": "correcthorsebattery",  # plain, but named a secret
     }  # fmt: skip
     literals = org_literals(variables)
-    assert literals == sorted(
-        {DB_URL.encode(), ESCAPED.encode(), TOKEN.encode(), LONG.encode()[:LITERAL_BYTES], b"correcthorsebattery"}
-    )
+    assert literals == sorted({DB_URL.encode(), ESCAPED.encode(), TOKEN.encode(), LONG.encode()[:LITERAL_BYTES], b"correcthorsebattery"})
     near_miss = ESCAPED.replace(".", "X").replace("*", "Y").encode()
     path = memory_file(tmp_path, {
         1000: b"DB_URL=" + DB_URL.encode() + b"\x00", 3 * MIB: DB_URL.encode(), 5 * MIB + 17: DB_URL.encode(),  # one secret, three copies
@@ -59,7 +57,9 @@ async def test_the_org_values_are_found_redacted_and_keyed(tmp_path: Path) -> No
     # the first copy only; each value's, the escaped one exactly (not the near miss), the long one by its start
     assert sorted(by_offset) == [1007, 2 * MIB, 4 * MIB + 13, 6 * MIB + 3, 7 * MIB], found
     assert all(f.where == "memory" and f.path == "" for f in found)
-    for finding, value in zip([by_offset[o] for o in sorted(by_offset)], [DB_URL, ESCAPED, TOKEN, LONG, "correcthorsebattery"], strict=True):
+    for finding, value in zip(
+        [by_offset[o] for o in sorted(by_offset)], [DB_URL, ESCAPED, TOKEN, LONG, "correcthorsebattery"], strict=True
+    ):
         # a few of the value's first characters, no more; never the rest (the password in the URL)
         shown = finding.excerpt.rstrip("*")
         assert finding.excerpt.endswith("*" * 8) and len(shown) <= 8 and value.startswith(shown), finding
@@ -84,7 +84,9 @@ async def test_the_org_values_are_found_redacted_and_keyed(tmp_path: Path) -> No
 
 def scan_versions(platform: Platform, commit_id: str) -> list[tuple[str, str]]:
     with sqlite3.connect(platform.settings.data_dir / "orchestrator.db") as db:
-        return db.execute("SELECT rules_version, findings FROM secret_scans WHERE commit_id = ? ORDER BY scanned_at", (commit_id,)).fetchall()
+        return db.execute(
+            "SELECT rules_version, findings FROM secret_scans WHERE commit_id = ? ORDER BY scanned_at", (commit_id,)
+        ).fetchall()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -22,7 +22,7 @@ from tests.test_vms import console_url, new_vm, out, read_until
 # Loggers of the test's own clients, not of the platform.
 TEST_CLIENTS = ("httpx", "httpcore", "websockets.client")
 # Both kinds of quotes, and what a shell would expand: written in shell quoting.
-TRICKY = "it's a \"quoted\" $HOME `x` \\ value"
+TRICKY = 'it\'s a "quoted" $HOME `x` \\ value'
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

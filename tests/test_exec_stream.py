@@ -23,7 +23,9 @@ from tests.conftest import Org, Platform
 
 # Output known byte for byte: lines of numbers, bytes that are not UTF-8, and a pause in the middle.
 SCRIPT = "seq 1 30000; printf '\\000\\377\\n'; echo to-stderr >&2; sleep 1; seq 30001 31000; exit 3"
-EXPECTED_STDOUT = "".join(f"{n}\n" for n in range(1, 30001)).encode() + b"\x00\xff\n" + "".join(f"{n}\n" for n in range(30001, 31001)).encode()
+EXPECTED_STDOUT = (
+    "".join(f"{n}\n" for n in range(1, 30001)).encode() + b"\x00\xff\n" + "".join(f"{n}\n" for n in range(30001, 31001)).encode()
+)
 
 
 class World:
@@ -141,7 +143,7 @@ async def test_an_exec_id_runs_once_and_env_stays_off_command_lines(world: World
 
 async def test_more_than_the_cap_is_cut_without_stalling(world: World) -> None:
     cap = world.platform.settings.exec_max_output_bytes
-    streamed = asyncio.ensure_future(world.events("exec/stream", {"command": ["sh", "-c", "yes abcdefg; echo \"yes: $?\" >&2"]}))
+    streamed = asyncio.ensure_future(world.events("exec/stream", {"command": ["sh", "-c", 'yes abcdefg; echo "yes: $?" >&2']}))
     other = await world.sdk.exec_vm(world.vm_id, {"command": ["echo", "meanwhile"]})  # the platform answers meanwhile
     assert other["stdout"] == "meanwhile\n"
     events = await streamed
@@ -200,7 +202,7 @@ def test_exec_log_keeps_its_newest_bytes_at_stable_offsets(tmp_path: Path) -> No
     assert [int(e.data_b64.split()[1]) for e in entries] == list(range(first_kept, 400))
     assert sum(p.stat().st_size for p in (tmp_path / "vm").iterdir()) <= 256 * 1024 + 64 * 1024
     # An offset from an earlier page still reads on from there; one inside an entry starts at the next.
-    page, eof, middle = exec_log.read(0, 10, "")
+    _page, eof, middle = exec_log.read(0, 10, "")
     assert not eof and [e.data_b64 for e in exec_log.read(middle, 5, "")[0]] == [e.data_b64 for e in entries[10:15]]
     assert exec_log.read(middle + 3, 1, "")[0][0].data_b64 == entries[11].data_b64
     only = exec_log.read(0, 1000, "stdout")[0]

@@ -51,9 +51,7 @@ def test_exclusive_keeps_the_first_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("failing", ["fsync", "replace"])
-def test_a_failure_mid_write_leaves_the_old_content_and_no_temporary(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
-) -> None:
+def test_a_failure_mid_write_leaves_the_old_content_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     """The disk failing while the data is flushed, or the rename failing: readers still see the old file."""
     target = tmp_path / "manifest.json"
     write_atomic(target, '{"version": 1}')

@@ -22,8 +22,8 @@ import pytest_asyncio
 from services.common.auth import ServiceCredential
 from services.common.settings import Settings
 from tests.conftest import Org, Platform, kill_vms_under
-from tests.test_faults import fsck
 from tests.launcher import Launched, launcher_env
+from tests.test_faults import fsck
 from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 # Fault point: (the step its saga is left at, the state of its fork in the orchestrator (state, VM made,
@@ -65,7 +65,9 @@ async def publish(http: httpx.AsyncClient) -> None:
     answer = await http.post("/api/v1/vm/new_root?wait_boot=true", json={"vm_config": {"mem_size_mib": 128}})
     assert answer.status_code == 201, answer.text
     vm = answer.json()["vm_id"]
-    assert (await http.post(f"/api/v1/vm/{vm}/exec", json={"command": ["sh", "-c", "echo upstream > /root/origin; sync"]})).status_code == 200
+    assert (
+        await http.post(f"/api/v1/vm/{vm}/exec", json={"command": ["sh", "-c", "echo upstream > /root/origin; sync"]})
+    ).status_code == 200
     commit = (await http.post(f"/api/v1/vm/{vm}/commit", json={"name": "base"})).json()["commit_id"]
     assert (await http.post("/api/v1/repositories", json={"name": "base"})).status_code == 201
     assert (await http.patch("/api/v1/repositories/base/visibility", json={"is_public": True})).status_code == 200
@@ -112,9 +114,7 @@ async def test_twenty_concurrent_forks_into_one_repository_all_land(platform: Pl
         await asyncio.gather(*(http.delete(f"/api/v1/vm/{f['vm_id']}") for f in forks.values()))
 
 
-async def test_concurrent_forks_to_one_tag_one_lands_the_others_leave_nothing(
-    platform: Platform, publisher: Org, other_org: Org
-) -> None:
+async def test_concurrent_forks_to_one_tag_one_lands_the_others_leave_nothing(platform: Platform, publisher: Org, other_org: Org) -> None:
     """All pass the early check at once; the tag decides: the losers' VMs and commits are undone."""
     async with platform.client(other_org) as http:
         answers = await asyncio.gather(
@@ -128,7 +128,9 @@ async def test_concurrent_forks_to_one_tag_one_lands_the_others_leave_nothing(
         assert await owned(http) == ({won["vm_id"]}, {won["commit_id"]})
         assert sagas(platform.settings.data_dir) == []
         # The losers did fork before the tag refused them: what they made was undone.
-        forks = rows(platform.settings.data_dir / "orchestrator.db", "SELECT state, vm_id FROM fork_requests WHERE org_id = ?", other_org.id)
+        forks = rows(
+            platform.settings.data_dir / "orchestrator.db", "SELECT state, vm_id FROM fork_requests WHERE org_id = ?", other_org.id
+        )
         assert sorted(state for state, _ in forks).count("done") == 1
         assert [vm for state, vm in forks if state == "abandoned" and vm is not None], forks
         await http.delete(f"/api/v1/vm/{won['vm_id']}")

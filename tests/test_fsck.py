@@ -69,7 +69,16 @@ async def fsck(platform: Platform, *args: str, **shell: str) -> Fsck:
         "VERS_RUN_DIR": str(settings.vm_run_dir), **shell,
     }  # fmt: skip
     process = await asyncio.create_subprocess_exec(
-        VERS, "admin", "fsck", "--json", "--grace", str(GRACE), *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        VERS,
+        "admin",
+        "fsck",
+        "--json",
+        "--grace",
+        str(GRACE),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )  # the platform runs in this event loop: it must go on while fsck looks at it
     stdout, stderr = await process.communicate()
     assert process.returncode in (0, 1) and not stderr, stderr.decode()
@@ -173,7 +182,9 @@ async def test_files_nothing_owns_are_reported_and_removed(made: Made) -> None:
     (stray_sleep / "state").write_bytes(b"saved")
     ram_copy = run / made.vm_id / f"ram-{uuid.uuid4()}"
     ram_copy.write_bytes(b"\0" * 4096)
-    backdate(stray_layer, stray_commit / "state", stray_commit, stray_run / "qemu.log", stray_run, stray_sleep / "state", stray_sleep, ram_copy)
+    backdate(
+        stray_layer, stray_commit / "state", stray_commit, stray_run / "qemu.log", stray_run, stray_sleep / "state", stray_sleep, ram_copy
+    )
     expected = {
         ("orphan-layer-file", str(stray_layer)), ("orphan-commit-folder", str(stray_commit)),
         ("orphan-run-folder", str(stray_run)), ("orphan-sleep-folder", str(stray_sleep)), ("orphan-ram-copy", str(ram_copy)),

@@ -60,10 +60,14 @@ class Running:
 def platform_in_a_thread(data_dir: Path) -> Iterator[Running]:
     settings_ = platform_settings(data_dir).model_copy(
         update={
-            "org_max_vcpus": 1, "org_max_memory_mib": 256,
+            "org_max_vcpus": 1,
+            "org_max_memory_mib": 256,
             # a made-up command with a made-up timeout ends in seconds, not in the hour allowed by default
-            "exec_default_timeout_seconds": 5, "exec_max_timeout_seconds": 10,
-            "rate_limit_per_second": 10_000.0, "rate_limit_burst": 100_000, "auth_failures_per_minute": 100_000,
+            "exec_default_timeout_seconds": 5,
+            "exec_max_timeout_seconds": 10,
+            "rate_limit_per_second": 10_000.0,
+            "rate_limit_burst": 100_000,
+            "auth_failures_per_minute": 100_000,
         }
     )
     loop = asyncio.new_event_loop()
@@ -119,9 +123,17 @@ async def make_objects(platform: Platform, org: Org) -> dict[str, str]:
         await http.put("/api/v1/env_vars", json={"vars": {"FUZZED": "value"}})
         await http.patch(f"/api/v1/vm/{vm}/label", json={"labels": {"fuzzed": "yes"}})
     return {
-        "vm_id": vm, "vm_or_commit_id": vm, "commit_id": commit, "repo_name": repo, "tag_name": tag,
-        "org_name": org.name, "org": org.name, "domain_id": domain.json().get("domain_id", str(uuid.uuid4())), "key_id": key,
-        "key": "FUZZED", "label_name": "fuzzed",
+        "vm_id": vm,
+        "vm_or_commit_id": vm,
+        "commit_id": commit,
+        "repo_name": repo,
+        "tag_name": tag,
+        "org_name": org.name,
+        "org": org.name,
+        "domain_id": domain.json().get("domain_id", str(uuid.uuid4())),
+        "key_id": key,
+        "key": "FUZZED",
+        "label_name": "fuzzed",
     }
 
 
@@ -199,8 +211,12 @@ def test_operation_answers_as_documented(
 
     @given(case=operation.as_strategy(generation_mode=MODES[mode], path_parameters=bound))
     @settings(
-        max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
-        suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        max_examples=MAX_EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
     )
     def answers_as_documented(case: Any) -> None:
         if any(case.path_parameters.get(name) in values for name, values in taken.items()):

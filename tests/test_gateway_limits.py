@@ -337,4 +337,3 @@ async def test_services_accept_what_the_gateway_sends(platform: Platform, org: O
     finally:
         await channel.close()
     assert answer.valid is False
-

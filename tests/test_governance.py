@@ -80,7 +80,10 @@ async def test_a_secret_on_disk_or_only_in_memory_blocks_publishing_until_remove
         assert written["exit_code"] == 0, written
         key_id = aws_key_id()
         started = await sh(
-            http, vm, "read k; (export AWS_ACCESS_KEY_ID=$k; exec sleep 100000) >/dev/null 2>&1 & echo $! > /run/holder", stdin=key_id + "\n"
+            http,
+            vm,
+            "read k; (export AWS_ACCESS_KEY_ID=$k; exec sleep 100000) >/dev/null 2>&1 & echo $! > /run/holder",
+            stdin=key_id + "\n",
         )
         assert started["exit_code"] == 0, started
         assert (await sh(http, vm, f"grep -rl {key_id[:12]} /root /etc /var /srv 2>/dev/null"))["stdout"] == ""
@@ -123,7 +126,9 @@ async def test_a_secret_on_disk_or_only_in_memory_blocks_publishing_until_remove
     # another org forks what was forced through (the owner chose to), and the clean tag
     async with platform.client(forker) as http:
         for repo in ("leaks", "app"):
-            forked = await http.post("/api/v1/repositories/fork", json={"source_org": owner.name, "source_repo": repo, "source_tag": "latest"})
+            forked = await http.post(
+                "/api/v1/repositories/fork", json={"source_org": owner.name, "source_repo": repo, "source_tag": "latest"}
+            )
             assert forked.status_code == 201, forked.text
             await http.delete(f"/api/v1/vm/{forked.json()['vm_id']}")
 

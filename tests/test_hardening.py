@@ -18,7 +18,6 @@ from tests import conftest
 from tests.conftest import IMAGES, Platform, kill_vms_under
 from tests.test_vms import new_vm, out
 
-
 SERIAL_LIMIT = 64 * 1024
 
 

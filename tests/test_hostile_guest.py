@@ -133,9 +133,7 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def test_a_flooding_guest_stays_bounded_and_others_are_served(
-    platform: Platform, tenant: tuple[Org, httpx.AsyncClient]
-) -> None:
+async def test_a_flooding_guest_stays_bounded_and_others_are_served(platform: Platform, tenant: tuple[Org, httpx.AsyncClient]) -> None:
     """The hostile guest floods its agent port (zeros, forged frames with made-up lengths, end frames
     with exit codes for nonces of its own choosing) and its serial console, with no command of its own
     running; this process (the orchestrator runs in it) keeps its memory, and another VM's commands

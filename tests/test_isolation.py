@@ -46,8 +46,21 @@ CALLERS = ("owner", "other_org", "no_token", "bad_token", "admin")
 STRANGERS = ("other_org", "admin")  # authenticated, but not the owner
 # Fields that name one of the owner's objects, by their name in the request messages.
 OBJECT_FIELDS = frozenset(
-    {"vm_id", "vm_or_commit_id", "commit_id", "repo_name", "tag_name", "org_name", "org", "domain_id", "key_id", "ref",
-     "source_org", "source_repo", "source_tag"}
+    {
+        "vm_id",
+        "vm_or_commit_id",
+        "commit_id",
+        "repo_name",
+        "tag_name",
+        "org_name",
+        "org",
+        "domain_id",
+        "key_id",
+        "ref",
+        "source_org",
+        "source_repo",
+        "source_tag",
+    }
 )
 # Fields that name an object the call makes: a fresh name each time.
 NEW_NAME_FIELDS = frozenset({"name", "label", "domain"})
@@ -272,7 +285,9 @@ class World:
         if not (200 <= answer.status < 300 and isinstance(body, dict)):
             return
         made = [body.get("vm_id")] + [vm.get("vm_id") for vm in body.get("vms") or [] if isinstance(vm, dict)]
-        async with httpx.AsyncClient(base_url=self.platform.url, headers={"Authorization": f"Bearer {self.tokens[caller]}"}, timeout=180) as http:
+        async with httpx.AsyncClient(
+            base_url=self.platform.url, headers={"Authorization": f"Bearer {self.tokens[caller]}"}, timeout=180
+        ) as http:
             for vm in filter(None, made):
                 await http.delete(f"/api/v1/vm/{vm}")
 
@@ -310,7 +325,9 @@ async def throwaways(world: World, route: Route) -> Objects:
     if names & {"repo_name", "ref", "source_repo"} and route.variant != "public":
         changes["repo"], changes["tag"] = fresh("repo"), fresh("tag")
         await world.as_owner("POST", "/api/v1/repositories", json={"name": changes["repo"]})
-        await world.as_owner("POST", f"/api/v1/repositories/{changes['repo']}/tags", json={"tag_name": changes["tag"], "commit_id": objects.commit})
+        await world.as_owner(
+            "POST", f"/api/v1/repositories/{changes['repo']}/tags", json={"tag_name": changes["tag"], "commit_id": objects.commit}
+        )
     elif "tag_name" in names:
         changes["legacy_tag"] = fresh("legacy")
         await world.as_owner("POST", "/api/v1/commit_tags", json={"tag_name": changes["legacy_tag"], "commit_id": objects.commit})
@@ -354,9 +371,7 @@ def success(status: int) -> bool:
     return 200 <= status < 300 or status == 101
 
 
-def judge(
-    route: Route, caller: str, request: Request, answer: Answer, objects: Objects, ghost: tuple[Answer, Objects] | None
-) -> list[str]:
+def judge(route: Route, caller: str, request: Request, answer: Answer, objects: Objects, ghost: tuple[Answer, Objects] | None) -> list[str]:
     """What is wrong with `answer`; nothing when the caller got what its access allows."""
     status = answer.status
     problems = []
@@ -475,9 +490,12 @@ async def matrix(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Matr
     settings = platform_settings(tmp_path_factory.mktemp("vers-isolation")).model_copy(
         update={
             # one VM per org: the owner's creates and branches end at the limit, not in new VMs
-            "org_max_vcpus": 1, "org_max_memory_mib": 256,
+            "org_max_vcpus": 1,
+            "org_max_memory_mib": 256,
             # the matrix makes a few hundred calls, many without a valid key, from one address
-            "rate_limit_per_second": 10_000.0, "rate_limit_burst": 100_000, "auth_failures_per_minute": 100_000,
+            "rate_limit_per_second": 10_000.0,
+            "rate_limit_burst": 100_000,
+            "auth_failures_per_minute": 100_000,
         }
     )
     platform = await Platform.start(settings)
@@ -485,8 +503,13 @@ async def matrix(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Matr
         owner, other = await platform.new_org("owner"), await platform.new_org("other")
         objects = await make_objects(platform, owner)
         world = World(platform, owner, other, objects)
-        world.tokens = {"owner": owner.key, "other_org": other.key, "no_token": None, "bad_token": "vers_" + uuid.uuid4().hex * 2,
-                        "admin": platform.admin_key}
+        world.tokens = {
+            "owner": owner.key,
+            "other_org": other.key,
+            "no_token": None,
+            "bad_token": "vers_" + uuid.uuid4().hex * 2,
+            "admin": platform.admin_key,
+        }
         yield await run_matrix(world)
     finally:
         kill_vms_under(platform.settings.vm_run_dir)

@@ -46,8 +46,11 @@ def error_text(answer: CallToolResult) -> str:
 
 def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
     """Every file under root: its sha256 and its permission bits."""
-    return {str(path.relative_to(root)): (hashlib.sha256(path.read_bytes()).hexdigest(), stat.S_IMODE(path.stat().st_mode))
-            for path in sorted(root.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(root)): (hashlib.sha256(path.read_bytes()).hexdigest(), stat.S_IMODE(path.stat().st_mode))
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 async def test_stdio_tools_and_the_rollback_workflow(platform: Platform, org: Org, tmp_path: Path) -> None:
@@ -91,7 +94,8 @@ async def test_stdio_tools_and_the_rollback_workflow(platform: Platform, org: Or
         assert branched["vms"][0]["alias"] == "restored" and restored != dev
         one = result(await agent.call_tool("status", {"vm": "restored"}))["vms"]
         assert [(vm["vm_id"], vm["alias"], vm["state"], vm["parent_commit_id"]) for vm in one] == [
-            (restored, "restored", "running", committed["commit_id"])]
+            (restored, "restored", "running", committed["commit_id"])
+        ]
         assert one[0]["memory_mib"] > 0 and one[0]["vcpus"] > 0
         back = result(await agent.call_tool("exec", {"vm": "restored", "command": ["cat", "/root/state"]}))
         assert (back["exit_code"], back["stdout"]) == (0, "known-good\n")
@@ -102,8 +106,9 @@ async def test_stdio_tools_and_the_rollback_workflow(platform: Platform, org: Or
         assert "no VM 'dev'" in error_text(await agent.call_tool("exec", {"vm": "dev", "command": "true"}))
 
         # Name the known-good state; the tag moves on a second call.
-        tagged = result(await agent.call_tool("tag", {"reference": "workspace:good", "commit_id": committed["commit_id"],
-                                                      "create_repository": True}))
+        tagged = result(
+            await agent.call_tool("tag", {"reference": "workspace:good", "commit_id": committed["commit_id"], "create_repository": True})
+        )
         assert tagged == {"reference": "workspace:good", "commit_id": committed["commit_id"], "previous_commit_id": None, "created": True}
         again = result(await agent.call_tool("commit", {"vm": "restored"}))
         moved = result(await agent.call_tool("tag", {"reference": "workspace:good", "commit_id": again["commit_id"]}))
@@ -124,7 +129,9 @@ async def _copy_both_ways(agent: Client, tmp_path: Path) -> None:
     (tree / "sub" / "run.sh").chmod(0o755)
     up = result(await agent.call_tool("copy", {"source": str(tree), "destination": "restored:/root/tree"}))
     assert up["direction"] == "to_vm"
-    listed = result(await agent.call_tool("exec", {"vm": "restored", "command": "cat /root/tree/a.txt && stat -c %a /root/tree/sub/run.sh"}))
+    listed = result(
+        await agent.call_tool("exec", {"vm": "restored", "command": "cat /root/tree/a.txt && stat -c %a /root/tree/sub/run.sh"})
+    )
     assert listed["stdout"] == "alpha\n755\n"
     down = result(await agent.call_tool("copy", {"source": "restored:/root/tree", "destination": str(tmp_path / "back")}))
     assert down["direction"] == "from_vm"
@@ -139,7 +146,13 @@ async def _copy_both_ways(agent: Client, tmp_path: Path) -> None:
 async def http_server(platform: Platform, org: Org, config: Path, *args: str) -> AsyncIterator[tuple[str, list[str]]]:
     """`vers mcp serve --http --port 0 ARGS`: its URL and the lines it printed on starting."""
     process = await asyncio.create_subprocess_exec(
-        str(VERS), "mcp", "serve", "--http", "--port", "0", *args,
+        str(VERS),
+        "mcp",
+        "serve",
+        "--http",
+        "--port",
+        "0",
+        *args,
         env={"PATH": os.environ["PATH"], "HOME": str(config), **serve_env(platform, org, config)},
         stdout=asyncio.subprocess.PIPE,
     )
@@ -188,15 +201,30 @@ async def test_http_needs_the_token_and_tool_errors_carry_the_api_message(platfo
 
 
 async def test_serve_refuses_bad_credentials_and_stdio_options(platform: Platform, tmp_path: Path) -> None:
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "VERS_URL": platform.url, "VERS_API_KEY": "vers_wrong",
-           "VERS_CONFIG_DIR": str(tmp_path)}
-    wrong = await asyncio.create_subprocess_exec(str(VERS), "mcp", "serve", env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "VERS_URL": platform.url,
+        "VERS_API_KEY": "vers_wrong",
+        "VERS_CONFIG_DIR": str(tmp_path),
+    }
+    wrong = await asyncio.create_subprocess_exec(
+        str(VERS), "mcp", "serve", env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(wrong.communicate(), 60)
     assert (wrong.returncode, out) == (1, b"")
     assert err.decode().startswith("Error: ") and "(HTTP 401)" in err.decode()
 
-    mixed = await asyncio.create_subprocess_exec(str(VERS), "mcp", "serve", "--token", "abc", env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    mixed = await asyncio.create_subprocess_exec(
+        str(VERS),
+        "mcp",
+        "serve",
+        "--token",
+        "abc",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(mixed.communicate(), 60)
     assert mixed.returncode == 2 and "go with --http" in err.decode()

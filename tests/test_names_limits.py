@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import client as cli_client
+from services import client as cli_client
 from services.common.errors import InvalidArgument, InvalidName
 from services.common.names import validate_repo_name, validate_tag_name
 from services.common.paging import MAX_PAGE_SIZE, Page

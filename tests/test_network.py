@@ -145,9 +145,7 @@ async def test_isolation_refuses_the_host_other_vms_metadata_and_private_ranges(
             }
             # another VM: its port as reached from outside, through a forward that a tunnel opened
             await out(http, other, "mkdir -p /www && echo other > /www/index.html && httpd -p 8000 -h /www")
-            async with websockets.connect(
-                ws_url(netplatform, other, 8000), additional_headers=net_org.auth
-            ) as tunnel:
+            async with websockets.connect(ws_url(netplatform, other, 8000), additional_headers=net_org.auth) as tunnel:
                 await tunnel.send(b"GET /index.html HTTP/1.0\r\n\r\n")
                 assert b"other" in await read_all(tunnel)
             forwards = listening_forwards(netplatform)
@@ -184,9 +182,7 @@ async def read_all(tunnel: websockets.asyncio.client.ClientConnection) -> bytes:
     return received
 
 
-async def test_tunnels_carry_many_connections_and_are_private_to_the_org(
-    netplatform: Platform, net_org: Org
-) -> None:
+async def test_tunnels_carry_many_connections_and_are_private_to_the_org(netplatform: Platform, net_org: Org) -> None:
     stranger = await netplatform.new_org("stranger")
     async with netplatform.client(net_org) as http:
         vm = await new_vm(http, network="none")  # a tunnel reaches into a VM whose network is closed

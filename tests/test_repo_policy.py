@@ -318,7 +318,9 @@ async def test_a_clean_publish_and_a_fork_are_audited(platform: Platform, org: O
     assert publisher_events == ["repository.create", "repository.visibility"], "nothing found, nothing forced"
 
     async with platform.client(org) as http:
-        fork = await http.post("/api/v1/repositories/fork", json={"source_org": other_org.name, "source_repo": "base", "source_tag": "stable"})
+        fork = await http.post(
+            "/api/v1/repositories/fork", json={"source_org": other_org.name, "source_repo": "base", "source_tag": "stable"}
+        )
         assert fork.status_code == 201, fork.text
         (event,) = await audit_events(http, type="fork")
         assert (await http.delete(f"/api/v1/vm/{fork.json()['vm_id']}")).status_code in (200, 204)

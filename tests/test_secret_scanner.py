@@ -109,7 +109,12 @@ def commit(tmp_path_factory: pytest.TempPathFactory) -> Commit:
     memory_id = fake_aws_pair()[0]
     with open(memory, "wb") as ram:
         ram.truncate(8 * MIB)
-        copies = (("aws", f"\x00\x07{memory_id}\x00"), ("vers", f"Bearer {memory_key}\r\n"), ("allowed", allowed_key), ("cut", host_key[:300]))
+        copies = (
+            ("aws", f"\x00\x07{memory_id}\x00"),
+            ("vers", f"Bearer {memory_key}\r\n"),
+            ("allowed", allowed_key),
+            ("cut", host_key[:300]),
+        )
         for name, text in copies:
             ram.seek(offsets[name])
             ram.write(text.encode())

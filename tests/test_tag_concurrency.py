@@ -4,6 +4,7 @@ history holds exactly the acknowledged moves, each one starting where the one be
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections import Counter
 
@@ -62,7 +63,7 @@ async def test_concurrent_tag_moves_lose_nothing(platform: Platform, org: Org) -
             assert Counter(e["new_commit_id"] for e in events[:-1]) == acknowledged, "history and acknowledged moves differ"
             final = (await http.get("/api/v1/repositories/contended/tags/latest")).json()["commit_id"]
             assert final == events[0]["new_commit_id"], "the tag is not where its last move put it"
-            for newer, older in zip(events, events[1:], strict=False):
+            for newer, older in itertools.pairwise(events):
                 assert newer["old_commit_id"] == older["new_commit_id"], "a move was lost between two history events"
         finally:
             await http.delete(f"/api/v1/vm/{vm}")

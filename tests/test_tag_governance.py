@@ -4,6 +4,7 @@ retention plan from the tags' history. The rules first, on their own; then end t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -27,12 +28,13 @@ from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
 def history(tag: str, *commits: str, repo_id: str = "r1", deleted: bool = False) -> list[TagEventRow]:
     """A tag made on the first commit and moved through the others (then deleted, if asked)."""
+
     def event(action: str, old: str, new: str) -> TagEventRow:
         return TagEventRow(repo_id=repo_id, tag_name=tag, action=action, old_commit_id=old, new_commit_id=new, org_id="o", api_key_id="k")
 
     events = [event("created", "", commits[0])]
-    events += [event("moved", old, new) for old, new in zip(commits, commits[1:], strict=False)]
-    return events + [event("deleted", commits[-1], "")] if deleted else events
+    events += [event("moved", old, new) for old, new in itertools.pairwise(commits)]
+    return [*events, event("deleted", commits[-1], "")] if deleted else events
 
 
 def repository(repo_id: str = "r1", name: str = "my-app", **policy: Any) -> governance_pb2.RepositoryRetention:
@@ -194,7 +196,9 @@ async def test_a_rule_set_later_holds_tags_made_before_it(governed: Governed) ->
     assert (await http.post("/api/v1/repositories", json={"name": "later"})).status_code == 201
     await new_tag(http, "later", "v1", first)
     assert (await http.patch("/api/v1/repositories/later/tags/v1", json={"commit_id": second})).status_code == 200
-    policy = await http.patch("/api/v1/repositories/later/policy", json={"immutable_tags": {"patterns": ["v*"]}, "retention": {"keep_last": 5}})
+    policy = await http.patch(
+        "/api/v1/repositories/later/policy", json={"immutable_tags": {"patterns": ["v*"]}, "retention": {"keep_last": 5}}
+    )
     assert policy.status_code == 200, policy.text
     refused = await http.patch("/api/v1/repositories/later/tags/v1", json={"commit_id": first})
     assert refused.status_code == 409
@@ -230,7 +234,11 @@ async def test_tag_changes_are_audited_in_order_and_only_for_their_org(platform:
     assert [e.at for e in events] == sorted(e.at for e in events)
     assert {e.org_id for e in events} == {governed.org.id}
     assert len({e.api_key_id for e in events}) == 1 and events[0].api_key_id, "each entry names the key that made the change"
-    assert {e.type for e in await audit_events(platform, governed.org, type="commit_tag")} == {"commit_tag.create", "commit_tag.move", "commit_tag.delete"}
+    assert {e.type for e in await audit_events(platform, governed.org, type="commit_tag")} == {
+        "commit_tag.create",
+        "commit_tag.move",
+        "commit_tag.delete",
+    }
     assert not any(e.type.startswith("commit_tag") for e in await audit_events(platform, governed.org, type="tag"))
     assert changes(await audit_events(platform, other_org), "audited") == []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -49,7 +50,9 @@ async def version_of(http: httpx.AsyncClient, vm_id: str) -> str:
 async def test_tag_rows_of_the_documentation(commits: Commits) -> None:
     http = commits.http
     await new_repo(http, "my-app")
-    created = await http.post("/api/v1/repositories/my-app/tags", json={"tag_name": "latest", "commit_id": commits.first, "description": "trunk"})
+    created = await http.post(
+        "/api/v1/repositories/my-app/tags", json={"tag_name": "latest", "commit_id": commits.first, "description": "trunk"}
+    )
     assert created.status_code == 201
     body = created.json()
     assert (body["commit_id"], body["reference"]) == (commits.first, "my-app:latest")
@@ -105,15 +108,13 @@ async def test_concurrent_moves_are_atomic_and_none_is_lost(commits: Commits) ->
     await new_repo(http, "race")
     await http.post("/api/v1/repositories/race/tags", json={"tag_name": "latest", "commit_id": commits.first})
     targets = [commits.second if i % 2 else commits.first for i in range(200)]
-    answers = await asyncio.gather(
-        *(http.patch("/api/v1/repositories/race/tags/latest", json={"commit_id": target}) for target in targets)
-    )
+    answers = await asyncio.gather(*(http.patch("/api/v1/repositories/race/tags/latest", json={"commit_id": target}) for target in targets))
     assert all(a.status_code == 200 for a in answers)
     events = (await http.get("/api/v1/repositories/race/tags/latest/history?page_size=1000")).json()["events"]
     assert len(events) == 201
     final = (await http.get("/api/v1/repositories/race/tags/latest")).json()["commit_id"]
     assert final == events[0]["new_commit_id"]
-    for newer, older in zip(events, events[1:], strict=False):
+    for newer, older in itertools.pairwise(events):
         assert newer["old_commit_id"] == older["new_commit_id"], "a move was lost between two history events"
 
 
@@ -135,8 +136,13 @@ async def test_refs_restore_and_branch(commits: Commits) -> None:
     await http.patch("/api/v1/repositories/app/tags/latest", json={"commit_id": commits.second})
     branched = (await http.post("/api/v1/vm/branch/by_ref/app/latest")).json()["vms"][0]["vm_id"]
     assert await version_of(http, branched) == "2"
-    for ref, hint in (("App:latest", "not found"), ("app:Latest", "not found"), ("app:latest@x", "1-128"), ("app", "repo:tag"),
-                      (f"{commits.org.name}/app:latest", "fork it first")):
+    for ref, hint in (
+        ("App:latest", "not found"),
+        ("app:Latest", "not found"),
+        ("app:latest@x", "1-128"),
+        ("app", "repo:tag"),
+        (f"{commits.org.name}/app:latest", "fork it first"),
+    ):
         answer = await http.post("/api/v1/vm/from_commit", json={"ref": ref})
         assert answer.status_code in (400, 404), ref
         assert hint in answer.json()["error"], (ref, answer.json())

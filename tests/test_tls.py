@@ -66,9 +66,7 @@ def make_ca_and_server_cert(folder: Path) -> dict[str, Path]:
     files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
     files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return files
 
 

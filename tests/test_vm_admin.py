@@ -93,8 +93,11 @@ async def test_resize_grows_the_filesystem_online_and_branches_keep_it(platform:
     before = df_total_mib(await out(http, vm, "df -m / && echo alive > /run/not-rebooted"))
     assert before <= DISK_MIB
 
-    for wrong, message in ((DISK_MIB - 10, f"more than the current {DISK_MIB} MiB"), (DISK_MIB, f"more than the current {DISK_MIB} MiB"),
-                           (2_000_000, "at most")):
+    for wrong, message in (
+        (DISK_MIB - 10, f"more than the current {DISK_MIB} MiB"),
+        (DISK_MIB, f"more than the current {DISK_MIB} MiB"),
+        (2_000_000, "at most"),
+    ):
         with pytest.raises(BadRequestError) as refused:
             await sdk.resize_vm_disk(vm, {"fs_size_mib": wrong})
         assert message in refused.value.error_message
@@ -126,7 +129,10 @@ async def test_resize_grows_the_filesystem_online_and_branches_keep_it(platform:
     assert await out(http, vm, "cat /run/not-rebooted") == "alive\n"  # tmpfs survived: no reboot
     # more than the whole old disk fits now
     big = DISK_MIB + 32
-    assert await out(http, vm, f"dd if=/dev/zero of=/root/big bs=1M count={big} 2>/dev/null && sync && du -m /root/big") == f"{big}\t/root/big\n"
+    assert (
+        await out(http, vm, f"dd if=/dev/zero of=/root/big bs=1M count={big} 2>/dev/null && sync && du -m /root/big")
+        == f"{big}\t/root/big\n"
+    )
     assert (await sdk.get_vm_metadata(vm))["fs_size_mib"] == GROWN_MIB
 
     commit = (await sdk.commit_vm(vm, {"name": "grown"}))["commit_id"]

@@ -139,7 +139,9 @@ async def test_tar_streams_over_grpc_say_what_went_wrong(platform: Platform, vm:
         metadata = vm.org.metadata
 
         async def download(path: str) -> bytes:
-            return b"".join([m.data.data async for m in stub.DownloadFiles(pb.DownloadFilesRequest(vm_id=vm.vm_id, path=path), metadata=metadata)])
+            return b"".join(
+                [m.data.data async for m in stub.DownloadFiles(pb.DownloadFilesRequest(vm_id=vm.vm_id, path=path), metadata=metadata)]
+            )
 
         async def upload(path: str, data: bytes) -> pb.UploadFilesResponse:
             async def messages() -> AsyncIterator[pb.UploadFilesRequest]:

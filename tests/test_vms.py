@@ -116,9 +116,7 @@ async def test_exec_large_output_and_argv_quoting(booted: Booted) -> None:
     # Past VERS_EXEC_MAX_OUTPUT_BYTES (1 MiB) the output is cut, and the answer says so.
     cut = await sh(booted.http, booted.vm_id, "head -c 3000000 /dev/zero | tr '\\0' x; echo done >&2")
     assert (len(cut["stdout"]), cut["stdout_truncated"], cut["stderr"], cut["stderr_truncated"]) == (1 << 20, True, "done\n", False)
-    answer = await booted.http.post(
-        f"/api/v1/vm/{booted.vm_id}/exec", json={"command": ["echo", "it's", "$HOME", "a  b", "<<E:x:0>>"]}
-    )
+    answer = await booted.http.post(f"/api/v1/vm/{booted.vm_id}/exec", json={"command": ["echo", "it's", "$HOME", "a  b", "<<E:x:0>>"]})
     assert answer.json()["stdout"] == "it's $HOME a  b <<E:x:0>>\n"
 
 
@@ -152,7 +150,9 @@ async def test_branch_of_a_running_vm_keeps_the_parent_running(booted: Booted) -
     # a branch of a branch: its memory is streamed into the commit, and restores as well
     grandchild = (await http.post(f"/api/v1/vm/branch/by_vm/{child}")).json()["vms"][0]["vm_id"]
     assert await out(http, grandchild, "cat /root/before-commit") == "from-parent\n"
-    lineage = (await http.get(f"/api/v1/vm/commits/{(await http.get(f'/api/v1/vm/{grandchild}/metadata')).json()['parent_commit_id']}/parents")).json()
+    lineage = (
+        await http.get(f"/api/v1/vm/commits/{(await http.get(f'/api/v1/vm/{grandchild}/metadata')).json()['parent_commit_id']}/parents")
+    ).json()
     assert len(lineage) == 2
     assert lineage[1]["parent_vm_id"] == booted.vm_id
     for vm in (grandchild, child):
@@ -216,7 +216,16 @@ async def test_commit_listing_get_and_lineage(booted: Booted) -> None:
     assert listed["limit"] == 1 and listed["offset"] == 0 and listed["total"] >= 1
     assert len(listed["commits"]) == 1
     commit = (await http.get(f"/api/v1/commits/{booted.commit_id}")).json()
-    assert set(commit) >= {"commit_id", "owner_id", "name", "description", "is_public", "created_at", "parent_vm_id", "grandparent_commit_id"}
+    assert set(commit) >= {
+        "commit_id",
+        "owner_id",
+        "name",
+        "description",
+        "is_public",
+        "created_at",
+        "parent_vm_id",
+        "grandparent_commit_id",
+    }
     assert (commit["name"], commit["parent_vm_id"], commit["owner_id"]) == ("with counter", booted.vm_id, booted.org.id)
     parents = (await http.get(f"/api/v1/vm/commits/{booted.commit_id}/parents")).json()
     assert [entry["id"] for entry in parents] == [booted.commit_id]
@@ -254,11 +263,14 @@ async def test_delete_removes_the_vm_and_its_disk(platform: Platform, booted: Bo
     http = booted.http
     vm = (await http.post(f"/api/v1/vm/branch/by_commit/{booted.commit_id}")).json()["vms"][0]["vm_id"]
     pid = platform.vm_pid(vm)
+
     # the VM's own disk (the layer QEMU holds open for writing) and the commit's layer under it
+    def flags(fd: Path) -> int:
+        return int(re.search(r"flags:\s+(\d+)", (fd.parent.parent / "fdinfo" / fd.name).read_text())[1], 8)
+
     disk = next(
-        Path(os.readlink(fd)) for fd in Path(f"/proc/{pid}/fd").iterdir()
-        if os.readlink(fd).endswith(".qcow2") and int(re.search(r"flags:\s+(\d+)", (fd.parent.parent / "fdinfo" / fd.name).read_text())[1], 8) & 3 == 2
-    )  # fmt: skip
+        Path(os.readlink(fd)) for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd).endswith(".qcow2") and flags(fd) & 3 == 2
+    )
     info = subprocess.run(["qemu-img", "info", "-U", "--output=json", disk], capture_output=True, text=True, check=True)
     backing = disk.parent / json.loads(info.stdout)["backing-filename"]
     assert disk.parent == platform.settings.data_dir / "layers" and backing.exists()

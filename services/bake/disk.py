@@ -81,7 +81,16 @@ class Upstream:
 
 def _key(recipe: Recipe, sources: Sources, upstream: Upstream) -> str:
     digest = hashlib.sha256()
-    spec = [recipe.packages, recipe.backports, recipe.npm, recipe.node, sorted(recipe.files.items()), COMMON_PACKAGES, sources.suite, sources.mirror]
+    spec = [
+        recipe.packages,
+        recipe.backports,
+        recipe.npm,
+        recipe.node,
+        sorted(recipe.files.items()),
+        COMMON_PACKAGES,
+        sources.suite,
+        sources.mirror,
+    ]
     for part in (
         json.dumps([spec, upstream.facts()]).encode(),
         (GUEST_FILES / "vers-init").read_bytes(),
@@ -160,7 +169,15 @@ def _debootstrap(rootfs: Path, debs: Path, sources: Sources, log: Log) -> None:
     if os.geteuid() != 0:
         raise BakeError("building a Debian root disk needs root (debootstrap): run the bake as root")
     packages = ",".join(COMMON_PACKAGES)
-    command = ["debootstrap", "--variant=minbase", f"--include={packages}", f"--cache-dir={debs}", sources.suite, str(rootfs), sources.mirror]
+    command = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={packages}",
+        f"--cache-dir={debs}",
+        sources.suite,
+        str(rootfs),
+        sources.mirror,
+    ]
     try:
         _step(f"debootstrap {sources.suite}", f"with {packages}", command, log)
     except BakeError as error:
@@ -186,7 +203,13 @@ def _apt(recipe: Recipe, rootfs: Path, suite: str, log: Log) -> None:
         _step("apt-get install", " ".join(packages), [*install, *packages], log, env=CHROOT_ENV)
     if recipe.backports:
         backports = f"{suite}-backports"
-        _step(f"apt-get install -t {backports}", " ".join(recipe.backports), [*install, "-t", backports, *recipe.backports], log, env=CHROOT_ENV)
+        _step(
+            f"apt-get install -t {backports}",
+            " ".join(recipe.backports),
+            [*install, "-t", backports, *recipe.backports],
+            log,
+            env=CHROOT_ENV,
+        )
 
 
 def _unpack(package: NpmPackage, target: Path, members: str = "package/") -> None:
@@ -233,7 +256,9 @@ def _contents(recipe: Recipe, rootfs: Path, upstream: Upstream) -> dict[str, obj
     names = dict.fromkeys((*COMMON_PACKAGES, *recipe.packages, *recipe.backports))
     listed = subprocess.run(
         ["chroot", str(rootfs), "dpkg-query", "-W", "-f", "${Package}\t${Version}\n", *names],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     debian = dict(line.split("\t", 1) for line in listed.splitlines() if "\t" in line)
     npm = {("node" if p.name == NODE_BINARY_PACKAGE else p.name): p.version for p in (upstream.node, upstream.npm) if p}

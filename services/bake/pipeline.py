@@ -16,7 +16,7 @@ from pathlib import Path
 from services.bake.disk import Sources, build_image
 from services.bake.errors import BakeError, Log
 from services.bake.recipes import Recipe
-from services.cli.client import ApiClient, ApiError, Unreachable
+from services.client import ApiClient, ApiError, Unreachable
 from services.orchestrator.images import register
 
 
@@ -55,7 +55,9 @@ def _commit_image(client: ApiClient, recipe: Recipe, folder: Path, day: str, log
     manifest = json.loads((folder / "manifest.json").read_text())
     log(f"booting {recipe.name}")
     vm_id = client.request(
-        "POST", "/api/v1/vm/new_root", params={"wait_boot": "true"},
+        "POST",
+        "/api/v1/vm/new_root",
+        params={"wait_boot": "true"},
         json={"vm_config": {"image_name": folder.name, "mem_size_mib": recipe.mem_size_mib}},
     )["vm_id"]
     try:

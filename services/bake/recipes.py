@@ -57,26 +57,39 @@ RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
         Recipe(
-            "node", "Node.js LTS with npm, git, curl, nginx, iproute2",
-            (), {"node": "node --version", "npm": "npm --version"}, node=True,
+            "node",
+            "Node.js LTS with npm, git, curl, nginx, iproute2",
+            (),
+            {"node": "node --version", "npm": "npm --version"},
+            node=True,
         ),
         Recipe(
-            "debian", "Debian with apt, openssh-server, git, curl, nginx, iproute2",
-            (), {"debian": "cat /etc/debian_version", "apt": "apt-get --version | head -n 1"},
+            "debian",
+            "Debian with apt, openssh-server, git, curl, nginx, iproute2",
+            (),
+            {"debian": "cat /etc/debian_version", "apt": "apt-get --version | head -n 1"},
         ),
         Recipe(
-            "python", "Python 3 with pip, venv, git, curl, nginx, iproute2",
-            ("python3", "python3-pip", "python3-venv"), {"python": "python3 --version", "pip": "pip3 --version"},
+            "python",
+            "Python 3 with pip, venv, git, curl, nginx, iproute2",
+            ("python3", "python3-pip", "python3-venv"),
+            {"python": "python3 --version", "pip": "pip3 --version"},
         ),
         Recipe(
-            "rust", "Rust stable with cargo, git, curl, nginx, iproute2",
-            ("gcc", "libc6-dev"), {"rustc": "rustc --version", "cargo": "cargo --version"}, backports=("rustc", "cargo"),
+            "rust",
+            "Rust stable with cargo, git, curl, nginx, iproute2",
+            ("gcc", "libc6-dev"),
+            {"rustc": "rustc --version", "cargo": "cargo --version"},
+            backports=("rustc", "cargo"),
         ),
         Recipe("go", "Go with git, curl, nginx, iproute2", (), {"go": "go version"}, backports=("golang-go",)),
         Recipe(
-            "pi-agent", "pi coding agent pre-installed with tmux/FIFO scaffold, ready for remote driving",
-            ("tmux", "ripgrep", "fd-find"), {"pi": "pi --version", "node": "node --version", "tmux": "tmux -V"},
-            npm=("@mariozechner/pi-coding-agent",), node=True,
+            "pi-agent",
+            "pi coding agent pre-installed with tmux/FIFO scaffold, ready for remote driving",
+            ("tmux", "ripgrep", "fd-find"),
+            {"pi": "pi --version", "node": "node --version", "tmux": "tmux -V"},
+            npm=("@mariozechner/pi-coding-agent",),
+            node=True,
             files={
                 "/etc/vers/boot.d/50-pi-remote": (0o755, PI_REMOTE),
                 # pi looks for `fd`; Debian names it fdfind. Without these pi tries to download them at start.
@@ -86,9 +99,12 @@ RECIPES: dict[str, Recipe] = {
             mem_size_mib=1024,
         ),
         Recipe(
-            "cc-agent", "Claude Code pre-installed with the runtime environment it needs",
-            ("ripgrep", "tmux", "python3"), {"claude": "claude --version", "node": "node --version"},
-            npm=("@anthropic-ai/claude-code",), node=True,
+            "cc-agent",
+            "Claude Code pre-installed with the runtime environment it needs",
+            ("ripgrep", "tmux", "python3"),
+            {"claude": "claude --version", "node": "node --version"},
+            npm=("@anthropic-ai/claude-code",),
+            node=True,
             mem_size_mib=1024,
         ),
     )

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from services.cli.client import ApiError, seg
 from services.cli.config import is_uuid
 from services.cli.governance import publish
 from services.cli.output import Output, each, vers_command, when
+from services.client import ApiError, seg
 
 if TYPE_CHECKING:
     from services.cli.main import Context

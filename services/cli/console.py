@@ -23,7 +23,7 @@ from types import FrameType
 import websockets
 from websockets.sync.client import ClientConnection, connect
 
-from services.cli.client import ApiError, Unreachable, seg, unreachable
+from services.client import ApiError, Unreachable, seg, unreachable
 
 DETACH = b"\x1d"  # Ctrl-]
 END_OF_INPUT = b"\x04"  # Ctrl-D: the shell's own "no more input"

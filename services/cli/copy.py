@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import click
 import httpx
 
-from services.cli.client import ApiClient, seg
 from services.cli.output import Output, size, vers_command
+from services.client import ApiClient, seg
 
 if TYPE_CHECKING:
     from services.cli.main import Context
@@ -175,7 +175,7 @@ def _extract(tar: tarfile.TarFile, folder: Path, sent: str, name: str | None) ->
             # A read-only folder gets its mode once its files are in (members come in stream order).
             folders.append((target, member.mode & 0o755))
             member.mode |= 0o700
-        elif member.isfile() and (target.is_symlink() or target.exists() and os.stat(target).st_nlink > 1):
+        elif member.isfile() and (target.is_symlink() or (target.exists() and os.stat(target).st_nlink > 1)):
             target.unlink()  # written anew, never through a link into another file
         tar.extract(member, folder, filter="tar")
     for path, mode in reversed(folders):
@@ -234,7 +234,9 @@ def copy(ctx: Context, out: Output, source: str, destination: str) -> None:
             summary = {"direction": "to_vm", "vm_id": vm_id, "remote": destination_path, "local": str(local)}
             line = f"✓ Copied {local} ({size(_local_bytes(local))}) → {vm_id}:{destination_path}"
     except OSError as error:
-        raise click.ClickException(str(error) if isinstance(error, CopyError) else f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")) from None
+        raise click.ClickException(
+            str(error) if isinstance(error, CopyError) else f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
+        ) from None
     ctx.remember(vm_id)
     out.result(summary, line)
 

@@ -13,6 +13,7 @@ from services.cli.streams import stream_exec
 if TYPE_CHECKING:
     from services.cli.main import Context
 
+
 def to_terminal(stream: str, data: bytes) -> None:
     """A chunk of the guest's output on our stdout or stderr, as it comes."""
     target = sys.stderr.buffer if stream == "stderr" else sys.stdout.buffer
@@ -31,14 +32,19 @@ def to_stderr(_stream: str, data: bytes) -> None:
 @click.option("--branch", default="", help="Branch to clone (default: the repository's default branch).")
 @click.option("--install", "install", default="", metavar="CMD", help="Install command, run first (e.g. 'npm ci').")
 @click.option("--build", "build", default="", metavar="CMD", help="Build command, run after install (e.g. 'npm run build').")
-@click.option("--run", "run", default="", metavar="CMD",
-              help="Command started in the background once built (e.g. 'npm start'); its output goes to "
-                   "/var/log/vers-deploy.log in the VM.")
+@click.option(
+    "--run",
+    "run",
+    default="",
+    metavar="CMD",
+    help="Command started in the background once built (e.g. 'npm start'); its output goes to /var/log/vers-deploy.log in the VM.",
+)
 @click.option("--working-dir", default="", metavar="DIR", help="Folder of the repository the commands run in.")
 @click.option("--name", default="", help="The deploy's name (default: the repository's); labels the VM vers.deploy=NAME.")
 @click.option("--wait", is_flag=True, help="Follow the clone, install and build as they run; exit with their exit code.")
-def deploy(ctx: Context, out: Output, repo_url: str, branch: str, install: str, build: str, run: str, working_dir: str,
-           name: str, wait: bool) -> None:
+def deploy(
+    ctx: Context, out: Output, repo_url: str, branch: str, install: str, build: str, run: str, working_dir: str, name: str, wait: bool
+) -> None:
     """Deploy a git repository to a new VM: it clones REPO_URL (owner/repo, on the platform's
     VERS_DEPLOY_GIT_BASE, or an http, https or git URL), runs the install and build commands in it, and
     starts the run command in the background. Without --wait it answers at once with the VM."""
@@ -53,8 +59,9 @@ def deploy(ctx: Context, out: Output, repo_url: str, branch: str, install: str, 
     vm_id, project_id = answer["vm_id"], answer["project_id"]
     ctx.remember(vm_id)
     if not wait:
-        out.fields(answer, [("VM", vm_id), ("Project", project_id), ("Status", answer.get("status"))],
-                   f"✓ Deploying {repo_url} to VM {vm_id}")
+        out.fields(
+            answer, [("VM", vm_id), ("Project", project_id), ("Status", answer.get("status"))], f"✓ Deploying {repo_url} to VM {vm_id}"
+        )
         return
     if not out.json:
         out.fields(answer, [("VM", vm_id), ("Project", project_id)], f"✓ Deploying {repo_url} to VM {vm_id}")

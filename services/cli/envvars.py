@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from services.cli.client import seg
 from services.cli.output import Output, each, vers_command
+from services.client import seg
 
 if TYPE_CHECKING:
     from services.cli.main import Context

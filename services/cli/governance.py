@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import re
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from services.cli.client import ApiError, seg
 from services.cli.output import Output, progress, size, vers_command, when
+from services.client import ApiError, seg
 
 if TYPE_CHECKING:
     from services.cli.main import Context
@@ -30,25 +30,48 @@ FINDING_COLUMNS = ["COMMIT", "WHERE", "PATH OR OFFSET", "RULE", "EXCERPT"]
 
 def retention_options(function: Any) -> Any:
     """--keep-last, --keep-tag and --untagged-days, as `repo create` and `repo policy` take them."""
-    for option in reversed([
-        click.option("--keep-last", type=click.IntRange(0), default=None, metavar="N",
-                     help="Keep the last N commits each tag pointed at; 0 turns the rule off."),
-        click.option("--keep-tag", "keep_tags", multiple=True, metavar="PATTERN",
-                     help="Tags matching PATTERN (shell-style, e.g. 'release-*') keep every commit they pointed at; repeatable."),
-        click.option("--untagged-days", type=click.IntRange(0), default=None, metavar="DAYS",
-                     help="Delete commits the repository's tags once named and none names now, once older than DAYS; 0 turns it off."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--keep-last",
+                type=click.IntRange(0),
+                default=None,
+                metavar="N",
+                help="Keep the last N commits each tag pointed at; 0 turns the rule off.",
+            ),
+            click.option(
+                "--keep-tag",
+                "keep_tags",
+                multiple=True,
+                metavar="PATTERN",
+                help="Tags matching PATTERN (shell-style, e.g. 'release-*') keep every commit they pointed at; repeatable.",
+            ),
+            click.option(
+                "--untagged-days",
+                type=click.IntRange(0),
+                default=None,
+                metavar="DAYS",
+                help="Delete commits the repository's tags once named and none names now, once older than DAYS; 0 turns it off.",
+            ),
+        ]
+    ):
         function = option(function)
     return function
 
 
 def immutable_option(function: Any) -> Any:
-    return click.option("--immutable-tag", "immutable_tags", multiple=True, metavar="PATTERN",
-                        help="Tags matching PATTERN (shell-style, e.g. 'v*') cannot be moved or deleted once made; repeatable.")(function)
+    return click.option(
+        "--immutable-tag",
+        "immutable_tags",
+        multiple=True,
+        metavar="PATTERN",
+        help="Tags matching PATTERN (shell-style, e.g. 'v*') cannot be moved or deleted once made; repeatable.",
+    )(function)
 
 
-def retention_given(keep_last: int | None, keep_tags: tuple[str, ...], untagged_days: int | None,
-                    no_keep_tags: bool = False) -> dict[str, Any]:
+def retention_given(
+    keep_last: int | None, keep_tags: tuple[str, ...], untagged_days: int | None, no_keep_tags: bool = False
+) -> dict[str, Any]:
     """The retention fields the command line set, and only those."""
     if keep_tags and no_keep_tags:
         raise click.UsageError("--keep-tag and --no-keep-tags contradict each other: give one")
@@ -81,8 +104,17 @@ def policy_fields(repository: dict[str, Any]) -> list[tuple[str, Any]]:
 @click.option("--no-immutable-tags", is_flag=True, help="Remove every immutable tag pattern.")
 @retention_options
 @click.option("--no-keep-tags", is_flag=True, help="Remove every --keep-tag pattern.")
-def repo_policy(ctx: Context, out: Output, name: str, immutable_tags: tuple[str, ...], no_immutable_tags: bool,
-                keep_last: int | None, keep_tags: tuple[str, ...], untagged_days: int | None, no_keep_tags: bool) -> None:
+def repo_policy(
+    ctx: Context,
+    out: Output,
+    name: str,
+    immutable_tags: tuple[str, ...],
+    no_immutable_tags: bool,
+    keep_last: int | None,
+    keep_tags: tuple[str, ...],
+    untagged_days: int | None,
+    no_keep_tags: bool,
+) -> None:
     """A repository's immutable tags and retention rules: change the ones given (the others stay), or with
     no option print them. `vers gc --dry-run` shows what the rules would delete."""
     if immutable_tags and no_immutable_tags:
@@ -132,10 +164,7 @@ def publish(ctx: Context, out: Output, path: str, body: dict[str, Any], waiting:
 
 def _finding_row(finding: dict[str, Any]) -> list[str]:
     offset = int(finding.get("offset") or 0)
-    if finding.get("where") == "memory":
-        place = f"offset {offset:#x}"
-    else:
-        place = finding.get("path") or f"offset {offset:#x}"
+    place = f"offset {offset:#x}" if finding.get("where") == "memory" else finding.get("path") or f"offset {offset:#x}"
     excerpt = finding.get("excerpt", "").replace("\r", "\\r").replace("\n", "\\n")  # one line per finding
     return [finding.get("commit_id", ""), finding.get("where", ""), place, finding.get("rule", ""), excerpt]
 
@@ -144,8 +173,13 @@ def _finding_row(finding: dict[str, Any]) -> list[str]:
 
 
 @vers_command("retention")
-@click.option("--untagged-days", type=click.IntRange(0), default=None, metavar="DAYS",
-              help="Delete commits no tag or legacy tag names once older than DAYS; 0 keeps them.")
+@click.option(
+    "--untagged-days",
+    type=click.IntRange(0),
+    default=None,
+    metavar="DAYS",
+    help="Delete commits no tag or legacy tag names once older than DAYS; 0 keeps them.",
+)
 def retention(ctx: Context, out: Output, untagged_days: int | None) -> None:
     """Your organization's rule for commits no tag names, wherever they came from: set it with
     --untagged-days, or print it. `vers gc` (or the platform's scheduled run) applies it."""
@@ -173,8 +207,9 @@ def gc(ctx: Context, out: Output, dry_run: bool) -> None:
     if out.json:
         out.result(answer)
         return
-    rows = [[c["commit_id"], c.get("name") or "-", c.get("reason") or "-", when(c.get("created_at")), size(c["bytes_freed"])]
-            for c in commits]
+    rows = [
+        [c["commit_id"], c.get("name") or "-", c.get("reason") or "-", when(c.get("created_at")), size(c["bytes_freed"])] for c in commits
+    ]
     count = f"{len(commits)} commit{'s' if len(commits) != 1 else ''}"
     if dry_run:
         summary = f"Would delete {count} and free {size(answer['bytes_freed'])} (dry run: nothing was deleted)"
@@ -199,22 +234,26 @@ def since_time(_ctx: click.Context, _param: click.Parameter, value: str | None) 
         return ""
     ago = _AGO.match(value.strip())
     if ago:
-        moment = datetime.now(timezone.utc) - timedelta(**{_UNITS[ago["unit"]]: int(ago["count"])})
+        moment = datetime.now(UTC) - timedelta(**{_UNITS[ago["unit"]]: int(ago["count"])})
     else:
         try:
             moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
-            raise click.BadParameter(f"{value!r} is neither a time (2026-11-27T09:00, 2026-11-27) nor a span back "
-                                     "from now (90m, 12h, 7d, 2w)") from None
+            raise click.BadParameter(
+                f"{value!r} is neither a time (2026-11-27T09:00, 2026-11-27) nor a span back from now (90m, 12h, 7d, 2w)"
+            ) from None
         if moment.tzinfo is None:
             moment = moment.astimezone()
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @vers_command("audit")
-@click.option("--since", callback=since_time, metavar="TIME", help="Only changes at or after TIME: 2026-11-27T09:00, 2026-11-27, or 12h, 7d ago.")
-@click.option("--type", "type_", default="", metavar="TYPE",
-              help="Only changes of this type (tag.move), or of this family without a dot (tag).")
+@click.option(
+    "--since", callback=since_time, metavar="TIME", help="Only changes at or after TIME: 2026-11-27T09:00, 2026-11-27, or 12h, 7d ago."
+)
+@click.option(
+    "--type", "type_", default="", metavar="TYPE", help="Only changes of this type (tag.move), or of this family without a dot (tag)."
+)
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True, metavar="N", help="At most this many changes.")
 def audit(ctx: Context, out: Output, since: str, type_: str, limit: int) -> None:
     """Your organization's audit log, oldest first: every change to its repositories, tags, commits and
@@ -231,8 +270,12 @@ def audit(ctx: Context, out: Output, since: str, type_: str, limit: int) -> None
             break
     events = events[:limit]
     rows = [[when(e.get("at")), e.get("type", ""), e.get("target") or "-", e.get("api_key_id") or "-", _change(e)] for e in events]
-    out.table({"events": events, "next_page_token": token}, ["TIME", "TYPE", "TARGET", "KEY", "BEFORE → AFTER"], rows,
-              "No changes recorded" + (" that match." if params else "."))
+    out.table(
+        {"events": events, "next_page_token": token},
+        ["TIME", "TYPE", "TARGET", "KEY", "BEFORE → AFTER"],
+        rows,
+        "No changes recorded" + (" that match." if params else "."),
+    )
     if token and not out.json:
         click.echo(f"(the first {len(events)}; --limit or --since for more)")
 
@@ -243,8 +286,11 @@ def _change(event: dict[str, Any]) -> str:
     before, after = _state(event.get("before")), _state(event.get("after"))
     if isinstance(before, dict) and isinstance(after, dict) and before.keys() & after.keys():
         old, new = _flat(before), _flat(after)
-        changed = [f"{name}: {_compact(old[name]) if name in old else '-'} → {_compact(new[name]) if name in new else '-'}"
-                   for name in sorted(old.keys() | new.keys()) if old.get(name, ...) != new.get(name, ...)]
+        changed = [
+            f"{name}: {_compact(old[name]) if name in old else '-'} → {_compact(new[name]) if name in new else '-'}"
+            for name in sorted(old.keys() | new.keys())
+            if old.get(name, ...) != new.get(name, ...)
+        ]
         return "; ".join(changed) or "(no change)"
     if before is None and after is None:
         return "-"

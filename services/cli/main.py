@@ -17,13 +17,13 @@ import click
 from click_default_group import DefaultGroup
 
 from services.cli import commits, config, copy, deploy, envvars, governance, mcp, ssh, streams, vmadmin
-from services.cli.client import ApiClient, ApiError, seg
 from services.cli.config import ConfigError, LocalState, check_alias, is_uuid
 from services.cli.console import open_console
 from services.cli.output import Output, each, progress, vers_command, when
 from services.cli.refs import parse_public_ref, split_org
 from services.cli.ssh import HostBlock, host_block, save_key, write_config
 from services.cli.tunnel import open_stdio, run_stdio, serve
+from services.client import ApiClient, ApiError, seg
 
 
 class Context:
@@ -109,8 +109,14 @@ def alias_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=vmadmin.print_version,
-              help="Print this CLI's version and the server's, and exit.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=vmadmin.print_version,
+    help="Print this CLI's version and the server's, and exit.",
+)
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Run VMs, commit them, branch them, and tag commits in repositories; keep those in check with
@@ -140,15 +146,29 @@ def whoami(ctx: Context, out: Output) -> None:
     """The organization and API key in use."""
     who = ctx.call("GET", "/api/v1/whoami")
     limits = who.get("limits") or {}
-    out.fields(who, [("Server", ctx.credentials.url), ("Organization", who["org"]["name"]), ("API key", who["api_key"]["label"]),
-                     *((_LIMIT_LABELS[name], limits[name]) for name in _LIMIT_LABELS if name in limits)])
+    out.fields(
+        who,
+        [
+            ("Server", ctx.credentials.url),
+            ("Organization", who["org"]["name"]),
+            ("API key", who["api_key"]["label"]),
+            *((_LIMIT_LABELS[name], limits[name]) for name in _LIMIT_LABELS if name in limits),
+        ],
+    )
 
 
 # Each limit of an organization as `vers whoami` and `vers admin org limits` print it.
 _LIMIT_LABELS = {
-    "max_vms": "Max VMs", "max_vcpus": "Max vCPUs", "max_memory_mib": "Max memory (MiB)", "max_disk_mib": "Max disk (MiB)",
-    "max_commits": "Max commits", "max_commit_mib": "Max commit MiB", "max_repositories": "Max repositories",
-    "max_tags": "Max tags", "max_api_keys": "Max API keys", "max_domains": "Max domains",
+    "max_vms": "Max VMs",
+    "max_vcpus": "Max vCPUs",
+    "max_memory_mib": "Max memory (MiB)",
+    "max_disk_mib": "Max disk (MiB)",
+    "max_commits": "Max commits",
+    "max_commit_mib": "Max commit MiB",
+    "max_repositories": "Max repositories",
+    "max_tags": "Max tags",
+    "max_api_keys": "Max API keys",
+    "max_domains": "Max domains",
 }
 
 
@@ -161,10 +181,21 @@ _LIMIT_LABELS = {
 @click.option("--vcpu-count", type=click.IntRange(1), help="Virtual CPUs.")
 @click.option("--fs-size", type=click.IntRange(1), help="Root filesystem size in MiB.")
 @click.option("--image", help="Image to boot (default: default).")
-@click.option("--network", type=click.Choice(["nat", "none"]),
-              help="nat (the default): outbound access through NAT; none: no packet leaves the VM (tunnels still reach in).")
-def run(ctx: Context, out: Output, alias: str, mem_size: int | None, vcpu_count: int | None, fs_size: int | None,
-        image: str | None, network: str | None) -> None:
+@click.option(
+    "--network",
+    type=click.Choice(["nat", "none"]),
+    help="nat (the default): outbound access through NAT; none: no packet leaves the VM (tunnels still reach in).",
+)
+def run(
+    ctx: Context,
+    out: Output,
+    alias: str,
+    mem_size: int | None,
+    vcpu_count: int | None,
+    fs_size: int | None,
+    image: str | None,
+    network: str | None,
+) -> None:
     """Boot a new VM and wait until it answers."""
     wanted = {"mem_size_mib": mem_size, "vcpu_count": vcpu_count, "fs_size_mib": fs_size, "image_name": image, "network": network}
     vm_config = {name: value for name, value in wanted.items() if value is not None}
@@ -180,7 +211,7 @@ class PassThrough(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if "--" in args:
             at = args.index("--")
-            args, ctx.meta["passed"] = args[:at], args[at + 1:]
+            args, ctx.meta["passed"] = args[:at], args[at + 1 :]
         return super().parse_args(ctx, args)
 
 
@@ -251,8 +282,10 @@ def tunnel(ctx: Context, out: Output, stdio: bool, vm: str, ports: str) -> None:
     ctx.remember(vm_id)
 
     def ready(port: int) -> None:
-        out.result({"vm_id": vm_id, "port": remote, "local_address": "127.0.0.1", "local_port": port},
-                   f"✓ 127.0.0.1:{port} → VM {vm_id}:{remote} (Ctrl-C stops)")
+        out.result(
+            {"vm_id": vm_id, "port": remote, "local_address": "127.0.0.1", "local_port": port},
+            f"✓ 127.0.0.1:{port} → VM {vm_id}:{remote} (Ctrl-C stops)",
+        )
 
     def failed(peer: str, why: str) -> None:
         click.echo(f"✗ connection from {peer}: {why}", err=True)
@@ -343,8 +376,15 @@ def branch(ctx: Context, out: Output, source: str | None, count: int, keep_pause
     lines = [f"✓ Branched {source_id} → {len(vms)} VM{'s' if len(vms) > 1 else ''}", *(f"  VM: {vm_id}" for vm_id in vms)]
     if checkout:
         lines.append(f"✓ Switched to VM {vms[0]}")
-    out.result({"source": source_id, "vms": [{"vm_id": vm_id} for vm_id in vms], "alias": alias or None,
-                "current_vm_id": ctx.state.last_vm or None}, *lines)
+    out.result(
+        {
+            "source": source_id,
+            "vms": [{"vm_id": vm_id} for vm_id in vms],
+            "alias": alias or None,
+            "current_vm_id": ctx.state.last_vm or None,
+        },
+        *lines,
+    )
 
 
 @command(cli, "run-commit")
@@ -451,9 +491,14 @@ def status(ctx: Context, out: Output, vm: str | None) -> None:
             meta = {}  # deleted since the list was made
         vm_entry["mem_size_mib"], vm_entry["fs_size_mib"] = meta.get("mem_size_mib"), meta.get("fs_size_mib")
     rows = [
-        [vm["vm_id"] + (" *" if vm["vm_id"] == last else ""), ctx.state.alias_of(vm["vm_id"]) or "-", vm["state"],
-         f"{vm['mem_size_mib']} MiB" if vm["mem_size_mib"] else "-", f"{vm['fs_size_mib']} MiB" if vm["fs_size_mib"] else "-",
-         when(vm["created_at"])]
+        [
+            vm["vm_id"] + (" *" if vm["vm_id"] == last else ""),
+            ctx.state.alias_of(vm["vm_id"]) or "-",
+            vm["state"],
+            f"{vm['mem_size_mib']} MiB" if vm["mem_size_mib"] else "-",
+            f"{vm['fs_size_mib']} MiB" if vm["fs_size_mib"] else "-",
+            when(vm["created_at"]),
+        ]
         for vm in vms
     ]
     out.table(vms, ["VM", "ALIAS", "STATE", "MEMORY", "DISK", "CREATED"], rows, "No VMs: `vers run` starts one.")
@@ -473,8 +518,16 @@ def repo() -> None:
 @click.option("--description", default="", help="What the repository is for.")
 @governance.immutable_option
 @governance.retention_options
-def repo_create(ctx: Context, out: Output, name: str, description: str, immutable_tags: tuple[str, ...],
-                keep_last: int | None, keep_tags: tuple[str, ...], untagged_days: int | None) -> None:
+def repo_create(
+    ctx: Context,
+    out: Output,
+    name: str,
+    description: str,
+    immutable_tags: tuple[str, ...],
+    keep_last: int | None,
+    keep_tags: tuple[str, ...],
+    untagged_days: int | None,
+) -> None:
     """Create a private repository, with immutable tags and retention rules if given (`vers repo policy`
     changes them later); `vers repo visibility NAME --public` publishes it."""
     body: dict[str, Any] = {"name": name, "description": description}
@@ -512,13 +565,29 @@ def repo_get(ctx: Context, out: Output, name: str) -> None:
     org, repo_name = split_org(name)
     if org:
         found = ctx.call("GET", f"/api/v1/public/repositories/{seg(org)}/{seg(repo_name)}")
-        out.fields(found, [("Repository", found["full_name"]), ("Visibility", "public"), ("Description", found["description"]),
-                           ("Created", when(found["created_at"])), ("ID", found["repo_id"])])
+        out.fields(
+            found,
+            [
+                ("Repository", found["full_name"]),
+                ("Visibility", "public"),
+                ("Description", found["description"]),
+                ("Created", when(found["created_at"])),
+                ("ID", found["repo_id"]),
+            ],
+        )
         return
     found = ctx.call("GET", f"/api/v1/repositories/{seg(repo_name)}")
-    out.fields(found, [("Repository", found["name"]), ("Visibility", "public" if found["is_public"] else "private"),
-                       ("Description", found["description"]), ("Created", when(found["created_at"])), ("ID", found["repo_id"]),
-                       *governance.policy_fields(found)])
+    out.fields(
+        found,
+        [
+            ("Repository", found["name"]),
+            ("Visibility", "public" if found["is_public"] else "private"),
+            ("Description", found["description"]),
+            ("Created", when(found["created_at"])),
+            ("ID", found["repo_id"]),
+            *governance.policy_fields(found),
+        ],
+    )
 
 
 @command(repo, "delete")
@@ -530,8 +599,15 @@ def repo_delete(ctx: Context, out: Output, names: tuple[str, ...]) -> None:
 
 @command(repo, "visibility")
 @click.argument("name")
-@click.option("--public", type=click.BOOL, is_flag=False, flag_value="true", default=None, metavar="[=true|false]",
-              help="--public publishes, --public=false makes it private.")
+@click.option(
+    "--public",
+    type=click.BOOL,
+    is_flag=False,
+    flag_value="true",
+    default=None,
+    metavar="[=true|false]",
+    help="--public publishes, --public=false makes it private.",
+)
 @click.option("--private", is_flag=True, help="Same as --public=false.")
 @click.option("--force", is_flag=True, help="Publish even when the secret scan finds something (the audit log records it).")
 def repo_visibility(ctx: Context, out: Output, name: str, public: bool | None, private: bool, force: bool) -> None:
@@ -616,8 +692,16 @@ def tag_get(ctx: Context, out: Output, repo_name: str, tag_name: str) -> None:
     path = f"{base}/tags/{seg(tag_name)}"
     found = ctx.call("GET", path)
     reference = f"{org}/{found['reference']}" if org else found["reference"]
-    out.fields(found, [("Tag", reference), ("Commit", found["commit_id"]), ("Description", found["description"]),
-                       ("Created", when(found["created_at"])), ("Updated", when(found["updated_at"]))])
+    out.fields(
+        found,
+        [
+            ("Tag", reference),
+            ("Commit", found["commit_id"]),
+            ("Description", found["description"]),
+            ("Created", when(found["created_at"])),
+            ("Updated", when(found["updated_at"])),
+        ],
+    )
 
 
 @command(tag, "update")
@@ -644,8 +728,12 @@ def tag_update(ctx: Context, out: Output, repo_name: str, tag_name: str, commit_
 @click.argument("tag_names", nargs=-1, required=True, metavar="TAG...")
 def tag_delete(ctx: Context, out: Output, repo_name: str, tag_names: tuple[str, ...]) -> None:
     """Delete tags; the commits they named stay."""
-    each(out, tag_names, lambda name: ctx.call("DELETE", f"/api/v1/repositories/{seg(repo_name)}/tags/{seg(name)}"),
-          f"Deleted tag {repo_name}:{{}} (commit kept)")
+    each(
+        out,
+        tag_names,
+        lambda name: ctx.call("DELETE", f"/api/v1/repositories/{seg(repo_name)}/tags/{seg(name)}"),
+        f"Deleted tag {repo_name}:{{}} (commit kept)",
+    )
 
 
 @command(tag, "history")
@@ -654,8 +742,10 @@ def tag_delete(ctx: Context, out: Output, repo_name: str, tag_names: tuple[str, 
 def tag_history(ctx: Context, out: Output, repo_name: str, tag_name: str) -> None:
     """Where a tag pointed over time, newest first: the commit to roll back to."""
     answer = ctx.list_all(f"/api/v1/repositories/{seg(repo_name)}/tags/{seg(tag_name)}/history", "events")
-    rows = [[when(e["created_at"]), e["action"], e["old_commit_id"] or "-", e["new_commit_id"] or "-", e["api_key_id"]]
-            for e in answer["events"]]
+    rows = [
+        [when(e["created_at"]), e["action"], e["old_commit_id"] or "-", e["new_commit_id"] or "-", e["api_key_id"]]
+        for e in answer["events"]
+    ]
     out.table(answer, ["WHEN", "ACTION", "FROM", "TO", "BY KEY"], rows, f"No history for {repo_name}:{tag_name}.")
 
 
@@ -744,7 +834,9 @@ def admin_org_create(ctx: Context, out: Output, name: str) -> None:
     """Create an organization and print its first API key (shown once) on the last line."""
     with _admin_client(ctx) as client:
         answer = client.request("POST", "/api/v1/admin/orgs", json={"name": name})
-    out.result(answer, f"Created organization {answer['org']['name']} ({answer['org']['id']})", "Its API key, shown only now:", answer["token"])
+    out.result(
+        answer, f"Created organization {answer['org']['name']} ({answer['org']['id']})", "Its API key, shown only now:", answer["token"]
+    )
 
 
 @command(admin_org, "list")
@@ -756,8 +848,14 @@ def admin_org_list(ctx: Context, out: Output) -> None:
 
 
 def _limit_option(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return click.option(f"--{name.replace('_', '-')}", name, type=click.IntRange(-1), default=None, metavar="N",
-                        help=f"{_LIMIT_LABELS[name]}; -1 puts back the platform's default.")
+    return click.option(
+        f"--{name.replace('_', '-')}",
+        name,
+        type=click.IntRange(-1),
+        default=None,
+        metavar="N",
+        help=f"{_LIMIT_LABELS[name]}; -1 puts back the platform's default.",
+    )
 
 
 def _limit_options(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -775,8 +873,9 @@ def admin_org_limits(ctx: Context, out: Output, org: str, **limits: int | None) 
     body = {name: value for name, value in limits.items() if value is not None}
     with _admin_client(ctx) as client:
         answer = client.request("PATCH", f"/api/v1/admin/orgs/{seg(org)}/limits", json=body)
-    out.fields(answer, [("Organization", answer["org"]["name"]),
-                        *((_LIMIT_LABELS[name], answer["limits"][name]) for name in _LIMIT_LABELS)])
+    out.fields(
+        answer, [("Organization", answer["org"]["name"]), *((_LIMIT_LABELS[name], answer["limits"][name]) for name in _LIMIT_LABELS)]
+    )
 
 
 @admin.group("images")
@@ -807,8 +906,13 @@ def admin_images_bake(ctx: Context, out: Output, names: tuple[str, ...], extra: 
     with _admin_client(ctx) as client:
         for name in names or tuple(RECIPES):
             try:
-                baked = bake(client, recipe(name, extra), settings.image_root, sources,
-                             lambda line, name=name: click.echo(f"{name}: {line}", err=True))
+                baked = bake(
+                    client,
+                    recipe(name, extra),
+                    settings.image_root,
+                    sources,
+                    lambda line, name=name: click.echo(f"{name}: {line}", err=True),
+                )
             except (BakeError, ApiError) as error:
                 failed.append(name)
                 results.append({"name": name, "error": str(error.message if isinstance(error, ApiError) else error)})
@@ -826,11 +930,21 @@ def admin_images_bake(ctx: Context, out: Output, names: tuple[str, ...], extra: 
 
 
 @command(admin, "fsck")
-@click.option("--repair", is_flag=True, help="Fix what is safe to fix (orphan files and processes, garbage layers, rows of VMs "
-              "that are gone) and say what was done; commits and tags are only reported.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Fix what is safe to fix (orphan files and processes, garbage layers, rows of VMs "
+    "that are gone) and say what was done; commits and tags are only reported.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--grace", type=click.FloatRange(0), default=60.0, show_default=True, metavar="SECONDS",
-              help="A change younger than this is an operation in flight, not a problem.")
+@click.option(
+    "--grace",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A change younger than this is an operation in flight, not a problem.",
+)
 def admin_fsck(ctx: Context, out: Output, repair: bool, as_json: bool, grace: float) -> None:
     """Check the platform's databases, files and QEMU processes against each other; exit 0 only when clean.
     Runs on the platform's machine (its VERS_DATA_DIR), the platform running or stopped."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import secrets
 import socket
@@ -30,9 +31,16 @@ def mcp_group() -> None:
 @vers_command("serve", formatted=False)
 @click.option("--http", "over_http", is_flag=True, help="Serve streamable HTTP instead of stdio; every request needs the token.")
 @click.option("--host", default=None, help="With --http: the address to listen on (default 127.0.0.1).")
-@click.option("--port", type=click.IntRange(0, 65535), default=None, help=f"With --http: the port (default {DEFAULT_PORT}; 0 picks a free one).")
-@click.option("--token", envvar="VERS_MCP_TOKEN", default=None, show_envvar=True,
-              help="With --http: the bearer token clients must send (one is made and printed when none is given).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=None, help=f"With --http: the port (default {DEFAULT_PORT}; 0 picks a free one)."
+)
+@click.option(
+    "--token",
+    envvar="VERS_MCP_TOKEN",
+    default=None,
+    show_envvar=True,
+    help="With --http: the bearer token clients must send (one is made and printed when none is given).",
+)
 def serve(ctx: Context, over_http: bool, host: str | None, port: int | None, token: str | None) -> None:
     """Serve the MCP tools on stdin and stdout (for an agent that starts `vers mcp serve` itself), or with
     --http over streamable HTTP at http://HOST:PORT/mcp with `Authorization: Bearer TOKEN`. The tools act
@@ -45,19 +53,20 @@ def serve(ctx: Context, over_http: bool, host: str | None, port: int | None, tok
     client.request("GET", "/api/v1/whoami")  # a wrong key or URL stops here, not at the agent's first call
     server = build_server(client)
     if not over_http:
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             server.run("stdio")
-        except KeyboardInterrupt:
-            pass
         return
     listen_host = host or "127.0.0.1"
     made = not token
     secret = (token or secrets.token_urlsafe(32)).strip()  # compared with what clients send, stripped too
     if not secret:
-        raise click.BadParameter("the token is empty: give one, or leave --token and VERS_MCP_TOKEN out to have one made", param_hint="--token")
+        raise click.BadParameter(
+            "the token is empty: give one, or leave --token and VERS_MCP_TOKEN out to have one made", param_hint="--token"
+        )
     try:
-        listener = socket.create_server((listen_host, DEFAULT_PORT if port is None else port),
-                                        family=socket.AF_INET6 if ":" in listen_host else socket.AF_INET)
+        listener = socket.create_server(
+            (listen_host, DEFAULT_PORT if port is None else port), family=socket.AF_INET6 if ":" in listen_host else socket.AF_INET
+        )
     except OSError as error:
         raise click.ClickException(f"cannot listen on {listen_host}:{port}: {error.strerror or error}") from None
     bound = listener.getsockname()[1]
@@ -101,9 +110,14 @@ class BearerToken:
             from starlette.responses import JSONResponse
 
             refusal = JSONResponse(
-                {"success": False, "error": "missing or wrong bearer token: send Authorization: Bearer <the token `vers mcp serve --http` was given or printed>",
-                 "code": "UNAUTHENTICATED"},
-                status_code=401, headers={"WWW-Authenticate": 'Bearer realm="vers-mcp"'},
+                {
+                    "success": False,
+                    "error": "missing or wrong bearer token: send Authorization: Bearer "
+                    "<the token `vers mcp serve --http` was given or printed>",
+                    "code": "UNAUTHENTICATED",
+                },
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="vers-mcp"'},
             )
             await refusal(scope, receive, send)
             return

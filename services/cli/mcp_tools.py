@@ -16,8 +16,8 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from services.cli import copy as copying
-from services.cli.client import ApiClient, ApiError, Unreachable, seg
 from services.cli.config import ConfigError, LocalState, check_alias, is_uuid
+from services.client import ApiClient, ApiError, Unreachable, seg
 
 INSTRUCTIONS = """\
 Vers runs your work environment as a VM that can be committed (disk, memory and running processes, all of it)
@@ -39,8 +39,9 @@ back as an error whose message says what to fix.
 """
 
 VmName = Annotated[str, Field(description="The VM: its ID, an alias, or the first characters (at least 4) of its ID.")]
-AliasName = Annotated[str | None, Field(
-    description="A local name for the new VM (letters, digits, `.`, `_`, `-`), usable wherever a VM is asked for.")]
+AliasName = Annotated[
+    str | None, Field(description="A local name for the new VM (letters, digits, `.`, `_`, `-`), usable wherever a VM is asked for.")
+]
 
 
 class VmRef(BaseModel):
@@ -156,7 +157,9 @@ class Platform:
         if len(matches) > 1:
             raise ToolError(f"{given!r} matches {len(matches)} VMs: give more of the ID")
         if not matches:
-            raise ToolError(f"no VM {given!r}: not an alias here, nor the start of a VM ID in your organization (the status tool lists them)")
+            raise ToolError(
+                f"no VM {given!r}: not an alias here, nor the start of a VM ID in your organization (the status tool lists them)"
+            )
         return matches[0]
 
     def name(self, vm_id: str, alias: str | None) -> str | None:
@@ -185,8 +188,10 @@ def build_server(client: ApiClient) -> MCPServer:
         vcpus: Annotated[int | None, Field(ge=1, description="Virtual CPUs.")] = None,
         disk_mib: Annotated[int | None, Field(ge=1, description="Root filesystem size in MiB.")] = None,
         image: Annotated[str | None, Field(description="The image to boot (the platform's default when not given).")] = None,
-        network: Annotated[Literal["nat", "none"] | None, Field(
-            description="nat (the default): outbound access through NAT; none: no packet leaves the VM.")] = None,
+        network: Annotated[
+            Literal["nat", "none"] | None,
+            Field(description="nat (the default): outbound access through NAT; none: no packet leaves the VM."),
+        ] = None,
         alias: AliasName = None,
     ) -> RunResult:
         if alias:
@@ -249,7 +254,10 @@ def build_server(client: ApiClient) -> MCPServer:
     )
     def exec_(
         vm: VmName,
-        command: Annotated[list[str] | str, Field(description="A shell line, e.g. \"cd /srv/app && make test\", or an argument list, e.g. [\"ls\", \"-la\", \"/srv\"].")],
+        command: Annotated[
+            list[str] | str,
+            Field(description='A shell line, e.g. "cd /srv/app && make test", or an argument list, e.g. ["ls", "-la", "/srv"].'),
+        ],
         stdin: Annotated[str, Field(description="Text given to the command's standard input.")] = "",
         timeout_secs: Annotated[int, Field(ge=0, description="Kill the command after this many seconds; 0: the platform's default.")] = 0,
         working_dir: Annotated[str, Field(description="Directory to run in (default: the guest's home).")] = "",
@@ -263,8 +271,11 @@ def build_server(client: ApiClient) -> MCPServer:
         # No client-side timeout: the platform bounds every exec (VERS_EXEC_MAX_TIMEOUT_SECONDS).
         answer = platform.call("POST", f"/api/v1/vm/{seg(vm_id)}/exec", json=body, timeout=None)
         return ExecResult(
-            exit_code=int(answer.get("exit_code") or 0), stdout=answer.get("stdout") or "", stderr=answer.get("stderr") or "",
-            stdout_truncated=bool(answer.get("stdout_truncated")), stderr_truncated=bool(answer.get("stderr_truncated")),
+            exit_code=int(answer.get("exit_code") or 0),
+            stdout=answer.get("stdout") or "",
+            stderr=answer.get("stderr") or "",
+            stdout_truncated=bool(answer.get("stdout_truncated")),
+            stderr_truncated=bool(answer.get("stderr_truncated")),
         )
 
     @server.tool(
@@ -301,22 +312,42 @@ def build_server(client: ApiClient) -> MCPServer:
         "VM of your organization with its state and alias. State is booting, running, paused, sleeping or dead.",
         annotations=ToolAnnotations(title="VM status", read_only_hint=True, destructive_hint=False, idempotent_hint=True),
     )
-    def status(vm: Annotated[str | None, Field(description="A VM (ID, alias or ID prefix); leave out for all of them.")] = None) -> StatusResult:
+    def status(
+        vm: Annotated[str | None, Field(description="A VM (ID, alias or ID prefix); leave out for all of them.")] = None,
+    ) -> StatusResult:
         state = platform.state()
         if vm:
             vm_id = platform.vm(vm)
             meta = platform.call("GET", f"/api/v1/vm/{seg(vm_id)}/metadata")
-            return StatusResult(vms=[VmInfo(
-                vm_id=meta["vm_id"], alias=state.alias_of(vm_id) or None, state=meta.get("state", ""),
-                created_at=meta.get("created_at"), labels=meta.get("labels") or {}, ip=meta.get("ip") or None,
-                memory_mib=meta.get("mem_size_mib"), vcpus=meta.get("vcpu_count"), disk_mib=meta.get("fs_size_mib"),
-                network=meta.get("network") or None, parent_commit_id=meta.get("parent_commit_id") or None,
-            )])
-        return StatusResult(vms=[
-            VmInfo(vm_id=found["vm_id"], alias=state.alias_of(found["vm_id"]) or None, state=found.get("state", ""),
-                   created_at=found.get("created_at"), labels=found.get("labels") or {})
-            for found in platform.list_vms()
-        ])
+            return StatusResult(
+                vms=[
+                    VmInfo(
+                        vm_id=meta["vm_id"],
+                        alias=state.alias_of(vm_id) or None,
+                        state=meta.get("state", ""),
+                        created_at=meta.get("created_at"),
+                        labels=meta.get("labels") or {},
+                        ip=meta.get("ip") or None,
+                        memory_mib=meta.get("mem_size_mib"),
+                        vcpus=meta.get("vcpu_count"),
+                        disk_mib=meta.get("fs_size_mib"),
+                        network=meta.get("network") or None,
+                        parent_commit_id=meta.get("parent_commit_id") or None,
+                    )
+                ]
+            )
+        return StatusResult(
+            vms=[
+                VmInfo(
+                    vm_id=found["vm_id"],
+                    alias=state.alias_of(found["vm_id"]) or None,
+                    state=found.get("state", ""),
+                    created_at=found.get("created_at"),
+                    labels=found.get("labels") or {},
+                )
+                for found in platform.list_vms()
+            ]
+        )
 
     @server.tool(
         name="kill",
@@ -357,8 +388,12 @@ def build_server(client: ApiClient) -> MCPServer:
             return TagResult(reference=created.get("reference") or reference, commit_id=created["commit_id"], created=True)
         changes = {"commit_id": commit_id, **({"description": description} if description is not None else {})}
         after = platform.call("PATCH", f"{repo_path}/tags/{seg(tag_name)}", json=changes)
-        return TagResult(reference=after.get("reference") or reference, commit_id=after["commit_id"],
-                         previous_commit_id=before["commit_id"], created=False)
+        return TagResult(
+            reference=after.get("reference") or reference,
+            commit_id=after["commit_id"],
+            previous_commit_id=before["commit_id"],
+            created=False,
+        )
 
     return server
 

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from services.cli.client import ApiError, Unreachable
 from services.cli.config import ConfigError
+from services.client import ApiError, Unreachable
 
 FORMATS = ("text", "json")
 
@@ -100,7 +100,9 @@ def api_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except ApiError as error:
             raise click.ClickException(f"{error.message} (HTTP {error.status})") from None
-        except (Unreachable, ConfigError) as error:
+        except Unreachable as error:
+            raise click.ClickException(f"{error} (`vers login --url` sets it)") from None
+        except ConfigError as error:
             raise click.ClickException(str(error)) from None
 
     return wrapper
@@ -123,7 +125,11 @@ def with_format(command: Callable[..., Any]) -> Callable[..., Any]:
     """Adds `--format text|json` and hands the command an Output as `out`."""
 
     @click.option(
-        "--format", "format_", type=click.Choice(FORMATS), default="text", show_default=True,
+        "--format",
+        "format_",
+        type=click.Choice(FORMATS),
+        default="text",
+        show_default=True,
         help="json: one JSON document on stdout, for scripts.",
     )
     @functools.wraps(command)

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import click
 import httpx
 
-from services.cli.client import Unreachable, api_error, seg, unreachable
 from services.cli.output import Output, vers_command
 from services.cli.ssh import host_block, save_key, write_config
+from services.client import Unreachable, api_error, seg, unreachable
 
 if TYPE_CHECKING:
     from services.cli.main import Context

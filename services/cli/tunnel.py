@@ -23,15 +23,20 @@ from websockets.asyncio.client import connect as connect_async
 from websockets.sync.client import ClientConnection as SyncConnection
 from websockets.sync.client import connect as connect_sync
 
-from services.cli.client import ApiError, Unreachable, seg, unreachable
 from services.cli.console import refusal, websocket_url
+from services.client import ApiError, Unreachable, seg, unreachable
 
 CHUNK = 1 << 16
 CLOSE_NORMAL = 1000
 # Frames are what the server read at once (up to 64 KiB); pings are slow to come back from a loaded gateway.
 LIMITS: dict[str, Any] = {
-    "max_size": 1 << 20, "max_queue": 4, "compression": None,
-    "open_timeout": 60, "ping_interval": 30, "ping_timeout": 120, "close_timeout": 5,
+    "max_size": 1 << 20,
+    "max_queue": 4,
+    "compression": None,
+    "open_timeout": 60,
+    "ping_interval": 30,
+    "ping_timeout": 120,
+    "close_timeout": 5,
 }
 
 
@@ -100,8 +105,13 @@ async def close(socket: ClientConnection) -> None:
 
 
 async def serve(
-    base_url: str, api_key: str, vm_id: str, port: int, local_port: int,
-    ready: Callable[[int], None], failed: Callable[[str, str], None],
+    base_url: str,
+    api_key: str,
+    vm_id: str,
+    port: int,
+    local_port: int,
+    ready: Callable[[int], None],
+    failed: Callable[[str, str], None],
 ) -> None:
     """Listen on 127.0.0.1:local_port (0: a free one, given to `ready`) until SIGINT or SIGTERM, and carry
     each accepted connection to the VM's port. A connection that fails is reported to `failed` (peer, why)."""
@@ -144,7 +154,7 @@ async def serve(
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def open_stdio(base_url: str, api_key: str, vm_id: str, port: int) -> SyncConnection:

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from services.cli import config
-from services.cli.client import ApiClient, ApiError, Unreachable, seg
 from services.cli.config import ConfigError, check_alias
 from services.cli.output import Output, progress, vers_command, when
+from services.client import ApiClient, ApiError, Unreachable, seg
 
 if TYPE_CHECKING:
     from services.cli.main import Context
@@ -71,8 +71,14 @@ def label(ctx: Context, out: Output, vm: str | None, pairs: tuple[str, ...], rem
 
 @vers_command("resize")
 @click.argument("vm", required=False)
-@click.option("--size", "size_mib", type=click.IntRange(1), required=True, metavar="MiB",
-              help="The disk's new size in MiB, more than its current size (a disk only grows).")
+@click.option(
+    "--size",
+    "size_mib",
+    type=click.IntRange(1),
+    required=True,
+    metavar="MiB",
+    help="The disk's new size in MiB, more than its current size (a disk only grows).",
+)
 def resize(ctx: Context, out: Output, vm: str | None, size_mib: int) -> None:
     """Grow a running VM's disk, and its root filesystem with it, without a reboot."""
     vm_id = ctx.vm(vm)
@@ -119,9 +125,7 @@ def info(ctx: Context, out: Output, vm: str | None) -> None:
         ("Parent commit", meta.get("parent_commit_id")),
         ("Grandparent VM", meta.get("grandparent_vm_id")),
     ]
-    steps = [
-        f"  {c['id']}  {c.get('name') or '-'}  from VM {c.get('parent_vm_id') or '-'}  {when(c.get('created_at'))}" for c in chain
-    ]
+    steps = [f"  {c['id']}  {c.get('name') or '-'}  from VM {c.get('parent_vm_id') or '-'}  {when(c.get('created_at'))}" for c in chain]
     out.fields({"vm": meta, "lineage": chain}, fields)
     if not out.json:
         click.echo("Lineage:" if steps else "Lineage:        a root VM (started from an image)")
@@ -160,15 +164,19 @@ def checkout(ctx: Context, out: Output, vm: str | None) -> None:
         current = ctx.state.last_vm
         if not current:
             raise click.ClickException("no current VM: `vers checkout VM` sets one")
-        out.result({"vm_id": current, "alias": ctx.state.alias_of(current) or None},
-                   f"Current VM: {current}" + (f" ({ctx.state.alias_of(current)})" if ctx.state.alias_of(current) else ""))
+        out.result(
+            {"vm_id": current, "alias": ctx.state.alias_of(current) or None},
+            f"Current VM: {current}" + (f" ({ctx.state.alias_of(current)})" if ctx.state.alias_of(current) else ""),
+        )
         return
     vm_id = ctx.vm(vm)
     found = ctx.call("GET", f"/api/v1/vm/{seg(vm_id)}/status")
     ctx.remember(vm_id)
     named = ctx.state.alias_of(vm_id)
-    out.result({"vm_id": vm_id, "alias": named or None, "state": found["state"]},
-               f"✓ Switched to VM {vm_id}" + (f" ({named})" if named else "") + f", {found['state']}")
+    out.result(
+        {"vm_id": vm_id, "alias": named or None, "state": found["state"]},
+        f"✓ Switched to VM {vm_id}" + (f" ({named})" if named else "") + f", {found['state']}",
+    )
 
 
 def print_version(click_context: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -188,8 +196,10 @@ def print_version(click_context: click.Context, _param: click.Parameter, value: 
     try:
         with contextlib.closing(ApiClient(url, timeout=5.0)) as client:
             server = client.request("GET", "/api/v1/system/version")
-        click.echo(f"server: {server.get('executable_name') or 'orchestrator'} {server.get('workspace_version') or 'unknown'} "
-                   f"(git {server.get('git_hash') or 'unknown'}) at {url}")
+        click.echo(
+            f"server: {server.get('executable_name') or 'orchestrator'} {server.get('workspace_version') or 'unknown'} "
+            f"(git {server.get('git_hash') or 'unknown'}) at {url}"
+        )
     except (ApiError, Unreachable) as error:
         why = error.message if isinstance(error, ApiError) else str(error)
         click.echo(f"server: could not reach {url} for its version: {why}")

@@ -69,9 +69,7 @@ def record(
     none (the platform itself, e.g. a scheduled collection)."""
     if key_id is None:
         key_id = acting_key_id(org_id)
-    session.add(
-        AuditEventRow(org_id=org_id, api_key_id=key_id, type=type, target=target, before=_json(before), after=_json(after))
-    )
+    session.add(AuditEventRow(org_id=org_id, api_key_id=key_id, type=type, target=target, before=_json(before), after=_json(after)))
 
 
 _TYPE = re.compile(r"[a-z_]{1,32}(\.[a-z_]{1,32})?")
@@ -98,7 +96,9 @@ class AuditQuery:
     @classmethod
     def of(cls, org_id: str, request: _ListRequest) -> AuditQuery:
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be between 1 and {MAX_PAGE_SIZE} ({DEFAULT_PAGE_SIZE} when 0 or left out), not {request.page_size}")
+            raise InvalidArgument(
+                f"page_size must be between 1 and {MAX_PAGE_SIZE} ({DEFAULT_PAGE_SIZE} when 0 or left out), not {request.page_size}"
+            )
         since = None
         if request.since:
             try:
@@ -143,7 +143,9 @@ async def list_events(db: Database, service: str, query: AuditQuery) -> list[gov
         statement = statement.where(col(AuditEventRow.at) >= query.since)
     if query.type:
         kind = AuditEventRow.type
-        statement = statement.where(kind == query.type if "." in query.type else or_(kind == query.type, col(kind).startswith(f"{query.type}.", autoescape=True)))
+        statement = statement.where(
+            kind == query.type if "." in query.type else or_(kind == query.type, col(kind).startswith(f"{query.type}.", autoescape=True))
+        )
     if query.after is not None:
         at, after_service, sequence = query.after
         if service > after_service:

@@ -17,8 +17,8 @@ from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import Column, Connection, DateTime, Table, event, inspect, text
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -117,10 +117,12 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A transaction that commits when the block ends and rolls back if it raises."""
-        async with self._write_lock or nullcontext():
-            async with AsyncSession(self._write_engine, expire_on_commit=False) as session:
-                async with session.begin():
-                    yield session
+        async with (
+            self._write_lock or nullcontext(),
+            AsyncSession(self._write_engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            yield session
 
     async def close(self) -> None:
         await self._read_engine.dispose()

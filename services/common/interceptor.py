@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from enum import Enum
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import grpc
@@ -27,7 +27,7 @@ class Access(Enum):
     INTERNAL = "internal"
 
 
-@lru_cache(maxsize=None)
+@cache
 def method_access(full_method: str) -> Access | None:
     """Access rule of `/pkg.Service/Method` from its descriptor options; None for non-Vers services."""
     service_name, _, method_name = full_method.lstrip("/").partition("/")
@@ -121,12 +121,10 @@ def _wrap(handler: grpc.RpcMethodHandler, interceptor: ServiceInterceptor, acces
                     reset_principal(token)
             except grpc.aio.AbortError:
                 raise
-            except Exception as error:  # noqa: BLE001 - mapped to a status code here, once
+            except Exception as error:
                 await _abort(context, error, method)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer, handler.response_serializer)
 
     def answers_stream(call):  # type: ignore[no-untyped-def]
         async def streaming(request_or_iterator, context):  # type: ignore[no-untyped-def]
@@ -138,7 +136,7 @@ def _wrap(handler: grpc.RpcMethodHandler, interceptor: ServiceInterceptor, acces
                     yield response
             except grpc.aio.AbortError:
                 raise
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 await _abort(context, error, method)
 
         return streaming
@@ -159,10 +157,8 @@ def _wrap(handler: grpc.RpcMethodHandler, interceptor: ServiceInterceptor, acces
                 return await handler.stream_unary(request_iterator, context)
             except grpc.aio.AbortError:
                 raise
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 await _abort(context, error, method)
 
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer, handler.response_serializer)
     raise TypeError(f"{method}: unknown kind of method")

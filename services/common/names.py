@@ -20,8 +20,10 @@ def validate_name(kind: str, name: str, max_length: int) -> str:
     if _PATTERNS[max_length].fullmatch(name) and name.strip("."):
         return name
     if name and not name.strip(".") and len(name) <= max_length:
-        raise InvalidName(f"{kind} name {name!r} is only dots, which paths read as the folder itself or its parent: use "
-                          f"1-{max_length} characters of {_ALLOWED}, at least one of them not a dot")
+        raise InvalidName(
+            f"{kind} name {name!r} is only dots, which paths read as the folder itself or its parent: use "
+            f"1-{max_length} characters of {_ALLOWED}, at least one of them not a dot"
+        )
     if not name:
         problem = "is empty"
     elif len(name) > max_length:

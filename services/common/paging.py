@@ -29,7 +29,9 @@ class Page:
     @classmethod
     def of(cls, scope: str, page_size: int, page_token: str) -> Page:
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be between 1 and {MAX_PAGE_SIZE} ({DEFAULT_PAGE_SIZE} when 0 or left out), not {page_size}")
+            raise InvalidArgument(
+                f"page_size must be between 1 and {MAX_PAGE_SIZE} ({DEFAULT_PAGE_SIZE} when 0 or left out), not {page_size}"
+            )
         return cls(scope, page_size or DEFAULT_PAGE_SIZE, cls._offset(scope, page_token))
 
     @staticmethod

@@ -54,7 +54,9 @@ class DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    async def intercept_unary_unary(self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         if client_call_details.timeout is None:
             client_call_details = client_call_details._replace(timeout=self.seconds)
         return await continuation(client_call_details, request)

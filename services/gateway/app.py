@@ -36,12 +36,14 @@ UVICORN_WS = "wsproto"
 # Forwarded from HTTP to gRPC so every service checks the caller itself.
 FORWARDED_HEADERS = ("authorization", "x-request-id")
 
+
 def forwarded(connection: HTTPConnection) -> tuple[tuple[str, str], ...]:
     return tuple((name, connection.headers[name]) for name in FORWARDED_HEADERS if name in connection.headers)
 
 
 # Where a list answered as a bare JSON array says how to ask for the next page.
 NEXT_PAGE_HEADER = "X-Next-Page-Token"
+
 
 class PayloadTooLarge(Exception):
     pass
@@ -101,9 +103,7 @@ class Gateway:
                 return answer
             try:
                 body = await read_body(request, self.settings.http_max_body_bytes)
-                message = build_request(
-                    binding, request_class(), request.path_params, request.query_params.multi_items(), body
-                )
+                message = build_request(binding, request_class(), request.path_params, request.query_params.multi_items(), body)
             except PayloadTooLarge:
                 return self.too_large("request body is too large")
             except BadRequest as error:
@@ -189,4 +189,6 @@ def create_app(settings: Settings) -> ASGIApp:
         *(WebSocketRoute(b.path, gateway.stream_endpoint(b)) for b in gateway.bindings if b.streaming and not is_http_stream(b)),
     ]
     api = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: _http_error})
-    return DomainRouter(GuardMiddleware(api, gateway.guard), settings.domain_suffix, lambda: gateway.channels["orchestrator"], gateway.guard)
+    return DomainRouter(
+        GuardMiddleware(api, gateway.guard), settings.domain_suffix, lambda: gateway.channels["orchestrator"], gateway.guard
+    )

@@ -26,7 +26,14 @@ from starlette.websockets import WebSocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
-    AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, RejectData, Request, TextMessage,
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
 )  # fmt: skip
 from wsproto.utilities import ProtocolError
 
@@ -148,9 +155,7 @@ class GuestConnection:
         self.closed = False
 
     @classmethod
-    async def open(
-        cls, channel: grpc.aio.Channel, host: str, metadata: tuple[tuple[str, str], ...], head: bytes
-    ) -> GuestConnection:
+    async def open(cls, channel: grpc.aio.Channel, host: str, metadata: tuple[tuple[str, str], ...], head: bytes) -> GuestConnection:
         """Open once the orchestrator has said yes (the empty first answer), with the request's head in the first
         message: nothing of the body is read before then, so an unknown domain or a missing key is answered
         before any body is sent."""

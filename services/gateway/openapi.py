@@ -203,7 +203,10 @@ def _operation(binding: Binding, schemas: _Schemas, bindings: list[Binding]) -> 
         body_schema = schemas.message(request, output=False, skip=path_params)
         operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": body_schema}}}
     elif http_body_field(request, binding.body) is not None:
-        operation["requestBody"] = {"required": False, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+        operation["requestBody"] = {
+            "required": False,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
     elif binding.body:
         body_schema = schemas.parameter(request.fields_by_name[binding.body])
         operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": body_schema}}}

@@ -134,5 +134,3 @@ class StreamBridge:
                     await task
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close(code, _reason(reason))
-
-

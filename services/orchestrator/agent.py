@@ -74,7 +74,7 @@ def guest_script(
     stream: bool = False,
 ) -> bytes:
     if not command:
-        raise InvalidArgument("command is empty: give the program and its arguments, e.g. [\"sh\", \"-c\", \"ls\"]")
+        raise InvalidArgument('command is empty: give the program and its arguments, e.g. ["sh", "-c", "ls"]')
     for key in env or {}:
         if not key.replace("_", "a").isalnum() or key[0].isdigit():
             raise InvalidArgument(f"environment variable name {key!r} is not a valid shell identifier")
@@ -97,8 +97,13 @@ def guest_script(
         prepare += f"(umask 077; printf %s {base64.b64encode(exports.encode()).decode()} | base64 -d > {files}.env); "
         run = f". {files}.env && rm -f {files}.env && {run}"
     line = (
-        (STREAM_JOB if stream else JOB).replace("@F@", files).replace("@NONCE@", nonce).replace("@BLOCKS@", str(max_output // 512 + 1))
-        .replace("@MAX@", str(max_output)).replace("@CHUNK@", str(CHUNK)).replace("@SOURCE@", source)
+        (STREAM_JOB if stream else JOB)
+        .replace("@F@", files)
+        .replace("@NONCE@", nonce)
+        .replace("@BLOCKS@", str(max_output // 512 + 1))
+        .replace("@MAX@", str(max_output))
+        .replace("@CHUNK@", str(CHUNK))
+        .replace("@SOURCE@", source)
         .replace("@PREPARE@", prepare)
         .replace("@RUN@", run)  # last: the command's own text is never read for placeholders
     )
@@ -110,24 +115,169 @@ def guest_script(
 # writes what it reads at once (nothing is lost when it is stopped), into a file it may not grow past
 # @BLOCKS@ blocks of 512 bytes, more than @MAX@: at that size `cat` ends (SIGXFSZ) and a command writing on
 # finds its pipe closed; the bytes past @MAX@ say it wrote more. (`head -c` would hold its last bytes in a
-# buffer, and GNU `dd` counts short reads from a pipe as whole blocks.) The answer waits for the command, not for processes it left running with its output
-# open: those are read for one second more, then no longer. s STREAM FILE SIZE sends a file in frames.
+# buffer, and GNU `dd` counts short reads from a pipe as whole blocks.) The answer waits for the command, not
+# for processes it left running with its output open: those are read for one second more, then no longer.
+# s STREAM FILE SIZE sends a file in frames.
 JOB = " ".join(
-    """
-( @PREPARE@ mkfifo @F@.po @F@.pe;
-( ulimit -f @BLOCKS@; exec cat <@F@.po >@F@.o ) 2>/dev/null & a=$!;
-( ulimit -f @BLOCKS@; exec cat <@F@.pe >@F@.e ) 2>/dev/null & b=$!;
-( @RUN@ ) <@SOURCE@ >@F@.po 2>@F@.pe; r=$?;
-( sleep 1; kill $a $b ) 2>/dev/null & w=$!; wait $a $b; kill $w;
-s() { i=0; while [ $i -lt $3 ]; do n=$(($3-i)); [ $n -gt @CHUNK@ ] && n=@CHUNK@;
-{ printf '\\n<<C:%s:%s:%s>>\\n' @NONCE@ $1 $n; dd if=$2 bs=@CHUNK@ skip=$((i/@CHUNK@)) count=1 2>/dev/null; } >@F@.f;
-dd if=@F@.f bs=32768 count=1 2>/dev/null; i=$((i+n)); done; };
-set -- $(stat -c %s @F@.o @F@.e); so=$1; se=$2; ot=0; et=0;
-[ "$so" -gt @MAX@ ] && { truncate -s @MAX@ @F@.o; so=@MAX@; ot=1; };
-[ "$se" -gt @MAX@ ] && { truncate -s @MAX@ @F@.e; se=@MAX@; et=1; };
-s o @F@.o $so; s e @F@.e $se; rm -f @F@.o @F@.e @F@.po @F@.pe @F@.f @F@.in @F@.env;
-printf '\\n<<E:%s:%s:%s:%s>>\\n' @NONCE@ "$r" $ot $et ) </dev/null 2>/dev/null &
-""".split()
+    [
+        "(",
+        "@PREPARE@",
+        "mkfifo",
+        "@F@.po",
+        "@F@.pe;",
+        "(",
+        "ulimit",
+        "-f",
+        "@BLOCKS@;",
+        "exec",
+        "cat",
+        "<@F@.po",
+        ">@F@.o",
+        ")",
+        "2>/dev/null",
+        "&",
+        "a=$!;",
+        "(",
+        "ulimit",
+        "-f",
+        "@BLOCKS@;",
+        "exec",
+        "cat",
+        "<@F@.pe",
+        ">@F@.e",
+        ")",
+        "2>/dev/null",
+        "&",
+        "b=$!;",
+        "(",
+        "@RUN@",
+        ")",
+        "<@SOURCE@",
+        ">@F@.po",
+        "2>@F@.pe;",
+        "r=$?;",
+        "(",
+        "sleep",
+        "1;",
+        "kill",
+        "$a",
+        "$b",
+        ")",
+        "2>/dev/null",
+        "&",
+        "w=$!;",
+        "wait",
+        "$a",
+        "$b;",
+        "kill",
+        "$w;",
+        "s()",
+        "{",
+        "i=0;",
+        "while",
+        "[",
+        "$i",
+        "-lt",
+        "$3",
+        "];",
+        "do",
+        "n=$(($3-i));",
+        "[",
+        "$n",
+        "-gt",
+        "@CHUNK@",
+        "]",
+        "&&",
+        "n=@CHUNK@;",
+        "{",
+        "printf",
+        "'\\n<<C:%s:%s:%s>>\\n'",
+        "@NONCE@",
+        "$1",
+        "$n;",
+        "dd",
+        "if=$2",
+        "bs=@CHUNK@",
+        "skip=$((i/@CHUNK@))",
+        "count=1",
+        "2>/dev/null;",
+        "}",
+        ">@F@.f;",
+        "dd",
+        "if=@F@.f",
+        "bs=32768",
+        "count=1",
+        "2>/dev/null;",
+        "i=$((i+n));",
+        "done;",
+        "};",
+        "set",
+        "--",
+        "$(stat",
+        "-c",
+        "%s",
+        "@F@.o",
+        "@F@.e);",
+        "so=$1;",
+        "se=$2;",
+        "ot=0;",
+        "et=0;",
+        "[",
+        '"$so"',
+        "-gt",
+        "@MAX@",
+        "]",
+        "&&",
+        "{",
+        "truncate",
+        "-s",
+        "@MAX@",
+        "@F@.o;",
+        "so=@MAX@;",
+        "ot=1;",
+        "};",
+        "[",
+        '"$se"',
+        "-gt",
+        "@MAX@",
+        "]",
+        "&&",
+        "{",
+        "truncate",
+        "-s",
+        "@MAX@",
+        "@F@.e;",
+        "se=@MAX@;",
+        "et=1;",
+        "};",
+        "s",
+        "o",
+        "@F@.o",
+        "$so;",
+        "s",
+        "e",
+        "@F@.e",
+        "$se;",
+        "rm",
+        "-f",
+        "@F@.o",
+        "@F@.e",
+        "@F@.po",
+        "@F@.pe",
+        "@F@.f",
+        "@F@.in",
+        "@F@.env;",
+        "printf",
+        "'\\n<<E:%s:%s:%s:%s>>\\n'",
+        "@NONCE@",
+        '"$r"',
+        "$ot",
+        "$et",
+        ")",
+        "</dev/null",
+        "2>/dev/null",
+        "&",
+    ]
 )
 
 
@@ -136,19 +286,161 @@ printf '\\n<<E:%s:%s:%s:%s>>\\n' @NONCE@ "$r" $ot $et ) </dev/null 2>/dev/null &
 # stream cut (FIFO.t) and stops reading, so the command finds its pipe closed. The answer waits for the
 # command and its readers, and for processes it left running with its output open one second more.
 STREAM_JOB = " ".join(
-    """
-( @PREPARE@ mkfifo @F@.po @F@.pe;
-p() { exec 3<$2; t=0; while :; do dd bs=@CHUNK@ count=1 <&3 >$2.d 2>/dev/null; n=$(stat -c %s $2.d);
-[ "$n" -gt 0 ] || break; c=0; [ $((t+n)) -gt @MAX@ ] && { n=$((@MAX@-t)); truncate -s $n $2.d; : >$2.t; c=1; };
-[ "$n" -gt 0 ] && { printf '\\n<<C:%s:%s:%s>>\\n' @NONCE@ $1 $n; cat $2.d; } >$2.f && dd if=$2.f bs=32768 count=1 2>/dev/null;
-t=$((t+n)); [ $c = 1 ] && break; done; };
-( p o @F@.po ) 2>/dev/null & a=$!; ( p e @F@.pe ) 2>/dev/null & b=$!;
-( @RUN@ ) <@SOURCE@ >@F@.po 2>@F@.pe; r=$?;
-( sleep 1; kill $a $b ) 2>/dev/null & w=$!; wait $a $b; kill $w;
-ot=0; et=0; [ -e @F@.po.t ] && ot=1; [ -e @F@.pe.t ] && et=1;
-rm -f @F@.po @F@.pe @F@.po.d @F@.pe.d @F@.po.f @F@.pe.f @F@.po.t @F@.pe.t @F@.in @F@.env;
-printf '\\n<<E:%s:%s:%s:%s>>\\n' @NONCE@ "$r" $ot $et ) </dev/null 2>/dev/null &
-""".split()
+    [
+        "(",
+        "@PREPARE@",
+        "mkfifo",
+        "@F@.po",
+        "@F@.pe;",
+        "p()",
+        "{",
+        "exec",
+        "3<$2;",
+        "t=0;",
+        "while",
+        ":;",
+        "do",
+        "dd",
+        "bs=@CHUNK@",
+        "count=1",
+        "<&3",
+        ">$2.d",
+        "2>/dev/null;",
+        "n=$(stat",
+        "-c",
+        "%s",
+        "$2.d);",
+        "[",
+        '"$n"',
+        "-gt",
+        "0",
+        "]",
+        "||",
+        "break;",
+        "c=0;",
+        "[",
+        "$((t+n))",
+        "-gt",
+        "@MAX@",
+        "]",
+        "&&",
+        "{",
+        "n=$((@MAX@-t));",
+        "truncate",
+        "-s",
+        "$n",
+        "$2.d;",
+        ":",
+        ">$2.t;",
+        "c=1;",
+        "};",
+        "[",
+        '"$n"',
+        "-gt",
+        "0",
+        "]",
+        "&&",
+        "{",
+        "printf",
+        "'\\n<<C:%s:%s:%s>>\\n'",
+        "@NONCE@",
+        "$1",
+        "$n;",
+        "cat",
+        "$2.d;",
+        "}",
+        ">$2.f",
+        "&&",
+        "dd",
+        "if=$2.f",
+        "bs=32768",
+        "count=1",
+        "2>/dev/null;",
+        "t=$((t+n));",
+        "[",
+        "$c",
+        "=",
+        "1",
+        "]",
+        "&&",
+        "break;",
+        "done;",
+        "};",
+        "(",
+        "p",
+        "o",
+        "@F@.po",
+        ")",
+        "2>/dev/null",
+        "&",
+        "a=$!;",
+        "(",
+        "p",
+        "e",
+        "@F@.pe",
+        ")",
+        "2>/dev/null",
+        "&",
+        "b=$!;",
+        "(",
+        "@RUN@",
+        ")",
+        "<@SOURCE@",
+        ">@F@.po",
+        "2>@F@.pe;",
+        "r=$?;",
+        "(",
+        "sleep",
+        "1;",
+        "kill",
+        "$a",
+        "$b",
+        ")",
+        "2>/dev/null",
+        "&",
+        "w=$!;",
+        "wait",
+        "$a",
+        "$b;",
+        "kill",
+        "$w;",
+        "ot=0;",
+        "et=0;",
+        "[",
+        "-e",
+        "@F@.po.t",
+        "]",
+        "&&",
+        "ot=1;",
+        "[",
+        "-e",
+        "@F@.pe.t",
+        "]",
+        "&&",
+        "et=1;",
+        "rm",
+        "-f",
+        "@F@.po",
+        "@F@.pe",
+        "@F@.po.d",
+        "@F@.pe.d",
+        "@F@.po.f",
+        "@F@.pe.f",
+        "@F@.po.t",
+        "@F@.pe.t",
+        "@F@.in",
+        "@F@.env;",
+        "printf",
+        "'\\n<<E:%s:%s:%s:%s>>\\n'",
+        "@NONCE@",
+        '"$r"',
+        "$ot",
+        "$et",
+        ")",
+        "</dev/null",
+        "2>/dev/null",
+        "&",
+    ]
 )
 
 # Receives a streamed command's output as it comes: ("stdout" or "stderr", bytes).
@@ -324,9 +616,7 @@ class Agent:
             if not waiter.done.done():
                 waiter.done.set_exception(Conflict(reason))
 
-    async def _send(
-        self, script: bytes, nonce: str, limit: int, timeout: float | None, on_output: OnOutput | None = None
-    ) -> ExecResult:
+    async def _send(self, script: bytes, nonce: str, limit: int, timeout: float | None, on_output: OnOutput | None = None) -> ExecResult:
         pending = _Pending(limit, on_output=on_output)
         self._pending[nonce] = pending
         try:
@@ -405,10 +695,8 @@ class Agent:
         self._closed_because = reason or self._closed_because
         if self._writer is not None:
             self._writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await self._writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
             self._writer = None
         if self._reading is not None:
             self._reading.cancel()

@@ -71,7 +71,7 @@ def git_url(repo: str, base: str) -> str:
     if repo.startswith("-"):
         raise InvalidArgument(f"repo {repo!r} starts with '-': give \"owner/repo\" or a git URL")
     if re.search(r"[\x00-\x20\x7f]", repo):
-        raise InvalidArgument(f"repo {repo!r} contains a space or a control character: give \"owner/repo\" or a git URL")
+        raise InvalidArgument(f'repo {repo!r} contains a space or a control character: give "owner/repo" or a git URL')
     if "://" not in repo:
         if not _OWNER_REPO.fullmatch(repo) or any(part.strip(".") == "" for part in repo.split("/")):
             raise InvalidArgument(
@@ -82,8 +82,7 @@ def git_url(repo: str, base: str) -> str:
     parts = urlsplit(repo)
     if parts.scheme.lower() not in SCHEMES:
         raise InvalidArgument(
-            f"repo {repo!r} is a {parts.scheme or 'schemeless'} URL: a deploy clones over "
-            f"{', '.join(s + '://' for s in SCHEMES)} only"
+            f"repo {repo!r} is a {parts.scheme or 'schemeless'} URL: a deploy clones over {', '.join(s + '://' for s in SCHEMES)} only"
         )
     if not parts.hostname or parts.path.strip("/") == "":
         raise InvalidArgument(f"repo {repo!r} names no host or no repository: e.g. https://git.example.com/owner/repo.git")
@@ -155,7 +154,7 @@ def script(deploy: DeployPlan) -> str:
     lines = [
         f"printf '==> clone %s%s into %s\\n' {q(deploy.url)} {q(f' ({deploy.branch})' if deploy.branch else '')} {q(deploy.folder)}",
         # A server of git's dumb HTTP protocol (a static file server) cannot clone shallow: from those, whole.
-        'err=$(mktemp)',
+        "err=$(mktemp)",
         f'git clone --depth 1 {branch}-- {q(deploy.url)} {q(deploy.folder)} 2>"$err"; code=$?; cat "$err" >&2',
         'if [ $code -ne 0 ] && grep -q "does not support shallow" "$err"; then',
         f"  rm -rf {q(deploy.folder)}; echo '==> the server cannot clone shallow: cloning the whole history' >&2",
@@ -169,7 +168,7 @@ def script(deploy: DeployPlan) -> str:
         if command:
             lines += [
                 f"printf '==> {step}: %s\\n' {q(command)}",
-                f"sh -c {q(command)} || {{ code=$?; echo \"==> {step} failed (exit code $code)\" >&2; exit $code; }}",
+                f'sh -c {q(command)} || {{ code=$?; echo "==> {step} failed (exit code $code)" >&2; exit $code; }}',
             ]
     if deploy.run:
         # A run command that ends within a second (a typo, a port in use) is reported with its log; one
@@ -181,9 +180,9 @@ def script(deploy: DeployPlan) -> str:
             "pid=$!",
             "sleep 1",
             "if ! kill -0 $pid 2>/dev/null; then wait $pid; code=$?; "
-            f"echo \"==> the run command ended at once (exit code $code); its output:\" >&2; tail -n 20 {log} >&2; "
+            f'echo "==> the run command ended at once (exit code $code); its output:" >&2; tail -n 20 {log} >&2; '
             "exit $code; fi",
-            "echo \"==> running (pid $pid)\"",
+            'echo "==> running (pid $pid)"',
         ]
     lines.append("echo '==> deployed'")
     return "\n".join(lines) + "\n"

@@ -10,17 +10,24 @@ import os
 import resource
 import shutil
 import subprocess
-from stat import S_ISDIR
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any, TypeVar
 
 from services.common.errors import (
-    Conflict, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted,
+    Conflict,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
     Unavailable,
 )  # fmt: skip
 from services.common.faults import fault_point
@@ -29,14 +36,21 @@ from services.common.names import validate_vm_labels
 from services.common.settings import Settings
 from services.orchestrator import secrets
 from services.orchestrator.accel import choose_accelerator
-from services.orchestrator.envvars import EnvVars
-from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
 from services.orchestrator.agent import ExecResult, OnOutput
+from services.orchestrator.envvars import EnvVars
 from services.orchestrator.execs import ExecRegistry
+from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
 from services.orchestrator.integrity import Verifier
 from services.orchestrator.machine import LAYER_OPTIONS, LaunchSpec, Machine, QmpError, copy_sparse, find_processes, kill_process
 from services.orchestrator.models import (
-    LIVE_STATES, CommitRow, LayerRow, MachineShape, OperationRow, SecretScanRow, SshKeyRow, VmRow,
+    LIVE_STATES,
+    CommitRow,
+    LayerRow,
+    MachineShape,
+    OperationRow,
+    SecretScanRow,
+    SshKeyRow,
+    VmRow,
 )  # fmt: skip
 from services.orchestrator.network import NETWORK_MODES, GuestNetwork, guest_resolvers, new_ssh_key, parse_ranges
 from services.orchestrator.store import Collectable, LayerGraph, OrchestratorStore
@@ -193,7 +207,7 @@ class Engine:
                 try:
                     await self._sleep(vm, by_shutdown=True)
                     log.info("VM %s is asleep until the next start", vm_id)
-                except Exception as error:  # noqa: BLE001 - the others still go to sleep; this one runs on
+                except Exception as error:
                     log.warning("VM %s could not go to sleep on shutdown: %s; it keeps running", vm_id, error)
 
         if running:
@@ -209,7 +223,7 @@ class Engine:
                 async with self.live(vm.id).lock:
                     await self._wake(vm, manifest.get("state", "running"))
                 log.info("woke VM %s, asleep since the last shutdown", vm.id)
-            except Exception as error:  # noqa: BLE001 - each VM alone; it stays asleep, its state kept
+            except Exception as error:
                 log.warning("VM %s could not wake after the restart: %s", vm.id, error)
 
     # Recovery: what a crash left half-done is finished or undone, before any request is served
@@ -219,12 +233,12 @@ class Engine:
         for operation in await self.store.operations():
             try:
                 await self._recover_operation(operation, processes)
-            except Exception as error:  # noqa: BLE001 - one broken VM never stops the others
+            except Exception as error:
                 log.error("could not finish or undo the %s of VM %s: %s", operation.kind, operation.vm_id, error)
         for vm in await self.store.live_vms():
             try:
                 await self._adopt(vm, processes.get(vm.id))
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 log.error("VM %s could not be adopted: %s; it is marked dead", vm.id, error)
                 if vm.id in processes:
                     kill_process(processes[vm.id], vm.id)
@@ -367,8 +381,12 @@ class Engine:
         orphans += [p for p in self.commits_dir.iterdir() if p.name not in commits]
         orphans += [p for p in self.layers_dir.glob("*.qcow2") if p.stem not in layers]
         orphans += list(self.layers_dir.glob(f"{secrets.WORKSPACE_PREFIX}*"))  # a scan a crash cut short
-        orphans += [p for p in self.sleep_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state != "sleeping")]
-        orphans += [p for p in self.run_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state not in LIVE_STATES)]
+        orphans += [
+            p for p in self.sleep_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state != "sleeping")
+        ]
+        orphans += [
+            p for p in self.run_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state not in LIVE_STATES)
+        ]
         orphans += [p for p in self.run_dir.glob("*/ram-*") if p.parent.name not in busy_vms]
         orphans += [p for p in self.exec_logs_dir.iterdir() if p.name not in vms and p.name not in busy_vms]
         for path in orphans:
@@ -448,7 +466,7 @@ class Engine:
     async def _wait_boot(self, vm_id: str, machine: Machine, booted: asyncio.Event) -> None:
         try:
             await machine.agent.wait_ready(self.settings.boot_timeout_seconds)
-        except Exception as error:  # noqa: BLE001 - a VM that does not boot is dead, said in the log
+        except Exception as error:
             log.warning("VM %s did not boot: %s; %s", vm_id, error, Machine.read_log(machine.run_folder))
             await machine.kill()
             return
@@ -481,7 +499,9 @@ class Engine:
         record = self.vms.get(vm.id)
         machine = record.machine if record is not None else None
         if machine is None and vm.state == "sleeping":
-            raise FailedPrecondition(f'VM {vm.id} is sleeping: wake it first (PATCH /vm/{vm.id}/state {{"state": "Running"}}, or vers resume)')
+            raise FailedPrecondition(
+                f'VM {vm.id} is sleeping: wake it first (PATCH /vm/{vm.id}/state {{"state": "Running"}}, or vers resume)'
+            )
         if machine is None:
             raise FailedPrecondition(f"VM {vm.id} is {vm.state}, not running: start a new VM from one of its commits")
         return machine
@@ -513,7 +533,7 @@ class Engine:
         running_run = sum(r.run_mib for r in self.vms.values() if r.machine is not None) + self._reserved["run"]
         memory_total, memory_free = _memory()
         run_total, run_free = _space(self.run_dir)
-        disk_total, disk_free = _space(self.layers_dir.parent)
+        _disk_total, disk_free = _space(self.layers_dir.parent)
         needs = (
             ("memory", memory_free, memory_total, running_memory, memory_mib, settings.host_reserve_memory_mib,
              "VERS_HOST_RESERVE_MEMORY_MIB"),
@@ -679,18 +699,24 @@ class Engine:
         linked = own or commit.is_public
         vms = [
             VmRow(
-                id=vm_id, org_id=org_id, **shape, layer_id=layer.id,
+                id=vm_id,
+                org_id=org_id,
+                **shape,
+                layer_id=layer.id,
                 ram_mode="private" if commit.ram_format == "file" else "anonymous",
                 ram_source=str(self.commit_folder(commit.id) / "ram") if commit.ram_format == "file" else "",
-                parent_commit_id=commit.id if linked else None, grandparent_vm_id=commit.parent_vm_id if own else None,
-            )  # fmt: skip
+                parent_commit_id=commit.id if linked else None,
+                grandparent_vm_id=commit.parent_vm_id if own else None,
+            )
             for vm_id, layer in zip(ids, layers, strict=True)
         ]
         operation = OperationRow(
             id=str(uuid.uuid4()), vm_id=vms[0].id, kind="restore", commit_id=commit.id, vm_ids=json.dumps([vm.id for vm in vms])
         )
         await self.store.add_vms(org_id, vms, layers, operation, source=commit)
-        async with self._room_or_discard(vms, operation, f"{count} VM(s) of {commit.mem_size_mib} MiB", memory_mib=count * commit.mem_size_mib):
+        async with self._room_or_discard(
+            vms, operation, f"{count} VM(s) of {commit.mem_size_mib} MiB", memory_mib=count * commit.mem_size_mib
+        ):
             results = await asyncio.gather(*(self._start_restored(vm, commit) for vm in vms), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -839,7 +865,7 @@ class Engine:
         an overlay QEMU never wrote to reads as the layer under it, so keeping it is always safe."""
         try:
             return str(layer) in await machine.disk_chain()
-        except Exception:  # noqa: BLE001
+        except Exception:
             return layer.exists()
 
     async def delete_commit(self, org_id: str, commit_id: str, reason: str = "", key_id: str | None = None) -> None:
@@ -861,8 +887,7 @@ class Engine:
             # The tagging service may have recorded it before the answer was lost: asked again later.
             self._finish_deletions_later()
             raise Unavailable(
-                f"commit {commit.id} is being deleted, but the tagging service did not answer ({error}); the deletion "
-                f"finishes when it does"
+                f"commit {commit.id} is being deleted, but the tagging service did not answer ({error}); the deletion finishes when it does"
             ) from error
         try:
             await self._finish_commit_deletion(commit.id)
@@ -896,7 +921,7 @@ class Engine:
                 except Conflict as error:
                     log.warning("commit %s stays: %s", row.commit_id, error.message)
                     await self.store.abandon_commit_deletion(row.commit_id)
-                except Exception as error:  # noqa: BLE001 - the tagging service may not be up yet; each row alone
+                except Exception as error:
                     log.warning("deletion of commit %s is not finished yet: %s", row.commit_id, error)
                     waiting = True
             if waiting:
@@ -1034,8 +1059,7 @@ class Engine:
             raise ResourceExhausted(f"VM {vm.id} already has {MAX_TUNNELS_PER_VM} open connections from outside: close some first")
         if self._tunnels >= self.settings.max_tunnels:
             raise ResourceExhausted(
-                f"this host already carries {self.settings.max_tunnels} connections into VMs: try again later, or raise "
-                f"VERS_MAX_TUNNELS"
+                f"this host already carries {self.settings.max_tunnels} connections into VMs: try again later, or raise VERS_MAX_TUNNELS"
             )
         if self._org_tunnels[vm.org_id] >= self.settings.org_max_tunnels:
             raise ResourceExhausted(
@@ -1147,7 +1171,7 @@ class Engine:
     async def set_state(self, vm: VmRow, state: str, skip_wait_boot: bool = False) -> VmRow:
         wanted = state.lower()
         if wanted not in ("paused", "running", "sleeping"):
-            raise InvalidArgument(f"state must be \"Paused\", \"Sleeping\" or \"Running\", not {state!r}")
+            raise InvalidArgument(f'state must be "Paused", "Sleeping" or "Running", not {state!r}')
         if vm.state == "booting" and not skip_wait_boot:
             await self.wait_booted(vm)  # not under the lock: a delete need not wait for a boot
         return await self._whole(self._set_state(vm, wanted, skip_wait_boot))
@@ -1306,7 +1330,7 @@ class Engine:
         interrupt, so the script waits (a few seconds at most) until its kernel sees it before resize2fs asks."""
         sectors = size_mib * MIB // 512
         script = (
-            f"i=0; while [ \"$(cat /sys/block/vda/size)\" -lt {sectors} ] && [ $i -lt 100 ]; do "
+            f'i=0; while [ "$(cat /sys/block/vda/size)" -lt {sectors} ] && [ $i -lt 100 ]; do '
             f"sleep 0.1 2>/dev/null || usleep 100000; i=$((i+1)); done; "
             f"command -v resize2fs >/dev/null || {{ echo 'resize2fs is not installed in the guest' >&2; exit 127; }}; "
             f"resize2fs /dev/vda"
@@ -1328,7 +1352,7 @@ class Engine:
                 return
             log.warning("VM %s: growing its disk to the %d MiB its record names (a resize a crash interrupted)", vm.id, vm.fs_size_mib)
             await machine.grow_disk(vm.fs_size_mib * MIB)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             log.error("VM %s: its disk could not grow to the %d MiB its record names: %s", vm.id, vm.fs_size_mib, error)
             return
         if running:
@@ -1337,7 +1361,7 @@ class Engine:
     async def _grow_filesystem_quietly(self, machine: Machine, vm_id: str, size_mib: int) -> None:
         try:
             await self._grow_filesystem(machine, vm_id, size_mib)
-        except Exception as error:  # noqa: BLE001 - the VM runs on; it grows at its next boot
+        except Exception as error:
             log.warning("VM %s: %s", vm_id, error)
 
     async def delete_vm(self, vm: VmRow) -> None:
@@ -1429,9 +1453,7 @@ def _freed_bytes(
 
 
 async def _qemu_img(*args: str | Path) -> None:
-    process = await asyncio.create_subprocess_exec(
-        "qemu-img", *map(str, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    process = await asyncio.create_subprocess_exec("qemu-img", *map(str, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, stderr = await process.communicate()
     if process.returncode != 0:
         raise RuntimeError(f"qemu-img {args[0]} failed: {stderr.decode(errors='replace').strip()}")

@@ -87,9 +87,9 @@ def environment_lines(variables: Mapping[str, str]) -> str:
 # own lines stay), readable by root only, renamed over the old file; then tells vers-init (READY_MARKER).
 # With no variables the file is left as it is.
 WRITE_SCRIPT = (
-    'set -e; f=/etc/environment; t=/etc/.environment.vers; umask 077; '
+    "set -e; f=/etc/environment; t=/etc/.environment.vers; umask 077; "
     'if [ -n "$1" ]; then { [ -f $f ] && grep -Ev "^[[:space:]]*(export[[:space:]]+)?($1)=" $f || true; cat; } > $t; '
-    f'mv -f $t $f; fi; mkdir -p /run/vers; touch {READY_MARKER}'
+    f"mv -f $t $f; fi; mkdir -p /run/vers; touch {READY_MARKER}"
 )
 
 
@@ -189,7 +189,7 @@ class EnvVars:
             )  # fmt: skip
             if result.exit_code != 0:
                 log.warning("VM %s did not take its organization's environment variables (exit code %d)", vm_id, result.exit_code)
-        except Exception as error:  # noqa: BLE001 - the VM booted; it runs on, said in the log
+        except Exception as error:
             log.warning("the environment variables of VM %s could not be written: %s", vm_id, type(error).__name__)
 
 

@@ -226,96 +226,102 @@ class FileMethods:
 
     # Any size, as tar streams
 
-    async def DownloadFiles(self, request: pb.DownloadFilesRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadFilesResponse]:
+    async def DownloadFiles(
+        self, request: pb.DownloadFilesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadFilesResponse]:
         path = absolute(request.path)
         vm = await self._running(request.vm_id)
         trimmed = path.rstrip("/") or "/"
         parent, name = posixpath.split(trimmed) if trimmed != "/" else ("/", ".")
         async with asyncio.timeout(self.engine.settings.file_transfer_timeout_seconds), _raw_port(vm) as port:
             command = f"sh -c {shlex.quote(DOWNLOAD)} sh {shlex.quote(trimmed)} {shlex.quote(parent)} {shlex.quote(name)} {port}"
-            async with guest_ssh(self.engine, vm) as ssh:
-                async with ssh.create_process(command, encoding=None) as process:
-                    stderr = _Stderr(process)
-                    try:
-                        if await process.stdout.read(1) == OVER_PORT:
-                            exited = asyncio.create_task(process.wait())
-                            try:
-                                async with _connected(self.engine, vm, port, exited) as connection:
-                                    if connection is not None:
-                                        reader, _, data = connection
-                                        while data:
-                                            if len(data) < CHUNK:
-                                                data += await _read_up_to(reader, CHUNK - len(data))
-                                            yield pb.DownloadFilesResponse(data=httpbody_pb2.HttpBody(content_type=TAR, data=data))
-                                            data = await _read_up_to(reader, CHUNK)
-                                code = _exit_code(await exited)
-                            finally:
-                                exited.cancel()
-                        else:
-                            while data := await _read_up_to(process.stdout, CHUNK):
-                                yield pb.DownloadFilesResponse(data=httpbody_pb2.HttpBody(content_type=TAR, data=data))
-                            code = _exit_code(await process.wait())
-                    except (asyncssh.Error, OSError) as error:
-                        raise FailedPrecondition(f"the download of {path} from VM {vm.id} broke off: {describe(error)}") from None
-                    said = guest_said(await stderr.text())
+            async with guest_ssh(self.engine, vm) as ssh, ssh.create_process(command, encoding=None) as process:
+                stderr = _Stderr(process)
+                try:
+                    if await process.stdout.read(1) == OVER_PORT:
+                        exited = asyncio.create_task(process.wait())
+                        try:
+                            async with _connected(self.engine, vm, port, exited) as connection:
+                                if connection is not None:
+                                    reader, _, data = connection
+                                    while data:
+                                        if len(data) < CHUNK:
+                                            data += await _read_up_to(reader, CHUNK - len(data))
+                                        yield pb.DownloadFilesResponse(data=httpbody_pb2.HttpBody(content_type=TAR, data=data))
+                                        data = await _read_up_to(reader, CHUNK)
+                            code = _exit_code(await exited)
+                        finally:
+                            exited.cancel()
+                    else:
+                        while data := await _read_up_to(process.stdout, CHUNK):
+                            yield pb.DownloadFilesResponse(data=httpbody_pb2.HttpBody(content_type=TAR, data=data))
+                        code = _exit_code(await process.wait())
+                except (asyncssh.Error, OSError) as error:
+                    raise FailedPrecondition(f"the download of {path} from VM {vm.id} broke off: {describe(error)}") from None
+                said = guest_said(await stderr.text())
         if code == MISSING:
             raise NotFound(f"no file or folder {path} in VM {vm.id}")
         if code != 0:
             raise FailedPrecondition(f"VM {vm.id} could not pack {path} into a tar (tar exited with {code}){said}")
 
-    async def UploadFiles(self, request_iterator: AsyncIterator[pb.UploadFilesRequest], context: grpc.aio.ServicerContext) -> pb.UploadFilesResponse:
+    async def UploadFiles(
+        self, request_iterator: AsyncIterator[pb.UploadFilesRequest], context: grpc.aio.ServicerContext
+    ) -> pb.UploadFilesResponse:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.vm_id:
             raise InvalidArgument("the first message of UploadFiles names the VM and the folder: {vm_id, path}")
         path = absolute(first.path)
         vm = await self._running(first.vm_id)
         sent = 0
-        async with asyncio.timeout(self.engine.settings.file_transfer_timeout_seconds), _raw_port(vm) as port:
-            async with guest_ssh(self.engine, vm) as ssh:
-                command = f"sh -c {shlex.quote(UPLOAD)} sh {shlex.quote(path)} {port}"
-                async with ssh.create_process(command, encoding=None) as process, contextlib.AsyncExitStack() as stack:
-                    stderr = _Stderr(process)
-                    way = await process.stdout.read(1)  # before wait(), which reads what is left
-                    exited = asyncio.create_task(process.wait())
-                    target: asyncssh.SSHWriter[bytes] | asyncio.StreamWriter | None = process.stdin if way == OVER_SSH else None
-                    if way == OVER_PORT:
-                        connection = await stack.enter_async_context(_connected(self.engine, vm, port, exited))
-                        target = connection[1] if connection is not None else None
+        async with (
+            asyncio.timeout(self.engine.settings.file_transfer_timeout_seconds),
+            _raw_port(vm) as port,
+            guest_ssh(self.engine, vm) as ssh,
+        ):
+            command = f"sh -c {shlex.quote(UPLOAD)} sh {shlex.quote(path)} {port}"
+            async with ssh.create_process(command, encoding=None) as process, contextlib.AsyncExitStack() as stack:
+                stderr = _Stderr(process)
+                way = await process.stdout.read(1)  # before wait(), which reads what is left
+                exited = asyncio.create_task(process.wait())
+                target: asyncssh.SSHWriter[bytes] | asyncio.StreamWriter | None = process.stdin if way == OVER_SSH else None
+                if way == OVER_PORT:
+                    connection = await stack.enter_async_context(_connected(self.engine, vm, port, exited))
+                    target = connection[1] if connection is not None else None
 
-                    async def feed() -> None:
-                        nonlocal sent
-                        unpacking = target is not None
-                        async for message in _chain(first, request_iterator):
-                            data = message.data.data
-                            sent += len(data)
-                            if data and unpacking:
-                                assert target is not None
-                                try:
-                                    target.write(data)
-                                    await target.drain()  # the guest's tar sets the pace
-                                except (asyncssh.Error, OSError):
-                                    # tar has ended: its exit code tells why. It stops at the archive's end
-                                    # marker, so what a writer pads its last record with is read and dropped.
-                                    unpacking = False
-                        if unpacking:
+                async def feed() -> None:
+                    nonlocal sent
+                    unpacking = target is not None
+                    async for message in _chain(first, request_iterator):
+                        data = message.data.data
+                        sent += len(data)
+                        if data and unpacking:
                             assert target is not None
-                            with contextlib.suppress(asyncssh.Error, OSError):
-                                target.write_eof()
+                            try:
+                                target.write(data)
+                                await target.drain()  # the guest's tar sets the pace
+                            except (asyncssh.Error, OSError):
+                                # tar has ended: its exit code tells why. It stops at the archive's end
+                                # marker, so what a writer pads its last record with is read and dropped.
+                                unpacking = False
+                    if unpacking:
+                        assert target is not None
+                        with contextlib.suppress(asyncssh.Error, OSError):
+                            target.write_eof()
 
-                    feeding = asyncio.create_task(feed())
-                    try:
-                        await asyncio.wait({feeding, exited}, return_when=asyncio.FIRST_COMPLETED)
-                        if feeding.done():
-                            feeding.result()  # the caller's stream broke off: that error is the answer
-                        code = _exit_code(await exited)
-                        if code == 0:
-                            await feeding
-                    finally:
-                        for task in (feeding, exited):
-                            task.cancel()
-                            with contextlib.suppress(asyncio.CancelledError, Exception):
-                                await task
-                    said = guest_said(await stderr.text())
+                feeding = asyncio.create_task(feed())
+                try:
+                    await asyncio.wait({feeding, exited}, return_when=asyncio.FIRST_COMPLETED)
+                    if feeding.done():
+                        feeding.result()  # the caller's stream broke off: that error is the answer
+                    code = _exit_code(await exited)
+                    if code == 0:
+                        await feeding
+                finally:
+                    for task in (feeding, exited):
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
+                said = guest_said(await stderr.text())
         if code == NOT_A_FOLDER:
             raise InvalidArgument(f"{path} in VM {vm.id} is a file, not a folder: give the folder to unpack into")
         if code != 0:
@@ -344,7 +350,10 @@ async def _raw_port(vm: VmRow) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def _connected(
-    engine: Engine, vm: VmRow, port: str, exited: asyncio.Task[asyncssh.SSHCompletedProcess],
+    engine: Engine,
+    vm: VmRow,
+    port: str,
+    exited: asyncio.Task[asyncssh.SSHCompletedProcess],
 ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes] | None]:
     """A connection to the guest's `nc -l` on `port`, with the first bytes it sent; None when the guest's
     side ended first (its exit code says why). Until nc listens, the host forward accepts and closes at once,

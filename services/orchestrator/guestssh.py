@@ -68,7 +68,9 @@ class _StreamTunnel:
         self.writer = writer
         self.pump: asyncio.Task[None] | None = None
 
-    async def create_connection(self, session_factory: Callable[[], asyncio.Protocol], host: str, port: int) -> tuple[asyncio.Transport, asyncio.Protocol]:
+    async def create_connection(
+        self, session_factory: Callable[[], asyncio.Protocol], host: str, port: int
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
         protocol = session_factory()
         transport = _StreamTransport(self.writer)
         protocol.connection_made(transport)

@@ -159,9 +159,7 @@ def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
     out = io.BytesIO()
     for inode, (path, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
         name = path.encode() + b"\x00"
-        header = "070701" + "".join(
-            f"{value:08X}" for value in (inode, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name), 0)
-        )
+        header = "070701" + "".join(f"{value:08X}" for value in (inode, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name), 0))
         out.write(header.encode() + name)
         out.write(b"\x00" * (-(110 + len(name)) % 4))
         out.write(data)
@@ -221,7 +219,23 @@ def _copy_with_libraries(binary: Path, rootfs: Path) -> None:
 
 def populate_default_rootfs(rootfs: Path) -> None:
     """A small root: static busybox with every applet, resize2fs, the Vers init."""
-    for folder in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "tmp", "root", "home", "var/log", "lib", "lib64"):
+    for folder in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "root",
+        "home",
+        "var/log",
+        "lib",
+        "lib64",
+    ):
         (rootfs / folder).mkdir(parents=True, exist_ok=True)
     shutil.copy2("/bin/busybox", rootfs / "bin" / "busybox")
     for applet in _run("/bin/busybox", "--list-full").split():

@@ -500,10 +500,8 @@ class Machine:
                 await asyncio.sleep(0.2)
 
     async def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         await self.wait_exit()
         await self.agent.close()
         await self.qmp.close()

@@ -9,8 +9,8 @@ Why this shape:
   extra process per VM (passt would be one more process per VM to start, watch and adopt).
 - The namespace makes the host's loopback unreachable by construction (its `lo` is not the host's), and
   its nftables rules refuse private, link-local and loopback ranges, other VMs and this platform, unless
-  the operator allows an address or range (VERS_GUEST_ALLOW; the host's own addresses stay closed). The guest's DNS queries go to the resolvers
-  the namespace's resolv.conf names (the host's, or VERS_GUEST_DNS), port 53 only.
+  the operator allows an address or range (VERS_GUEST_ALLOW; the host's own addresses stay closed). The
+  guest's DNS queries go to the resolvers the namespace's resolv.conf names (the host's, or VERS_GUEST_DNS), port 53 only.
 - A guest port is reached (tunnels, SSH, domains) by a slirp host forward bound to the namespace's veth
   address, opened on demand; only the orchestrator's user may connect to it from the host, and nothing in
   the namespace (no guest) may.
@@ -143,9 +143,7 @@ class GuestNetwork:
             if shutil.which("nft") is None and not Path("/usr/sbin/nft").exists():
                 raise NetworkUnavailable("nft (Debian package nftables) is not installed")
             if not has_capabilities(CAP_NET_ADMIN, CAP_SYS_ADMIN):
-                raise NetworkUnavailable(
-                    "guest networking needs root, or CAP_NET_ADMIN and CAP_SYS_ADMIN, to make its namespace and rules"
-                )
+                raise NetworkUnavailable("guest networking needs root, or CAP_NET_ADMIN and CAP_SYS_ADMIN, to make its namespace and rules")
             LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
             with os.fdopen(os.open(LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # platforms on one host choose their link addresses in turn
@@ -161,11 +159,12 @@ class GuestNetwork:
             _run("ip", "netns", "exec", self.netns, "nft", "-f", "-", stdin=self._namespace_rules())
         except (NetworkUnavailable, OSError) as error:
             self.reason = str(error)
-            log.warning("VMs get no outbound network (network \"nat\" is refused): %s", error)
+            log.warning('VMs get no outbound network (network "nat" is refused): %s', error)
             return
         self.available = True
+        dns, allowed = ", ".join(self.dns) or "none", ", ".join(self.allow) or "none"
         log.info("guest network: namespace %s, link %s <-> %s, resolvers %s, allowed %s",
-                 self.netns, self.host_address, self.ns_address, ", ".join(self.dns) or "none", ", ".join(self.allow) or "none")  # fmt: skip
+                 self.netns, self.host_address, self.ns_address, dns, allowed)  # fmt: skip
 
     def _link(self) -> None:
         if not Path(f"/run/netns/{self.netns}").exists():
@@ -322,4 +321,3 @@ def netdev_args(network: str, mac: str = "52:54:00:12:34:56") -> list[str]:
         "-netdev", f"user,id=net0,net={GUEST_NET},ipv6=off,restrict={restrict}",
         "-device", f"virtio-net-pci,netdev=net0,mac={mac},romfile=",
     ]  # fmt: skip
-

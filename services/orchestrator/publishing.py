@@ -29,7 +29,8 @@ MAX_PUBLIC_PAGE = 100
 
 def secrets_found(commit: CommitRow, findings: Sequence[governance_pb2.SecretFinding]) -> Conflict:
     return secrets_refusal(
-        f"commit {commit.id}", findings,
+        f"commit {commit.id}",
+        findings,
         "remove them from the VM (files, and processes that hold them in memory), commit it again and publish the new commit",
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -79,9 +80,7 @@ class Qmp:
             async with self._event_added:
                 self._event_added.notify_all()
 
-    async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 60.0, fds: Sequence[int] = ()
-    ) -> Any:
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 60.0, fds: Sequence[int] = ()) -> Any:
         """Run `command`; `fds` travel with it (SCM_RIGHTS), for the commands that take one (getfd, add-fd)."""
         if self.closed.is_set():
             raise QmpClosed("QEMU closed its monitor")
@@ -152,9 +151,7 @@ class Qmp:
 
     async def close(self) -> None:
         self._writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
-        except ConnectionError:
-            pass
         if self._task:
             await asyncio.gather(self._task, return_exceptions=True)

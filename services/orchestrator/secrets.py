@@ -52,9 +52,9 @@ import re
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -182,7 +182,10 @@ _ENV_NAME = rb"(?:SECRET|SECRET_?KEY|TOKEN|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|
 _VALUE_CHARS = rb"[^\x00-\x20\x7f-\xff'\"$`\\;,&(){}<>\[\]]"  # no &: a URL's query string is no assignment
 _VALUE_END = rb"(?=[\x00-\x20\x7f-\xff'\"]|\Z)"
 
-_PEM = rb"-----BEGIN (?:RSA |DSA |EC |OPENSSH |ENCRYPTED |PGP |SSH2 ENCRYPTED )?PRIVATE KEY(?: BLOCK)?-----\r?\n(?:[A-Za-z-]+: [^\r\n]{1,200}\r?\n)*\r?\n?"
+_PEM = (
+    rb"-----BEGIN (?:RSA |DSA |EC |OPENSSH |ENCRYPTED |PGP |SSH2 ENCRYPTED )?PRIVATE KEY(?: BLOCK)?-----\r?\n"
+    rb"(?:[A-Za-z-]+: [^\r\n]{1,200}\r?\n)*\r?\n?"
+)
 _PUTTY = rb"PuTTY-User-Key-File-[23]: [a-z0-9-]+\r?\nEncryption: [a-z0-9-]+\r?\n(?:[A-Za-z-]+: [^\r\n]{1,200}\r?\n){1,4}"
 # The key's body, whole (its first 64 characters are the same in every OpenSSH key of one type).
 _KEY_BODY = rb"(?P<body>[A-Za-z0-9+/=]{64}[A-Za-z0-9+/=\r\n]{0,8192})"
@@ -240,7 +243,12 @@ RULES_VERSION = "detect-secrets-{}+hyperscan-{}+{}".format(
     version("detect-secrets"),
     version("hyperscan"),
     hashlib.sha256(
-        json.dumps([[[r.name, r.pattern.decode("latin-1"), r.scout.decode("latin-1"), r.caseless, list(r.secret)] for r in RULES], sorted(PUBLISHED_KEYS)]).encode()
+        json.dumps(
+            [
+                [[r.name, r.pattern.decode("latin-1"), r.scout.decode("latin-1"), r.caseless, list(r.secret)] for r in RULES],
+                sorted(PUBLISHED_KEYS),
+            ]
+        ).encode()
     ).hexdigest()[:12],
 )
 
@@ -424,15 +432,21 @@ def _scan_segments(segments: list[_Segment], rules: Sequence[Rule], database: hy
             ends: dict[int, list[int]] = {}
             counted = [0]
 
-            def on_match(rule_id: int, _from: int, to: int, _flags: int, _context: object) -> bool:
+            def on_match(
+                rule_id: int,
+                _from: int,
+                to: int,
+                _flags: int,
+                _context: object,
+                ends: dict[int, list[int]] = ends,
+                counted: list[int] = counted,
+            ) -> bool:
                 ends.setdefault(rule_id, []).append(to)
                 counted[0] += 1
                 return counted[0] >= MAX_ENDS_PER_CHUNK  # True stops this chunk's scan
 
-            try:
+            with contextlib.suppress(hyperscan.ScanTerminated):
                 database.scan(buffer, match_event_handler=on_match, scratch=scratch)
-            except hyperscan.ScanTerminated:
-                pass
             if ends:
                 _confirm(buffer, base, ends, segment, found, rules)
     return list(found.values())
@@ -488,7 +502,9 @@ async def _scan(segments: list[_Segment], rules: Sequence[Rule] = RULES) -> list
     # two passes with a database each (94 ms against 79 + 65 ms per 256 MiB on one core).
     database = await loop.run_in_executor(_EXECUTOR, _rules_database if rules is RULES else lambda: _compile(rules))
     try:
-        results = await asyncio.gather(*(loop.run_in_executor(_EXECUTOR, _scan_segments, share, rules, database, cancelled) for share in shares))
+        results = await asyncio.gather(
+            *(loop.run_in_executor(_EXECUTOR, _scan_segments, share, rules, database, cancelled) for share in shares)
+        )
     finally:
         cancelled.set()
     return await loop.run_in_executor(_EXECUTOR, _merged, results, rules)

@@ -41,9 +41,7 @@ MAX_PAGE = 500
 
 
 def vm_pb(vm: VmRow) -> pb.Vm:
-    return pb.Vm(
-        vm_id=vm.id, owner_id=vm.org_id, state=vm.state, created_at=to_timestamp(vm.created_at), labels=json.loads(vm.labels)
-    )
+    return pb.Vm(vm_id=vm.id, owner_id=vm.org_id, state=vm.state, created_at=to_timestamp(vm.created_at), labels=json.loads(vm.labels))
 
 
 def commit_pb(commit: CommitRow, sizes: tuple[int, int] = (0, 0)) -> pb.Commit:
@@ -139,9 +137,14 @@ class OrchestratorServicer(
         vm = await self.engine.create_root(
             current_principal().org_id,
             VmConfig(
-                config.vcpu_count, config.mem_size_mib, config.fs_size_mib, config.image_name, config.kernel_name,
-                dict(config.labels), config.network,
-            ),  # fmt: skip
+                config.vcpu_count,
+                config.mem_size_mib,
+                config.fs_size_mib,
+                config.image_name,
+                config.kernel_name,
+                dict(config.labels),
+                config.network,
+            ),
             request.wait_boot,
         )
         return pb.CreateRootVmResponse(vm_id=vm.id)
@@ -260,9 +263,7 @@ class OrchestratorServicer(
             raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE} and offset at least 0")
         commits, total = await self.store.list_commits(current_principal().org_id, limit, request.offset)
         sizes = await self.engine.commit_bytes(commits)
-        return pb.ListCommitsResponse(
-            commits=[commit_pb(c, sizes[c.id]) for c in commits], total=total, limit=limit, offset=request.offset
-        )
+        return pb.ListCommitsResponse(commits=[commit_pb(c, sizes[c.id]) for c in commits], total=total, limit=limit, offset=request.offset)
 
     async def GetCommit(self, request: pb.GetCommitRequest, context: grpc.aio.ServicerContext) -> pb.GetCommitResponse:
         commit = await self._commit(request.commit_id)
@@ -294,7 +295,9 @@ class OrchestratorServicer(
 
         async def resize(rows: int, cols: int) -> None:
             await machine.agent.exec(
-                ["stty", "-F", "/dev/hvc0", "rows", str(rows), "cols", str(cols)], timeout_secs=5, wait=10.0,
+                ["stty", "-F", "/dev/hvc0", "rows", str(rows), "cols", str(cols)],
+                timeout_secs=5,
+                wait=10.0,
                 max_running=self.engine.settings.vm_max_execs,
             )
 
@@ -472,7 +475,6 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
                 log.warning("commit %s of the abandoned fork %s is kept: %s", commit_id, row.saga_id, error.message)
         log.info("fork %s abandoned: VM %s and commit %s deleted", row.saga_id, row.vm_id, ", ".join(commit_ids) or "(none)")
 
-
     # Governance (the registry's: secret scan before publishing, retention, audit log)
 
     async def ScanCommits(self, request: pb.ScanCommitsRequest, context: grpc.aio.ServicerContext) -> pb.ScanCommitsResponse:
@@ -488,16 +490,12 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
         # the first of them: an answer stays well under the message size however many commits hold keys
         return pb.ScanCommitsResponse(findings=findings[:MAX_SCAN_FINDINGS])
 
-    async def CollectCommits(
-        self, request: pb.CollectCommitsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CollectCommitsResponse:
+    async def CollectCommits(self, request: pb.CollectCommitsRequest, context: grpc.aio.ServicerContext) -> pb.CollectCommitsResponse:
         if request.untagged_older_than_days < 0 or any(c.min_age_days < 0 for c in request.candidates):
             raise InvalidArgument("untagged_older_than_days and min_age_days are days: 0 or more")
         org_id = current_principal().org_id
         candidates = {c.commit_id: (c.reason, c.min_age_days) for c in request.candidates}
-        chosen = await self.store.collectable(
-            org_id, candidates, set(request.protected_commit_ids), request.untagged_older_than_days
-        )
+        chosen = await self.store.collectable(org_id, candidates, set(request.protected_commit_ids), request.untagged_older_than_days)
         collected = await self.engine.collect_commits(org_id, chosen, request.dry_run, request.actor_key_id)
         commits = [
             governance_pb2.CollectedCommit(
@@ -508,8 +506,6 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
         ]  # fmt: skip
         return pb.CollectCommitsResponse(commits=commits, bytes_freed=sum(c.bytes_freed for c in commits))
 
-    async def ListAuditEvents(
-        self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListAuditEventsResponse:
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext) -> pb.ListAuditEventsResponse:
         events, token = await service_page(self.store.db, "orchestrator", current_principal().org_id, request)
         return pb.ListAuditEventsResponse(events=events, next_page_token=token)

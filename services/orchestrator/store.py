@@ -21,10 +21,17 @@ from services.common.names import validate_vm_labels
 from services.common.quotas import OrgLimits, check, exceeded
 from services.common.timestamps import as_utc, utcnow
 from services.orchestrator.models import (
-    LIVE_STATES, CommitDeletionRow, CommitRow, DomainRow, ForkRequestRow, LayerRow, OperationRow, SecretScanRow, SshKeyRow,
+    LIVE_STATES,
+    CommitDeletionRow,
+    CommitRow,
+    DomainRow,
+    ForkRequestRow,
+    LayerRow,
+    OperationRow,
+    SecretScanRow,
+    SshKeyRow,
     VmRow,
 )  # fmt: skip
-
 
 Row = TypeVar("Row", VmRow, CommitRow)
 MIB = 1024 * 1024
@@ -110,7 +117,11 @@ class OrchestratorStore:
     # VMs
 
     async def add_vms(
-        self, org_id: str, vms: Sequence[VmRow], layers: Sequence[LayerRow], operation: OperationRow,
+        self,
+        org_id: str,
+        vms: Sequence[VmRow],
+        layers: Sequence[LayerRow],
+        operation: OperationRow,
         source: CommitRow | None = None,
     ) -> None:
         """Insert new VMs, their layers and the intent that starts them, within the org's vCPU and memory
@@ -203,9 +214,7 @@ class OrchestratorStore:
         """The org's VMs, oldest first; with `labels`, only those that have every (key, value) pair (value None:
         the key with any value), filtered in the query so pages stay whole."""
         async with self.db.read() as session:
-            query = (
-                select(VmRow).where(VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None)).order_by(VmRow.created_at, VmRow.id)
-            )
+            query = select(VmRow).where(VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None)).order_by(VmRow.created_at, VmRow.id)
             for key, value in labels:
                 query = query.where(self._has_label(key, value))
             return list(await session.exec(query.offset(offset).limit(limit)))
@@ -218,9 +227,7 @@ class OrchestratorStore:
         match = [pairs.c.key == key] + ([pairs.c.value == value] if value is not None else [])
         return exists(select(literal(1)).select_from(pairs).where(*match))
 
-    async def change_labels(
-        self, org_id: str, vm_id: str, change: Callable[[dict[str, str]], dict[str, str]]
-    ) -> dict[str, str]:
+    async def change_labels(self, org_id: str, vm_id: str, change: Callable[[dict[str, str]], dict[str, str]]) -> dict[str, str]:
         """The VM's labels made `change(labels)` and checked (validate_vm_labels) in one transaction, so two
         changes at once never lose one another's keys; the labels it has now."""
         async with self.db.write() as session:
@@ -371,9 +378,7 @@ class OrchestratorStore:
             raise NotFound(f"commit {commit_id!r} not found in your organization, nor among public commits")
         return commit
 
-    async def update_commit(
-        self, org_id: str, commit_id: str, name: str | None, description: str | None, is_public: bool
-    ) -> CommitRow:
+    async def update_commit(self, org_id: str, commit_id: str, name: str | None, description: str | None, is_public: bool) -> CommitRow:
         """Change one of the org's commits (None: unchanged), with its audit entries in the same transaction."""
         async with self.db.write() as session:
             await serialize(session, f"commit:{commit_id}")
@@ -482,7 +487,11 @@ class OrchestratorStore:
                     f"commit {commit_id} is in use by {len(users)} VM(s) of other organizations, branched from it while it "
                     f"was public: it can be deleted once they are gone (unpublishing it stops new ones)"
                 )
-            session.add(CommitDeletionRow(commit_id=commit_id, org_id=org_id, api_key_id=acting_key_id(org_id) if key_id is None else key_id, reason=reason))
+            session.add(
+                CommitDeletionRow(
+                    commit_id=commit_id, org_id=org_id, api_key_id=acting_key_id(org_id) if key_id is None else key_id, reason=reason
+                )
+            )
             return commit
 
     async def abandon_commit_deletion(self, commit_id: str) -> None:
@@ -499,7 +508,9 @@ class OrchestratorStore:
                 commit.deleted_at = utcnow()
                 session.add(commit)
                 after = {"reason": row.reason} if row and row.reason else None
-                audit.record(session, commit.org_id, "commit.delete", commit.id, {"name": commit.name}, after, key_id=row.api_key_id if row else "")
+                audit.record(
+                    session, commit.org_id, "commit.delete", commit.id, {"name": commit.name}, after, key_id=row.api_key_id if row else ""
+                )
             if row is not None:
                 await session.delete(row)
 

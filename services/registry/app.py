@@ -6,8 +6,8 @@ from pathlib import Path
 
 from services.common.audit import create_audit_table
 from services.common.db import Database
-from services.common.files import write_atomic
 from services.common.errors import Unauthenticated
+from services.common.files import write_atomic
 from services.common.peers import Peers
 from services.common.quotas import OrgLimits
 from services.common.server import Service
@@ -59,14 +59,14 @@ class ScheduledCollection:
             await asyncio.sleep(self.interval)
             try:
                 await self.run_once()
-            except Exception as error:  # noqa: BLE001 - the schedule goes on (the database may be back next time)
+            except Exception as error:
                 log.warning("scheduled garbage collection could not run: %s", reason(error))
 
     async def run_once(self) -> None:
         for org_id in await self.store.orgs_with_rules():
             try:
                 collected = await self.sagas.collect_garbage(org_id, dry_run=False)
-            except Exception as error:  # noqa: BLE001 - one org's failure stops no other's collection
+            except Exception as error:
                 log.warning("scheduled garbage collection of org %s failed: %s", org_id, reason(error))
                 continue
             if collected.commits:

@@ -86,9 +86,7 @@ class Sagas:
         try:
             # Called as the org with the service credential: the fork is an internal call, noted under the saga.
             forked = await self.orchestrator.ForkPublicTag(
-                orchestrator_pb2.ForkPublicTagRequest(
-                    org_name=source_org, repo_name=source_repo, tag_name=source_tag, saga_id=saga.id
-                ),
+                orchestrator_pb2.ForkPublicTagRequest(org_name=source_org, repo_name=source_repo, tag_name=source_tag, saga_id=saga.id),
                 metadata=self.credential.metadata(org_id),
             )
             await self.store.advance_saga(saga.id, "forked", vm_id=forked.vm_id, commit_id=forked.commit_id)
@@ -177,7 +175,7 @@ class Sagas:
         """Undo a failed fork at once if the peers answer, else in the background. True if it landed after all."""
         try:
             return await self._settle_once(saga_id, logging.INFO) == "finished"
-        except Exception as error:  # noqa: BLE001 - the caller's own error is the one to report
+        except Exception as error:
             log.warning("fork %s could not be undone yet (%s); retrying in the background", saga_id, reason(error))
             self._spawn(self._settle_all([saga_id]))
             return False
@@ -193,7 +191,9 @@ class Sagas:
             return "finished"
         if saga.kind == REPO_DELETE:
             await self._finish_repository_deletion(saga)
-            log.log(level, "repository delete %s of org %s: finished, %r is gone", saga.id, saga.org_id, json.loads(saga.payload)["repo_name"])
+            log.log(
+                level, "repository delete %s of org %s: finished, %r is gone", saga.id, saga.org_id, json.loads(saga.payload)["repo_name"]
+            )
             return "finished"
         payload = json.loads(saga.payload)
         if payload.get("commit_id") and await self._tag_points_at(saga, payload):
@@ -206,8 +206,9 @@ class Sagas:
             orchestrator_pb2.AbandonForkRequest(saga_id=saga.id), metadata=self.credential.metadata(saga.org_id), timeout=ABANDON_TIMEOUT
         )
         await self.store.end_saga(saga.id)
+        repository = f", repository {payload['repo_name']!r} removed" if removed else ""
         log.log(level, "fork %s of org %s: undone at step %s (VM %s and commit %s deleted%s)", saga.id, saga.org_id, saga.step,
-                abandoned.vm_id or "-", abandoned.commit_id or "-", f", repository {payload['repo_name']!r} removed" if removed else "")  # fmt: skip
+                abandoned.vm_id or "-", abandoned.commit_id or "-", repository)  # fmt: skip
         return "undone"
 
     async def _tag_points_at(self, saga: SagaRow, payload: dict[str, Any]) -> bool:
@@ -265,7 +266,7 @@ class Sagas:
             for saga_id in pending:
                 try:
                     await self._settle_once(saga_id, level)
-                except Exception as error:  # noqa: BLE001 - a peer not up yet; said, and tried again
+                except Exception as error:
                     log.info("saga %s waits for its peers: %s", saga_id, reason(error))
                     failed.append(saga_id)
             pending = failed

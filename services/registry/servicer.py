@@ -148,7 +148,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )  # fmt: skip
         return pb.CreateRepositoryResponse(repo_id=repo.id, name=repo.name)
 
-    async def SetRepositoryPolicy(self, request: pb.SetRepositoryPolicyRequest, context: grpc.aio.ServicerContext) -> pb.SetRepositoryPolicyResponse:
+    async def SetRepositoryPolicy(
+        self, request: pb.SetRepositoryPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetRepositoryPolicyResponse:
         repo = await self.store.set_policy(
             current_principal().org_id, request.repo_name,
             list(request.immutable_tags.patterns) if request.HasField("immutable_tags") else None,
@@ -225,7 +227,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if not commit_ids:
             return []
         answer = await self.orchestrator.ScanCommits(
-            orchestrator_pb2.ScanCommitsRequest(commit_ids=commit_ids, force=force, purpose=purpose, actor_key_id=current_principal().key_id),
+            orchestrator_pb2.ScanCommitsRequest(
+                commit_ids=commit_ids, force=force, purpose=purpose, actor_key_id=current_principal().key_id
+            ),
             metadata=self.credential.metadata(org_id),
             timeout=SCAN_TIMEOUT,
         )

@@ -464,7 +464,9 @@ class RegistryStore:
                 return
             made = json.loads(saga.payload)
             target = f"{made['source_org']}/{made['source_repo']}:{made['source_tag']} -> {made['repo_name']}:{made['tag_name']}"
-            audit.record(session, saga.org_id, "fork", target, after={"vm_id": made.get("vm_id", ""), "commit_id": made.get("commit_id", "")})
+            audit.record(
+                session, saga.org_id, "fork", target, after={"vm_id": made.get("vm_id", ""), "commit_id": made.get("commit_id", "")}
+            )
             await session.delete(saga)
 
     async def fork_repository(self, saga_id: str, org_id: str, name: str) -> SagaRow:
@@ -524,7 +526,9 @@ class RegistryStore:
             saga = SagaRow(id=str(uuid.uuid4()), kind=REPO_DELETE, org_id=org_id, step="started", payload=json.dumps(payload))
             session.add(saga)
             # Recorded here, where the caller's decision is made: from this row on the deletion only goes forward.
-            audit.record(session, org_id, "repository.delete", name, before={"repo_id": repo.id, "is_public": repo.is_public, **policy_json(repo)})
+            audit.record(
+                session, org_id, "repository.delete", name, before={"repo_id": repo.id, "is_public": repo.is_public, **policy_json(repo)}
+            )
             return saga
 
     async def finish_repository_deletion(self, saga_id: str, repo_id: str) -> None:
@@ -534,4 +538,3 @@ class RegistryStore:
                 await session.delete(repo)
             if (saga := await session.get(SagaRow, saga_id)) is not None:
                 await session.delete(saga)
-

@@ -70,9 +70,7 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(orchestrator)
 
     async def _repo(self, repo_name: str) -> registry_pb2.Repository:
-        answer = await self.registry.GetRepository(
-            registry_pb2.GetRepositoryRequest(repo_name=repo_name), metadata=caller_metadata()
-        )
+        answer = await self.registry.GetRepository(registry_pb2.GetRepositoryRequest(repo_name=repo_name), metadata=caller_metadata())
         return answer.repository
 
     async def _public_repo(self, org_name: str, repo_name: str) -> registry_pb2.PublicRepository:
@@ -84,9 +82,7 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
     async def _own_commit(self, commit_id: str) -> str:
         """The commit, if the caller's org owns it; tagging another org's commit needs a fork first."""
         try:
-            await self.orchestrator.GetCommit(
-                orchestrator_pb2.GetCommitRequest(commit_id=commit_id), metadata=caller_metadata()
-            )
+            await self.orchestrator.GetCommit(orchestrator_pb2.GetCommitRequest(commit_id=commit_id), metadata=caller_metadata())
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -97,7 +93,9 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
             ) from None
         return commit_id
 
-    async def CreateRepositoryTag(self, request: pb.CreateRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.CreateRepositoryTagResponse:
+    async def CreateRepositoryTag(
+        self, request: pb.CreateRepositoryTagRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateRepositoryTagResponse:
         validate_tag_name(request.tag_name)
         validate_text("description", request.description)
         repo = await self._repo(request.repo_name)
@@ -105,7 +103,9 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         tag = await self.store.create_tag(current_principal(), repo.repo_id, repo.name, request.tag_name, commit_id, request.description)
         return pb.CreateRepositoryTagResponse(tag_id=tag.id, commit_id=tag.commit_id, reference=f"{repo.name}:{tag.name}")
 
-    async def ListRepositoryTags(self, request: pb.ListRepositoryTagsRequest, context: grpc.aio.ServicerContext) -> pb.ListRepositoryTagsResponse:
+    async def ListRepositoryTags(
+        self, request: pb.ListRepositoryTagsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRepositoryTagsResponse:
         repo = await self._repo(request.repo_name)
         page = Page.of(f"tags:{repo.repo_id}", request.page_size, request.page_token)
         tags, token = page.cut(await self.store.list_tags(repo.repo_id, page.offset, page.fetch))
@@ -115,7 +115,9 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         repo = await self._repo(request.repo_name)
         return pb.GetRepositoryTagResponse(tag=tag_pb(await self.store.get_tag(repo.repo_id, repo.name, request.tag_name)))
 
-    async def UpdateRepositoryTag(self, request: pb.UpdateRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.UpdateRepositoryTagResponse:
+    async def UpdateRepositoryTag(
+        self, request: pb.UpdateRepositoryTagRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateRepositoryTagResponse:
         description = validate_text("description", request.description) if request.HasField("description") else None
         repo = await self._repo(request.repo_name)
         commit_id = await self._own_commit(request.commit_id) if request.HasField("commit_id") else None
@@ -124,12 +126,16 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         )
         return pb.UpdateRepositoryTagResponse(tag=tag_pb(tag))
 
-    async def DeleteRepositoryTag(self, request: pb.DeleteRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryTagResponse:
+    async def DeleteRepositoryTag(
+        self, request: pb.DeleteRepositoryTagRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteRepositoryTagResponse:
         repo = await self._repo(request.repo_name)
         await self.store.delete_tag(current_principal(), repo.repo_id, repo.name, request.tag_name, repo.immutable_tags)
         return pb.DeleteRepositoryTagResponse()
 
-    async def DeleteRepositoryTags(self, request: pb.DeleteRepositoryTagsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryTagsResponse:
+    async def DeleteRepositoryTags(
+        self, request: pb.DeleteRepositoryTagsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteRepositoryTagsResponse:
         repo = await self._repo(request.repo_name)
         principal = current_principal()
         # the registry's deletion of the whole repository (it checked the rules) takes immutable tags too; an

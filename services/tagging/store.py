@@ -206,9 +206,7 @@ class TaggingStore:
 
     # Repository tags
 
-    async def create_tag(
-        self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str, description: str
-    ) -> RepoTagRow:
+    async def create_tag(self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str, description: str) -> RepoTagRow:
         validate_tag_name(name)
         validate_text("description", description)
         tag = RepoTagRow(
@@ -245,7 +243,13 @@ class TaggingStore:
         return tag
 
     async def update_tag(
-        self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str | None, description: str | None,
+        self,
+        caller: Principal,
+        repo_id: str,
+        repo_name: str,
+        name: str,
+        commit_id: str | None,
+        description: str | None,
         immutable: Sequence[str] = (),
     ) -> RepoTagRow:
         """Move and/or describe a tag in one transaction, with its history event. A tag matching one of the
@@ -276,9 +280,7 @@ class TaggingStore:
     async def history(self, repo_id: str, name: str, offset: int = 0, limit: int | None = None) -> list[TagEventRow]:
         async with self.db.read() as session:
             query = (
-                select(TagEventRow)
-                .where(TagEventRow.repo_id == repo_id, TagEventRow.tag_name == name)
-                .order_by(col(TagEventRow.id).desc())
+                select(TagEventRow).where(TagEventRow.repo_id == repo_id, TagEventRow.tag_name == name).order_by(col(TagEventRow.id).desc())
             )
             return list(await session.exec(query.offset(offset).limit(limit)))
 
@@ -303,9 +305,7 @@ class TaggingStore:
     @staticmethod
     async def _references(session: AsyncSession, org_id: str, commit_id: str) -> tuple[list[str], list[str]]:
         tags = await session.exec(select(RepoTagRow).where(RepoTagRow.org_id == org_id, RepoTagRow.commit_id == commit_id))
-        legacy = await session.exec(
-            select(CommitTagRow.name).where(CommitTagRow.org_id == org_id, CommitTagRow.commit_id == commit_id)
-        )
+        legacy = await session.exec(select(CommitTagRow.name).where(CommitTagRow.org_id == org_id, CommitTagRow.commit_id == commit_id))
         return sorted(f"{t.repo_name}:{t.name}" for t in tags), sorted(legacy)
 
     # Legacy commit tags

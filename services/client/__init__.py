@@ -1,4 +1,6 @@
-"""The REST client the `vers` command and the platform launcher use."""
+"""The platform's Python client for its REST API: requests with an API key, errors as `ApiError` with the
+API's message and code, lists followed page by page, bodies streamed. The `vers` command, the image baker and the
+platform launcher are built on it."""
 
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def api_error(response: httpx.Response) -> ApiError:
 
 
 def unreachable(url: str, error: object) -> str:
-    return f"cannot reach the Vers API at {url} ({error}): is the platform running, and is VERS_URL (or `vers login --url`) right?"
+    return f"cannot reach the Vers API at {url} ({error}): is the platform running, and is that its URL (VERS_URL)?"
 
 
 class ApiClient:
