@@ -3,22 +3,29 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install images images-all gen lint-protos bench-vm bench-net bench-fsck bench-registry bench-hostile bench-scan bench-files clean
+.PHONY: run test test-fast install images images-all gen lint lint-protos breaking-protos protos-baseline bench-vm bench-net bench-fsck bench-registry bench-hostile bench-scan bench-files clean
 
 run: $(STAMP) images
 	$(PY) -m services.platform
 
-test: $(STAMP) images
+# The tests that boot VMs build the guest images first (into the checkout's .vers/images, whatever
+# VERS_DATA_DIR says) when they are missing.
+test: $(STAMP) lint
 	$(PY) -m pytest
+
+# The tests that boot no VM (unit tests, services without guests): seconds, no images built.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not vm"
 
 # Guest kernel, initramfs and root disks from Debian packages, cached in VERS_DATA_DIR/images.
 images: $(STAMP)
 	$(PY) -m services.orchestrator.images build
 
 # Every supported image (vers/node, python, rust, go, pi-agent, cc-agent) baked and published as
-# vers/<name>:latest and vers/<name>:<date>, against the platform `make run` started (VERS_URL).
+# vers/<name>:latest and vers/<name>:<date>, through the API of the platform `make run` started (VERS_URL),
+# with the administrator's key (it acts for the `vers` organization) unless VERS_API_KEY names another.
 images-all: $(STAMP) images
-	$(VENV)/bin/vers admin images bake
+	VERS_API_KEY=$${VERS_API_KEY:-$$(cat $${VERS_DATA_DIR:-.vers}/admin.key)} $(VENV)/bin/vers admin images bake
 
 bench-vm: $(STAMP) images
 	$(PY) bench/vm.py
@@ -43,7 +50,7 @@ bench-files: $(STAMP) images
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/bootstrap.sh
+$(STAMP): pyproject.toml scripts/bootstrap.sh tests/node/package-lock.json
 	bash scripts/bootstrap.sh "$(VENV)"
 	touch $@
 
@@ -55,5 +62,19 @@ gen: $(STAMP)
 lint-protos: $(STAMP)
 	$(PY) scripts/lint_protos.py
 
+# buf breaking (buf.yaml's FILE rules) against protos-baseline.binpb, the protos as last released.
+breaking-protos: $(STAMP)
+	$(PY) scripts/breaking_protos.py
+
+# After an intended breaking change to the protos is committed: the baseline from HEAD's protos; commit it.
+protos-baseline: $(STAMP)
+	$(PY) scripts/breaking_protos.py --update
+
+# Every linter, before the tests: ruff (lint and format), mypy (pyproject.toml), buf lint and buf breaking.
+lint: $(STAMP) lint-protos breaking-protos
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 clean:
-	rm -rf $(VENV) .build
+	rm -rf $(VENV) .build tests/node/node_modules

@@ -34,6 +34,7 @@ from services.common.settings import Settings  # noqa: E402
 from services.common.timestamps import utcnow  # noqa: E402
 from services.orchestrator import models as orchestrator  # noqa: E402
 from services.orchestrator.integrity import Verifier  # noqa: E402
+from services.orchestrator.layout import Layout  # noqa: E402
 from services.registry import models as registry  # noqa: E402
 from services.tagging import models as tagging  # noqa: E402
 
@@ -55,17 +56,17 @@ async def qemu_img_create(layer: Path, backing: Path) -> None:
 
 async def populate(settings: Settings, commits: int) -> dict[str, int]:
     """VMs committed COMMITS_PER_VM times each (then deleted), every commit tagged in its VM's repository."""
-    data = settings.data_dir.resolve()
-    for folder in ("layers", "commits", "sleeping", "images"):
-        (data / folder).mkdir(parents=True, exist_ok=True)
-    base = data / "images" / "rootfs.qcow2"
+    layout = Layout.of(settings)
+    for folder in (layout.layers, layout.commits, layout.sleeping, layout.images):
+        folder.mkdir(parents=True, exist_ok=True)
+    base = layout.images / "rootfs.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
     shape = {"vcpu_count": 1, "mem_size_mib": 256, "fs_size_mib": 1024, "image_name": "default",
              "kernel_path": "/nonexistent/vmlinux", "initramfs_path": "/nonexistent/initramfs.cpio"}  # fmt: skip
     org = registry.OrgRow(id=str(uuid.uuid4()), name="bench")
     repos, layers, vms, rows, tags = [], [], [], [], []
     limit = asyncio.Semaphore(2 * (os.cpu_count() or 1))
-    verifier = Verifier()
+    verifier = Verifier(layout)
     started = utcnow() - timedelta(days=1)
 
     async def make_layer(layer: Path, backing: Path) -> None:
@@ -82,26 +83,26 @@ async def populate(settings: Settings, commits: int) -> dict[str, int]:
     # parents before children: a qcow2 file is created over the file it is backed by
     for depth in range(COMMITS_PER_VM):
         await asyncio.gather(*(
-            make_layer(data / "layers" / f"{chain[depth]}.qcow2", data / "layers" / f"{chain[depth - 1]}.qcow2" if depth else base)
+            make_layer(layout.layer_file(chain[depth]), layout.layer_file(chain[depth - 1]) if depth else base)
             for chain in chains if depth < len(chain)
         ))  # fmt: skip
     for number, chain in enumerate(chains):
         vm_id = str(uuid.uuid4())
         # the VM was deleted after its last commit: its working layer went with it
-        vms.append(orchestrator.VmRow(id=vm_id, org_id=org.id, state="dead", created_at=started, deleted_at=started,
+        vms.append(orchestrator.VmRow(id=vm_id, org_id=org.id, state=orchestrator.VmState.DEAD, created_at=started, deleted_at=started,
                                       layer_id=str(uuid.uuid4()), ram_mode="shared", **shape))  # fmt: skip
         repo = registry.RepositoryRow(id=str(uuid.uuid4()), org_id=org.id, name=f"app-{number}")
         repos.append(repo)
         for depth, layer_id in enumerate(chain):
             commit_id = str(uuid.uuid4())
-            folder = data / "commits" / commit_id
+            folder = layout.commit_folder(commit_id)
             folder.mkdir()
             (folder / "state").write_bytes(os.urandom(STATE_KIB * 1024))
             (folder / "ram").write_bytes(os.urandom(RAM_KIB * 1024))
-            layer = data / "layers" / f"{layer_id}.qcow2"
+            layer = layout.layer_file(layer_id)
             for path in (*folder.iterdir(), layer):
                 path.chmod(0o444)
-            checksums = verifier.checksums(folder, layer)
+            checksums = verifier.checksums(commit_id, layer_id)
             rows.append(orchestrator.CommitRow(
                 id=commit_id, org_id=org.id, name=f"commit {depth} of {vm_id}", created_at=started, parent_vm_id=vm_id,
                 grandparent_commit_id=rows[-1].id if depth else None, layer_id=layer_id, ram_format="file",
@@ -122,7 +123,7 @@ async def populate(settings: Settings, commits: int) -> dict[str, int]:
                 if isinstance(row, orchestrator.LayerRow | registry.OrgRow):
                     await session.flush()  # parents before children, for the foreign keys
         await db.close()
-    hashed = sum(path.stat().st_size for path in (data / "commits").glob("*/*"))
+    hashed = sum(path.stat().st_size for path in layout.commits.glob("*/*"))
     return {"commits": len(rows), "tags": len(tags), "layers": len(layers), "hashed_mib": round(hashed / 2**20)}
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.common.settings import Settings  # noqa: E402
 from services.inprocess import InProcessPlatform  # noqa: E402
+from services.orchestrator.layout import Layout  # noqa: E402
 
 AGENT_PORT = 'for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = agent ] && echo /dev/${p##*/}; done'
 MARKERS = "while :; do printf '\\n<<%.0s' $(seq 2000); done"
@@ -99,7 +100,7 @@ async def flood(data: Path, runs: int, seconds: float) -> dict[str, Any]:
                 flooded += await timed_execs(http, good, 1)
                 peak = max(peak, rss_mib())
             waiting.cancel()
-            serial = platform.settings.vm_run_dir / hostile / "serial.log"
+            serial = Layout.of(platform.settings).run_folder(hostile) / "serial.log"
             serial_bytes = serial.stat().st_size if serial.exists() else 0
             for vm in vms:
                 await http.delete(f"/api/v1/vm/{vm}")

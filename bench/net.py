@@ -29,7 +29,8 @@ import websockets  # noqa: E402
 
 from services.common.settings import Settings  # noqa: E402
 from services.inprocess import InProcessPlatform  # noqa: E402
-from services.orchestrator.engine import Engine, VmConfig  # noqa: E402
+from services.orchestrator.engine import Engine  # noqa: E402
+from services.orchestrator.vmconfig import VmConfig  # noqa: E402
 from tests.conftest import kill_vms_under  # noqa: E402
 from tests.outside import outside_world  # noqa: E402
 

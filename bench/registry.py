@@ -1,4 +1,4 @@
-"""Registry benchmark: tag get, tag move and ref resolution through gRPC and through the REST gateway,
+"""Registry benchmark: tag get and tag move through gRPC and through the REST gateway,
 at 1, 16 and 64 concurrent clients. Prints requests per second, p50 and p99 latency, and the
 gateway/gRPC ratio; writes JSON (default bench/results/registry.json).
 
@@ -89,22 +89,15 @@ async def run(platform: InProcessPlatform, seconds: float) -> dict[str, object]:
             tagging_pb2.UpdateRepositoryTagRequest(repo_name="app", tag_name="latest", commit_id=commits[n % 2]), metadata=metadata
         )
 
-    async def grpc_resolve(_: int) -> None:
-        await stub.ResolveReference(tagging_pb2.ResolveReferenceRequest(ref="app:latest"), metadata=metadata)
-
     async def rest_get(_: int) -> None:
         (await http.get("/api/v1/repositories/app/tags/latest")).raise_for_status()
 
     async def rest_move(n: int) -> None:
         (await http.patch("/api/v1/repositories/app/tags/latest", json={"commit_id": commits[n % 2]})).raise_for_status()
 
-    async def rest_resolve(_: int) -> None:
-        (await http.get("/api/v1/refs/resolve", params={"ref": "app:latest"})).raise_for_status()
-
     operations = {
         "tag_get": (grpc_get, rest_get),
         "tag_move": (grpc_move, rest_move),
-        "ref_resolve": (grpc_resolve, rest_resolve),
     }
     results: dict[str, object] = {}
     print(

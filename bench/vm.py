@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from services.common.db import Database  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
-from services.orchestrator.engine import Engine, VmConfig  # noqa: E402
+from services.orchestrator.engine import Engine  # noqa: E402
 from services.orchestrator.models import TABLES, CommitRow, VmRow  # noqa: E402
 from services.orchestrator.store import OrchestratorStore  # noqa: E402
+from services.orchestrator.vmconfig import VmConfig  # noqa: E402
 
 ORG = "bench"
 GUEST_MIB = 256
@@ -180,13 +181,13 @@ async def main() -> None:
         try:
             figures = await Bench(engine, args.runs).run()
         finally:
-            for record in list(engine.vms.values()):
+            for record in engine.supervisor.running():
                 if record.machine is not None:
                     record.ending = True
                     await record.machine.kill()
             await engine.close()
             await db.close()
-            shutil.rmtree(settings.vm_run_dir, ignore_errors=True)
+            shutil.rmtree(engine.layout.run, ignore_errors=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"written to {args.json}")

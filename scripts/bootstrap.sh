@@ -23,6 +23,9 @@ command -v mkfs.ext4 >/dev/null && [ -x /sbin/resize2fs ] || apt_packages+=(e2fs
 # tests: the OpenSSH client, and dnsmasq as the guests' test DNS server
 command -v ssh >/dev/null || apt_packages+=(openssh-client)
 [ -x /usr/sbin/dnsmasq ] || apt_packages+=(dnsmasq-base)
+# tests: Node.js and npm for the Node.js gRPC client of the protos (tests/node)
+command -v node >/dev/null || apt_packages+=(nodejs)
+command -v npm >/dev/null || apt_packages+=(npm)
 # supported images (vers admin images bake): Debian root disks
 command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
 
@@ -45,3 +48,5 @@ fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e '.[dev]'
+# the Node.js client's packages, exactly as tests/node/package-lock.json pins them
+npm ci --prefix tests/node --no-audit --no-fund --loglevel=error

@@ -13,14 +13,20 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from gen_protos import GOOGLE_API_PROTOS  # noqa: E402
 
 
-def main() -> int:
+def prepare_workspace(root: Path = ROOT) -> str:
+    """Copy google/api/*.proto into `root`/.build/googleapis, the second module of buf.yaml's workspace, and
+    return the buf executable (the virtualenv's, from the buf-bin package)."""
     import google.api
 
-    target = ROOT / ".build" / "googleapis" / "google" / "api"
+    target = root / ".build" / "googleapis" / "google" / "api"
     target.mkdir(parents=True, exist_ok=True)
     for name in GOOGLE_API_PROTOS:
         shutil.copy(Path(google.api.__path__[0]) / name, target / name)
-    buf = shutil.which("buf", path=str(Path(sys.executable).parent)) or "buf"
+    return shutil.which("buf", path=str(Path(sys.executable).parent)) or "buf"
+
+
+def main() -> int:
+    buf = prepare_workspace()
     return subprocess.call([buf, "lint", "--path", "protos/vers"], cwd=ROOT)
 
 

@@ -29,21 +29,23 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.common.db import Database
+from services.common.db import Database, execute_sql
 from services.common.errors import DataLoss
 from services.common.settings import Settings
 from services.common.timestamps import as_utc
 from services.orchestrator.integrity import Verifier
+from services.orchestrator.layout import Layout
 from services.orchestrator.machine import kill_process, process_is_vm
-from services.orchestrator.models import LIVE_STATES
+from services.orchestrator.models import LIVE_STATES, VmState
 
 GRACE_SECONDS = 60.0
 SECOND_LOOK_SECONDS = 0.5
@@ -85,7 +87,7 @@ class Problem:
     def key(self) -> tuple[str, str]:
         return self.code, self.object
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, str | None]:
         return {"code": self.code, "object": self.object, "message": self.message, "repair": self.repair or None}
 
 
@@ -292,14 +294,10 @@ def _started(row: Row) -> float | None:
 
 class Fsck:
     def __init__(self, settings: Settings, grace: float = GRACE_SECONDS) -> None:
-        data = settings.data_dir.resolve()
         self.settings = settings
         self.grace = grace
-        self.layers_dir = data / "layers"
-        self.commits_dir = data / "commits"
-        self.sleep_dir = data / "sleeping"
-        self.run_dir = settings.vm_run_dir
-        self.verifier = Verifier()  # kept across looks: a file unchanged since it was hashed is not hashed again
+        self.layout = Layout.of(settings)
+        self.verifier = Verifier(self.layout)  # kept across looks: a file unchanged since it was hashed is not hashed again
         self.dbs: dict[str, Database | None] = {}
         self.urls: dict[str, str] = {}
         self.unopened: dict[str, str] = {}  # service: why its database was not opened (SQLite would create it)
@@ -325,9 +323,6 @@ class Fsck:
             if db is not None:
                 await db.close()
 
-    def layer_path(self, layer_id: str) -> Path:
-        return self.layers_dir / f"{layer_id}.qcow2"
-
     def is_young(self, path: Path, now: float | None = None) -> bool:
         try:
             return (now or time.time()) - path.stat().st_mtime < self.grace
@@ -352,7 +347,7 @@ class Fsck:
                 existing = set(await connection.run_sync(lambda sync: inspect(sync).get_table_names()))
                 for name in tables:
                     if name in existing:
-                        tables[name] = [dict(row) for row in (await session.exec(text(f'SELECT * FROM "{name}"'))).mappings()]
+                        tables[name] = [dict(row) for row in (await execute_sql(session, f'SELECT * FROM "{name}"')).mappings()]
         except (SQLAlchemyError, OSError) as error:
             self.absent[service] = f"it cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
             return tables
@@ -367,21 +362,21 @@ class Fsck:
         if db is None or table not in self.existing.get(service, set()):
             return []
         async with db.read() as session:
-            return [dict(row) for row in (await session.exec(text(f'SELECT * FROM "{table}" {where}'), params=params)).mappings()]
+            return [dict(row) for row in (await execute_sql(session, f'SELECT * FROM "{table}" {where}', params)).mappings()]
 
     async def write(self, service: str, sql: str, **params: object) -> int:
         db = self.dbs[service]
         if db is None:
             raise Skipped(f"the {service} database does not exist")
         async with db.write() as session:
-            return int((await session.exec(text(sql), params=params)).rowcount or 0)  # type: ignore[attr-defined]
+            return (await execute_sql(session, sql, params)).rowcount
 
     async def vm_row(self, vm_id: str) -> Row | None:
         db = self.dbs["orchestrator"]
         if db is None:
             raise Skipped("the orchestrator database does not exist")
         async with db.read() as session:
-            row = (await session.exec(text("SELECT * FROM vms WHERE id = :id"), params={"id": vm_id})).mappings().first()
+            row = (await execute_sql(session, "SELECT * FROM vms WHERE id = :id", {"id": vm_id})).mappings().first()
             return dict(row) if row is not None else None
 
     async def busy(self) -> tuple[set[str], set[str], set[str]]:
@@ -390,7 +385,7 @@ class Fsck:
 
     def running_anywhere(self, vm_id: str, pid: int = 0) -> Qemu | None:
         """A QEMU of the VM on this machine now, whatever run folder it uses (`pid`: the one its row names)."""
-        for qemu, _ in vers_qemus(self.layers_dir):
+        for qemu, _ in vers_qemus(self.layout.layers):
             if qemu.vm_id == vm_id:
                 return qemu
         if pid and process_is_vm(pid, vm_id):
@@ -408,7 +403,7 @@ class Fsck:
             return f"a layer row names layer {layer_id} now"
         if layer_id in (await self.busy())[2]:
             return f"an operation in flight owns layer {layer_id}"
-        if any(layer_id in qemu.layers for qemu, _ in vers_qemus(self.layers_dir)):
+        if any(layer_id in qemu.layers for qemu, _ in vers_qemus(self.layout.layers)):
             return f"a QEMU holds layer {layer_id} open"
         return ""
 
@@ -437,7 +432,7 @@ class Fsck:
         vm, why = await self.vm_owner(vm_id)
         if why or vm is None or vm["deleted_at"] is not None:
             return why
-        if vm["state"] == "sleeping":
+        if vm["state"] == VmState.SLEEPING:
             return f"VM {vm_id} is sleeping on it"
         if vm["state"] in LIVE_STATES and self.running_anywhere(vm_id, vm["pid"] or 0) is None:
             return f"VM {vm_id} did not finish waking from it"
@@ -447,7 +442,7 @@ class Fsck:
         vm, why = await self.vm_owner(vm_id)
         if why:
             return why
-        if vm is not None and vm["deleted_at"] is None and vm["state"] != "dead":
+        if vm is not None and vm["deleted_at"] is None and vm["state"] != VmState.DEAD:
             return f"VM {vm_id} is {vm['state']}"
         if (qemu := self.running_anywhere(vm_id)) is not None:
             return f"a QEMU of VM {vm_id} (process {qemu.pid}) still runs"
@@ -471,7 +466,7 @@ class Fsck:
         if missing := self.database_missing(tables):
             self.checked = {"databases": len(TABLES) - len(self.absent)}
             return [missing]  # every other finding would come from reading the wrong database
-        survey = Survey(self, tables, *qemu_processes(self.run_dir, self.layers_dir))
+        survey = Survey(self, tables, *qemu_processes(self.layout.run, self.layout.layers))
         problems = survey.problems()
         self.checked = survey.checked
         return problems
@@ -481,8 +476,8 @@ class Fsck:
         likely not reading the platform's databases (a *_DATABASE_URL missing from this shell)."""
         reasons = {service: why for service, why in self.absent.items()}
         if not reasons and not (tables["layers"] or tables["vms"] or tables["commits"]):
-            layer_files = sorted(self.layers_dir.glob("*.qcow2")) if self.layers_dir.is_dir() else []
-            commit_folders = [path for path in Survey._entries(self.commits_dir) if path.is_dir()]
+            layer_files = sorted(self.layout.layers.glob("*.qcow2")) if self.layout.layers.is_dir() else []
+            commit_folders = [path for path in Survey._entries(self.layout.commits) if path.is_dir()]
             if layer_files or commit_folders:
                 reasons["orchestrator"] = (f"it has no layer, VM or commit row, yet {self.settings.data_dir.resolve()} holds "
                                            f"{len(layer_files)} layer files and {len(commit_folders)} commit folders")  # fmt: skip
@@ -641,12 +636,12 @@ class Survey:
 
     def verify(self, commit: Row) -> str:
         """Why the commit's files cannot be trusted; empty when they can."""
-        folder = self.fsck.commits_dir / commit["id"]
+        folder = self.fsck.layout.commit_folder(commit["id"])
         checksums = commit.get("checksums") or "{}"
         try:
             if "files" not in json.loads(checksums):  # recorded before commits had checksums
                 return "" if (folder / "state").exists() else f"commit {commit['id']} is damaged: its state file is missing"
-            self.fsck.verifier.verify(commit["id"], checksums, folder, self.fsck.layer_path(commit["layer_id"]))
+            self.fsck.verifier.verify(commit["id"], checksums, commit["layer_id"])
         except DataLoss as error:
             return error.message
         except (OSError, ValueError, KeyError, TypeError) as error:
@@ -664,8 +659,8 @@ class Survey:
                          "or delete the commit")  # fmt: skip
             self.walk(commit["layer_id"], f"commit {commit['id']}")
         for commit_id in sorted(self.tag_refused):
-            commit = self.commits.get(commit_id)
-            if commit is not None and commit["deleted_at"] is None and commit_id not in self.deletions:
+            refused = self.commits.get(commit_id)
+            if refused is not None and refused["deleted_at"] is None and commit_id not in self.deletions:
                 self.add("commit-untaggable", f"commit {commit_id}", "the tagging service refuses tags to this commit (it recorded "
                          "its deletion), but the orchestrator keeps it as a live commit: a deletion was abandoned after the tagging "
                          "service agreed to it; delete the commit again to finish it")  # fmt: skip
@@ -692,7 +687,7 @@ class Survey:
 
     def ours(self, folder: str) -> bool:
         """Whether a QEMU's run folder is the one fsck looks in."""
-        return bool(folder) and os.path.realpath(folder) == os.path.realpath(self.fsck.run_dir)
+        return bool(folder) and os.path.realpath(folder) == os.path.realpath(self.fsck.layout.run)
 
     def check_run_dir(self) -> None:
         """Live VMs, none of them runs under fsck's run folder, and some run under another: VERS_RUN_DIR is not
@@ -704,24 +699,25 @@ class Survey:
         if not away:
             return
         folders = {folder or "a folder its command line does not tell" for _, folder in away.values()}
-        self.add("run-dir-mismatch", f"run folder {self.fsck.run_dir}", f"no QEMU runs under {self.fsck.run_dir}, the run folder fsck "
+        run = self.fsck.layout.run
+        self.add("run-dir-mismatch", f"run folder {run}", f"no QEMU runs under {run}, the run folder fsck "
                  f"looks in (VERS_RUN_DIR), but the QEMU of {len(away)} live VM{'s' if len(away) != 1 else ''} ({_some(away)}) "
                  f"runs under {_some(folders)}: VERS_RUN_DIR must be the platform's",
                  refuses=f"fsck is not looking in the platform's run folder; run it with VERS_RUN_DIR={_some(folders)}")  # fmt: skip
 
     def check_vms(self) -> None:
         for vm in self.vms.values():
-            if vm["deleted_at"] is None and vm["state"] == "dead":
+            if vm["deleted_at"] is None and vm["state"] == VmState.DEAD:
                 # its disk is never opened again, but its rows are still walked by the garbage collection
                 for layer_id in self.chain_ids(vm["layer_id"]):
                     if layer_id not in self.layers:
                         self.chain_users[("layer-row-missing", layer_id)].append(f"VM {vm['id']} (dead)")
-            if vm["deleted_at"] is not None or vm["state"] == "dead" or self.settling(vm["id"]):
+            if vm["deleted_at"] is not None or vm["state"] == VmState.DEAD or self.settling(vm["id"]):
                 continue
             self.walk(vm["layer_id"], f"VM {vm['id']}")
-            name, saved = f"VM {vm['id']}", self.fsck.sleep_dir / vm["id"] / "state"
+            name, saved = f"VM {vm['id']}", self.fsck.layout.sleep_folder(vm["id"]) / "state"
             mine = self.by_vm.get(vm["id"], [])
-            if vm["state"] == "sleeping":
+            if vm["state"] == VmState.SLEEPING:
                 if not saved.exists():
                     self.add("sleep-state-missing", name, f"VM {vm['id']} (organization {self.org(vm['org_id'])}) is sleeping but its "
                              f"saved state {saved} is missing: it cannot wake; delete it")  # fmt: skip
@@ -732,7 +728,7 @@ class Survey:
                 pid, folder = away
                 if not self.ours(folder):  # else a QEMU started since the processes were listed
                     self.add("run-dir-mismatch", name, f"VM {vm['id']} is {vm['state']} and its QEMU (process {pid}) runs, with its "
-                             f"sockets under {folder or 'a folder its command line does not tell'}, not under {self.fsck.run_dir}, "
+                             f"sockets under {folder or 'a folder its command line does not tell'}, not under {self.fsck.layout.run}, "
                              f"the run folder fsck looks in: VERS_RUN_DIR must be the platform's; fsck never marks a VM dead "
                              f"whose QEMU runs")  # fmt: skip
             elif not mine and saved.exists():
@@ -742,7 +738,7 @@ class Survey:
                     f"VM {vm['id']} is {vm['state']} in the database but no QEMU runs it; its saved state "
                     f"from a wake that did not finish is still there",
                     "put it back to sleep, its saved state kept",
-                    self.set_state(vm, "sleeping"),
+                    self.set_state(vm, VmState.SLEEPING),
                 )
             elif not mine:
                 self.add(
@@ -751,7 +747,7 @@ class Survey:
                     f"VM {vm['id']} (organization {self.org(vm['org_id'])}) is {vm['state']} in the "
                     f"database, and counted in its quota, but no QEMU runs it: it is gone",
                     "mark it dead and remove its run folder",
-                    self.set_state(vm, "dead"),
+                    self.set_state(vm, VmState.DEAD),
                 )
             recorded = set(self.chain_ids(vm["layer_id"]))
             for process in mine:
@@ -788,7 +784,8 @@ class Survey:
 
     def chain_ids(self, layer_id: str) -> list[str]:
         chain: list[str] = []
-        seen, current = set(), layer_id
+        seen: set[str] = set()
+        current: str | None = layer_id
         while current is not None and current not in seen:
             chain.append(current)
             seen.add(current)
@@ -798,7 +795,9 @@ class Survey:
 
     def walk(self, layer_id: str, user: str) -> None:
         """Check the layer chain the user stands on, each layer once however many stand on it."""
-        path, on_path, current = [], set(), layer_id
+        path: list[str] = []
+        on_path: set[str] = set()
+        current: str | None = layer_id
         while current is not None and current not in self.chains and current not in on_path:
             path.append(current)
             on_path.add(current)
@@ -815,13 +814,13 @@ class Survey:
         row = self.layers.get(layer_id)
         if row is None:
             return frozenset({("layer-row-missing", layer_id)})
-        path = self.fsck.layer_path(layer_id)
+        path = self.fsck.layout.layer_file(layer_id)
         if not path.exists():
             in_flight = layer_id in self.busy_layers or self.young(row["created_at"])
             return frozenset() if in_flight else frozenset({("layer-missing", layer_id)})
         found = set()
         parent, base = row["parent_id"], row.get("base_path") or ""
-        expected = str(self.fsck.layer_path(parent)) if parent else base
+        expected = str(self.fsck.layout.layer_file(parent)) if parent else base
         try:
             named = qcow2_backing(path)
         except (OSError, ValueError) as error:
@@ -848,12 +847,13 @@ class Survey:
                          "and the orchestrator's garbage collection fails on it")  # fmt: skip
             elif code == "layer-missing":
                 self.add(
-                    code, f"layer {obj}", f"the layer file {self.fsck.layer_path(obj)} is missing and {on}: they cannot run or be restored"
-                )
+                    code, f"layer {obj}", f"the layer file {self.fsck.layout.layer_file(obj)} is missing and {on}: they cannot run or be "
+                    f"restored"
+                )  # fmt: skip
             elif code == "image-missing":
                 self.add(code, f"image {obj}", f"the image disk {obj} is missing and {on}: rebuild that image (make images)")
             elif code == "layer-damaged":
-                self.add(code, f"layer {obj}", f"the layer file {self.fsck.layer_path(obj)} cannot be read ({detail}) and {on}")
+                self.add(code, f"layer {obj}", f"the layer file {self.fsck.layout.layer_file(obj)} cannot be read ({detail}) and {on}")
             else:
                 self.add(code, f"layer {obj}", f"layer {obj} is backed by another file than its row says ({detail}), and {on}: "
                          f"their disks are not what was committed")  # fmt: skip
@@ -883,25 +883,25 @@ class Survey:
 
     def check_files(self) -> None:
         now = self.now
-        if self.fsck.layers_dir.is_dir():
-            for path in sorted(self.fsck.layers_dir.glob("*.qcow2")):
+        if self.fsck.layout.layers.is_dir():
+            for path in sorted(self.fsck.layout.layers.glob("*.qcow2")):
                 layer_id = path.stem
                 if layer_id in self.layers or layer_id in self.busy_layers or layer_id in self.open_layers or self.fsck.is_young(path, now):
                     continue
                 if str(path) in self.backing_files:
                     continue  # a layer in use is backed by it (its row says otherwise: layer-backing-mismatch)
                 self.add("orphan-layer-file", str(path), "no layer row names this layer file", "remove it",
-                         self.remove(path, lambda layer_id=layer_id: self.fsck.layer_owner(layer_id)))  # fmt: skip
+                         self.remove(path, partial(self.fsck.layer_owner, layer_id)))  # fmt: skip
         owned = {c["id"] for c in self.commits.values() if c["deleted_at"] is None} | set(self.deletions) | self.busy_commits
-        for path in self._entries(self.fsck.commits_dir):
+        for path in self._entries(self.fsck.layout.commits):
             if path.name in owned or self.fsck.is_young(path, now):
                 continue
             why = "no commit row names it" if path.name not in self.commits else f"commit {path.name} was deleted"
             self.add("orphan-commit-folder", str(path), f"a commit folder, but {why}", "remove it",
-                     self.remove(path, lambda name=path.name: self.fsck.commit_owner(name)))  # fmt: skip
-        for path in self._entries(self.fsck.sleep_dir):
+                     self.remove(path, partial(self.fsck.commit_owner, path.name)))  # fmt: skip
+        for path in self._entries(self.fsck.layout.sleeping):
             vm = self.vms.get(path.name)
-            if vm is not None and vm["deleted_at"] is None and vm["state"] == "sleeping":
+            if vm is not None and vm["deleted_at"] is None and vm["state"] == VmState.SLEEPING:
                 continue
             if self.settling(path.name) or self.fsck.is_young(path, now):
                 continue
@@ -915,22 +915,22 @@ class Survey:
                 else f"its VM is {vm['state']}, not sleeping"
             )
             self.add("orphan-sleep-folder", str(path), f"a sleeping VM's saved state, but {why}", "remove it",
-                     self.remove(path, lambda name=path.name: self.fsck.sleep_owner(name)))  # fmt: skip
-        for path in self._entries(self.fsck.run_dir):
+                     self.remove(path, partial(self.fsck.sleep_owner, path.name)))  # fmt: skip
+        for path in self._entries(self.fsck.layout.run):
             vm = self.vms.get(path.name)
-            if vm is not None and vm["deleted_at"] is None and vm["state"] != "dead":
+            if vm is not None and vm["deleted_at"] is None and vm["state"] != VmState.DEAD:
                 for copy in sorted(path.glob("ram-*")):
                     commit_id = copy.name.removeprefix("ram-")
                     if commit_id not in self.busy_commits and not self.fsck.is_young(copy, now):
                         self.add("orphan-ram-copy", str(copy), "the RAM copy of a commit that is not being made (an interrupted "
                                  "commit left it in tmpfs, where it takes memory)", "remove it",
-                                 self.remove(copy, lambda commit_id=commit_id: self.fsck.ram_copy_owner(commit_id)))  # fmt: skip
+                                 self.remove(copy, partial(self.fsck.ram_copy_owner, commit_id)))  # fmt: skip
                 continue
             if self.settling(path.name) or self.fsck.is_young(path, now):
                 continue
             why = "no VM row names it" if vm is None else "its VM was deleted" if vm["deleted_at"] else "its VM is dead"
             self.add("orphan-run-folder", str(path), f"a VM's run folder (sockets, RAM file in tmpfs), but {why}", "remove it",
-                     self.remove(path, lambda name=path.name: self.fsck.run_owner(name)))  # fmt: skip
+                     self.remove(path, partial(self.fsck.run_owner, path.name)))  # fmt: skip
 
     @staticmethod
     def _entries(folder: Path) -> list[Path]:
@@ -953,17 +953,17 @@ class Survey:
                 if not self.by_vm.get(vm["id"]):
                     notes[vm["org_id"]].append(f"VM {vm['id']} is counted but does not run")
         for process in self.processes:
-            vm = self.vms.get(process.vm_id)
-            if vm is None or self.settling(vm["id"]):
+            owner = self.vms.get(process.vm_id)
+            if owner is None or self.settling(owner["id"]):
                 continue
-            org = vm["org_id"]
-            if vm["deleted_at"] is not None or vm["state"] not in LIVE_STATES:
+            org = owner["org_id"]
+            if owner["deleted_at"] is not None or owner["state"] not in LIVE_STATES:
                 if process.age < self.fsck.grace:
                     continue
-                notes[org].append(f"VM {vm['id']} runs but is not counted ({'deleted' if vm['deleted_at'] else vm['state']})")
-            elif (process.vcpus, process.memory_mib) != (vm["vcpu_count"], vm["mem_size_mib"]):
-                notes[org].append(f"VM {vm['id']} is counted as {vm['vcpu_count']} vCPUs and {vm['mem_size_mib']} MiB but runs with "
-                                  f"{process.vcpus} and {process.memory_mib} MiB")  # fmt: skip
+                notes[org].append(f"VM {owner['id']} runs but is not counted ({'deleted' if owner['deleted_at'] else owner['state']})")
+            elif (process.vcpus, process.memory_mib) != (owner["vcpu_count"], owner["mem_size_mib"]):
+                notes[org].append(f"VM {owner['id']} is counted as {owner['vcpu_count']} vCPUs and {owner['mem_size_mib']} MiB "
+                                  f"but runs with {process.vcpus} and {process.memory_mib} MiB")  # fmt: skip
                 fixable[org] = False
             running[org][0] += process.vcpus
             running[org][1] += process.memory_mib
@@ -1052,7 +1052,7 @@ class Survey:
                 raise Skipped(why)
             if vm is not None and vm["deleted_at"] is None and vm["state"] in LIVE_STATES and vm["pid"] in (0, process.pid):
                 raise Skipped(f"VM {process.vm_id} is {vm['state']} again")
-            ours, _ = qemu_processes(self.fsck.run_dir, self.fsck.layers_dir)
+            ours, _ = qemu_processes(self.fsck.layout.run, self.fsck.layout.layers)
             if not any(qemu.pid == process.pid and qemu.vm_id == process.vm_id for qemu in ours):
                 raise Skipped(f"QEMU process {process.pid} of VM {process.vm_id} is gone")
             kill_process(process.pid, process.vm_id)
@@ -1075,7 +1075,7 @@ class Survey:
                 raise Skipped(f"VM {vm['id']} changed since it was checked")
             if (qemu := self.fsck.running_anywhere(vm["id"], row["pid"] or 0)) is not None:
                 raise Skipped(f"a QEMU of VM {vm['id']} runs (process {qemu.pid})")
-            if state == "sleeping" and not (self.fsck.sleep_dir / vm["id"] / "state").exists():
+            if state == VmState.SLEEPING and not (self.fsck.layout.sleep_folder(vm["id"]) / "state").exists():
                 raise Skipped(f"the saved state of VM {vm['id']} is gone")
             changed = await self.fsck.write(
                 "orchestrator",
@@ -1084,8 +1084,8 @@ class Survey:
             )  # fmt: skip
             if not changed:
                 raise Skipped(f"VM {vm['id']} changed since it was checked")
-            run = self.fsck.run_dir / vm["id"]
-            if state == "dead":
+            run = self.fsck.layout.run_folder(vm["id"])
+            if state == VmState.DEAD:
                 shutil.rmtree(run, ignore_errors=True)
                 return f"marked VM {vm['id']} dead (was {vm['state']}) and removed its run folder"
             (run / "ram").unlink(missing_ok=True)
@@ -1100,13 +1100,12 @@ class Survey:
                 raise Skipped("the orchestrator database does not exist")
             if layer_id in (await self.fsck.busy())[2]:
                 raise Skipped(f"an operation in flight owns layer {layer_id}")
-            if any(layer_id in qemu.layers for qemu, _ in vers_qemus(self.fsck.layers_dir)):
+            if any(layer_id in qemu.layers for qemu, _ in vers_qemus(self.fsck.layout.layers)):
                 raise Skipped(f"a QEMU holds layer {layer_id} open")
             async with db.write() as session:  # reachability again, inside the transaction that deletes
-                layers = {row[0]: row[1] for row in await session.exec(text("SELECT id, parent_id FROM layers"))}
-                roots = [row[0] for row in await session.exec(text(
-                    "SELECT layer_id FROM vms WHERE deleted_at IS NULL UNION SELECT layer_id FROM commits WHERE deleted_at IS NULL"
-                ))]  # fmt: skip
+                layers = {row[0]: row[1] for row in await execute_sql(session, "SELECT id, parent_id FROM layers")}
+                live = "SELECT layer_id FROM vms WHERE deleted_at IS NULL UNION SELECT layer_id FROM commits WHERE deleted_at IS NULL"
+                roots = [row[0] for row in await execute_sql(session, live)]
                 for root in roots:
                     current, seen = root, set()
                     while current is not None and current not in seen:
@@ -1116,8 +1115,8 @@ class Survey:
                         current = layers.get(current)
                 if layer_id in layers.values():
                     raise Skipped(f"layer {layer_id} still has a child layer")
-                await session.exec(text("DELETE FROM layers WHERE id = :id"), params={"id": layer_id})
-            self.fsck.layer_path(layer_id).unlink(missing_ok=True)
+                await execute_sql(session, "DELETE FROM layers WHERE id = :id", {"id": layer_id})
+            self.fsck.layout.layer_file(layer_id).unlink(missing_ok=True)
             return f"removed garbage layer {layer_id} (row and file)"
 
         return act

@@ -1,5 +1,13 @@
 """The platform under test: the three services as real grpc.aio servers on free ports, and the REST
-gateway served by uvicorn on a real socket, all in this process's event loop."""
+gateway served by uvicorn on a real socket, all in this process's event loop.
+
+Tiers: a test that boots a VM or needs the guest images is marked `vm`, either itself (`pytestmark =
+pytest.mark.vm` for a module whose tests all do) or by depending on the `images` fixture (a fixture that
+starts a platform for VMs takes it as an argument), which marks it `vm` here. A session that selects any
+`vm` test builds the images before its first test; `pytest -m "not vm"` builds none, and the platforms of
+such a session have none, so a test that boots a VM without being marked fails at once instead of making
+the fast tier slow.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 import pytest_asyncio
 
-from services.common.settings import Settings
+from services.common.settings import Settings, get_settings
 from services.inprocess import InProcessPlatform, free_ports
 from services.orchestrator.images import build_all
 from services.orchestrator.network import GuestNetwork
@@ -59,19 +68,59 @@ class Platform(InProcessPlatform):
 
 
 ROOT = Path(__file__).resolve().parent.parent
-# Platforms the tests start in subprocesses too: no guest's DNS query leaves this machine.
-os.environ.setdefault("VERS_GUEST_DNS", "none")
-# The host's disk reserve is tested on platforms of its own (test_hostile_guest.py); the suite's platforms
-# keep a small one so that it runs on a machine with a few GiB of disk free.
-os.environ.setdefault("VERS_HOST_RESERVE_DISK_MIB", "256")
-# `make test` builds the images first (make images); the suite shares that cache.
-IMAGES = Path(os.environ.get("VERS_IMAGES_DIR") or ROOT / ".vers" / "images")
+# Where the `images` fixture builds the guest images, a cache kept between runs: the checkout's own, the
+# folder `make run` uses with its default data folder, whatever the caller's VERS_DATA_DIR or VERS_IMAGES_DIR.
+IMAGES = ROOT / ".vers" / "images"
+# The suite's own settings, in the environment of this process and of every platform, `vers` and script
+# it starts: no guest's DNS query leaves this machine; the host's disk reserve is tested on platforms of
+# its own (test_hostile_guest.py), the suite's keep a small one so that it runs with a few GiB of disk free.
+SUITE_ENVIRONMENT = {"VERS_GUEST_DNS": "none", "VERS_HOST_RESERVE_DISK_MIB": "256"}
+
+
+def pytest_configure() -> None:
+    """The suite runs the same whatever the caller exported (a user of `make run` may have VERS_DATA_DIR,
+    VERS_URL or VERS_API_KEY set): every VERS_* variable and every other variable a setting reads is
+    removed, the suite's own knobs (VERS_TEST_*) kept, and SUITE_ENVIRONMENT set. VERS_IMAGES_DIR is set
+    by the `images` fixture once the images are built."""
+    settings_variables = {field.validation_alias for field in Settings.model_fields.values()}
+    for name in list(os.environ):
+        if (name.startswith("VERS_") and not name.startswith("VERS_TEST_")) or name in settings_variables:
+            del os.environ[name]
+    os.environ.update(SUITE_ENVIRONMENT)
+    get_settings.cache_clear()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "images" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session")
+def images() -> Path:
+    """The guest images (kernel, initramfs, root disk), built into IMAGES when missing (a few minutes the
+    first time, a second when cached), and named in VERS_IMAGES_DIR for the platforms started from now on."""
+    build_all(IMAGES)
+    os.environ["VERS_IMAGES_DIR"] = str(IMAGES)
+    return IMAGES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def images_for_vm_tests(request: pytest.FixtureRequest) -> None:
+    """A session that runs any VM test builds the images before its first test, so every platform it starts
+    has them (the shared one picks its accelerator, KVM or TCG, at start by booting one); a session without
+    VM tests builds none, and its platforms have none."""
+    if any(item.get_closest_marker("vm") for item in request.session.items):
+        request.getfixturevalue("images")
 
 
 def test_settings(data_dir: Path) -> Settings:
+    """A platform's settings for the suite; its images are the built ones in a session with VM tests, else the
+    data folder's own `images`, empty."""
     return Settings(
         data_dir=data_dir,
-        images_dir=str(IMAGES),
+        images_dir=os.environ.get("VERS_IMAGES_DIR", ""),
         auth_cache_seconds=0.5,
         shutdown_grace_seconds=1,
         accel="auto",
@@ -82,7 +131,7 @@ def test_settings(data_dir: Path) -> Settings:
         rate_limit_per_second=10_000,
         rate_limit_burst=100_000,
         auth_failures_per_minute=100_000,
-        host_reserve_disk_mib=int(os.environ["VERS_HOST_RESERVE_DISK_MIB"]),
+        host_reserve_disk_mib=int(SUITE_ENVIRONMENT["VERS_HOST_RESERVE_DISK_MIB"]),
     )
 
 
@@ -108,8 +157,7 @@ def discard(folder: Path) -> None:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def platform(tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore[no-untyped-def]
-    await asyncio.to_thread(build_all, IMAGES)
+async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
     platform = await Platform.start(test_settings(tmp_path_factory.mktemp("vers-data")))
     yield platform  # type: ignore[misc]
     kill_vms_under(platform.settings.vm_run_dir)

@@ -17,22 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import click
-import pexpect
+import pexpect  # type: ignore[import-untyped]  # pexpect ships no type hints
 from click_default_group import DefaultGroup
 
 from services.cli.main import cli
 from services.common.settings import Settings
-from tests.conftest import IMAGES, ROOT, discard, free_ports, kill_vms_under
+from tests.conftest import ROOT, discard, free_ports, kill_vms_under
 
 VERS = Path(sys.executable).parent / "vers"
 
 
 def launcher_env(folder: Path) -> dict[str, str]:
-    """The environment of a platform on free ports with its data under `folder`, and of `vers` to reach it."""
+    """The environment of a platform on free ports with its data under `folder`, and of `vers` to reach it;
+    the suite's own (tests/conftest.py), with VERS_IMAGES_DIR in a session with VM tests."""
     registry, tagging, orchestrator, http = free_ports(4)
-    inherited = {name: value for name, value in os.environ.items() if name != "VERS_API_KEY"}
     return {
-        **inherited,
+        **os.environ,
         "VERS_CONFIG_DIR": str(folder / "config"),
         "VERS_DATA_DIR": str(folder / "data"),
         "REGISTRY_ADDR": f"127.0.0.1:{registry}",
@@ -41,7 +41,6 @@ def launcher_env(folder: Path) -> dict[str, str]:
         "VERS_HTTP_PORT": str(http),
         "VERS_URL": f"http://127.0.0.1:{http}",
         "VERS_LOG_LEVEL": "WARNING",
-        "VERS_IMAGES_DIR": str(IMAGES),
     }
 
 
@@ -52,7 +51,7 @@ class Launched:
         self.banner = self._read_banner()
 
     def _read_banner(self) -> str:
-        lines = []
+        lines: list[str] = []
         assert self.process.stdout is not None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -18,6 +18,8 @@ import pytest
 from services.cli.main import cli
 from tests.launcher import COMMITTED, FORKED, STARTED, VERS, Site, User, command_path, running_site
 
+pytestmark = pytest.mark.vm
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:

@@ -11,10 +11,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pexpect
+import pytest
 import pytest_asyncio
 
 from tests.conftest import Org, Platform
 from tests.launcher import VERS
+
+pytestmark = pytest.mark.vm
 
 
 class Cli:

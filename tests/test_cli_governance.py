@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.launcher import COMMITTED, VERS, Site, running_site
 
+pytestmark = pytest.mark.vm
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:

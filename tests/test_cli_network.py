@@ -25,6 +25,8 @@ import pytest
 from tests.conftest import free_ports
 from tests.launcher import STARTED, VERS, Site, User, running_site
 
+pytestmark = pytest.mark.vm
+
 READY = re.compile(r"\A✓ 127\.0\.0\.1:(?P<port>\d+) → VM (?P<vm>\S+):(?P<remote>\d+) \(Ctrl-C stops\)\n\Z")
 FILES = 20
 # A CGI answer that takes a while, so the requests of one test are all open at the same time.

@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import Org, Platform
 from tests.launcher import STARTED, VERS
 
+pytestmark = pytest.mark.vm
+
 DISK_MIB = 128
 
 

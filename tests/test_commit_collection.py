@@ -19,6 +19,8 @@ from tests.conftest import Org, Platform
 from vers.common.v1 import governance_pb2
 from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
+pytestmark = pytest.mark.vm
+
 SMALL_VM = {"vm_config": {"mem_size_mib": 128}}
 # An OpenSSH private key's shape with a random body: what a guest that made itself a key pair holds.
 PLANTED_KEY = (

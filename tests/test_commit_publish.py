@@ -21,6 +21,8 @@ from tests.conftest import Org, Platform
 from tests.test_governance import private_key
 from tests.test_vms import new_vm, out, sh
 
+pytestmark = pytest.mark.vm
+
 VERS = Path(sys.executable).parent / "vers"
 
 

@@ -9,11 +9,14 @@ import time
 import uuid
 
 import httpx
+import pytest
 
 from services.common.server import start
 from services.inprocess import BUILDERS
 from tests.conftest import Org, Platform
 from tests.test_vms import new_vm, out
+
+pytestmark = pytest.mark.vm
 
 
 async def commit(http: httpx.AsyncClient, vm_id: str) -> str:

@@ -28,6 +28,8 @@ from tests.launcher import VERS
 from tests.outside import GIT, Outside, outside_world
 from tests.test_vms import out
 
+pytestmark = pytest.mark.vm
+
 PAGE = "<h1>deployed by vers</h1>\n"
 BUILD = "mkdir -p public && cp index.html public/"
 RUN = "busybox httpd -f -p 8000 -h public"

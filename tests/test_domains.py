@@ -24,6 +24,8 @@ from services.common.names import normalize_host
 from services.orchestrator.domains import Domains
 from tests.conftest import Org, Platform
 
+pytestmark = pytest.mark.vm
+
 SUFFIX = "vers.localhost"
 WEB_PORT = 80
 WS_PORT = 8080

@@ -9,11 +9,14 @@ import random
 import sqlite3
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 from services.orchestrator.secrets import LITERAL_BYTES, LITERAL_RULE, RULES_VERSION, org_literals, scan_commit, scan_version
 from tests.conftest import Org, Platform
 from tests.test_vms import new_vm, out
+
+pytestmark = pytest.mark.vm
 
 MIB = 1 << 20
 DB_URL = "postgres://app:Sup3rS3cret@db/prod"

@@ -19,6 +19,8 @@ import websockets
 from tests.conftest import Org, Platform
 from tests.test_vms import console_url, new_vm, out, read_until
 
+pytestmark = pytest.mark.vm
+
 # Loggers of the test's own clients, not of the platform.
 TEST_CLIENTS = ("httpx", "httpcore", "websockets.client")
 # Both kinds of quotes, and what a shell would expand: written in shell quoting.

@@ -21,6 +21,8 @@ from vers_sdk import models as M
 from services.orchestrator.execs import ExecLog, ExecSession
 from tests.conftest import Org, Platform
 
+pytestmark = pytest.mark.vm
+
 # Output known byte for byte: lines of numbers, bytes that are not UTF-8, and a pause in the middle.
 SCRIPT = "seq 1 30000; printf '\\000\\377\\n'; echo to-stderr >&2; sleep 1; seq 30001 31000; exit 3"
 EXPECTED_STDOUT = (

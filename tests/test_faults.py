@@ -20,6 +20,8 @@ from tests.conftest import discard, kill_vms_under
 from tests.launcher import VERS, Launched, launcher_env
 from tests.test_vms import COUNTER
 
+pytestmark = pytest.mark.vm
+
 
 @dataclass
 class Site:

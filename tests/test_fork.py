@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
+import pytest
 import pytest_asyncio
 
 from tests.conftest import Org, Platform
+
+pytestmark = pytest.mark.vm
 
 
 @dataclass

@@ -26,6 +26,8 @@ from tests.launcher import Launched, launcher_env
 from tests.test_faults import fsck
 from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
+pytestmark = pytest.mark.vm
+
 # Fault point: (the step its saga is left at, the state of its fork in the orchestrator (state, VM made,
 # commit made) or None when the call never came, what the next start makes of it).
 FORK_FAULTS = {
@@ -73,6 +75,15 @@ async def publish(http: httpx.AsyncClient) -> None:
     assert (await http.patch("/api/v1/repositories/base/visibility", json={"is_public": True})).status_code == 200
     assert (await http.post("/api/v1/repositories/base/tags", json={"tag_name": "latest", "commit_id": commit})).status_code == 201
     assert (await http.delete(f"/api/v1/vm/{vm}")).status_code == 200  # forks start from the commit alone
+
+
+async def references(site: Site, http: httpx.AsyncClient, commit_id: str) -> list[str]:
+    """The `repo:tag` references of the org of `http`'s key that name the commit, read through the API."""
+    found = []
+    for repository in (await http.get("/api/v1/repositories", params={"page_size": 1000})).json()["repositories"]:
+        tags = (await http.get(f"/api/v1/repositories/{repository['name']}/tags", params={"page_size": 1000})).json()["tags"]
+        found += [f"{repository['name']}:{tag['tag_name']}" for tag in tags if tag["commit_id"] == commit_id]
+    return sorted(found)
 
 
 def fork_body(source_org: str, repo_name: str, tag_name: str) -> dict[str, str]:
@@ -141,15 +152,19 @@ async def test_the_orchestrator_forks_once_per_saga_and_abandons_it_whole(platfo
     commit per saga id however often it is called, all of it deleted on abandon, the id refused after."""
     settings = platform.settings
     as_org = ServiceCredential.load(settings.service_secret, settings.service_secret_file).metadata(other_org.id)
-    request = orchestrator_pb2.ForkPublicTagRequest(org_name=publisher.name, repo_name="base", tag_name="latest", saga_id=str(uuid.uuid4()))
     async with grpc.aio.insecure_channel(settings.addr("orchestrator")) as channel, platform.client(other_org) as http:
+        source = (await http.get(f"/api/v1/public/repositories/{publisher.name}/base/tags/latest")).json()["commit_id"]
+        request = orchestrator_pb2.ForkCommitRequest(
+            source_commit_id=source, source_reference=f"{publisher.name}/base:latest", saga_id=str(uuid.uuid4())
+        )
         stub = orchestrator_pb2_grpc.OrchestratorInternalServiceStub(channel)
-        first, joined = await asyncio.gather(stub.ForkPublicTag(request, metadata=as_org), stub.ForkPublicTag(request, metadata=as_org))
-        again = await stub.ForkPublicTag(request, metadata=as_org)
+        first, joined = await asyncio.gather(stub.ForkCommit(request, metadata=as_org), stub.ForkCommit(request, metadata=as_org))
+        again = await stub.ForkCommit(request, metadata=as_org)
         assert (first.vm_id, first.commit_id) == (joined.vm_id, joined.commit_id) == (again.vm_id, again.commit_id)
         assert await owned(http) == ({first.vm_id}, {first.commit_id})
+        assert (await http.get(f"/api/v1/commits/{first.commit_id}")).json()["name"] == f"fork of {publisher.name}/base:latest"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.ForkPublicTag(request, metadata=other_org.metadata)
+            await stub.ForkCommit(request, metadata=other_org.metadata)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert (await http.post(f"/api/v1/vm/fork/{publisher.name}/base/latest")).status_code == 404
 
@@ -157,7 +172,7 @@ async def test_the_orchestrator_forks_once_per_saga_and_abandons_it_whole(platfo
         assert (abandoned.vm_id, abandoned.commit_id) == (first.vm_id, first.commit_id)
         assert await owned(http) == (set(), set())
         with pytest.raises(grpc.aio.AioRpcError) as late:
-            await stub.ForkPublicTag(request, metadata=as_org)
+            await stub.ForkCommit(request, metadata=as_org)
         assert late.value.code() == grpc.StatusCode.ABORTED
         assert "abandoned" in (late.value.details() or "")
         again_abandoned = await stub.AbandonFork(orchestrator_pb2.AbandonForkRequest(saga_id=request.saga_id), metadata=as_org)
@@ -275,7 +290,7 @@ async def test_forks_and_a_repository_delete_killed_at_each_step_are_settled_on_
         await settled(site.data)
         assert (await http.get("/api/v1/repositories/doomed")).status_code == 404
         await asyncio.to_thread(fsck, site.env)
-        assert "doomed:x" not in (await http.get(f"/api/v1/commits/{commit}/references")).json()["references"]
+        assert "doomed:x" not in await references(site, http, commit)
         # Made again under its name, the repository starts empty.
         assert (await http.post("/api/v1/repositories", json={"name": "doomed"})).status_code == 201
         assert (await http.get("/api/v1/repositories/doomed/tags")).json()["tags"] == []

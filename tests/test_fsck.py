@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
@@ -28,11 +29,14 @@ from services.common.settings import Settings
 from services.common.timestamps import utcnow
 from services.orchestrator import models as orchestrator
 from services.orchestrator.integrity import Verifier
+from services.orchestrator.layout import Layout
 from services.orchestrator.machine import process_is_vm
 from services.registry import models as registry
 from services.tagging import models as tagging
 from tests.conftest import Org, Platform
 from tests.test_vms import new_vm
+
+pytestmark = pytest.mark.vm
 
 VERS = Path(sys.executable).parent / "vers"
 
@@ -360,7 +364,7 @@ async def test_a_stopped_platforms_data_folder(tmp_path: Path) -> None:
     folder = data / "commits" / ids["commit"]
     folder.mkdir()
     (folder / "state").write_bytes(os.urandom(4096))
-    checksums = json.dumps(Verifier().checksums(folder, layers / f"{ids['frozen']}.qcow2"))
+    checksums = json.dumps(Verifier(Layout.of(settings)).checksums(ids["commit"], ids["frozen"]))
     shape = {"vcpu_count": 1, "mem_size_mib": 128, "fs_size_mib": 64, "image_name": "default", "kernel_path": "-", "initramfs_path": "-"}
     rows = {
         "registry": [registry.OrgRow(id=ids["org"], name="stopped"),

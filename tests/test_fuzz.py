@@ -37,8 +37,7 @@ from schemathesis.specs.openapi.checks import (
 from services.common.interceptor import Access, method_access
 from services.gateway.bindings import all_bindings
 from services.gateway.openapi import ERROR_STATUSES, openapi_document
-from services.orchestrator.images import build_all
-from tests.conftest import IMAGES, Org, Platform, kill_vms_under
+from tests.conftest import Org, Platform, kill_vms_under
 from tests.conftest import test_settings as platform_settings
 
 T = TypeVar("T")
@@ -101,8 +100,7 @@ async def delete_vms(platform: Platform, org: Org) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    build_all(IMAGES)
+def fuzzed(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     with platform_in_a_thread(tmp_path_factory.mktemp("vers-fuzz")) as running:
         yield running
 

@@ -8,6 +8,8 @@ from services.gateway.bindings import all_bindings
 from services.gateway.openapi import openapi_document
 from tests.conftest import Org, Platform
 
+pytestmark = pytest.mark.vm
+
 
 async def test_whoami(platform: Platform, org: Org) -> None:
     async with platform.client(org) as http:

@@ -22,8 +22,7 @@ from services.gateway.app import UVICORN_WS, create_app
 from services.gateway.bindings import all_bindings
 from services.gateway.limits import FailureWindow, RecentSet, TokenBuckets, call_timeout
 from services.inprocess import BUILDERS
-from services.orchestrator.images import build_all
-from tests.conftest import IMAGES, Org, Platform, kill_vms_under
+from tests.conftest import Org, Platform, kill_vms_under
 from tests.conftest import test_settings as settings_in
 from vers.orchestrator.v1 import orchestrator_pb2
 from vers.registry.v1 import registry_pb2
@@ -169,8 +168,7 @@ async def test_a_stuck_service_is_504_at_the_gateway_and_deadline_exceeded_betwe
 # A platform of its own, with small limits. Each test talks from a loopback address of its own
 # (127.0.0.0/8 is all loopback), so one test's failures do not block the next.
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def limited(tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore[no-untyped-def]
-    await asyncio.to_thread(build_all, IMAGES)
+async def limited(images, tmp_path_factory) -> AsyncIterator[Platform]:  # type: ignore[no-untyped-def]
     settings = settings_in(tmp_path_factory.mktemp("vers-limits")).model_copy(
         update={
             "rate_limit_per_second": 1.0,

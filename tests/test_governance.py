@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from tests.conftest import Org, Platform
 from tests.test_vms import new_vm, out, sh
 
+pytestmark = pytest.mark.vm
+
 # What the tests below change, in order: the audit log must hold exactly these (type, target) of theirs.
 CHANGES: list[tuple[str, str]] = []
 

@@ -15,16 +15,15 @@ import pytest
 import pytest_asyncio
 
 from tests import conftest
-from tests.conftest import IMAGES, Platform, kill_vms_under
+from tests.conftest import Platform, kill_vms_under
 from tests.test_vms import new_vm, out
 
 SERIAL_LIMIT = 64 * 1024
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def hardened(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
+async def hardened(images: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
     """A platform of its own, whose serial logs are cut at SERIAL_LIMIT."""
-    assert IMAGES.exists()
     settings = conftest.test_settings(tmp_path_factory.mktemp("vers-hardened")).model_copy(update={"serial_log_max_bytes": SERIAL_LIMIT})
     platform = await Platform.start(settings)
     yield platform

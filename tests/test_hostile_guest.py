@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import pytest_asyncio
 
 from tests.conftest import Org, Platform, kill_vms_under
 from tests.conftest import test_settings as settings_for_tests
 from tests.test_vms import new_vm, sh
+
+pytestmark = pytest.mark.vm
 
 # The device of the agent port inside the guest.
 AGENT_PORT = 'for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = agent ] && echo /dev/${p##*/}; done'

@@ -25,8 +25,9 @@ import dataclasses
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,8 +39,7 @@ from google.protobuf.descriptor import Descriptor
 from services.common.interceptor import Access, method_access
 from services.gateway.bindings import Binding, all_bindings
 from services.gateway.http_streams import is_http_stream
-from services.orchestrator.images import build_all
-from tests.conftest import IMAGES, Org, Platform, kill_vms_under
+from tests.conftest import Org, Platform, kill_vms_under
 from tests.conftest import test_settings as platform_settings
 
 CALLERS = ("owner", "other_org", "no_token", "bad_token", "admin")
@@ -60,6 +60,8 @@ OBJECT_FIELDS = frozenset(
         "source_org",
         "source_repo",
         "source_tag",
+        "image_name",
+        "base_image_id",
     }
 )
 # Fields that name an object the call makes: a fresh name each time.
@@ -70,6 +72,7 @@ EXEC_ID = "5f0c3bde-2b3c-4f7e-9d4a-1c2b3a4d5e6f"
 EXAMPLES: dict[str, Any] = {
     "command": ["true"], "state": "Running", "port": 22, "key": "ISOLATION_VAR", "label_name": "isolation",
     "labels": {"isolation": "yes"}, "is_public": False, "fs_size_mib": 1, "path": "/tmp", "exec_id": EXEC_ID,
+    "source": {"type": "recipe", "recipe": "default"},
 }  # fmt: skip
 # A message with `ref` names its commit by exactly one of these.
 ALTERNATIVES = ("commit_id", "tag_name", "ref")
@@ -111,6 +114,11 @@ class Route:
         return {"tag_name", "commit_id"} <= fields and "tag_name" not in self.binding.path_params and "ref" not in fields
 
     @property
+    def makes_image(self) -> bool:
+        """A create or an upload names the image it makes."""
+        return self.binding.path.endswith(("/images/create", "/images/upload"))
+
+    @property
     def public_surface(self) -> bool:
         """Routes that name an org: another org's public repository is theirs to read (and fork)."""
         return self.variant in ("public", "private")
@@ -124,6 +132,8 @@ class Route:
         found = {n for n in self.fields if n in OBJECT_FIELDS and (n in self.binding.path_params or n in self.sent_fields())}
         if self.makes_tag:
             found.discard("tag_name")
+        if self.makes_image:
+            found.discard("image_name")
         return found
 
     def sent_fields(self) -> list[str]:
@@ -176,12 +186,14 @@ class Objects:
     legacy_tag: str
     domain: str
     key: str
+    image: str  # an image of the owner's: its name and its id
+    image_id: str
     limits_org: str  # the org the administrator changes the limits of
 
     def value(self, route: Route, name: str) -> Any:
         if name in EXAMPLES:
             return EXAMPLES[name]
-        if name in NEW_NAME_FIELDS or (name == "tag_name" and route.makes_tag):
+        if name in NEW_NAME_FIELDS or (name == "tag_name" and route.makes_tag) or (name == "image_name" and route.makes_image):
             return fresh("new")
         public = route.variant == "public"
         in_repo = bool({"repo_name", "ref", "org_name", "source_repo"} & set(route.fields))
@@ -199,18 +211,20 @@ class Objects:
             "domain_id": self.domain,
             "key_id": self.key,
             "ref": f"{self.repo}:{self.tag}",
+            "image_name": self.image,
+            "base_image_id": self.image_id,
         }
         return values[name]
 
     def ghosts(self) -> Objects:
         """The same shapes, naming nothing that exists (the org stays: a ghost repository of a real org)."""
-        ids = {name: str(uuid.uuid4()) for name in ("vm", "commit", "domain", "key")}
-        names = {name: fresh("ghost") for name in ("repo", "tag", "public_repo", "public_tag", "legacy_tag")}
+        ids = {name: str(uuid.uuid4()) for name in ("vm", "commit", "domain", "key", "image_id")}
+        names = {name: fresh("ghost") for name in ("repo", "tag", "public_repo", "public_tag", "legacy_tag", "image")}
         return Objects(org=self.org, limits_org=self.limits_org, **ids, **names)
 
     def secrets(self) -> set[str]:
         """What no other caller may ever read."""
-        return {self.vm, self.commit, self.repo, self.tag, self.legacy_tag, self.domain, self.key, self.org.id}
+        return {self.vm, self.commit, self.repo, self.tag, self.legacy_tag, self.domain, self.key, self.image, self.image_id, self.org.id}
 
 
 @dataclass(frozen=True)
@@ -314,7 +328,23 @@ async def make_objects(platform: Platform, owner: Org) -> Objects:
         # the streamed exec AttachExecStream names (EXAMPLES)
         async with http.stream("POST", f"/api/v1/vm/{vm}/exec/stream", json={"command": ["true"], "exec_id": EXEC_ID}) as streamed:
             assert streamed.status_code == 200 and b'"exit"' in await streamed.aread()
-    return Objects(owner, vm, commit, repo, tag, public_repo, public_tag, legacy, domain, key, limits_org=owner.name)
+        image, image_id = await new_image(http.request)
+    return Objects(owner, vm, commit, repo, tag, public_repo, public_tag, legacy, domain, key, image, image_id, limits_org=owner.name)
+
+
+async def new_image(call: Callable[..., Awaitable[httpx.Response]]) -> tuple[str, str]:
+    """An image of the owner's, built from the default recipe (a few seconds): its name and its id."""
+    name = fresh("img")
+    made = await call("POST", "/api/v1/images/create", json={"image_name": name, "source": EXAMPLES["source"]})
+    assert made.status_code == 201, made.text
+    for _ in range(600):
+        status = (await call("GET", f"/api/v1/images/{name}/status")).json()["status"]
+        if status != "creating":
+            break
+        await asyncio.sleep(0.1)
+    assert status == "completed", status
+    listed = (await call("GET", "/api/v1/images")).json()["images"]
+    return name, next(image["base_image_id"] for image in listed if image["image_name"] == name)
 
 
 async def throwaways(world: World, route: Route) -> Objects:
@@ -334,6 +364,8 @@ async def throwaways(world: World, route: Route) -> Objects:
     if "domain_id" in names:
         answer = await world.as_owner("POST", "/api/v1/domains", json={"domain": fresh("dom"), "vm_id": objects.vm})
         changes["domain"] = answer.json()["domain_id"]
+    if "base_image_id" in names:
+        changes["image"], changes["image_id"] = await new_image(world.as_owner)
     if "key_id" in names:
         changes["key"] = (await world.as_owner("POST", "/api/v1/keys", json={"label": "throwaway"})).json()["api_key"]["id"]
     if "org" in names:
@@ -349,7 +381,13 @@ async def owner_snapshot(world: World) -> dict[str, Any]:
             continue
         request = build(route, world.objects)
         answer = await world.call("owner", route, request)
-        seen[route.id] = (answer.status, answer.json())
+        body = answer.json()
+        if route.binding.path == "/api/v1/images" and answer.status == 200:
+            # the list shows public images beside the org's own: the administrator's (the `vers` organization's)
+            # are public, so an image it made in the matrix is listed, and counted; the owner's are compared
+            own = [image for image in body["images"] if image["owner_id"] == world.objects.org.id]
+            body = {**body, "images": own, "total": len(own)}
+        seen[route.id] = (answer.status, body)
     return seen
 
 
@@ -425,7 +463,7 @@ def same_refusal(answer: Answer, ghost: Answer, objects: Objects, ghosts: Object
 
     def plain(answer: Answer, named: Objects) -> tuple[int, str]:
         text = _FRESH.sub("NEW", answer.text)
-        for kind in ("vm", "commit", "repo", "tag", "public_repo", "public_tag", "legacy_tag", "domain", "key"):
+        for kind in ("vm", "commit", "repo", "tag", "public_repo", "public_tag", "legacy_tag", "domain", "key", "image", "image_id"):
             text = text.replace(getattr(named, kind), kind.upper())
         return answer.status, text
 
@@ -485,8 +523,7 @@ def owner_order(route: Route) -> tuple[int, int, int]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def matrix(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Matrix]:
-    await asyncio.to_thread(build_all, IMAGES)
+async def matrix(images: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Matrix]:
     settings = platform_settings(tmp_path_factory.mktemp("vers-isolation")).model_copy(
         update={
             # one VM per org: the owner's creates and branches end at the limit, not in new VMs

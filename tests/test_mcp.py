@@ -17,11 +17,14 @@ from typing import Any
 
 import httpx
 import httpx2
+import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
 
 from tests.conftest import Org, Platform
+
+pytestmark = pytest.mark.vm
 
 VERS = Path(sys.executable).parent / "vers"
 TOOLS = {"run", "branch", "commit", "exec", "copy", "status", "kill", "tag"}

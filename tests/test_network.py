@@ -21,6 +21,8 @@ from tests.conftest import test_settings as settings_for
 from tests.outside import GIT, Outside, outside_world
 from tests.test_vms import new_vm, out, sh
 
+pytestmark = pytest.mark.vm
+
 
 @pytest.fixture(scope="module")
 def outside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outside]:

@@ -16,6 +16,8 @@ from services.common.settings import Settings
 from tests.conftest import kill_vms_under
 from tests.launcher import VERS, Launched, launcher_env
 
+pytestmark = pytest.mark.vm
+
 
 @pytest.fixture
 def platform_env(tmp_path: Path) -> dict[str, str]:

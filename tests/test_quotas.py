@@ -31,6 +31,8 @@ from services.tagging.store import TaggingStore
 from tests.conftest import Org, Platform
 from tests.test_names_limits import vers
 
+pytestmark = pytest.mark.vm
+
 SMALL = OrgLimits(max_vms=2, max_vcpus=2, max_memory_mib=512, max_disk_mib=2048, max_commits=1, max_commit_mib=1,
                   max_repositories=1, max_tags=1, max_api_keys=1, max_domains=1)  # fmt: skip
 # The services trust a resolved key (and the limits with it) this long in the tests (conftest).

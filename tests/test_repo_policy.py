@@ -21,6 +21,8 @@ from tests.conftest import Org, Platform, discard, kill_vms_under
 from vers.common.v1 import governance_pb2
 from vers.registry.v1 import registry_pb2, registry_pb2_grpc
 
+pytestmark = pytest.mark.vm
+
 NO_RETENTION = {"keep_last": 0, "keep_tags": [], "untagged_older_than_days": 0}
 
 

@@ -1,6 +1,7 @@
 """The rest of the official SDK's surface (vm-api-more.md §12), driven by `vers-sdk` 1.20.0 unchanged: one
-test per method, each checking the answer's fields, on one VM of one org. (Images come with the platform's
-images API; their five methods are not here.) The features' own modules test each one in depth."""
+test per method, each checking the answer's fields, on one VM of one org. The five image methods have a module of
+their own (test_images_api.py, with the same check that each has its test). The features' own modules test each
+one in depth."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from vers_sdk import models as M
 
 from tests.conftest import Org, Platform
 
-# vm-api-more.md §12, in its order; the images' methods (20-24) come with the images API.
+pytestmark = pytest.mark.vm
+
+# vm-api-more.md §12, in its order; the images' methods (20-24) are in test_images_api.py.
 METHODS = (
     "exec_vm_stream", "exec_vm_stream_attach", "vm_logs", "read_file_vm", "write_file_vm", "upsert_vm_labels",
     "replace_vm_labels", "delete_vm_label", "resize_vm_disk", "ssh_key", "update_commit", "list_public_commits",

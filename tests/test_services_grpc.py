@@ -9,6 +9,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common.settings import SERVICES
 from tests.conftest import Org, Platform
+from vers.orchestrator.v1 import orchestrator_pb2
 from vers.registry.v1 import registry_pb2 as pb
 from vers.registry.v1 import registry_pb2_grpc
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
@@ -78,3 +79,27 @@ async def test_peer_service_checks_the_token_through_the_registry(platform: Plat
         known = await stub.ListCommitTags(tagging_pb2.ListCommitTagsRequest(), metadata=org.metadata)
     assert anonymous.value.code() == forged.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert list(known.tags) == []
+
+
+INTERNAL_METHODS = [
+    (service.full_name.split(".")[1], f"/{service.full_name}/{method.name}")
+    for module in (pb, tagging_pb2, orchestrator_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
+    if service.name.endswith("InternalService")
+    for method in service.methods
+]
+
+
+@pytest.mark.parametrize(("service", "method"), INTERNAL_METHODS, ids=[m for _, m in INTERNAL_METHODS])
+async def test_internal_methods_refuse_an_org_key(platform: Platform, org: Org, service: str, method: str) -> None:
+    """Calls between the services take the platform's service credential only: an org's key is refused
+    before the request is read, and so is a call with no key."""
+    async with channel(platform, service) as ch:
+        call = ch.unary_unary(method)
+        with pytest.raises(grpc.aio.AioRpcError) as with_key:
+            await call(b"", metadata=org.metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as without_key:
+            await call(b"")
+    assert with_key.value.code() == grpc.StatusCode.PERMISSION_DENIED, with_key.value.details()
+    assert "between the platform's own services" in (with_key.value.details() or "")
+    assert without_key.value.code() == grpc.StatusCode.UNAUTHENTICATED

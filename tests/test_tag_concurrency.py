@@ -8,7 +8,11 @@ import itertools
 import random
 from collections import Counter
 
+import pytest
+
 from tests.conftest import Org, Platform
+
+pytestmark = pytest.mark.vm
 
 CLIENTS = 50
 MOVES_PER_CLIENT = 20

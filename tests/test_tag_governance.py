@@ -23,6 +23,8 @@ from tests.conftest import Org, Platform
 from vers.common.v1 import governance_pb2
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
+pytestmark = pytest.mark.vm
+
 # The rules, without a platform
 
 

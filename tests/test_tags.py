@@ -13,6 +13,8 @@ import pytest_asyncio
 
 from tests.conftest import Org, Platform
 
+pytestmark = pytest.mark.vm
+
 
 @dataclass
 class Commits:
@@ -233,9 +235,6 @@ async def test_public_tags(platform: Platform, commits: Commits, other_org: Org)
         ("GET", "/api/v1/commit_tags/x", None),
         ("PATCH", "/api/v1/commit_tags/x", {"description": "x"}),
         ("DELETE", "/api/v1/commit_tags/x", None),
-        ("DELETE", "/api/v1/repositories/my-app/tags", None),
-        ("GET", "/api/v1/refs/resolve?ref=my-app:latest", None),
-        ("GET", "/api/v1/commits/00000000-0000-0000-0000-000000000000/references", None),
         ("POST", "/api/v1/repositories/fork", {"source_org": "a", "source_repo": "b", "source_tag": "c"}),
         ("POST", "/api/v1/vm/branch/by_ref/my-app/latest", None),
         ("POST", "/api/v1/vm/branch/by_tag/x", None),

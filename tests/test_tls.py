@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import ipaddress
 import ssl
@@ -19,9 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.orchestrator.images import build_all
 from services.platform import own_gateway_tls
-from tests.conftest import IMAGES, Platform, kill_vms_under
+from tests.conftest import Platform, kill_vms_under
 from tests.conftest import test_settings as settings_in
 from vers.registry.v1 import registry_pb2, registry_pb2_grpc
 
@@ -72,7 +70,6 @@ def make_ca_and_server_cert(folder: Path) -> dict[str, Path]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def tls_platform(tmp_path_factory) -> AsyncIterator[tuple[Platform, Path]]:  # type: ignore[no-untyped-def]
-    await asyncio.to_thread(build_all, IMAGES)
     files = make_ca_and_server_cert(tmp_path_factory.mktemp("tls"))
     settings = settings_in(tmp_path_factory.mktemp("vers-tls")).model_copy(
         update={

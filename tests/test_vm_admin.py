@@ -22,6 +22,8 @@ from services.orchestrator.vmadmin import git_hash_of, parse_label_filters
 from tests.conftest import ROOT, Org, Platform
 from tests.test_vms import new_vm, out
 
+pytestmark = pytest.mark.vm
+
 DISK_MIB = 128
 GROWN_MIB = 256
 

@@ -33,6 +33,8 @@ from tests.test_vms import new_vm, out
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 from vers.orchestrator.v1 import orchestrator_pb2_grpc
 
+pytestmark = pytest.mark.vm
+
 GIB = 1 << 30
 
 

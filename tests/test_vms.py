@@ -23,6 +23,8 @@ from websockets.asyncio.client import ClientConnection
 
 from tests.conftest import Org, Platform
 
+pytestmark = pytest.mark.vm
+
 COUNTER = "(i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done) >/dev/null 2>&1 &"
 
 

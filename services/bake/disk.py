@@ -1,9 +1,10 @@
-"""A supported image's root disk, from Debian's archive (debootstrap, then apt with -updates and
--security) and the npm registry (Node.js LTS, npm, and tools that ship there).
+"""A supported image's root file system, from Debian's archive (debootstrap, then apt with -updates and
+-security) and the npm registry (Node.js LTS, npm, and tools that ship there), built on this machine as a tar
+for the platform's images API (which makes the root disk, with the Vers init as its PID 1).
 
-The disk boots through the same kernel and initramfs as the default image, with the Vers init as its
-PID 1. Disks are cached by the hash of their recipe and of what is current upstream (the archive's index
-dates, the npm versions): a rebake with nothing changed reuses the disk and only makes a new commit.
+A build is named by the hash of its recipe and of what is current upstream (the archive's index dates, the
+npm versions): the platform's image of that name is reused when it exists, so a rebake with nothing changed
+only makes a new commit. The bake's cache folder keeps the Debian packages and each build's manifest.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.bake.errors import BakeError, Log
 from services.bake.recipes import COMMON_PACKAGES, Recipe
 from services.bake.upstream import NODE_BINARY_PACKAGE, NpmPackage, debian_index_dates, fetch_verified, node_lts_major, npm_resolve
-from services.orchestrator.images import FILESYSTEM_OPTIONS, GUEST_FILES, build_disk, install_folder, install_vers_init, register
+from services.common.files import write_atomic
 
 # What the Node.js build from the npm registry links against, beyond libc.
 NODE_RUNTIME_PACKAGES = ("libatomic1", "libstdc++6")
@@ -91,12 +93,7 @@ def _key(recipe: Recipe, sources: Sources, upstream: Upstream) -> str:
         sources.suite,
         sources.mirror,
     ]
-    for part in (
-        json.dumps([spec, upstream.facts()]).encode(),
-        (GUEST_FILES / "vers-init").read_bytes(),
-        Path(__file__).read_bytes(),
-        repr(FILESYSTEM_OPTIONS).encode(),
-    ):
+    for part in (json.dumps([spec, upstream.facts()]).encode(), Path(__file__).read_bytes()):
         digest.update(part)
     return digest.hexdigest()[:16]
 
@@ -105,7 +102,7 @@ def _tail(text: str, lines: int = 6) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
-def _step(what: str, detail: str, args: list[str], log: Log, **kwargs) -> str:  # type: ignore[no-untyped-def]
+def _step(what: str, detail: str, args: list[str], log: Log, **kwargs: Any) -> str:
     log(f"{what} {detail}".rstrip())
     result = subprocess.run(args, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
@@ -277,7 +274,6 @@ def _finish(recipe: Recipe, rootfs: Path) -> None:
     (rootfs / "etc" / "hostname").write_text("vers\n")
     for host_key in (rootfs / "etc" / "ssh").glob("ssh_host_*"):
         host_key.unlink()  # made when the disk boots (vers-init): each bake's commit gets keys of its own
-    install_vers_init(rootfs)
     # What a running VM never needs: package lists (apt-get update fetches them again) and npm's cache.
     for folder in ("var/lib/apt/lists", "root/.npm"):
         shutil.rmtree(rootfs / folder, ignore_errors=True)
@@ -290,32 +286,45 @@ def _size_mib(rootfs: Path) -> int:
     return int(math.ceil((used * 1.3 + 256) / 64) * 64)
 
 
-def build_image(recipe: Recipe, root: Path, sources: Sources, log: Log, day: datetime.date) -> Path:
-    """The image folder for this recipe, built unless an identical one exists. It is registered under its
-    folder's name, a candidate: the recipe's own name moves to it only once a bake publishes it."""
+@dataclass(frozen=True)
+class Built:
+    """A recipe's root file system as the platform's image `name`: the tar to upload (kept, for a platform
+    that does not have the image yet; None when someone removed it), its disk's size and what it holds."""
+
+    name: str
+    tarball: Path | None
+    manifest: dict[str, Any]
+
+    @property
+    def disk_mib(self) -> int:
+        return int(self.manifest["disk_mib"])
+
+
+def build_image(recipe: Recipe, cache: Path, sources: Sources, log: Log, day: datetime.date) -> Built:
+    """The recipe's root file system under the name of what went into it; built unless this cache has it."""
     upstream = Upstream.resolve(recipe, sources, day, log)
-    key = _key(recipe, sources, upstream)
-    target = root / f"{recipe.name}-{key}"
-    if (target / "manifest.json").exists():
-        log(f"root disk {target.name} is current: reused")
-    else:
-        with _scratch(root) as scratch:
-            rootfs = scratch / "rootfs"
-            debs = root / "cache" / "debs"
-            debs.mkdir(parents=True, exist_ok=True)
-            _debootstrap(rootfs, debs, sources, log)
-            with _chroot_ready(rootfs, debs):
-                _apt(recipe, rootfs, sources.suite, log)
-                _node(upstream, rootfs, log)
-                _tools(upstream, rootfs, log)
-            contents = _contents(recipe, rootfs, upstream)
-            _finish(recipe, rootfs)
-            staged = scratch / "image"
-            staged.mkdir()
-            size = _size_mib(rootfs)
-            log(f"root disk of {size} MiB")
-            build_disk(rootfs, staged / "rootfs.qcow2", size)
-            manifest = {"key": key, "name": recipe.name, "disk_mib": size, "suite": sources.suite, "contents": recipe.summary, **contents}
-            install_folder(staged, target, manifest)
-    register(root, {target.name: target})
-    return target
+    name = f"{recipe.name}-{_key(recipe, sources, upstream)}"
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest_file, tarball = cache / f"{name}.json", cache / f"{name}.tar"
+    if manifest_file.exists():
+        log(f"root file system {name} was built here before: reused")
+        return Built(name, tarball if tarball.exists() else None, json.loads(manifest_file.read_text()))
+    with _scratch(cache) as scratch:
+        rootfs = scratch / "rootfs"
+        debs = cache / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        _debootstrap(rootfs, debs, sources, log)
+        with _chroot_ready(rootfs, debs):
+            _apt(recipe, rootfs, sources.suite, log)
+            _node(upstream, rootfs, log)
+            _tools(upstream, rootfs, log)
+        contents = _contents(recipe, rootfs, upstream)
+        _finish(recipe, rootfs)
+        size = _size_mib(rootfs)
+        log(f"root file system for a disk of {size} MiB")
+        staged = scratch / "root.tar"
+        _step("tar", "of the root", ["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", str(staged), "."], log)
+        staged.rename(tarball)
+    manifest = {"name": recipe.name, "disk_mib": size, "suite": sources.suite, "contents": recipe.summary, **contents}
+    write_atomic(manifest_file, json.dumps(manifest, indent=2))
+    return Built(name, tarball, manifest)

@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from services.cli.config import is_uuid
 from services.cli.governance import publish
 from services.cli.output import Output, each, vers_command, when
 from services.client import ApiError, seg
+from services.common.ids import is_uuid
 
 if TYPE_CHECKING:
-    from services.cli.main import Context
+    from services.cli.app import Context
 
 # Top-level commands.
 TOP_COMMANDS: list[click.Command] = []

@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from services.client import DEFAULT_URL
 from services.common.files import write_atomic
+from services.common.ids import is_uuid
 
 ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -69,14 +69,6 @@ def save_credentials(url: str, api_key: str) -> Path:
     path = config_dir() / "config.json"
     _write_private(path, {**_read(path), "url": url.rstrip("/"), "api_key": api_key})
     return path
-
-
-def is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 class LocalState:

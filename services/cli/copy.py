@@ -26,7 +26,7 @@ from services.cli.output import Output, size, vers_command
 from services.client import ApiClient, seg
 
 if TYPE_CHECKING:
-    from services.cli.main import Context
+    from services.cli.app import Context
 
 # Bytes of tar handed to the HTTP body at a time, and how many may wait: what an upload holds in memory.
 CHUNK = 256 * 1024

@@ -11,7 +11,7 @@ from services.cli.output import Output, progress, vers_command
 from services.cli.streams import stream_exec
 
 if TYPE_CHECKING:
-    from services.cli.main import Context
+    from services.cli.app import Context
 
 
 def to_terminal(stream: str, data: bytes) -> None:

@@ -11,7 +11,7 @@ from services.cli.output import Output, each, vers_command
 from services.client import seg
 
 if TYPE_CHECKING:
-    from services.cli.main import Context
+    from services.cli.app import Context
 
 
 @click.group("env")

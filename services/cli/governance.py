@@ -16,7 +16,7 @@ from services.cli.output import Output, progress, size, vers_command, when
 from services.client import ApiError, seg
 
 if TYPE_CHECKING:
-    from services.cli.main import Context
+    from services.cli.app import Context
 
 # The largest page the audit listing answers.
 AUDIT_PAGE_SIZE = 1000
@@ -151,7 +151,7 @@ def publish(ctx: Context, out: Output, path: str, body: dict[str, Any], waiting:
     as a table (or the error's JSON body) and exits 1."""
     try:
         with progress(waiting):
-            return ctx.call("PATCH", path, json=body)  # type: ignore[no-any-return]
+            return ctx.call("PATCH", path, json=body)
     except ApiError as error:
         if not error.body.get("findings"):
             raise

@@ -15,7 +15,7 @@ import click
 from services.cli.output import vers_command
 
 if TYPE_CHECKING:
-    from services.cli.main import Context
+    from services.cli.app import Context
 
 DEFAULT_PORT = 8090
 # Where the streamable HTTP transport answers.

@@ -16,8 +16,9 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from services.cli import copy as copying
-from services.cli.config import ConfigError, LocalState, check_alias, is_uuid
+from services.cli.config import ConfigError, LocalState, check_alias
 from services.client import ApiClient, ApiError, Unreachable, seg
+from services.common.ids import is_uuid
 
 INSTRUCTIONS = """\
 Vers runs your work environment as a VM that can be committed (disk, memory and running processes, all of it)
@@ -133,7 +134,7 @@ class Platform:
 
     def list_vms(self) -> list[dict[str, Any]]:
         with tool_errors():
-            return self.client.list_all("/api/v1/vm")  # type: ignore[no-any-return]
+            return self.client.list_all("/api/v1/vm")
 
     def state(self) -> LocalState:
         # Read anew each time: `vers run --vm-alias` in a terminal meanwhile names VMs for the agent too.
@@ -424,7 +425,7 @@ def _transfer(action: Callable[[], object]) -> None:
 def _tag_or_none(platform: Platform, path: str) -> dict[str, Any] | None:
     with tool_errors():
         try:
-            return platform.client.request("GET", path)  # type: ignore[no-any-return]
+            return platform.client.request("GET", path)
         except ApiError as error:
             if error.status != 404:
                 raise

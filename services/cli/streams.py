@@ -21,7 +21,7 @@ from services.cli.ssh import host_block, save_key, write_config
 from services.client import Unreachable, api_error, seg, unreachable
 
 if TYPE_CHECKING:
-    from services.cli.main import Context
+    from services.cli.app import Context
 
 # A stream whose connection drops is attached to again (after its last cursor) this many times.
 RETRIES = 5

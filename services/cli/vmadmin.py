@@ -15,7 +15,7 @@ from services.cli.output import Output, progress, vers_command, when
 from services.client import ApiClient, ApiError, Unreachable, seg
 
 if TYPE_CHECKING:
-    from services.cli.main import Context
+    from services.cli.app import Context
 
 # How far `vers info` follows a VM's commits back (each step is one request).
 LINEAGE_MAX = 20

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import text
 from sqlmodel import Field, SQLModel, col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.auth import acting_key_id
-from services.common.db import Database, time_column
+from services.common.db import Database, execute_sql, time_column
 from services.common.errors import InvalidArgument
 from services.common.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from services.common.timestamps import as_utc, utcnow
@@ -48,11 +47,12 @@ APPEND_ONLY = (
 
 async def create_audit_table(db: Database) -> None:
     """The table, and on SQLite the triggers that make it append-only."""
+    # SQLModel's metaclass adds __table__ to table models without declaring it.
     await db.create_tables([AuditEventRow.__table__])  # type: ignore[attr-defined]
     if db.is_sqlite:
         async with db.write() as session:
             for statement in APPEND_ONLY:
-                await session.exec(text(statement))  # type: ignore[call-overload]
+                await execute_sql(session, statement)
 
 
 def _json(value: Any) -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import json
 import secrets
 import time
 from collections import OrderedDict
-from contextvars import ContextVar
+from collections.abc import Iterable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -62,11 +65,11 @@ def current_principal() -> Principal:
     return principal
 
 
-def set_principal(principal: Principal | None):  # type: ignore[no-untyped-def]
+def set_principal(principal: Principal | None) -> Token[Principal | None]:
     return _current.set(principal)
 
 
-def reset_principal(token) -> None:  # type: ignore[no-untyped-def]
+def reset_principal(token: Token[Principal | None]) -> None:
     _current.reset(token)
 
 
@@ -75,7 +78,7 @@ def caller_metadata() -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {current_principal().token}"),)
 
 
-def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     for key, value in metadata or ():
         if key.lower() == "authorization" and isinstance(value, str):
             scheme, _, token = value.strip().partition(" ")
@@ -211,7 +214,11 @@ SERVICE_TOKEN_PREFIX = "vers-svc."
 class ServiceCredential:
     """How the services call each other for an org when no person's key is at hand (a crashed fork finished
     on start-up, a deletion reserved in the tagging service): a token `vers-svc.<org_id>.<HMAC>` signed with
-    the platform's secret, which every service checks locally. It is never handed to anyone."""
+    the platform's secret, which every service checks locally. It is never handed to anyone.
+
+    Made inside a call that acts for the org, the token also carries the org's name and limits as the caller
+    learnt them from the registry (`vers-svc.<org_id>.<facts>.<HMAC>`, signed together), so the callee need
+    not ask the registry for them: a fork the registry runs makes no call back into the registry."""
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
@@ -228,20 +235,30 @@ class ServiceCredential:
             raise RuntimeError(f"{secret_file} is empty: remove it and start the services again")
         return cls(secret.encode())
 
-    def _signature(self, org_id: str) -> str:
-        return hmac.new(self._secret, org_id.encode(), hashlib.sha256).hexdigest()
+    def _signature(self, signed: str) -> str:
+        return hmac.new(self._secret, signed.encode(), hashlib.sha256).hexdigest()
 
     def token(self, org_id: str) -> str:
-        return f"{SERVICE_TOKEN_PREFIX}{org_id}.{self._signature(org_id)}"
+        signed = org_id
+        known = principal_of(org_id)
+        if known is not None and known.limits is not None and known.org_name:
+            facts = json.dumps({"name": known.org_name, "limits": known.limits.as_dict()}, separators=(",", ":"))
+            signed += "." + base64.urlsafe_b64encode(facts.encode()).decode().rstrip("=")
+        return f"{SERVICE_TOKEN_PREFIX}{signed}.{self._signature(signed)}"
 
     def metadata(self, org_id: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token(org_id)}"),)
 
     def principal(self, token: str) -> Principal:
-        org_id, _, signature = token.removeprefix(SERVICE_TOKEN_PREFIX).rpartition(".")
-        if not org_id or not hmac.compare_digest(signature, self._signature(org_id)):
+        signed, _, signature = token.removeprefix(SERVICE_TOKEN_PREFIX).rpartition(".")
+        org_id, _, facts = signed.partition(".")
+        if not org_id or not hmac.compare_digest(signature, self._signature(signed)):
             raise Unauthenticated("invalid API key")
-        return Principal(org_id, "", "platform", "platform service", False, token, is_service=True)
+        principal = Principal(org_id, "", "platform", "platform service", False, token, is_service=True)
+        if not facts:
+            return principal
+        known = json.loads(base64.urlsafe_b64decode(facts + "=" * (-len(facts) % 4)))
+        return replace(principal, org_name=known["name"], limits=OrgLimits(**known["limits"]))
 
 
 class ServiceAwareResolver:
@@ -254,6 +271,8 @@ class ServiceAwareResolver:
     async def resolve(self, token: str) -> Principal:
         if token.startswith(SERVICE_TOKEN_PREFIX):
             principal = self.credential.principal(token)
+            if principal.limits is not None:
+                return principal  # the calling service said the org's name and limits, signed
             enrich = getattr(self._inner, "service_principal", None)
             return await enrich(principal) if enrich is not None else principal
         return await self._inner.resolve(token)

@@ -12,21 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager, nullcontext
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Column, Connection, DateTime, Table, event, inspect, text
+from sqlalchemy import Column, ColumnDefault, Connection, CursorResult, DateTime, Table, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.errors import AlreadyExists
 
 
-def time_column(nullable: bool = False) -> Column:  # type: ignore[type-arg]
+def time_column(nullable: bool = False) -> Column[datetime]:
     """A timestamp column that keeps its time zone (UTC), alike in SQLite and PostgreSQL."""
     return Column(DateTime(timezone=True), nullable=nullable)
 
@@ -38,7 +42,7 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
     engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
     @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         # Leave transaction control to the "begin" hook below, not to the driver.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -49,7 +53,7 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+    def _on_begin(connection: Connection) -> None:
         connection.exec_driver_sql(begin)
 
     return engine
@@ -64,7 +68,7 @@ def _add_missing_columns(connection: Connection, tables: list[Table]) -> None:
         for column in table.columns:
             if column.name in present:
                 continue
-            default = column.default.arg if column.default is not None and column.default.is_scalar else None
+            default = column.default.arg if isinstance(column.default, ColumnDefault) and column.default.is_scalar else None
             if default is None and not column.nullable:
                 raise RuntimeError(f"column {table.name}.{column.name} was added without a default: it needs a migration")
             kind = column.type.compile(dialect=connection.dialect)
@@ -128,6 +132,11 @@ class Database:
         await self._read_engine.dispose()
         if self._write_engine is not self._read_engine:
             await self._write_engine.dispose()
+
+
+async def execute_sql(session: AsyncSession, sql: str, params: Mapping[str, object] | None = None) -> CursorResult[*tuple[Any, ...]]:
+    """Plain SQL in the session's transaction (sqlmodel's `exec` takes only statements built from its models)."""
+    return await (await session.connection()).execute(text(sql), params)
 
 
 async def insert_unique(session: AsyncSession, row: object, conflict: str) -> None:

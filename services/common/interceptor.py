@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import Token
 from enum import Enum
 from functools import cache
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2, descriptor_pool
@@ -18,6 +20,10 @@ from services.common.errors import DomainError, PermissionDenied, Unauthenticate
 from vers.common.v1 import annotations_pb2
 
 log = logging.getLogger(__name__)
+
+# Handlers and contexts of any method, whatever its messages.
+AioContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class Access(Enum):
@@ -51,14 +57,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, resolver: TokenResolver) -> None:
         self._resolver = resolver
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         access = method_access(handler_call_details.method)
         if handler is None or access is None:
             return handler
         return _wrap(handler, self, access, handler_call_details.method)
 
-    async def authenticate(self, context: grpc.aio.ServicerContext, access: Access) -> Principal | None:
+    async def authenticate(self, context: AioContext, access: Access) -> Principal | None:
         if access is Access.PUBLIC:
             return None
         token = bearer_token(context.invocation_metadata())
@@ -89,11 +99,11 @@ def _rich_status(error: DomainError) -> tuple[tuple[str, bytes], ...]:
     return tuple(rpc_status.to_status(status).trailing_metadata)
 
 
-def _peer_details(error: grpc.aio.AioRpcError) -> tuple[tuple[str, bytes], ...]:
+def _peer_details(error: grpc.aio.AioRpcError) -> tuple[tuple[str, str | bytes], ...]:
     return tuple((key, value) for key, value in error.trailing_metadata() or () if key == STATUS_DETAILS_KEY)
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+async def _abort(context: AioContext, error: BaseException, method: str) -> None:
     if isinstance(error, DomainError):
         await context.abort(error.code, error.message, _rich_status(error))
     if isinstance(error, grpc.aio.AioRpcError):
@@ -105,17 +115,21 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has the details")
 
 
-def _wrap(handler: grpc.RpcMethodHandler, interceptor: ServiceInterceptor, access: Access, method: str):  # type: ignore[no-untyped-def]
-    async def enter(context: grpc.aio.ServicerContext) -> Any:
+def _wrap(handler: Handler, interceptor: ServiceInterceptor, access: Access, method: str) -> Handler:
+    """The handler with authentication and error mapping around its behaviour. grpc's stubs type a handler's
+    behaviours as the sync server calls them; under grpc.aio they take an aio context and async iterators,
+    hence the ignores where they are called."""
+
+    async def enter(context: AioContext) -> Token[Principal | None]:
         return set_principal(await interceptor.authenticate(context, access))
 
-    if handler.unary_unary:
+    if (unary := handler.unary_unary) is not None:
 
-        async def unary_unary(request, context):  # type: ignore[no-untyped-def]
+        async def unary_unary(request: Any, context: AioContext) -> Any:
             try:
                 token = await enter(context)
                 try:
-                    answer = handler.unary_unary(request, context)
+                    answer = unary(request, context)  # type: ignore[arg-type]
                     return await answer if inspect.isawaitable(answer) else answer
                 finally:
                     reset_principal(token)
@@ -126,8 +140,8 @@ def _wrap(handler: grpc.RpcMethodHandler, interceptor: ServiceInterceptor, acces
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer, handler.response_serializer)
 
-    def answers_stream(call):  # type: ignore[no-untyped-def]
-        async def streaming(request_or_iterator, context):  # type: ignore[no-untyped-def]
+    def answers_stream(call: Callable[[Any, AioContext], AsyncIterator[Any]]) -> Callable[[Any, AioContext], AsyncIterator[Any]]:
+        async def streaming(request_or_iterator: Any, context: AioContext) -> AsyncIterator[Any]:
             try:
                 # No reset afterwards: the call runs in a task of its own, whose context ends with it,
                 # and a stream the client abandons is closed from another context, where a reset fails.
@@ -142,19 +156,17 @@ def _wrap(handler: grpc.RpcMethodHandler, interceptor: ServiceInterceptor, acces
         return streaming
 
     if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(
-            answers_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-        )
+        streams = answers_stream(handler.stream_stream)  # type: ignore[arg-type]
+        return grpc.stream_stream_rpc_method_handler(streams, handler.request_deserializer, handler.response_serializer)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            answers_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
+        streams = answers_stream(handler.unary_stream)  # type: ignore[arg-type]
+        return grpc.unary_stream_rpc_method_handler(streams, handler.request_deserializer, handler.response_serializer)
+    if (client_streams := handler.stream_unary) is not None:
 
-        async def stream_unary(request_iterator, context):  # type: ignore[no-untyped-def]
+        async def stream_unary(request_iterator: AsyncIterator[Any], context: AioContext) -> Any:
             try:
                 await enter(context)  # no reset: as for the streams above
-                return await handler.stream_unary(request_iterator, context)
+                return await client_streams(request_iterator, context)  # type: ignore[arg-type]
             except grpc.aio.AbortError:
                 raise
             except Exception as error:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from services.common.errors import InvalidArgument, InvalidName
+from services.common.ids import is_uuid
 
 _ALLOWED = "A-Z, a-z, 0-9, '.', '_' and '-'"
 _PATTERNS = {64: re.compile(r"[A-Za-z0-9._-]{1,64}"), 128: re.compile(r"[A-Za-z0-9._-]{1,128}")}
@@ -98,3 +99,10 @@ def normalize_host(host: str) -> str:
 def normalize_suffix(suffix: str) -> str:
     """VERS_DOMAIN_SUFFIX as compared: lowercase, no dots at either end."""
     return suffix.strip().strip(".").lower()
+
+
+def require_uuid(value: str, what: str, hint: str = "") -> str:
+    """`value` if it is an ID as the platform gives them out (a UUID, 8-4-4-4-12 hex digits), else InvalidArgument."""
+    if not is_uuid(value):
+        raise InvalidArgument(f"{what} {value[:64]!r} is not a valid ID (a UUID){hint}")
+    return value.lower()

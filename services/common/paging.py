@@ -7,11 +7,14 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import TypeVar
 
 from services.common.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+
+T = TypeVar("T")
 
 
 def _scope_digest(scope: str) -> str:
@@ -52,7 +55,7 @@ class Page:
         """Rows to ask the database for: one more than the page, to know whether another page follows."""
         return self.size + 1
 
-    def cut(self, rows: list) -> tuple[list, str]:  # type: ignore[type-arg]
+    def cut(self, rows: list[T]) -> tuple[list[T], str]:
         """The page's rows and the token of the next page ("" when this is the last)."""
         if len(rows) <= self.size:
             return rows, ""

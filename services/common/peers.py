@@ -58,7 +58,7 @@ class DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
         self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
         if client_call_details.timeout is None:
-            client_call_details = client_call_details._replace(timeout=self.seconds)
+            client_call_details = client_call_details._replace(timeout=self.seconds)  # type: ignore[attr-defined]  # a namedtuple, which the stub does not say
         return await continuation(client_call_details, request)
 
 

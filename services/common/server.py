@@ -33,7 +33,7 @@ class Service:
 
 
 class RunningService:
-    def __init__(self, service: Service, server: grpc.aio.Server, health_servicer, port: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, service: Service, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, port: int) -> None:
         self.service = service
         self.server = server
         self.health = health_servicer

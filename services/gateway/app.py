@@ -95,12 +95,12 @@ class Gateway:
                 return error_response(401, "UNAUTHENTICATED", "this call needs an API key: send the header 'Authorization: Bearer <key>'")
             channel = self.channels[binding.backend]
             if binding.method.client_streaming:
-                answer = await serve_client_stream(
+                streamed = await serve_client_stream(
                     binding, channel, request, request_class, response_class, forwarded(request),
                     call_timeout(binding, request_class(), self.settings), response_json,
                 )  # fmt: skip
-                request.scope[AUTHENTICATED] = proves_token and answer.status_code < 400
-                return answer
+                request.scope[AUTHENTICATED] = proves_token and streamed.status_code < 400
+                return streamed
             try:
                 body = await read_body(request, self.settings.http_max_body_bytes)
                 message = build_request(binding, request_class(), request.path_params, request.query_params.multi_items(), body)
@@ -128,9 +128,9 @@ class Gateway:
             if binding.success_code == 204:
                 return Response(status_code=204)
             headers = {}
-            if binding.response_body and getattr(answer, "next_page_token", ""):
+            if binding.response_body and (next_page_token := getattr(answer, "next_page_token", "")):
                 # The body is the list itself (the documented shape): the next page's token rides in a header.
-                headers[NEXT_PAGE_HEADER] = answer.next_page_token
+                headers[NEXT_PAGE_HEADER] = next_page_token
             return JSONResponse(response_json(binding, answer), status_code=binding.success_code, headers=headers)
 
         handle.__name__ = binding.method.name

@@ -150,7 +150,7 @@ class GuestConnection:
     answer (empty: open), an empty answer says the guest closed the connection; the call's status follows
     once this side has ended too (services/orchestrator/domains.py says why)."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall[pb.ProxyDomainRequest, pb.ProxyDomainResponse]) -> None:
         self.call = call
         self.closed = False
 
@@ -181,7 +181,7 @@ class GuestConnection:
         if self.closed:
             return b""
         answer = await self.call.read()
-        if answer is not grpc.aio.EOF and answer.data:
+        if isinstance(answer, pb.ProxyDomainResponse) and answer.data:
             return bytes(answer.data)
         self.closed = True
         if answer is not grpc.aio.EOF:
@@ -371,7 +371,7 @@ class HttpExchange:
     async def _fail(self, response: JSONResponse) -> None:
         if self.started:
             # Headers are out: only cutting the connection short tells the client the body is not whole.
-            raise ConnectionAbortedError(f"the VM's answer broke off: {response.body.decode()}")
+            raise ConnectionAbortedError(f"the VM's answer broke off: {bytes(response.body).decode()}")
         await response(self.scope, self.receive, self.send)
 
 

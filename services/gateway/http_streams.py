@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.gateway.bindings import Binding
 from services.gateway.errors import error_response, rpc_error_response
-from services.gateway.transcode import BadRequest, build_request
+from services.gateway.transcode import BadRequest, build_request, descriptor_of
 
 HTTP_BODY = "google.api.HttpBody"
 NDJSON = "application/x-ndjson"
@@ -77,7 +77,7 @@ async def serve_server_stream(
         first = await call.read()
     except grpc.aio.AioRpcError as error:
         return rpc_error_response(binding, error)
-    raw = http_body_field(response_class.DESCRIPTOR, binding.response_body)
+    raw = http_body_field(descriptor_of(response_class), binding.response_body)
     if raw is not None:
         content_type = "application/octet-stream"
         if first is not grpc.aio.EOF and getattr(first, raw.name).content_type:
@@ -121,7 +121,7 @@ async def serve_client_stream(
     timeout: float,
     answer_json: Any,
 ) -> Response:
-    field = http_body_field(request_class.DESCRIPTOR, binding.body)
+    field = http_body_field(descriptor_of(request_class), binding.body)
     assert field is not None
     try:
         # The body is the stream, not JSON: the first message is made from the URL alone.

@@ -15,8 +15,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from google.protobuf.message import Message
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 from starlette.websockets import WebSocket
@@ -35,9 +37,10 @@ FAILURE_WINDOW_SECONDS = 60.0
 AUTHENTICATED = "vers.authenticated"
 
 Clock = Callable[[], float]
+V = TypeVar("V")
 
 
-def _bounded_put(table: OrderedDict, key: str, value: object) -> None:  # type: ignore[type-arg]
+def _bounded_put(table: OrderedDict[str, V], key: str, value: V) -> None:
     table[key] = value
     table.move_to_end(key)
     while len(table) > MAX_TRACKED:
@@ -125,7 +128,7 @@ class Refusal:
     message: str
     retry_after: float = 0.0
 
-    def response(self):  # type: ignore[no-untyped-def]
+    def response(self) -> JSONResponse:
         answer = error_response(self.status, self.code, self.message)
         if self.retry_after:
             answer.headers["Retry-After"] = str(retry_seconds(self.retry_after))
@@ -255,7 +258,7 @@ def call_timeout(binding: Binding, message: Message, settings: Settings) -> floa
         timeout += asked if asked > 0 else settings.exec_max_timeout_seconds
     elif name == "AttachExecStream":
         timeout += settings.exec_max_timeout_seconds
-    elif name in ("DownloadFiles", "UploadFiles"):
+    elif name in ("DownloadFiles", "UploadFiles", "UploadImage"):
         timeout += settings.file_transfer_timeout_seconds
     if _may_wait_for_boot(name, message):
         timeout += settings.boot_timeout_seconds

@@ -118,7 +118,7 @@ class _Schemas:
             return {"type": "object", "additionalProperties": self.field(field.message_type.fields_by_name["value"], output)}
         if field.message_type is not None:
             single = self.message(field.message_type, output)
-        elif field.type == FieldDescriptor.TYPE_ENUM:
+        elif field.enum_type is not None:
             single = {"type": "string", "enum": [value.name for value in field.enum_type.values]}
         else:
             single = dict(_SCALARS[field.type])

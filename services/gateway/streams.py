@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Mapping
+from typing import TypeAlias
 
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -22,12 +24,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from services.gateway.bindings import Binding
 from services.gateway.errors import error_response, rpc_error_response
 from services.gateway.limits import AUTHENTICATED, checks_token
-from services.gateway.transcode import BadRequest, build_request, load_json, parse_json, to_json
+from services.gateway.transcode import BadRequest, build_request, descriptor_of, load_json, parse_json, to_json
 
 CLOSE_NORMAL = 1000
 CLOSE_INVALID = 1007
 CLOSE_ERROR = 1011
 _MAX_REASON = 120  # a close reason must fit 123 bytes
+
+Call: TypeAlias = "grpc.aio.StreamStreamCall[Message, Message]"
 
 
 def bytes_field(descriptor: Descriptor) -> FieldDescriptor | None:
@@ -55,10 +59,10 @@ class StreamBridge:
         self.channel = channel
         self.request_class = request_class
         self.response_class = response_class
-        self.input_field = bytes_field(request_class.DESCRIPTOR)
-        self.output_field = bytes_field(response_class.DESCRIPTOR)
+        self.input_field = bytes_field(descriptor_of(request_class))
+        self.output_field = bytes_field(descriptor_of(response_class))
 
-    def _from_frame(self, frame: dict[str, object]) -> Message:
+    def _from_frame(self, frame: Mapping[str, object]) -> Message:
         if frame.get("bytes") is not None:
             if self.input_field is None:
                 raise BadRequest("this stream takes JSON text frames, not binary ones")
@@ -71,7 +75,7 @@ class StreamBridge:
         elif answer.ListFields():
             await websocket.send_text(json.dumps(to_json(answer)))
 
-    async def _pump_client(self, websocket: WebSocket, call: grpc.aio.StreamStreamCall) -> None:
+    async def _pump_client(self, websocket: WebSocket, call: Call) -> None:
         while True:
             frame = await websocket.receive()
             if frame["type"] == "websocket.disconnect":
@@ -79,8 +83,8 @@ class StreamBridge:
             await call.write(self._from_frame(frame))
         await call.done_writing()
 
-    async def _pump_server(self, websocket: WebSocket, call: grpc.aio.StreamStreamCall) -> None:
-        while (answer := await call.read()) is not grpc.aio.EOF:
+    async def _pump_server(self, websocket: WebSocket, call: Call) -> None:
+        while isinstance(answer := await call.read(), Message):  # until grpc.aio.EOF
             await self._send(websocket, answer)
 
     async def __call__(self, websocket: WebSocket, metadata: tuple[tuple[str, str], ...]) -> None:
@@ -102,13 +106,13 @@ class StreamBridge:
             return
         websocket.scope[AUTHENTICATED] = checks_token(self.binding)
         await websocket.accept()
-        if acknowledgement is grpc.aio.EOF:
+        if not isinstance(acknowledgement, Message):  # grpc.aio.EOF: the server ended the stream at once
             await websocket.close(CLOSE_NORMAL)
             return
         await self._send(websocket, acknowledgement)
         await self._relay(websocket, call)
 
-    async def _relay(self, websocket: WebSocket, call: grpc.aio.StreamStreamCall) -> None:
+    async def _relay(self, websocket: WebSocket, call: Call) -> None:
         client = asyncio.ensure_future(self._pump_client(websocket, call))
         server = asyncio.ensure_future(self._pump_server(websocket, call))
         code, reason = CLOSE_NORMAL, ""

@@ -24,6 +24,14 @@ class BadRequest(ValueError):
     """The HTTP request cannot become the RPC's request message; the message says what to fix."""
 
 
+def descriptor_of(message: Message | type[Message]) -> Descriptor:
+    """A message's descriptor as `google.protobuf.descriptor` types it. The stubs also allow upb's own class,
+    whose descriptors pass `isinstance(_, Descriptor)` at run time."""
+    descriptor = message.DESCRIPTOR
+    assert isinstance(descriptor, Descriptor)
+    return descriptor
+
+
 def _is_map(field: FieldDescriptor) -> bool:
     return field.message_type is not None and field.message_type.GetOptions().map_entry
 
@@ -123,7 +131,7 @@ def build_request(
     query: Sequence[tuple[str, str]],
     body: bytes,
 ) -> Message:
-    descriptor = message.DESCRIPTOR
+    descriptor = descriptor_of(message)
     if binding.body == "*" and not body.strip():
         _require(descriptor, {}, binding.path_params)
     if body.strip():
@@ -157,17 +165,17 @@ def build_request(
 def _fill_absent(descriptor: Descriptor, data: dict[str, Any]) -> None:
     """Unset optional and message fields come out as null rather than missing, as clients expect every field."""
     for field in descriptor.fields:
-        value = data.get(field.name)
         if field.name not in data:
             data[field.name] = None
         elif field.message_type is not None and not _is_map(field) and not field.message_type.full_name.startswith("google.protobuf."):
+            value = data[field.name]
             for item in value if field.is_repeated else [value]:
                 _fill_absent(field.message_type, item)
 
 
 def to_json(message: Message) -> dict[str, Any]:
     data = json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    _fill_absent(message.DESCRIPTOR, data)
+    _fill_absent(descriptor_of(message), data)
     return data
 
 

@@ -19,7 +19,7 @@ import grpc
 from services.common.auth import current_principal
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument
 from services.common.names import validate_text, validate_vm_labels
-from services.orchestrator.engine import VmConfig
+from services.orchestrator.vmconfig import VmConfig
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -215,10 +215,7 @@ class DeployMethods:
         project_id = str(uuid.uuid4())
         config = request.vm_config
         labels = validate_vm_labels({**dict(config.labels), NAME_LABEL: deploy.name, PROJECT_LABEL: project_id})
-        vm_config = VmConfig(
-            config.vcpu_count, config.mem_size_mib, config.fs_size_mib, config.image_name, config.kernel_name, labels,
-            config.network,
-        )  # fmt: skip
+        vm_config = VmConfig.of(config, labels)
         if self._deploy_names is None:
             self._deploy_names = {}
         names = self._deploy_names.setdefault(org_id, asyncio.Lock())

@@ -131,7 +131,9 @@ class DomainProxyServicer(orchestrator_pb2_grpc.OrchestratorEdgeServiceServicer)
                 raise missing
         return domain
 
-    async def ProxyDomain(self, request_iterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def ProxyDomain(
+        self, request_iterator: AsyncIterator[pb.ProxyDomainRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProxyDomainResponse]:
         """The first answer is empty: the connection to the VM's port is open. When the guest closes it, an
         empty answer says so, and the call ends once the caller has ended its side (or after CLOSE_GRACE):
         a call that ended while the caller was still writing would reach it as INTERNAL (grpc's client puts
@@ -170,10 +172,9 @@ class _Requests:
     """The caller's messages, read by a task of their own: tunnel.pipe cancels its reads when the guest closes,
     and the messages the caller still sends after that must be read (and dropped) until it ends its side."""
 
-    _END = object()
-
     def __init__(self, requests: AsyncIterator[pb.ProxyDomainRequest]) -> None:
-        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=1)  # one message ahead: backpressure stays
+        # One message ahead, so backpressure stays; None once the caller has ended its side.
+        self._queue: asyncio.Queue[pb.ProxyDomainRequest | None] = asyncio.Queue(maxsize=1)
         self._draining = False
         self._task = asyncio.ensure_future(self._pump(requests))
         self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -184,11 +185,11 @@ class _Requests:
                 if not self._draining:
                     await self._queue.put(message)
         if not self._draining:
-            await self._queue.put(self._END)
+            await self._queue.put(None)
 
     async def messages(self) -> AsyncIterator[pb.ProxyDomainRequest]:
-        while (message := await self._queue.get()) is not self._END:
-            yield message  # type: ignore[misc]
+        while (message := await self._queue.get()) is not None:
+            yield message
 
     async def drain(self, timeout: float) -> None:
         """Drop what comes from now on; return when the caller has ended its side, or after `timeout`."""

@@ -14,7 +14,6 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISDIR
 from typing import Any, TypeVar
@@ -32,15 +31,15 @@ from services.common.errors import (
 )  # fmt: skip
 from services.common.faults import fault_point
 from services.common.files import fsync_dir, fsync_path, fsync_tree, write_atomic
-from services.common.names import validate_vm_labels
 from services.common.settings import Settings
 from services.orchestrator import secrets
 from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.agent import ExecResult, OnOutput
 from services.orchestrator.envvars import EnvVars
 from services.orchestrator.execs import ExecRegistry
-from services.orchestrator.images import DEFAULT_IMAGE, KERNEL_NAME, Image, find_image, list_images
+from services.orchestrator.images import DEFAULT_IMAGE, Image, find_image
 from services.orchestrator.integrity import Verifier
+from services.orchestrator.layout import Layout
 from services.orchestrator.machine import LAYER_OPTIONS, LaunchSpec, Machine, QmpError, copy_sparse, find_processes, kill_process
 from services.orchestrator.models import (
     LIVE_STATES,
@@ -51,17 +50,17 @@ from services.orchestrator.models import (
     SecretScanRow,
     SshKeyRow,
     VmRow,
+    VmState,
+    require_not_paused,
 )  # fmt: skip
-from services.orchestrator.network import NETWORK_MODES, GuestNetwork, guest_resolvers, new_ssh_key, parse_ranges
+from services.orchestrator.network import GuestNetwork, guest_resolvers, new_ssh_key, parse_ranges
 from services.orchestrator.store import Collectable, LayerGraph, OrchestratorStore
+from services.orchestrator.supervisor import LiveVm, Supervisor
+from services.orchestrator.vmconfig import MAX_DISK_MIB, VmConfig, check_branch_count, check_network, image_named
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_VCPUS = 16
-MEMORY_RANGE_MIB = (128, 65536)
-MAX_DISK_MIB = 1024 * 1024
-MAX_BRANCH_COUNT = 16
 # Per VM: guest ports reached from outside, and connections to them open at once.
 MAX_FORWARDED_PORTS = 32
 MAX_TUNNELS_PER_VM = 256
@@ -69,39 +68,11 @@ SSH_PORT = 22
 MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class VmConfig:
-    vcpu_count: int = 0
-    mem_size_mib: int = 0
-    fs_size_mib: int = 0
-    image_name: str = ""
-    kernel_name: str = ""
-    labels: Mapping[str, str] | None = None
-    network: str = ""
-
-
 # Deletes a commit's reservation in the tagging service: raises Conflict when a tag still names it.
 ReserveDeletion = Callable[[str, str], Awaitable[None]]
 SHUTDOWN_SLEEPS_AT_ONCE = 2
-
-
-@dataclass
-class LiveVm:
-    """What this process knows of one VM: its QEMU while it runs, whether it has booted, and the locks
-    that keep the changes to it (commit, branch, sleep, wake, state, delete) one at a time."""
-
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    console: asyncio.Lock = field(default_factory=asyncio.Lock)
-    booted: asyncio.Event = field(default_factory=asyncio.Event)
-    machine: Machine | None = None
-    # Its QEMU is being ended on purpose (sleep, delete): its exit is not a death.
-    ending: bool = False
-    # Connections to its ports from outside (tunnels, SSH, domains), and the lock that makes host forwards.
-    tunnels: int = 0
-    forwarding: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # What its QEMU may take of this host at most: memory, and tmpfs for a RAM file of its own.
-    memory_mib: int = 0
-    run_mib: int = 0
+# The states a VM can be asked to go to.
+SETTABLE_STATES = (VmState.PAUSED, VmState.RUNNING, VmState.SLEEPING)
 
 
 def _manifest(folder: Path) -> dict[str, str] | None:
@@ -113,28 +84,25 @@ def _manifest(folder: Path) -> dict[str, str] | None:
 
 class Engine:
     def __init__(self, settings: Settings, store: OrchestratorStore) -> None:
-        data = settings.data_dir.resolve()
         self.settings = settings
         self.store = store
-        self.images_root = settings.image_root
-        self.layers_dir = data / "layers"
-        self.commits_dir = data / "commits"
-        self.sleep_dir = data / "sleeping"
-        # Each VM's exec log (a folder per VM), kept with the VM's data: it outlives restarts, not the VM.
-        self.exec_logs_dir = data / "exec-logs"
-        self.run_dir = settings.vm_run_dir
+        self.layout = Layout.of(settings)
         self.network = GuestNetwork(
-            self.run_dir,
+            self.layout.run,
             allow=parse_ranges(settings.guest_allow, "VERS_GUEST_ALLOW"),
             dns=guest_resolvers(settings.guest_dns),
         )
         self.accel = "tcg"
-        self.vms: dict[str, LiveVm] = {}
-        self.verifier = Verifier()
+        # The VMs running here, and those being changed or connected to: one record each.
+        self.supervisor = Supervisor()
+        self.verifier = Verifier(self.layout)
         # Streamed execs and the VMs' exec logs.
-        self.execs = ExecRegistry(self, self.exec_logs_dir)
+        self.execs = ExecRegistry(self)
         self.env_vars = EnvVars(settings, store.db)
         self.reserve_deletion: ReserveDeletion | None = None
+        # The image a name means to the caller: the app gives each organization its own and the public ones
+        # (services.orchestrator.images_api); the built images alone until then.
+        self.image_lookup: Callable[[str], Image] = lambda name: image_named(self.layout.images, name)
         self._tasks: set[asyncio.Task[None]] = set()
         self._changes: set[asyncio.Future[Any]] = set()
         self._finishing_deletions: asyncio.Task[None] | None = None
@@ -143,23 +111,21 @@ class Engine:
         # ...and one at a time on this host: each takes every scan thread and reads disks at full speed
         self._scan_turn = asyncio.Semaphore(1)
         self._closing = False
-        self._tunnels = 0  # connections into VMs open now, on this host
-        self._org_tunnels: Counter[str] = Counter()
         # Host room promised to changes under way (VMs starting, commits, sleeps), not yet used.
         self._reserved: Counter[str] = Counter()
 
     # Start-up and shutdown
 
     async def start(self) -> None:
-        for folder in (self.layers_dir, self.commits_dir, self.sleep_dir, self.exec_logs_dir, self.run_dir):
+        for folder in self.layout.private_folders:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             _check_private(folder)
-        image = find_image(self.images_root, DEFAULT_IMAGE)
+        image = find_image(self.layout.images, DEFAULT_IMAGE)
         if image is None:
-            log.warning("no images in %s: run `make images`", self.images_root)
+            log.warning("no images in %s: run `make images`", self.layout.images)
         else:
             # the probe result is a fact about this host, kept beside the images every data folder shares
-            self.accel = await choose_accelerator(self.settings.accel, image, self.images_root / "accel.json")
+            self.accel = await choose_accelerator(self.settings.accel, image, self.layout.images / "accel.json")
         log.info("VMs run with %s", self.accel.upper())
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # every connection into a VM is two descriptors here
@@ -182,46 +148,42 @@ class Engine:
         await asyncio.gather(*self._tasks, *self._scans.values(), return_exceptions=True)
         if not self.settings.keep_vms_running:
             await self._sleep_for_shutdown()
-        for record in self.vms.values():
-            if record.machine is not None:
-                await record.machine.agent.close()
-                await record.machine.qmp.close()
-                record.machine = None
-        self.vms.clear()
-        if not find_processes(self.run_dir):
+        await self.supervisor.close()
+        if not find_processes(self.layout.run):
             if self.network.available:
                 await asyncio.to_thread(self.network.teardown)  # made again on the next start
             with contextlib.suppress(OSError):
-                self.run_dir.rmdir()  # in tmpfs, named after the data folder: no VM left, nothing to keep
+                self.layout.run.rmdir()  # in tmpfs, named after the data folder: no VM left, nothing to keep
 
     async def _sleep_for_shutdown(self) -> None:
-        running = [vm_id for vm_id, record in self.vms.items() if record.machine is not None]
+        running = self.supervisor.running()
         limit = asyncio.Semaphore(SHUTDOWN_SLEEPS_AT_ONCE)
 
-        async def sleep_one(vm_id: str) -> None:
-            record = self.live(vm_id)
-            async with limit, record.lock:
-                vm = await self.store.vm(vm_id)
-                if vm is None or vm.deleted_at is not None or vm.state not in LIVE_STATES or record.machine is None:
-                    return
-                try:
-                    await self._sleep(vm, by_shutdown=True)
-                    log.info("VM %s is asleep until the next start", vm_id)
-                except Exception as error:
-                    log.warning("VM %s could not go to sleep on shutdown: %s; it keeps running", vm_id, error)
+        async def sleep_one(vm_id: str, org_id: str) -> None:
+            with self.supervisor.hold(vm_id, org_id) as record:
+                async with limit, record.lock:
+                    vm = await self.store.vm(vm_id)
+                    if vm is None or vm.deleted_at is not None or vm.state not in LIVE_STATES or record.machine is None:
+                        return
+                    try:
+                        await self._sleep(vm, by_shutdown=True)
+                        log.info("VM %s is asleep until the next start", vm_id)
+                    except Exception as error:
+                        log.warning("VM %s could not go to sleep on shutdown: %s; it keeps running", vm_id, error)
 
         if running:
             log.info("putting %d VMs to sleep", len(running))
-        await asyncio.gather(*(sleep_one(vm_id) for vm_id in running))
+        await asyncio.gather(*(sleep_one(record.vm_id, record.org_id) for record in running))
 
     async def _wake_after_shutdown(self) -> None:
         for vm in await self.store.all_vms():
-            manifest = _manifest(self.sleep_folder(vm.id))
-            if vm.state != "sleeping" or not manifest or not manifest.get("by_shutdown"):
+            manifest = _manifest(self.layout.sleep_folder(vm.id))
+            if vm.state != VmState.SLEEPING or not manifest or not manifest.get("by_shutdown"):
                 continue
             try:
-                async with self.live(vm.id).lock:
-                    await self._wake(vm, manifest.get("state", "running"))
+                with self.supervisor.hold(vm.id, vm.org_id) as record:
+                    async with record.lock:
+                        await self._wake(vm, manifest.get("state", VmState.RUNNING))
                 log.info("woke VM %s, asleep since the last shutdown", vm.id)
             except Exception as error:
                 log.warning("VM %s could not wake after the restart: %s", vm.id, error)
@@ -229,7 +191,7 @@ class Engine:
     # Recovery: what a crash left half-done is finished or undone, before any request is served
 
     async def _recover(self) -> None:
-        processes = find_processes(self.run_dir)
+        processes = find_processes(self.layout.run)
         for operation in await self.store.operations():
             try:
                 await self._recover_operation(operation, processes)
@@ -244,7 +206,7 @@ class Engine:
                     kill_process(processes[vm.id], vm.id)
                 await self._mark_dead(vm.id)
         live = {vm.id for vm in await self.store.live_vms()}
-        for vm_id, pid in find_processes(self.run_dir).items():
+        for vm_id, pid in find_processes(self.layout.run).items():
             if vm_id not in live:
                 log.warning("stopping QEMU %d of VM %s, which no live VM owns", pid, vm_id)
                 kill_process(pid, vm_id)
@@ -261,14 +223,14 @@ class Engine:
                 if vm_id in processes:
                     kill_process(processes.pop(vm_id), vm_id)
                 await self.store.mark_vm_deleted(vm_id)
-                shutil.rmtree(self.run_folder(vm_id), ignore_errors=True)
+                shutil.rmtree(self.layout.run_folder(vm_id), ignore_errors=True)
             await self.store.finish(op.id)
         elif op.kind == "delete":
             if pid is not None:
                 kill_process(processes.pop(op.vm_id), op.vm_id)
             await self.store.mark_vm_deleted(op.vm_id, op.id)
-            shutil.rmtree(self.run_folder(op.vm_id), ignore_errors=True)
-            shutil.rmtree(self.sleep_folder(op.vm_id), ignore_errors=True)
+            shutil.rmtree(self.layout.run_folder(op.vm_id), ignore_errors=True)
+            shutil.rmtree(self.layout.sleep_folder(op.vm_id), ignore_errors=True)
         elif op.kind == "commit":
             await self._recover_commit(op, vm, pid)
         elif op.kind == "sleep":
@@ -282,13 +244,13 @@ class Engine:
         """A commit is recorded together with the drop of its intent, so an intent left means no commit:
         its files go. Whether QEMU already writes to the new layer is asked of QEMU itself."""
         assert op.commit_id and op.old_layer_id and op.new_layer_id
-        new_layer = self.layer_path(op.new_layer_id)
+        new_layer = self.layout.layer_file(op.new_layer_id)
         if pid is not None and vm is not None:
-            machine = await Machine.control(op.vm_id, self.run_folder(op.vm_id), pid)
+            machine = await Machine.control(op.vm_id, self.layout.run_folder(op.vm_id), pid)
             try:
                 switched = str(new_layer) in await machine.disk_chain()
                 await machine.cancel_migration()
-                if vm.state == "running" and await machine.status() != "running":
+                if vm.state == VmState.RUNNING and not await machine.is_running():
                     await machine.resume()
             finally:
                 await machine.qmp.close()
@@ -296,8 +258,8 @@ class Engine:
             # No QEMU to ask: an overlay it never wrote to reads as the layer under it, so keeping one is safe.
             switched = new_layer.exists()
         if await self.store.commit_row(op.commit_id) is None:
-            shutil.rmtree(self.commit_folder(op.commit_id), ignore_errors=True)
-        (self.run_folder(op.vm_id) / f"ram-{op.commit_id}").unlink(missing_ok=True)
+            shutil.rmtree(self.layout.commit_folder(op.commit_id), ignore_errors=True)
+        (self.layout.run_folder(op.vm_id) / f"ram-{op.commit_id}").unlink(missing_ok=True)
         if not switched:
             new_layer.unlink(missing_ok=True)
             await self.store.finish(op.id)
@@ -310,14 +272,14 @@ class Engine:
             )
 
     async def _recover_sleep(self, op: OperationRow, vm: VmRow | None, pid: int | None, processes: dict[str, int]) -> None:
-        folder = self.sleep_folder(op.vm_id)
+        folder = self.layout.sleep_folder(op.vm_id)
         manifest = _manifest(folder)
         if pid is not None and vm is not None:
             # QEMU still runs: the sleep is undone, the VM goes on as it was.
-            machine = await Machine.control(op.vm_id, self.run_folder(op.vm_id), pid)
+            machine = await Machine.control(op.vm_id, self.layout.run_folder(op.vm_id), pid)
             try:
                 await machine.cancel_migration()
-                if vm.state == "running" and await machine.status() != "running":
+                if vm.state == VmState.RUNNING and not await machine.is_running():
                     await machine.resume()
             finally:
                 await machine.qmp.close()
@@ -325,45 +287,44 @@ class Engine:
             await self.store.finish(op.id)
         elif manifest is not None:
             # Saved whole, and QEMU ended: the sleep is finished.
-            shutil.rmtree(self.run_folder(op.vm_id), ignore_errors=True)
-            await self.store.finish(op.id, op.vm_id, state="sleeping", pid=0, ram_mode=manifest["ram_mode"], ram_source="")
+            shutil.rmtree(self.layout.run_folder(op.vm_id), ignore_errors=True)
+            await self.store.finish(op.id, op.vm_id, state=VmState.SLEEPING, pid=0, ram_mode=manifest["ram_mode"], ram_source="")
         else:
             shutil.rmtree(folder, ignore_errors=True)
             await self.store.finish(op.id)  # QEMU gone, nothing saved: adoption finds it dead
 
     async def _recover_wake(self, op: OperationRow, vm: VmRow | None, pid: int | None, processes: dict[str, int]) -> None:
         if pid is not None:
-            machine = await Machine.control(op.vm_id, self.run_folder(op.vm_id), pid)
+            machine = await Machine.control(op.vm_id, self.layout.run_folder(op.vm_id), pid)
             try:
-                running = await machine.status() == "running"
+                running = await machine.is_running()
             finally:
                 await machine.qmp.close()
             if running:  # it had woken: the wake is finished, adoption attaches it
-                await self.store.finish(op.id, op.vm_id, state="running", pid=pid)
-                shutil.rmtree(self.sleep_folder(op.vm_id), ignore_errors=True)
+                await self.store.finish(op.id, op.vm_id, state=VmState.RUNNING, pid=pid)
+                shutil.rmtree(self.layout.sleep_folder(op.vm_id), ignore_errors=True)
                 return
             kill_process(processes.pop(op.vm_id), op.vm_id)
-        shutil.rmtree(self.run_folder(op.vm_id), ignore_errors=True)
+        shutil.rmtree(self.layout.run_folder(op.vm_id), ignore_errors=True)
         log.warning("VM %s was waking when the orchestrator stopped: it is asleep again", op.vm_id)
-        await self.store.finish(op.id, op.vm_id, state="sleeping", pid=0)
+        await self.store.finish(op.id, op.vm_id, state=VmState.SLEEPING, pid=0)
 
     async def _adopt(self, vm: VmRow, pid: int | None) -> None:
-        machine = await Machine.adopt(vm.id, self.run_folder(vm.id), pid, self.settings.serial_log_max_bytes) if pid else None
-        if machine is None and (self.sleep_folder(vm.id) / "state").exists():
+        machine = await Machine.adopt(vm.id, self.layout.run_folder(vm.id), pid, self.settings.serial_log_max_bytes) if pid else None
+        if machine is None and (self.layout.sleep_folder(vm.id) / "state").exists():
             log.warning("VM %s was waking when the orchestrator stopped: it is asleep again", vm.id)
-            await self.store.update_vm(vm.id, state="sleeping", pid=0)
+            await self.store.update_vm(vm.id, state=VmState.SLEEPING, pid=0)
             return
         if machine is None:
             log.warning("VM %s is gone (its QEMU is not running): marked dead", vm.id)
             await self._mark_dead(vm.id)
             return
-        status = await machine.status()
-        booted = vm.state != "booting"
-        state = "paused" if status != "running" and booted else vm.state
+        booted = vm.state != VmState.BOOTING
+        state = VmState.PAUSED if booted and not await machine.is_running() else vm.state
         await self.store.update_vm(vm.id, state=state, pid=machine.pid)
         self._attach(vm, machine, booted=booted)
         log.info("adopted VM %s (%s)", vm.id, state)
-        await self._finish_disk_growth(vm, machine, running=state == "running")
+        await self._finish_disk_growth(vm, machine, running=state == VmState.RUNNING)
 
     async def _remove_orphans(self) -> None:
         """Files no row owns: commit folders of no commit, layers of no layer row, saved states of VMs
@@ -378,17 +339,19 @@ class Engine:
         commits |= {op.commit_id for op in unsettled if op.commit_id}
         layers |= {layer for op in unsettled for layer in (op.old_layer_id, op.new_layer_id) if layer}
         orphans: list[Path] = []
-        orphans += [p for p in self.commits_dir.iterdir() if p.name not in commits]
-        orphans += [p for p in self.layers_dir.glob("*.qcow2") if p.stem not in layers]
-        orphans += list(self.layers_dir.glob(f"{secrets.WORKSPACE_PREFIX}*"))  # a scan a crash cut short
+        orphans += [p for p in self.layout.commits.iterdir() if p.name not in commits]
+        orphans += [p for p in self.layout.layers.glob("*.qcow2") if p.stem not in layers]
+        orphans += list(self.layout.layers.glob(f"{secrets.WORKSPACE_PREFIX}*"))  # a scan a crash cut short
         orphans += [
-            p for p in self.sleep_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state != "sleeping")
+            p
+            for p in self.layout.sleeping.iterdir()
+            if p.name not in busy_vms and (p.name not in vms or vms[p.name].state != VmState.SLEEPING)
         ]
         orphans += [
-            p for p in self.run_dir.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state not in LIVE_STATES)
+            p for p in self.layout.run.iterdir() if p.name not in busy_vms and (p.name not in vms or vms[p.name].state not in LIVE_STATES)
         ]
-        orphans += [p for p in self.run_dir.glob("*/ram-*") if p.parent.name not in busy_vms]
-        orphans += [p for p in self.exec_logs_dir.iterdir() if p.name not in vms and p.name not in busy_vms]
+        orphans += [p for p in self.layout.run.glob("*/ram-*") if p.parent.name not in busy_vms]
+        orphans += [p for p in self.layout.exec_logs.iterdir() if p.name not in vms and p.name not in busy_vms]
         for path in orphans:
             log.warning("removing %s, which nothing owns", path)
             if path.is_dir():
@@ -396,39 +359,22 @@ class Engine:
             else:
                 path.unlink(missing_ok=True)
 
-    # Paths
-
-    def run_folder(self, vm_id: str) -> Path:
-        return self.run_dir / vm_id
-
-    def layer_path(self, layer_id: str) -> Path:
-        return self.layers_dir / f"{layer_id}.qcow2"
-
-    def commit_folder(self, commit_id: str) -> Path:
-        return self.commits_dir / commit_id
-
-    def sleep_folder(self, vm_id: str) -> Path:
-        return self.sleep_dir / vm_id
-
     # Watching
-
-    def live(self, vm_id: str) -> LiveVm:
-        return self.vms.setdefault(vm_id, LiveVm())
 
     @asynccontextmanager
     async def _exclusive(self, vm: VmRow) -> AsyncIterator[VmRow]:
         """One change of a VM at a time, made on its row as it is once the change's turn comes; a change
         that waits longer than half a call's deadline for its turn is refused rather than made late."""
-        lock = self.live(vm.id).lock
-        try:
-            async with asyncio.timeout(self.settings.rpc_timeout_seconds / 2):
-                await lock.acquire()
-        except TimeoutError:
-            raise Unavailable(f"VM {vm.id} is busy with another change (a commit, branch, sleep or wake): try again") from None
-        try:
-            yield await self.store.get_vm(vm.org_id, vm.id)
-        finally:
-            lock.release()
+        with self.supervisor.hold(vm.id, vm.org_id) as record:
+            try:
+                async with asyncio.timeout(self.settings.rpc_timeout_seconds / 2):
+                    await record.lock.acquire()
+            except TimeoutError:
+                raise Unavailable(f"VM {vm.id} is busy with another change (a commit, branch, sleep or wake): try again") from None
+            try:
+                yield await self.store.get_vm(vm.org_id, vm.id)
+            finally:
+                record.lock.release()
 
     async def _whole(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a change to its end even when its caller goes away (a cancelled call, a stop's grace running
@@ -443,25 +389,17 @@ class Engine:
         task.add_done_callback(lambda done: done.cancelled() or done.exception())  # its caller may be gone
         return await asyncio.shield(task)
 
-    def _spawn(self, coroutine) -> asyncio.Task[None]:  # type: ignore[no-untyped-def]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
     def _attach(self, vm: VmRow, machine: Machine, booted: bool) -> None:
-        vm_id = vm.id
-        record = self.live(vm_id)
-        record.machine = machine
-        record.memory_mib = vm.mem_size_mib
-        record.run_mib = vm.mem_size_mib if vm.ram_mode == "shared" else 0
-        record.ending = False
-        record.booted = asyncio.Event()
-        if booted:
-            record.booted.set()
-        else:
-            self._spawn(self._wait_boot(vm_id, machine, record.booted))
-        self._spawn(self._watch(vm_id, machine))
+        record = self.supervisor.attach(vm, machine, booted)
+        if not booted:
+            self._spawn(self._wait_boot(vm.id, machine, record.booted))
+        self._spawn(self._watch(record, machine))
 
     async def _wait_boot(self, vm_id: str, machine: Machine, booted: asyncio.Event) -> None:
         try:
@@ -473,42 +411,42 @@ class Engine:
         vm = await self.store.vm(vm_id)
         if vm is not None:  # a new VM's /etc/environment, before anyone can exec in it or open its console
             await self.env_vars.install(machine.agent, vm.org_id, vm_id)
-        await self.store.update_vm(vm_id, state="running")
+        await self.store.update_vm(vm_id, state=VmState.RUNNING)
         booted.set()
 
-    async def _watch(self, vm_id: str, machine: Machine) -> None:
+    async def _watch(self, record: LiveVm, machine: Machine) -> None:
         await machine.wait_exit()
-        record = self.vms.get(vm_id)
-        if record is not None and record.machine is machine:
-            record.machine = None
+        if record.machine is machine:
+            self.supervisor.detach(record)
             if not record.ending:
-                log.warning("VM %s stopped: %s", vm_id, Machine.read_log(machine.run_folder) or "its QEMU exited")
-                await self._mark_dead(vm_id)
-        await machine.agent.close(f"VM {vm_id} stopped while the command ran")
+                log.warning("VM %s stopped: %s", record.vm_id, Machine.read_log(machine.run_folder) or "its QEMU exited")
+                await self._mark_dead(record.vm_id)
+        await machine.agent.close(f"VM {record.vm_id} stopped while the command ran")
 
     async def _mark_dead(self, vm_id: str) -> None:
         """A dead VM cannot run again: its run folder (its RAM file is in tmpfs, as large as its memory)
         goes at once; its QEMU log was logged when it stopped."""
-        shutil.rmtree(self.run_folder(vm_id), ignore_errors=True)
-        await self.store.update_vm(vm_id, state="dead", pid=0)
-        record = self.vms.get(vm_id)
-        if record is not None and record.machine is None and not record.lock.locked() and not record.tunnels:
-            del self.vms[vm_id]  # a dead VM changes no more: nothing of it is kept here
+        shutil.rmtree(self.layout.run_folder(vm_id), ignore_errors=True)
+        await self.store.update_vm(vm_id, state=VmState.DEAD, pid=0)
 
-    def machine(self, vm: VmRow) -> Machine:
-        record = self.vms.get(vm.id)
+    def _running(self, vm: VmRow) -> tuple[LiveVm, Machine]:
+        """The VM's record and its QEMU; FailedPrecondition saying what to do when it does not run here."""
+        record = self.supervisor.get(vm.id)
         machine = record.machine if record is not None else None
-        if machine is None and vm.state == "sleeping":
+        if machine is None and vm.state == VmState.SLEEPING:
             raise FailedPrecondition(
                 f'VM {vm.id} is sleeping: wake it first (PATCH /vm/{vm.id}/state {{"state": "Running"}}, or vers resume)'
             )
-        if machine is None:
+        if record is None or machine is None:
             raise FailedPrecondition(f"VM {vm.id} is {vm.state}, not running: start a new VM from one of its commits")
-        return machine
+        return record, machine
+
+    def machine(self, vm: VmRow) -> Machine:
+        return self._running(vm)[1]
 
     async def wait_booted(self, vm: VmRow, skip_wait: bool = False) -> Machine:
-        machine = self.machine(vm)
-        event = self.live(vm.id).booted
+        record, machine = self._running(vm)
+        event = record.booted
         if not event.is_set():
             if skip_wait:
                 raise FailedPrecondition(f"VM {vm.id} is still booting")
@@ -529,17 +467,20 @@ class Engine:
         used as its guest touches it): the VMs running here count with all of their memory, and changes
         under way with what they were promised."""
         settings = self.settings
-        running_memory = sum(r.memory_mib for r in self.vms.values() if r.machine is not None) + self._reserved["memory"]
-        running_run = sum(r.run_mib for r in self.vms.values() if r.machine is not None) + self._reserved["run"]
+        running = self.supervisor.running()
+        running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"]
+        running_run = sum(r.run_mib for r in running) + self._reserved["run"]
         memory_total, memory_free = _memory()
-        run_total, run_free = _space(self.run_dir)
-        _disk_total, disk_free = _space(self.layers_dir.parent)
+        run_total, run_free = _space(self.layout.run)
+        _disk_total, disk_free = _space(self.layout.data)
+        if disk_free is not None:
+            disk_free -= self._reserved["disk"]
         needs = (
             ("memory", memory_free, memory_total, running_memory, memory_mib, settings.host_reserve_memory_mib,
              "VERS_HOST_RESERVE_MEMORY_MIB"),
-            (f"tmpfs at {self.run_dir}", run_free, run_total, running_run, run_mib, settings.host_reserve_run_mib,
+            (f"tmpfs at {self.layout.run}", run_free, run_total, running_run, run_mib, settings.host_reserve_run_mib,
              "VERS_HOST_RESERVE_RUN_MIB"),
-            (f"disk at {self.layers_dir.parent}", disk_free - self._reserved["disk"], None, 0, disk_mib,
+            (f"disk at {self.layout.data}", disk_free, None, 0, disk_mib,
              settings.host_reserve_disk_mib, "VERS_HOST_RESERVE_DISK_MIB"),
         )  # fmt: skip
         for resource_name, free, total, promised, need, reserve, setting in needs:
@@ -585,41 +526,6 @@ class Engine:
 
     # Creating VMs
 
-    def _image(self, name: str) -> Image:
-        image = find_image(self.images_root, name or DEFAULT_IMAGE)
-        if image is None:
-            known = ", ".join(list_images(self.images_root)) or "none: run `make images`"
-            raise InvalidArgument(f"image {name!r} does not exist; images: {known}")
-        return image
-
-    def _validate(self, config: VmConfig, image: Image) -> tuple[int, int, int, str]:
-        if config.kernel_name not in ("", KERNEL_NAME):
-            raise InvalidArgument(f"kernel_name must be {KERNEL_NAME!r} (or left out)")
-        vcpus = config.vcpu_count or 1
-        memory = config.mem_size_mib or 256
-        disk = config.fs_size_mib or max(image.disk_mib, 1024)
-        if not 1 <= vcpus <= MAX_VCPUS:
-            raise InvalidArgument(f"vcpu_count must be between 1 and {MAX_VCPUS}, not {vcpus}")
-        if not MEMORY_RANGE_MIB[0] <= memory <= MEMORY_RANGE_MIB[1]:
-            raise InvalidArgument(f"mem_size_mib must be between {MEMORY_RANGE_MIB[0]} and {MEMORY_RANGE_MIB[1]}, not {memory}")
-        if not image.disk_mib <= disk <= MAX_DISK_MIB:
-            raise InvalidArgument(
-                f"fs_size_mib must be between {image.disk_mib} (the size of image {image.name!r}) and {MAX_DISK_MIB}, not {disk}"
-            )
-        validate_vm_labels(dict(config.labels or {}))
-        # Without the privileges for outbound networking, VMs get a closed NIC unless "nat" is asked for.
-        network = config.network or ("nat" if self.network.available else "none")
-        self._check_network(network)
-        return vcpus, memory, disk, network
-
-    def _check_network(self, network: str) -> None:
-        if network not in NETWORK_MODES:
-            raise InvalidArgument(f'network must be "nat" (outbound access, the default) or "none", not {network!r}')
-        if network == "nat" and not self.network.available:
-            raise FailedPrecondition(
-                f'this host cannot give VMs outbound network ({self.network.reason}): ask for network "none", or see the README'
-            )
-
     async def create_root(self, org_id: str, config: VmConfig, wait_boot: bool) -> VmRow:
         vm = await self._whole(self._create_root(org_id, config))
         if wait_boot:
@@ -628,14 +534,15 @@ class Engine:
         return vm
 
     async def _create_root(self, org_id: str, config: VmConfig) -> VmRow:
-        image = self._image(config.image_name)
-        vcpus, memory, disk, network = self._validate(config, image)
+        image = self.image_lookup(config.image_name)
+        config = config.checked(image, self.network)
+        memory, disk = config.mem_size_mib, config.fs_size_mib
         layer = LayerRow(id=str(uuid.uuid4()), base_path=str(image.disk))
         vm = VmRow(
             id=str(uuid.uuid4()), org_id=org_id, labels=json.dumps(dict(config.labels or {})),
-            vcpu_count=vcpus, mem_size_mib=memory, fs_size_mib=disk, image_name=image.name,
+            vcpu_count=config.vcpu_count, mem_size_mib=memory, fs_size_mib=disk, image_name=image.name,
             kernel_path=str(image.kernel), initramfs_path=str(image.initramfs), layer_id=layer.id, ram_mode="shared",
-            network=network,
+            network=config.network,
         )  # fmt: skip
         # The row (with the VM's id, which names its QEMU) exists before QEMU does, so a crash in between
         # leaves a process that the next start finds and adopts.
@@ -646,16 +553,16 @@ class Engine:
 
     async def _start_root(self, vm: VmRow, image: Image, disk: int, operation: OperationRow) -> VmRow:
         memory, layer = vm.mem_size_mib, LayerRow(id=vm.layer_id)
-        folder = self.run_folder(vm.id)
+        folder = self.layout.run_folder(vm.id)
         try:
-            await _qemu_img("create", *LAYER_OPTIONS, "-b", image.disk, "-F", "qcow2", self.layer_path(layer.id), f"{disk}M")
+            await _qemu_img("create", *LAYER_OPTIONS, "-b", image.disk, "-F", "qcow2", self.layout.layer_file(layer.id), f"{disk}M")
             folder.mkdir(mode=0o700, parents=True)
             with os.fdopen(os.open(folder / "ram", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as ram:
                 ram.truncate(memory * MIB)
             machine = await Machine.launch(self._spec(vm, incoming=False, ram_file=folder / "ram"))
         except Exception as error:
             shutil.rmtree(folder, ignore_errors=True)
-            await self.store.finish(operation.id, vm.id, state="dead")
+            await self.store.finish(operation.id, vm.id, state=VmState.DEAD)
             raise Internal(f"VM {vm.id} could not start: {error}") from error
         fault_point("create.after_launch")
         done = await self.store.finish(operation.id, vm.id, pid=machine.pid)
@@ -665,16 +572,12 @@ class Engine:
 
     def _spec(self, vm: VmRow, incoming: bool, ram_file: Path | None) -> LaunchSpec:
         return LaunchSpec(
-            vm_id=vm.id, run_folder=self.run_folder(vm.id), accel=self.accel, vcpus=vm.vcpu_count,
+            vm_id=vm.id, run_folder=self.layout.run_folder(vm.id), accel=self.accel, vcpus=vm.vcpu_count,
             mem_mib=vm.mem_size_mib, kernel=Path(vm.kernel_path), initramfs=Path(vm.initramfs_path),
-            disk=self.layer_path(vm.layer_id), ram_mode=vm.ram_mode, ram_file=ram_file, incoming=incoming,
+            disk=self.layout.layer_file(vm.layer_id), ram_mode=vm.ram_mode, ram_file=ram_file, incoming=incoming,
             network=vm.network, prefix=tuple(self.network.launch_prefix(vm.network)),
             qemu_user=self.settings.qemu_user, serial_log_max_bytes=self.settings.serial_log_max_bytes,
         )  # fmt: skip
-
-    def verify_commit(self, commit: CommitRow) -> None:
-        """DataLoss, naming the file, when a commit's files are missing or damaged."""
-        self.verifier.verify(commit.id, commit.checksums, self.commit_folder(commit.id), self.layer_path(commit.layer_id))
 
     async def restore(self, org_id: str, commit: CommitRow, count: int = 1, vm_ids: Sequence[str] = ()) -> list[VmRow]:
         return await self._whole(self._restore(org_id, commit, count, vm_ids))
@@ -683,13 +586,12 @@ class Engine:
         """Start `count` VMs from a commit: each a new qcow2 overlay on the commit's frozen layer, its RAM
         the commit's memory file mapped copy-on-write, its devices loaded from the saved state. All start
         or none does. `vm_ids` are their ids when the caller noted them before (a fork's saga)."""
-        if not 1 <= count <= MAX_BRANCH_COUNT:
-            raise InvalidArgument(f"count must be between 1 and {MAX_BRANCH_COUNT}, not {count}")
+        check_branch_count(count)
         ids = list(vm_ids) or [str(uuid.uuid4()) for _ in range(count)]
         assert len(ids) == count
         if commit.network:
-            self._check_network(commit.network)
-        await asyncio.to_thread(self.verify_commit, commit)
+            check_network(commit.network, self.network)
+        await asyncio.to_thread(self.verifier.verify, commit.id, commit.checksums, commit.layer_id)
         layers = [LayerRow(id=str(uuid.uuid4()), parent_id=commit.layer_id) for _ in range(count)]
         shape = commit.model_dump(include=set(MachineShape.model_fields))
         # A fork keeps no link upstream: a VM started from another org's commit does not name it. A public
@@ -704,7 +606,7 @@ class Engine:
                 **shape,
                 layer_id=layer.id,
                 ram_mode="private" if commit.ram_format == "file" else "anonymous",
-                ram_source=str(self.commit_folder(commit.id) / "ram") if commit.ram_format == "file" else "",
+                ram_source=str(self.layout.commit_folder(commit.id) / "ram") if commit.ram_format == "file" else "",
                 parent_commit_id=commit.id if linked else None,
                 grandparent_vm_id=commit.parent_vm_id if own else None,
             )
@@ -731,29 +633,30 @@ class Engine:
 
     async def _discard(self, vm_id: str) -> None:
         """A VM that never reached its caller: stopped and deleted."""
-        record = self.vms.pop(vm_id, None)
-        if record is not None and record.machine is not None:
+        record = self.supervisor.get(vm_id)
+        if record is not None and (machine := record.machine) is not None:
             record.ending = True
-            await record.machine.kill()
+            self.supervisor.detach(record)
+            await machine.kill()
         await self.store.mark_vm_deleted(vm_id)
-        shutil.rmtree(self.run_folder(vm_id), ignore_errors=True)
+        shutil.rmtree(self.layout.run_folder(vm_id), ignore_errors=True)
 
     async def _start_restored(self, vm: VmRow, commit: CommitRow) -> VmRow:
-        frozen = self.layer_path(commit.layer_id)
+        frozen = self.layout.layer_file(commit.layer_id)
         machine = None
         try:
-            await _qemu_img("create", *LAYER_OPTIONS, "-b", frozen, "-F", "qcow2", self.layer_path(vm.layer_id))
+            await _qemu_img("create", *LAYER_OPTIONS, "-b", frozen, "-F", "qcow2", self.layout.layer_file(vm.layer_id))
             ram_file = Path(vm.ram_source) if vm.ram_source else None
             machine = await Machine.launch(self._spec(vm, incoming=True, ram_file=ram_file))
             fault_point("restore.after_launch")
-            await machine.restore(self.commit_folder(commit.id) / "state")
+            await machine.restore(self.layout.commit_folder(commit.id) / "state")
             await machine.resume()
         except Exception as error:
             if machine is not None:
                 await machine.kill()
-            await self.store.update_vm(vm.id, state="dead")
+            await self.store.update_vm(vm.id, state=VmState.DEAD)
             raise Internal(f"VM {vm.id} could not be restored from commit {commit.id}: {error}") from error
-        vm = await self.store.update_vm(vm.id, state="running", pid=machine.pid)
+        vm = await self.store.update_vm(vm.id, state=VmState.RUNNING, pid=machine.pid)
         self._attach(vm, machine, booted=True)
         return vm
 
@@ -782,12 +685,12 @@ class Engine:
         machine = await self.wait_booted(vm)
         # A commit freezes the layer the row names: never one QEMU no longer writes to.
         chain = await machine.disk_chain()
-        if chain[0] != str(self.layer_path(vm.layer_id)):
+        if chain[0] != str(self.layout.layer_file(vm.layer_id)):
             raise FailedPrecondition(
                 f"VM {vm.id} writes its disk to {chain[0]}, not to the layer its record names: nothing is committed "
                 f"until an operator has looked (vers admin fsck)"
             )
-        folder = self.commit_folder(commit_id)
+        folder = self.layout.commit_folder(commit_id)
         new_layer = LayerRow(id=str(uuid.uuid4()), parent_id=vm.layer_id)
         operation = await self.store.begin(
             OperationRow(
@@ -798,14 +701,14 @@ class Engine:
         fault_point("commit.after_intent")
         # While the VM is paused its RAM is copied within tmpfs, which disk writeback cannot slow down;
         # it goes to the commit folder once the VM runs again.
-        ram_copy = self.run_folder(vm.id) / f"ram-{commit_id}" if vm.ram_mode == "shared" else None
+        ram_copy = self.layout.run_folder(vm.id) / f"ram-{commit_id}" if vm.ram_mode == "shared" else None
         # Commands running in the guest are part of the snapshot (a branch goes on with them); only the
         # sending of one is waited for, so the snapshot never holds half a command.
         try:
             async with machine.agent.sending():
                 try:
                     folder.mkdir(mode=0o700, parents=True)
-                    paused = await machine.snapshot(self.layer_path(new_layer.id), folder / "state", ram_copy, keep_paused)
+                    paused = await machine.snapshot(self.layout.layer_file(new_layer.id), folder / "state", ram_copy, keep_paused)
                     fault_point("commit.after_state")
                     if ram_copy is not None:
                         await asyncio.to_thread(copy_sparse, ram_copy, folder / "ram")
@@ -818,11 +721,11 @@ class Engine:
         except DeadlineExceeded:  # the guest holds its port: no turn to send, nothing done yet
             await self.store.finish(operation.id)
             raise
-        frozen = self.layer_path(vm.layer_id)
+        frozen = self.layout.layer_file(vm.layer_id)
         try:
             for path in (*folder.iterdir(), frozen):
                 path.chmod(0o400)  # immutable from here on
-            checksums = await asyncio.to_thread(self.verifier.checksums, folder, frozen)
+            checksums = await asyncio.to_thread(self.verifier.checksums, commit_id, vm.layer_id)
             size = sum(_allocated(path) for path in (*folder.iterdir(), frozen))
             # On disk, with the folder entries that name them, before any row says the commit exists.
             await asyncio.to_thread(self._flush_commit, folder, frozen)
@@ -833,7 +736,7 @@ class Engine:
                 ram_format="file" if ram_copy else "stream", checksums=json.dumps(checksums), size_bytes=size,
                 **vm.model_dump(include=set(MachineShape.model_fields)),
             )  # fmt: skip
-            await self.store.add_commit(commit, vm.id, new_layer, operation.id, **({"state": "paused"} if keep_paused else {}))
+            await self.store.add_commit(commit, vm.id, new_layer, operation.id, **({"state": VmState.PAUSED} if keep_paused else {}))
         except ResourceExhausted:  # the org's commit quota, checked again with the commit's own size
             await self._undo_commit(machine, vm, new_layer, operation.id, folder)
             raise
@@ -845,18 +748,18 @@ class Engine:
     def _flush_commit(self, folder: Path, frozen: Path) -> None:
         fsync_tree(folder)
         fsync_path(frozen)
-        fsync_dir(self.commits_dir)
-        fsync_dir(self.layers_dir)
+        fsync_dir(self.layout.commits)
+        fsync_dir(self.layout.layers)
 
     async def _undo_commit(self, machine: Machine, vm: VmRow, new_layer: LayerRow, operation_id: str, folder: Path) -> None:
         """A commit that failed leaves no commit; if QEMU already writes to the new layer, the VM's row moves
         there with it, so what the VM writes from now on is never lost to a stale row."""
         if await self.store.commit_row(folder.name) is None:
             shutil.rmtree(folder, ignore_errors=True)
-        if await self._writes_to(machine, self.layer_path(new_layer.id)):
+        if await self._writes_to(machine, self.layout.layer_file(new_layer.id)):
             await self.store.add_commit(None, vm.id, new_layer, operation_id)
         else:
-            self.layer_path(new_layer.id).unlink(missing_ok=True)
+            self.layout.layer_file(new_layer.id).unlink(missing_ok=True)
             await self.store.finish(operation_id)
 
     @staticmethod
@@ -897,9 +800,8 @@ class Engine:
 
     async def _finish_commit_deletion(self, commit_id: str) -> None:
         fault_point("commit_delete.after_reserve")
-        folder = self.commit_folder(commit_id)
-        self.verifier.forget(folder)
-        shutil.rmtree(folder, ignore_errors=True)
+        self.verifier.forget(commit_id)
+        shutil.rmtree(self.layout.commit_folder(commit_id), ignore_errors=True)
         await self.store.finish_commit_deletion(commit_id)
         await self.collect_garbage()
 
@@ -930,17 +832,17 @@ class Engine:
 
     async def collect_garbage(self) -> None:
         for layer_id in await self.store.collect_garbage_layers():
-            self.layer_path(layer_id).unlink(missing_ok=True)
+            self.layout.layer_file(layer_id).unlink(missing_ok=True)
 
     # Bytes a commit holds
 
     def _commit_folder_bytes(self, commit_id: str) -> int:
-        folder = self.commit_folder(commit_id)
+        folder = self.layout.commit_folder(commit_id)
         return sum(_allocated_or_none(path) for path in folder.iterdir()) if folder.is_dir() else 0
 
     def _layer_bytes(self, graph: LayerGraph, commits: Sequence[CommitRow]) -> dict[str, int]:
         """Allocated bytes of the layers of these commits' chains (an image's root disk under them counts not)."""
-        return {layer_id: _allocated_or_none(self.layer_path(layer_id)) for c in commits for layer_id in graph.chain(c.layer_id)}
+        return {layer_id: _allocated_or_none(self.layout.layer_file(layer_id)) for c in commits for layer_id in graph.chain(c.layer_id)}
 
     async def commit_bytes(self, commits: Sequence[CommitRow]) -> dict[str, tuple[int, int]]:
         """Each commit's bytes held alone (its memory and device state, and the layers of its chain nothing
@@ -1013,13 +915,13 @@ class Engine:
         kept = await self.store.secret_scan(commit.id, rules_version)
         if kept is not None:
             return kept
-        folder = self.commit_folder(commit.id)
+        folder = self.layout.commit_folder(commit.id)
         memory = [folder / name for name in ("ram", "state") if (folder / name).exists()]
         chain = await self.store.layer_chain(commit.layer_id)
         base = Path(chain[-1].base_path) if chain and chain[-1].base_path else None
         allow = [pattern.strip() for pattern in self.settings.secret_scan_allow_paths.split(",") if pattern.strip()]
         async with self._scan_turn:
-            findings = await secrets.scan_commit(memory, [self.layer_path(layer.id) for layer in chain], base, allow, literals)
+            findings = await secrets.scan_commit(memory, [self.layout.layer_file(layer.id) for layer in chain], base, allow, literals)
         found = [
             {"where": f.where, "path": f.path, "offset": f.offset, "rule": f.rule, "excerpt": f.excerpt} for f in findings
         ]  # fmt: skip
@@ -1032,15 +934,15 @@ class Engine:
     @asynccontextmanager
     async def console(self, vm: VmRow) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         """The VM's console; one person at a time, as on a physical terminal."""
-        lock = self.live(vm.id).console
-        if lock.locked():
-            raise FailedPrecondition(f"someone is already connected to the console of VM {vm.id}")
-        async with lock:
-            reader, writer = await asyncio.open_unix_connection(str(self.run_folder(vm.id) / "console.sock"))
-            try:
-                yield reader, writer
-            finally:
-                writer.close()
+        with self.supervisor.hold(vm.id, vm.org_id) as record:
+            if record.console.locked():
+                raise FailedPrecondition(f"someone is already connected to the console of VM {vm.id}")
+            async with record.console:
+                reader, writer = await asyncio.open_unix_connection(str(self.layout.run_folder(vm.id) / "console.sock"))
+                try:
+                    yield reader, writer
+                finally:
+                    writer.close()
 
     @asynccontextmanager
     async def connect_port(self, vm: VmRow, port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
@@ -1051,49 +953,46 @@ class Engine:
             raise InvalidArgument(f"port must be between 1 and 65535, not {port}")
         if not vm.network:
             raise FailedPrecondition(f"VM {vm.id} was made before VMs had a network card: start a new VM to reach its ports")
-        if vm.state == "paused":
-            raise FailedPrecondition(f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}})')
-        record = self.live(vm.id)
-        # Counted before any wait, so a burst of connections cannot pass the limits together.
+        require_not_paused(vm)
+        with self.supervisor.hold(vm.id, vm.org_id) as record:
+            # Counted before any wait, so a burst of connections cannot pass the limits together.
+            self._admit_tunnel(vm, record)
+            record.tunnels += 1
+            try:
+                machine = await self.wait_booted(vm)
+                if port == SSH_PORT:
+                    await self.ssh_key(vm)  # the VM's own key, not its source's, before anyone logs in
+                address = self.network.forward_address()
+                async with record.forwarding:
+                    host_port = machine.forwards.get(port)
+                    if host_port is None:
+                        if len(machine.forwards) >= MAX_FORWARDED_PORTS:
+                            raise ResourceExhausted(f"VM {vm.id} already has {MAX_FORWARDED_PORTS} ports reached from outside")
+                        host_port = await self._forward(machine, address, port)
+                try:
+                    reader, writer = await asyncio.open_connection(address, host_port)
+                except OSError as error:
+                    raise Unavailable(f"port {port} of VM {vm.id} cannot be reached: {error}") from error
+                try:
+                    yield reader, writer
+                finally:
+                    writer.close()
+            finally:
+                record.tunnels -= 1
+
+    def _admit_tunnel(self, vm: VmRow, record: LiveVm) -> None:
+        """Another connection into the VM within the limits: the VM's, this host's and its org's."""
         if record.tunnels >= MAX_TUNNELS_PER_VM:
             raise ResourceExhausted(f"VM {vm.id} already has {MAX_TUNNELS_PER_VM} open connections from outside: close some first")
-        if self._tunnels >= self.settings.max_tunnels:
+        if self.supervisor.tunnels() >= self.settings.max_tunnels:
             raise ResourceExhausted(
                 f"this host already carries {self.settings.max_tunnels} connections into VMs: try again later, or raise VERS_MAX_TUNNELS"
             )
-        if self._org_tunnels[vm.org_id] >= self.settings.org_max_tunnels:
+        if self.supervisor.tunnels(vm.org_id) >= self.settings.org_max_tunnels:
             raise ResourceExhausted(
                 f"your organization's VMs already have {self.settings.org_max_tunnels} open connections from outside "
                 f"(VERS_ORG_MAX_TUNNELS): close some first"
             )
-        record.tunnels += 1
-        self._tunnels += 1
-        self._org_tunnels[vm.org_id] += 1
-        try:
-            machine = await self.wait_booted(vm)
-            if port == SSH_PORT:
-                await self.ssh_key(vm)  # the VM's own key, not its source's, before anyone logs in
-            address = self.network.forward_address()
-            async with record.forwarding:
-                host_port = machine.forwards.get(port)
-                if host_port is None:
-                    if len(machine.forwards) >= MAX_FORWARDED_PORTS:
-                        raise ResourceExhausted(f"VM {vm.id} already has {MAX_FORWARDED_PORTS} ports reached from outside")
-                    host_port = await self._forward(machine, address, port)
-            try:
-                reader, writer = await asyncio.open_connection(address, host_port)
-            except OSError as error:
-                raise Unavailable(f"port {port} of VM {vm.id} cannot be reached: {error}") from error
-            try:
-                yield reader, writer
-            finally:
-                writer.close()
-        finally:
-            record.tunnels -= 1
-            self._tunnels -= 1
-            self._org_tunnels[vm.org_id] -= 1
-            if not self._org_tunnels[vm.org_id]:
-                del self._org_tunnels[vm.org_id]
 
     async def exec(
         self, vm: VmRow, command: Sequence[str], env: Mapping[str, str] | None = None, stdin: bytes | None = None,
@@ -1169,21 +1068,20 @@ class Engine:
         raise Unavailable("no free host port for the VM's forward: try again")
 
     async def set_state(self, vm: VmRow, state: str, skip_wait_boot: bool = False) -> VmRow:
-        wanted = state.lower()
-        if wanted not in ("paused", "running", "sleeping"):
+        if state.lower() not in SETTABLE_STATES:
             raise InvalidArgument(f'state must be "Paused", "Sleeping" or "Running", not {state!r}')
-        if vm.state == "booting" and not skip_wait_boot:
+        if vm.state == VmState.BOOTING and not skip_wait_boot:
             await self.wait_booted(vm)  # not under the lock: a delete need not wait for a boot
-        return await self._whole(self._set_state(vm, wanted, skip_wait_boot))
+        return await self._whole(self._set_state(vm, VmState(state.lower()), skip_wait_boot))
 
-    async def _set_state(self, vm: VmRow, wanted: str, skip_wait_boot: bool) -> VmRow:
+    async def _set_state(self, vm: VmRow, wanted: VmState, skip_wait_boot: bool) -> VmRow:
         async with self._exclusive(vm) as vm:
-            if vm.state == "sleeping" and wanted != "sleeping":
+            if vm.state == VmState.SLEEPING and wanted != VmState.SLEEPING:
                 return await self._wake(vm, wanted)
-            if wanted == "sleeping":
-                return vm if vm.state == "sleeping" else await self._sleep(vm)
+            if wanted == VmState.SLEEPING:
+                return vm if vm.state == VmState.SLEEPING else await self._sleep(vm)
             machine = await self.wait_booted(vm, skip_wait_boot)
-            if wanted == "paused":
+            if wanted == VmState.PAUSED:
                 await machine.pause()
             else:
                 await machine.resume()
@@ -1199,9 +1097,9 @@ class Engine:
         return await self._save_to_sleep(vm, by_shutdown)
 
     async def _save_to_sleep(self, vm: VmRow, by_shutdown: bool) -> VmRow:
-        record = self.live(vm.id)
         machine = self.machine(vm) if by_shutdown else await self.wait_booted(vm)
-        folder = self.sleep_folder(vm.id)
+        record, _ = self._running(vm)
+        folder = self.layout.sleep_folder(vm.id)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(mode=0o700, parents=True)
         shared = vm.ram_mode == "shared"
@@ -1217,7 +1115,7 @@ class Engine:
                     manifest = {"ram_mode": ram_mode, "state": vm.state, "by_shutdown": by_shutdown}
                     await asyncio.to_thread(write_atomic, folder / "manifest.json", json.dumps(manifest))
                     await asyncio.to_thread(fsync_tree, folder)
-                    await asyncio.to_thread(fsync_dir, self.sleep_dir)
+                    await asyncio.to_thread(fsync_dir, self.layout.sleeping)
                     fault_point("sleep.after_save")
                     machine.agent.closing(
                         f"VM {vm.id} was put to sleep while the command ran: it goes on when the VM wakes, but its output "
@@ -1230,7 +1128,7 @@ class Engine:
                     shutil.rmtree(folder, ignore_errors=True)
                     with contextlib.suppress(Exception):
                         await machine.cancel_migration()  # a save still running would stop the VM again when it ends
-                        if vm.state == "running" and await machine.status() != "running":
+                        if vm.state == VmState.RUNNING and not await machine.is_running():
                             await machine.resume()
                     await self.store.finish(operation.id)
                     raise Internal(f"VM {vm.id} could not go to sleep: {error}; it goes on as it was") from error
@@ -1239,16 +1137,16 @@ class Engine:
             await self.store.finish(operation.id)
             raise
         fault_point("sleep.after_quit")
-        record.machine = None
-        shutil.rmtree(self.run_folder(vm.id), ignore_errors=True)
-        done = await self.store.finish(operation.id, vm.id, state="sleeping", pid=0, ram_mode=ram_mode, ram_source="")
+        self.supervisor.detach(record)
+        shutil.rmtree(self.layout.run_folder(vm.id), ignore_errors=True)
+        done = await self.store.finish(operation.id, vm.id, state=VmState.SLEEPING, pid=0, ram_mode=ram_mode, ram_source="")
         assert done is not None
         return done
 
-    async def _wake(self, vm: VmRow, wanted: str = "running") -> VmRow:
+    async def _wake(self, vm: VmRow, wanted: str = VmState.RUNNING) -> VmRow:
         """A sleeping VM running again where it was (or paused, or booting on, as it was put to sleep),
         within its org's limits. If it cannot start, it stays asleep with its saved state kept."""
-        folder = self.sleep_folder(vm.id)
+        folder = self.layout.sleep_folder(vm.id)
         if not (folder / "state").exists():
             raise DataLoss(f"VM {vm.id} is sleeping but its saved state is missing from {folder}")
         room = self._room(
@@ -1261,7 +1159,7 @@ class Engine:
     async def _start_waking(self, vm: VmRow, wanted: str, folder: Path) -> VmRow:
         operation = OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="wake")
         vm = await self.store.claim_wake(vm.id, operation)
-        run = self.run_folder(vm.id)
+        run = self.layout.run_folder(vm.id)
         run.mkdir(mode=0o700, parents=True, exist_ok=True)
         machine = None
         try:
@@ -1272,17 +1170,17 @@ class Engine:
             machine = await Machine.launch(self._spec(vm, incoming=True, ram_file=ram_file))
             fault_point("wake.after_launch")
             await machine.restore(folder / "state")
-            if wanted != "paused":
+            if wanted != VmState.PAUSED:
                 await machine.resume()
         except Exception as error:
             if machine is not None:
                 await machine.kill()
             shutil.rmtree(run, ignore_errors=True)
-            await self.store.finish(operation.id, vm.id, state="sleeping", pid=0)
+            await self.store.finish(operation.id, vm.id, state=VmState.SLEEPING, pid=0)
             raise Internal(f"VM {vm.id} could not wake: {error}; it is still asleep, its saved state kept") from error
-        done = await self.store.finish(operation.id, vm.id, state=wanted if wanted in LIVE_STATES else "running", pid=machine.pid)
+        done = await self.store.finish(operation.id, vm.id, state=wanted if wanted in LIVE_STATES else VmState.RUNNING, pid=machine.pid)
         assert done is not None
-        self._attach(vm, machine, booted=wanted != "booting")
+        self._attach(vm, machine, booted=wanted != VmState.BOOTING)
         fault_point("wake.after_record")
         shutil.rmtree(folder, ignore_errors=True)
         return done
@@ -1292,13 +1190,13 @@ class Engine:
     async def resize_disk(self, vm: VmRow, size_mib: int, skip_wait_boot: bool = False) -> VmRow:
         """Grow a running VM's disk and its root filesystem without a reboot; the VM's row, and with it every
         commit and branch made of it from then on, keeps the new size."""
-        if vm.state == "booting" and not skip_wait_boot:
+        if vm.state == VmState.BOOTING and not skip_wait_boot:
             await self.wait_booted(vm)  # not under the lock: a delete need not wait for a boot
         return await self._whole(self._resize_disk(vm, size_mib, skip_wait_boot))
 
     async def _resize_disk(self, vm: VmRow, size_mib: int, skip_wait_boot: bool) -> VmRow:
         async with self._exclusive(vm) as vm:  # never during a commit: it would freeze half a resize
-            if vm.state == "paused":
+            if vm.state == VmState.PAUSED:
                 raise FailedPrecondition(
                     f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}}, or vers resume), '
                     f"then resize its disk"
@@ -1369,22 +1267,22 @@ class Engine:
 
     async def _delete_vm(self, vm: VmRow) -> None:
         async with self._exclusive(vm) as vm:
-            record = self.live(vm.id)
+            record = self.supervisor.get(vm.id)
+            assert record is not None  # _exclusive holds it
             record.ending = True
             operation = await self.store.begin(OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="delete"))
             fault_point("delete.after_intent")
             if (machine := record.machine) is not None:
                 machine.agent.closing(f"VM {vm.id} was deleted while the command ran")
                 await machine.kill()
-                record.machine = None
-            elif (pid := find_processes(self.run_dir).get(vm.id)) is not None:
+                self.supervisor.detach(record)  # it goes when _exclusive lets go of it
+            elif (pid := find_processes(self.layout.run).get(vm.id)) is not None:
                 kill_process(pid, vm.id)
             fault_point("delete.after_kill")
             await self.store.mark_vm_deleted(vm.id, operation.id)
-            shutil.rmtree(self.run_folder(vm.id), ignore_errors=True)
-            shutil.rmtree(self.sleep_folder(vm.id), ignore_errors=True)
+            shutil.rmtree(self.layout.run_folder(vm.id), ignore_errors=True)
+            shutil.rmtree(self.layout.sleep_folder(vm.id), ignore_errors=True)
             self.execs.drop_vm(vm.id)
-            self.vms.pop(vm.id, None)
         await self.collect_garbage()
 
 

@@ -150,9 +150,9 @@ class EnvVars:
             validate_value(validate_name(name), value)
         async with self.db.write() as session:
             await serialize(session, f"env:{org_id}")  # two sets at once: one after the other (PostgreSQL)
-            mine = EnvVarRow.org_id == org_id
+            mine = col(EnvVarRow.org_id) == org_id
             if replace:
-                await session.exec(delete(EnvVarRow).where(mine))  # type: ignore[call-overload]
+                await session.exec(delete(EnvVarRow).where(mine))
             present = set(await session.exec(select(EnvVarRow.name).where(mine)))
             total = len(present | set(variables))
             if total > self.max_vars:

@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING
 import grpc
 
 from services.common.errors import Conflict, DomainError, FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted
+from services.common.names import require_uuid
 from services.common.peers import GRPC_DEFAULT_MESSAGE_BYTES
 from services.orchestrator.agent import CHUNK
-from services.orchestrator.models import VmRow
+from services.orchestrator.models import VmRow, require_not_paused
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -58,10 +59,7 @@ SEGMENT_SUFFIX = ".log"
 def new_exec_id(given: str) -> str:
     if not given:
         return str(uuid.uuid4())
-    try:
-        return str(uuid.UUID(given))
-    except ValueError:
-        raise InvalidArgument(f"exec_id {given[:64]!r} is not a UUID: leave it empty and one is made") from None
+    return require_uuid(given, "exec_id", ": leave it empty and one is made")
 
 
 # --- the exec log of one VM --------------------------------------------------------------------------
@@ -297,16 +295,15 @@ class _VmExecs:
 class ExecRegistry:
     """The streamed execs and exec logs of the engine's VMs (one registry per engine)."""
 
-    def __init__(self, engine: Engine, logs_dir: Path) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.logs_dir = logs_dir
         self._vms: dict[str, _VmExecs] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _of(self, vm_id: str) -> _VmExecs:
         found = self._vms.get(vm_id)
         if found is None:
-            found = self._vms[vm_id] = _VmExecs(ExecLog(self.logs_dir / vm_id, self.engine.settings.vm_log_max_bytes))
+            found = self._vms[vm_id] = _VmExecs(ExecLog(self.engine.layout.exec_log_folder(vm_id), self.engine.settings.vm_log_max_bytes))
         return found
 
     def log(self, vm_id: str) -> ExecLog:
@@ -343,8 +340,7 @@ class ExecRegistry:
         exec_id = new_exec_id(exec_id)
         if not command:
             raise InvalidArgument('command is empty: give the program and its arguments, e.g. ["sh", "-c", "ls"]')
-        if vm.state == "paused":
-            raise FailedPrecondition(f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}})')
+        require_not_paused(vm)
         engine.check_exec(timeout_secs, stdin)
         machine = engine.machine(vm)
         record = self._of(vm.id)
@@ -406,7 +402,7 @@ class ExecRegistry:
         record = self._vms.pop(vm_id, None)
         for session in record.sessions.values() if record is not None else ():
             session.finish(None, FailedPrecondition(f"VM {vm_id} was deleted while the command ran"))
-        shutil.rmtree(self.logs_dir / vm_id, ignore_errors=True)
+        shutil.rmtree(self.engine.layout.exec_log_folder(vm_id), ignore_errors=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):

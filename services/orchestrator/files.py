@@ -31,6 +31,7 @@ from google.api import httpbody_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.orchestrator.guestssh import describe, guest_ssh
+from services.orchestrator.models import require_not_paused
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -161,8 +162,7 @@ class FileMethods:
 
     async def _running(self, vm_id: str) -> VmRow:
         vm = await self._vm(vm_id)
-        if vm.state == "paused":
-            raise FailedPrecondition(f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}})')
+        require_not_paused(vm)
         return vm
 
     # Small files, whole

@@ -18,9 +18,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from services.common.files import fsync_dir, fsync_tree, write_atomic
 from services.common.settings import get_settings
@@ -87,7 +90,7 @@ def list_images(root: Path) -> list[str]:
     return sorted(json.loads(index_file.read_text())["images"]) if index_file.exists() else []
 
 
-def _run(*args: str | Path, **kwargs) -> str:  # type: ignore[no-untyped-def]
+def _run(*args: str | Path, **kwargs: Any) -> str:
     return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True, **kwargs).stdout
 
 
@@ -246,9 +249,9 @@ def populate_default_rootfs(rootfs: Path) -> None:
     _copy_with_libraries(Path("/sbin/resize2fs"), rootfs)
     for program, links in GUEST_PROGRAMS.items():
         _copy_with_libraries(Path(program), rootfs)
-        for link in links:
-            (rootfs / link.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
-            (rootfs / link.lstrip("/")).symlink_to(program)
+        for alias in links:
+            (rootfs / alias.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (rootfs / alias.lstrip("/")).symlink_to(program)
     (rootfs / "usr/share/git-core/templates").mkdir(parents=True, exist_ok=True)
     certificates = Path("/etc/ssl/certs/ca-certificates.crt")
     if certificates.exists():  # for https (git, wget) from the guest
@@ -263,8 +266,35 @@ def populate_default_rootfs(rootfs: Path) -> None:
     (rootfs / "etc" / "os-release").write_text('NAME="Vers default (busybox)"\nID=vers\n')
 
 
+def inside_root(rootfs: Path, relative: str) -> Path:
+    """Where `relative` is inside `rootfs`, its links followed as the guest would follow them (an absolute
+    link points into the root, `..` stops at it), so nothing written there lands outside the root."""
+    current, parts, hops = rootfs, list(Path(relative.lstrip("/")).parts), 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = current.parent if current != rootfs else rootfs
+            continue
+        candidate = current / part
+        if not candidate.is_symlink():
+            current = candidate
+            continue
+        hops += 1
+        if hops > 40:
+            raise DiskError(f"/{relative} in the image is a loop of links")
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            current = rootfs
+        parts = [*Path(target.lstrip("/")).parts, *parts]
+    return current
+
+
 def install_vers_init(rootfs: Path) -> None:
-    target = rootfs / "sbin" / "vers-init"
+    """The Vers init at /sbin/vers-init (where the initramfs hands over), replacing whatever is there."""
+    sbin = inside_root(rootfs, "sbin")
+    sbin.mkdir(parents=True, exist_ok=True)
+    target = sbin / "vers-init"
+    target.unlink(missing_ok=True)
     shutil.copy2(GUEST_FILES / "vers-init", target)
     target.chmod(0o755)
 
@@ -283,7 +313,88 @@ def build_disk(rootfs: Path, target: Path, size_mib: int) -> None:
     raw.unlink()
 
 
-def install_folder(staged: Path, target: Path, manifest: dict[str, object]) -> None:
+class DiskError(Exception):
+    """A root disk could not be made from what was given; the message says why and what to change."""
+
+
+def _unpackable(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
+    """A member as unpacked into a root file system: never outside the folder (tarfile's tar filter: no
+    absolute or `..` paths, nothing written through a link), with its mode and owner kept (a root needs
+    setuid programs, a sticky /tmp, files of other users); devices and FIFOs are left out (the guest's /dev
+    is a devtmpfs)."""
+    if member.isdev():
+        return None
+    return tarfile.tar_filter(member, destination).replace(mode=member.mode, uid=member.uid, gid=member.gid, deep=False)
+
+
+def unpack_root(tarball: Path, rootfs: Path) -> list[tuple[str, int, int]]:
+    """Unpack a tar of a root file system into `rootfs`; the owners this process could not give the files
+    (it is not root), as (path, uid, gid), for `own_files`."""
+    rootfs.mkdir(parents=True, exist_ok=True)
+    owners = []
+    try:
+        with tarfile.open(tarball) as archive:
+            for member in archive:
+                kept = _unpackable(member, str(rootfs))
+                if kept is None:
+                    continue
+                archive.extract(kept, rootfs, numeric_owner=True, filter="fully_trusted")
+                if os.geteuid() != 0 and (kept.uid or kept.gid):
+                    owners.append(("/" + os.path.normpath(kept.name).lstrip("/"), kept.uid, kept.gid))
+    except (tarfile.TarError, OSError) as error:
+        raise DiskError(f"the upload is not a tar of a root file system that can be unpacked: {error}") from None
+    return owners
+
+
+def own_files(raw: Path, owners: Sequence[tuple[str, int, int]]) -> None:
+    """Give files inside an unmounted ext4 image their owners (debugfs, no root needed)."""
+    if not owners:
+        return
+    commands = []
+    for path, uid, gid in owners:
+        if any(c in path for c in '"\n\\'):
+            raise DiskError(f"the upload names a file {path!r} with a quote, backslash or newline, which the disk build cannot own")
+        commands += [f'sif "{path}" uid {uid}', f'sif "{path}" gid {gid}']
+    script = raw.with_suffix(".owners")
+    script.write_text("\n".join(commands) + "\n")
+    _run("debugfs", "-w", "-f", script, raw)
+    script.unlink()
+
+
+def _mib(size: int) -> int:
+    return -(-size // (1024 * 1024))
+
+
+def files_mib(rootfs: Path) -> int:
+    """What the files of a folder take, in MiB (apparent sizes, each file at least one 4 KiB block)."""
+    total = 0
+    for folder, _dirs, names in os.walk(rootfs):
+        for name in (*names, *_dirs):
+            total += max(os.lstat(os.path.join(folder, name)).st_size, 4096)
+    return _mib(total)
+
+
+def build_disk_from_root(rootfs: Path, target: Path, size_mib: int, owners: Sequence[tuple[str, int, int]] = ()) -> None:
+    """An ext4 qcow2 of `size_mib` holding `rootfs` with the Vers init as its PID 1 (the image's own init is
+    not used: VMs are driven through the platform's agent)."""
+    install_vers_init(rootfs)
+    raw = target.with_suffix(".raw")
+    with raw.open("wb") as out:
+        out.truncate(size_mib * 1024 * 1024)
+    try:
+        _run("mkfs.ext4", "-q", "-F", *FILESYSTEM_OPTIONS, "-L", "vers-root", "-d", rootfs, raw)
+    except subprocess.CalledProcessError as error:
+        detail = (error.stderr or "").strip().splitlines()
+        raise DiskError(
+            f"the files (about {files_mib(rootfs)} MiB) do not fit a disk of {size_mib} MiB, or cannot be read: "
+            f"{detail[-1] if detail else error}; give a larger size_mib"
+        ) from None
+    own_files(raw, owners)
+    _run("qemu-img", "convert", "-O", "qcow2", raw, target)
+    raw.unlink()
+
+
+def install_folder(staged: Path, target: Path, manifest: Mapping[str, object]) -> None:
     """Move a built folder into place whole: a folder with a manifest counts as built, so its files reach the
     disk before the rename, and the rename before anything registers the folder."""
     write_atomic(staged / "manifest.json", json.dumps(manifest, indent=2))

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from services.common.errors import DataLoss
+from services.orchestrator.layout import Layout
 
 HEAD_BYTES = 1 << 20
 
@@ -32,21 +33,25 @@ def _stat_key(path: Path) -> tuple[int, int, int, int]:
 
 
 class Verifier:
-    """Hashes whole files the first time they are checked, and again only when their inode, size or
-    times change."""
+    """Checks the files of the commits in one layout: hashes whole files the first time they are checked,
+    and again only when their inode, size or times change."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
         self._verified: dict[Path, tuple[int, int, int, int]] = {}
 
-    def checksums(self, folder: Path, layer: Path) -> dict[str, object]:
+    def checksums(self, commit_id: str, layer_id: str) -> dict[str, object]:
+        """What the commit's files are (its folder's files and the disk layer it froze), to record with it."""
+        folder, layer = self.layout.commit_folder(commit_id), self.layout.layer_file(layer_id)
         files = {path.name: {"size": path.stat().st_size, "sha256": file_digest(path)} for path in folder.iterdir()}
         for path in folder.iterdir():
             self._verified[path] = _stat_key(path)
         head = {"size": layer.stat().st_size, "head_sha256": file_digest(layer, HEAD_BYTES)}
         return {"files": files, "layer": head}
 
-    def verify(self, commit_id: str, checksums: str, folder: Path, layer: Path) -> None:
-        """DataLoss naming the file when one is missing or does not match what was recorded."""
+    def verify(self, commit_id: str, checksums: str, layer_id: str) -> None:
+        """DataLoss naming the file when one of the commit's is missing or does not match what was recorded."""
+        folder, layer = self.layout.commit_folder(commit_id), self.layout.layer_file(layer_id)
         recorded = json.loads(checksums)
         for name, expected in recorded["files"].items():
             path = folder / name
@@ -64,6 +69,8 @@ class Verifier:
         if layer.stat().st_size != expected_layer["size"] or file_digest(layer, HEAD_BYTES) != expected_layer["head_sha256"]:
             raise DataLoss(f"commit {commit_id} is damaged: its disk layer does not match its checksum")
 
-    def forget(self, folder: Path) -> None:
+    def forget(self, commit_id: str) -> None:
+        """The commit is being deleted: what was known of its files goes."""
+        folder = self.layout.commit_folder(commit_id)
         for path in [p for p in self._verified if p.parent == folder]:
             del self._verified[path]

@@ -386,6 +386,10 @@ class Machine:
     async def status(self) -> str:
         return str((await self.qmp.execute("query-status"))["status"])
 
+    async def is_running(self) -> bool:
+        """Whether its vCPUs run (QEMU's own status, which a VM's row may not know yet)."""
+        return await self.status() == "running"
+
     async def pause(self) -> None:
         await self.qmp.execute("stop")
 
@@ -396,7 +400,7 @@ class Machine:
         """Freeze the disk (the VM goes on in `new_disk`), save device state, and RAM: copied from the
         shared RAM file when `ram_copy` is given, else streamed. Returns the seconds the VM was paused."""
         node = await self._new_layer(new_disk)  # made while the VM runs: not part of the pause
-        was_running = await self.status() == "running"
+        was_running = await self.is_running()
         await self._stop()
         paused_at = time.perf_counter()
         try:

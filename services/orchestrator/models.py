@@ -1,11 +1,27 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlmodel import Field, SQLModel
 
 from services.common.db import time_column
+from services.common.errors import FailedPrecondition
 from services.common.timestamps import utcnow
+
+
+class VmState(StrEnum):
+    """A VM's state: its row holds the value, and the API sends it as it is."""
+
+    BOOTING = "booting"  # its QEMU runs, its guest has not yet said it is up
+    RUNNING = "running"
+    PAUSED = "paused"  # its QEMU runs, its vCPUs are stopped
+    SLEEPING = "sleeping"  # no QEMU: its devices and memory are saved to disk until it wakes
+    DEAD = "dead"  # its QEMU ended unasked (or the VM was deleted): it never runs again
+
+
+# The states of a VM whose QEMU runs.
+LIVE_STATES = (VmState.BOOTING, VmState.RUNNING, VmState.PAUSED)
 
 
 class LayerRow(SQLModel, table=True):
@@ -38,7 +54,7 @@ class VmRow(MachineShape, table=True):
 
     id: str = Field(primary_key=True)
     org_id: str = Field(index=True)
-    state: str = "booting"
+    state: str = VmState.BOOTING  # a VmState (a column of plain text)
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
     deleted_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
     labels: str = "{}"
@@ -48,6 +64,12 @@ class VmRow(MachineShape, table=True):
     parent_commit_id: str | None = Field(default=None, index=True)
     grandparent_vm_id: str | None = None
     pid: int = 0
+
+
+def require_not_paused(vm: VmRow) -> None:
+    """What a paused VM cannot do (run commands, reach its ports, copy files) is refused saying how to resume it."""
+    if vm.state == VmState.PAUSED:
+        raise FailedPrecondition(f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}})')
 
 
 class CommitRow(MachineShape, table=True):
@@ -100,9 +122,6 @@ class CommitDeletionRow(SQLModel, table=True):
     # the API key ("" for the platform's own), and why when it was not asked for by name (garbage collection).
     api_key_id: str = ""
     reason: str = ""
-
-
-LIVE_STATES = ("booting", "running", "paused")
 
 
 class ForkRequestRow(SQLModel, table=True):
@@ -176,4 +195,5 @@ MODELS = (
     LayerRow, VmRow, CommitRow, OperationRow, CommitDeletionRow, ForkRequestRow, SshKeyRow, DomainRow, SecretScanRow,
     EnvVarRow,
 )  # fmt: skip
-TABLES = [model.__table__ for model in MODELS]  # type: ignore[attr-defined]
+# SQLModel's metaclass adds __table__ to table models without declaring it.
+TABLES = [model.__table__ for model in MODELS]  # type: ignore[union-attr]

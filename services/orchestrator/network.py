@@ -171,8 +171,8 @@ class GuestNetwork:
             _run("ip", "netns", "add", self.netns)
         found = _run("ip", "-o", "-4", "addr", "show", "dev", self.host_if).split() if self._has_host_link() else []
         if "inet" in found:
-            host = ipaddress.ip_interface(found[found.index("inet") + 1])
-            self.host_address, self.ns_address = str(host.ip), str(host.ip + 1)
+            linked = ipaddress.IPv4Interface(found[found.index("inet") + 1])
+            self.host_address, self.ns_address = str(linked.ip), str(linked.ip + 1)
             return
         if self._has_host_link():
             _run("ip", "link", "del", self.host_if)
@@ -201,9 +201,9 @@ class GuestNetwork:
         count = LINK_RANGE.num_addresses // 4
         start = int(self.table.removeprefix("vers_"), 16) % count
         for index in range(start, start + count):
-            subnet = ipaddress.ip_network((int(LINK_RANGE.network_address) + (index % count) * 4, 30))
+            subnet = ipaddress.IPv4Network((int(LINK_RANGE.network_address) + (index % count) * 4, 30))
             if subnet not in used:
-                return subnet  # type: ignore[return-value]
+                return subnet
         raise NetworkUnavailable(f"no free /30 left in {LINK_RANGE}")
 
     def _host_rules(self) -> str:

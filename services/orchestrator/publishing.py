@@ -8,6 +8,7 @@ scan first, as a repository's does, and is refused with the findings when the sc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import grpc
@@ -35,7 +36,7 @@ def secrets_found(commit: CommitRow, findings: Sequence[governance_pb2.SecretFin
     )
 
 
-def _servicer():  # type: ignore[no-untyped-def]
+def _servicer() -> ModuleType:
     # servicer.py imports this module first (the mixin): its pb builders are looked up when called
     from services.orchestrator import servicer
 

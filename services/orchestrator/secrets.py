@@ -446,7 +446,8 @@ def _scan_segments(segments: list[_Segment], rules: Sequence[Rule], database: hy
                 return counted[0] >= MAX_ENDS_PER_CHUNK  # True stops this chunk's scan
 
             with contextlib.suppress(hyperscan.ScanTerminated):
-                database.scan(buffer, match_event_handler=on_match, scratch=scratch)
+                # hyperscan scans any buffer, without a copy; its stub allows only str and bytes
+                database.scan(buffer, match_event_handler=on_match, scratch=scratch)  # type: ignore[type-var]
             if ends:
                 _confirm(buffer, base, ends, segment, found, rules)
     return list(found.values())
@@ -658,15 +659,15 @@ def _names(raw: Path, offsets: list[int]) -> dict[int, list[str]]:
             inode, _, path = line.partition("\t")
             if inode.strip().isdigit():
                 paths.setdefault(int(inode), []).append("/" + path.lstrip("/"))
-    named = {}
+    named: dict[int, list[str]] = {}
     for offset in offsets:
-        inode = inode_of.get(offset // block_size)
-        if inode is None:
+        owner = inode_of.get(offset // block_size)
+        if owner is None:
             named[offset] = []
-        elif inode in paths:
-            named[offset] = sorted(paths[inode])
+        elif owner in paths:
+            named[offset] = sorted(paths[owner])
         else:
-            named[offset] = ["(journal)" if inode == 8 else f"(inode {inode}, no name)"]
+            named[offset] = ["(journal)" if owner == 8 else f"(inode {owner}, no name)"]
     return named
 
 

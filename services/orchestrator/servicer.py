@@ -5,28 +5,37 @@ import contextlib
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 
 from services.common.audit import service_page
-from services.common.auth import caller_metadata, current_principal
+from services.common.auth import ServiceCredential, current_principal
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.faults import fault_point
-from services.common.names import COMMIT_DESCRIPTION_MAX_BYTES, COMMIT_NAME_MAX, validate_label, validate_text, validate_vm_labels
+from services.common.names import (
+    COMMIT_DESCRIPTION_MAX_BYTES,
+    COMMIT_NAME_MAX,
+    require_uuid,
+    validate_label,
+    validate_text,
+    validate_vm_labels,
+)
 from services.common.paging import Page
 from services.common.timestamps import as_utc, to_timestamp
 from services.orchestrator import console, tunnel
 from services.orchestrator.deploy import DeployMethods
 from services.orchestrator.domains import Domains, domain_pb
-from services.orchestrator.engine import SSH_PORT, Engine, VmConfig
+from services.orchestrator.engine import SSH_PORT, Engine
 from services.orchestrator.envvars import EnvVarMethods
 from services.orchestrator.execs import ExecStreamMethods, new_exec_id
 from services.orchestrator.files import FileMethods
-from services.orchestrator.models import CommitRow, ForkRequestRow, SecretScanRow, VmRow
+from services.orchestrator.models import CommitRow, ForkRequestRow, SecretScanRow, VmRow, require_not_paused
 from services.orchestrator.network import GUEST_ADDRESS
 from services.orchestrator.publishing import CommitMethods
 from services.orchestrator.store import OrchestratorStore
 from services.orchestrator.vmadmin import VmAdminMethods, parse_label_filters
+from services.orchestrator.vmconfig import VmConfig
 from vers.common.v1 import governance_pb2
 from vers.orchestrator.v1 import orchestrator_pb2 as pb
 from vers.orchestrator.v1 import orchestrator_pb2_grpc
@@ -78,19 +87,6 @@ def lineage_pb(commit: CommitRow) -> pb.CommitLineageEntry:
     )
 
 
-def require_not_paused(vm: VmRow) -> None:
-    if vm.state == "paused":
-        raise FailedPrecondition(f'VM {vm.id} is paused: resume it first (PATCH /vm/{vm.id}/state {{"state": "Running"}})')
-
-
-def require_uuid(value: str, what: str, hint: str = "") -> str:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        raise InvalidArgument(f"{what} {value!r} is not a valid ID (a UUID){hint}") from None
-    return value
-
-
 class OrchestratorServicer(
     ExecStreamMethods,
     FileMethods,
@@ -100,10 +96,13 @@ class OrchestratorServicer(
     DeployMethods,
     orchestrator_pb2_grpc.OrchestratorServiceServicer,
 ):
-    def __init__(self, engine: Engine, store: OrchestratorStore, tagging: grpc.aio.Channel, domains: Domains) -> None:
+    def __init__(
+        self, engine: Engine, store: OrchestratorStore, tagging: grpc.aio.Channel, credential: ServiceCredential, domains: Domains
+    ) -> None:
         self.engine = engine
         self.store = store
-        self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
+        self.tagging = tagging_pb2_grpc.TaggingInternalServiceStub(tagging)
+        self.credential = credential
         self.domains = domains
 
     async def _vm(self, vm_id: str) -> VmRow:
@@ -113,8 +112,9 @@ class OrchestratorServicer(
         return await self.store.get_commit(current_principal().org_id, commit_id)
 
     async def _resolve(self, ref: str = "", tag_name: str = "") -> CommitRow:
+        """The org's commit a reference names: the tagging service resolves it (an internal call, as the org)."""
         answer = await self.tagging.ResolveReference(
-            tagging_pb2.ResolveReferenceRequest(ref=ref, tag_name=tag_name), metadata=caller_metadata()
+            tagging_pb2.ResolveReferenceRequest(ref=ref, tag_name=tag_name), metadata=self.credential.metadata(current_principal().org_id)
         )
         return await self._commit(answer.commit_id)
 
@@ -129,24 +129,15 @@ class OrchestratorServicer(
                 commit = await self.store.visible_commit(org_id, vm_or_commit_id)
             except NotFound:
                 raise NotFound(f"no VM or commit {vm_or_commit_id!r} in your organization, nor a public commit") from None
-        return [pb.NewVm(vm_id=new.id) for new in await self.engine.restore(org_id, commit, count or 1)]
+        return await self._branches(commit, count)
+
+    async def _branches(self, commit: CommitRow, count: int) -> list[pb.NewVm]:
+        """The step every branch ends with: `count` new VMs (1 when 0) of the caller's org, started from the commit."""
+        return [pb.NewVm(vm_id=vm.id) for vm in await self.engine.restore(current_principal().org_id, commit, count or 1)]
 
     async def CreateRootVm(self, request: pb.CreateRootVmRequest, context: grpc.aio.ServicerContext) -> pb.CreateRootVmResponse:
-        config = request.vm_config
-        validate_vm_labels(dict(config.labels))
-        vm = await self.engine.create_root(
-            current_principal().org_id,
-            VmConfig(
-                config.vcpu_count,
-                config.mem_size_mib,
-                config.fs_size_mib,
-                config.image_name,
-                config.kernel_name,
-                dict(config.labels),
-                config.network,
-            ),
-            request.wait_boot,
-        )
+        validate_vm_labels(dict(request.vm_config.labels))
+        vm = await self.engine.create_root(current_principal().org_id, VmConfig.of(request.vm_config), request.wait_boot)
         return pb.CreateRootVmResponse(vm_id=vm.id)
 
     async def RestoreFromCommit(
@@ -175,18 +166,15 @@ class OrchestratorServicer(
 
     async def BranchByCommit(self, request: pb.BranchByCommitRequest, context: grpc.aio.ServicerContext) -> pb.BranchByCommitResponse:
         commit = await self._branchable(request.commit_id)
-        vms = await self.engine.restore(current_principal().org_id, commit, request.count or 1)
-        return pb.BranchByCommitResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
+        return pb.BranchByCommitResponse(vms=await self._branches(commit, request.count))
 
     async def BranchByTag(self, request: pb.BranchByTagRequest, context: grpc.aio.ServicerContext) -> pb.BranchByTagResponse:
         commit = await self._resolve(tag_name=request.tag_name)
-        vms = await self.engine.restore(current_principal().org_id, commit, request.count or 1)
-        return pb.BranchByTagResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
+        return pb.BranchByTagResponse(vms=await self._branches(commit, request.count))
 
     async def BranchByRef(self, request: pb.BranchByRefRequest, context: grpc.aio.ServicerContext) -> pb.BranchByRefResponse:
         commit = await self._resolve(ref=f"{request.repo_name}:{request.tag_name}")
-        vms = await self.engine.restore(current_principal().org_id, commit, request.count or 1)
-        return pb.BranchByRefResponse(vms=[pb.NewVm(vm_id=vm.id) for vm in vms])
+        return pb.BranchByRefResponse(vms=await self._branches(commit, request.count))
 
     async def CommitVm(self, request: pb.CommitVmRequest, context: grpc.aio.ServicerContext) -> pb.CommitVmResponse:
         validate_label("name", request.name, COMMIT_NAME_MAX)
@@ -283,7 +271,9 @@ class OrchestratorServicer(
         await self.engine.delete_commit(current_principal().org_id, commit.id)
         return pb.DeleteCommitResponse()
 
-    async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ConnectResponse]:
         """Relay keystrokes to the VM's console (hvc0, a login shell) and its output back. The first
         answer is empty: it says the console is open. The stream ends when the guest's shell exits."""
         first = await anext(aiter(request_iterator), None)
@@ -306,7 +296,9 @@ class OrchestratorServicer(
             async for output in console.relay(first, request_iterator, reader, writer, resize):
                 yield pb.ConnectResponse(output=output)
 
-    async def OpenTunnel(self, request_iterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def OpenTunnel(
+        self, request_iterator: AsyncIterator[pb.OpenTunnelRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.OpenTunnelResponse]:
         """One TCP connection to a port of the VM. The first answer is empty: the connection is open."""
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.vm_id:
@@ -351,13 +343,12 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
     commits and the audit entries of this service, for the registry's governance. Each fork is noted under
     its saga's id as it goes (fork_requests), so whatever a fork made can be found again after any crash."""
 
-    def __init__(self, engine: Engine, store: OrchestratorStore, tagging: grpc.aio.Channel) -> None:
+    def __init__(self, engine: Engine, store: OrchestratorStore) -> None:
         self.engine = engine
         self.store = store
-        self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
         self._forks: dict[str, asyncio.Task[ForkRequestRow]] = {}
 
-    async def ForkPublicTag(self, request: pb.ForkPublicTagRequest, context: grpc.aio.ServicerContext) -> pb.ForkPublicTagResponse:
+    async def ForkCommit(self, request: pb.ForkCommitRequest, context: grpc.aio.ServicerContext) -> pb.ForkCommitResponse:
         """The fork runs as a task of its own, so a caller that goes away (a registry that dies) does not cut
         it short halfway: it ends noted, for the saga to keep or undo. A second call for the saga joins it."""
         saga_id = require_uuid(request.saga_id, "saga_id")
@@ -367,7 +358,7 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
             self._forks[saga_id] = task
             task.add_done_callback(lambda done: self._forget(saga_id, done))
         row = await asyncio.shield(task)
-        return pb.ForkPublicTagResponse(vm_id=row.vm_id or "", commit_id=row.commit_id or "")
+        return pb.ForkCommitResponse(vm_id=row.vm_id or "", commit_id=row.commit_id or "")
 
     async def close(self) -> None:
         """A stop lets the forks under way (each a task of its own) end before the engine stops."""
@@ -378,23 +369,17 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
         if not task.cancelled():
             task.exception()  # retrieved here too: its caller may have gone
 
-    async def _fork(self, saga_id: str, org_id: str, request: pb.ForkPublicTagRequest) -> ForkRequestRow:
+    async def _fork(self, saga_id: str, org_id: str, request: pb.ForkCommitRequest) -> ForkRequestRow:
         row = await self.store.claim_fork(saga_id, org_id)
         if row.state == "done":
             return row
         if row.state == "abandoned":
             raise Conflict(f"fork {saga_id} was abandoned (its saga was undone): fork again")
         try:
-            # The orchestrator checks for itself that the commit is published: the tag of a public repository.
-            public = await self.tagging.GetPublicRepositoryTag(
-                tagging_pb2.GetPublicRepositoryTagRequest(
-                    org_name=request.org_name, repo_name=request.repo_name, tag_name=request.tag_name
-                ),
-                metadata=caller_metadata(),
-            )
+            # The registry found the commit (the tag of a public repository); the secret scan is checked here.
             if row.vm_id is None or (row.state != "done" and await self.store.vm(row.vm_id) is None):
-                source = await self.store.published_commit(public.tag.commit_id)
-                await self._require_scanned(source, f"{request.org_name}/{request.repo_name}:{request.tag_name}")
+                source = await self.store.published_commit(request.source_commit_id)
+                await self._require_scanned(source, request.source_reference)
                 # The VM's id is noted before the VM is made, so a crash in between leaves nothing unnoted.
                 if row.vm_id is None:
                     row = await self._note(saga_id, vm_id=str(uuid.uuid4()))
@@ -406,8 +391,8 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
                     row = await self._note(saga_id, commit_id=str(uuid.uuid4()))
                 if await self.store.commit_row(row.commit_id or "") is None:
                     await self.store.require_commit_room(org_id)
-                    name = f"fork of {request.org_name}/{request.repo_name}:{request.tag_name}"
-                    await self.engine.commit(vm, name, public.tag.description, keep_paused=False, commit_id=row.commit_id)
+                    name = f"fork of {request.source_reference}"
+                    await self.engine.commit(vm, name, request.description, keep_paused=False, commit_id=row.commit_id)
                 row = await self._note(saga_id, state="done")
                 fault_point("fork.after_commit")
         except Exception:

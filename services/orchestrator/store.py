@@ -17,6 +17,7 @@ from services.common import audit
 from services.common.auth import acting_key_id, principal_of
 from services.common.db import Database, insert_unique, serialize
 from services.common.errors import Conflict, FailedPrecondition, NotFound
+from services.common.ids import is_uuid
 from services.common.names import validate_vm_labels
 from services.common.quotas import OrgLimits, check, exceeded
 from services.common.timestamps import as_utc, utcnow
@@ -31,18 +32,15 @@ from services.orchestrator.models import (
     SecretScanRow,
     SshKeyRow,
     VmRow,
+    VmState,
 )  # fmt: skip
 
 Row = TypeVar("Row", VmRow, CommitRow)
 MIB = 1024 * 1024
 # States of VMs that exist (and count against max_vms and max_disk_mib): all but dead.
-EXISTING_STATES = (*LIVE_STATES, "sleeping")
+EXISTING_STATES = (*LIVE_STATES, VmState.SLEEPING)
 _DELETE_VMS = "delete VMs it no longer uses"
 _SLEEP_HINT = f"{_DELETE_VMS}, or put them to sleep"
-
-
-def _is_uuid_shaped(value: str) -> bool:
-    return len(value) == 36 and value.count("-") == 4
 
 
 # What stands on a layer chain: ("vm", id), ("commit", id) or ("operation", id).
@@ -167,7 +165,7 @@ class OrchestratorStore:
     @staticmethod
     async def _existing(session: AsyncSession, org_id: str) -> tuple[int, int]:
         """The org's VMs that exist, and the MiB of disk they hold: their disks, and a sleeping VM's memory."""
-        held = VmRow.fs_size_mib + case((col(VmRow.state) == "sleeping", VmRow.mem_size_mib), else_=0)
+        held = VmRow.fs_size_mib + case((col(VmRow.state) == VmState.SLEEPING, VmRow.mem_size_mib), else_=0)
         mine = (VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None), col(VmRow.state).in_(EXISTING_STATES))
         count, disk = (await session.exec(select(func.count(), func.coalesce(func.sum(held), 0)).where(*mine))).one()
         return int(count), int(disk)
@@ -185,10 +183,10 @@ class OrchestratorStore:
         intent, so two wakes at once cannot both pass the limit; FailedPrecondition if it is not asleep."""
         async with self.db.write() as session:
             vm = await session.get(VmRow, vm_id)
-            if vm is None or vm.state != "sleeping":
+            if vm is None or vm.state != VmState.SLEEPING:
                 raise FailedPrecondition(f"VM {vm_id} is not sleeping")
             await self._check_capacity(session, vm.org_id, [vm], new=False)
-            vm.state = "booting"
+            vm.state = VmState.BOOTING
             session.add(vm)
             session.add(operation)
             await session.flush()
@@ -197,7 +195,7 @@ class OrchestratorStore:
 
     async def get_vm(self, org_id: str, vm_id: str) -> VmRow:
         async with self.db.read() as session:
-            vm = await session.get(VmRow, vm_id) if _is_uuid_shaped(vm_id) else None
+            vm = await session.get(VmRow, vm_id) if is_uuid(vm_id) else None
         if vm is None or vm.org_id != org_id or vm.deleted_at is not None:
             raise NotFound(f"VM {vm_id!r} not found in your organization")
         return vm
@@ -214,7 +212,8 @@ class OrchestratorStore:
         """The org's VMs, oldest first; with `labels`, only those that have every (key, value) pair (value None:
         the key with any value), filtered in the query so pages stay whole."""
         async with self.db.read() as session:
-            query = select(VmRow).where(VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None)).order_by(VmRow.created_at, VmRow.id)
+            mine = (VmRow.org_id == org_id, col(VmRow.deleted_at).is_(None))
+            query = select(VmRow).where(*mine).order_by(col(VmRow.created_at), col(VmRow.id))
             for key, value in labels:
                 query = query.where(self._has_label(key, value))
             return list(await session.exec(query.offset(offset).limit(limit)))
@@ -231,7 +230,7 @@ class OrchestratorStore:
         """The VM's labels made `change(labels)` and checked (validate_vm_labels) in one transaction, so two
         changes at once never lose one another's keys; the labels it has now."""
         async with self.db.write() as session:
-            vm = await session.get(VmRow, vm_id) if _is_uuid_shaped(vm_id) else None
+            vm = await session.get(VmRow, vm_id) if is_uuid(vm_id) else None
             if vm is None or vm.org_id != org_id or vm.deleted_at is not None:
                 raise NotFound(f"VM {vm_id!r} not found in your organization")
             labels = validate_vm_labels(change(dict(json.loads(vm.labels))))
@@ -273,8 +272,8 @@ class OrchestratorStore:
         if changes.get("deleted_at") is not None:
             for domain in await session.exec(select(DomainRow).where(DomainRow.vm_id == vm_id)):
                 await session.delete(domain)
-            if (key := await session.get(SshKeyRow, vm_id)) is not None:
-                await session.delete(key)
+            if (ssh_key := await session.get(SshKeyRow, vm_id)) is not None:
+                await session.delete(ssh_key)
         return vm
 
     @staticmethod
@@ -284,7 +283,7 @@ class OrchestratorStore:
             await session.delete(operation)
 
     async def mark_vm_deleted(self, vm_id: str, operation_id: str | None = None) -> None:
-        await self.finish(operation_id, vm_id, state="dead", deleted_at=utcnow(), pid=0)
+        await self.finish(operation_id, vm_id, state=VmState.DEAD, deleted_at=utcnow(), pid=0)
 
     # Intents
 
@@ -382,7 +381,7 @@ class OrchestratorStore:
         """Change one of the org's commits (None: unchanged), with its audit entries in the same transaction."""
         async with self.db.write() as session:
             await serialize(session, f"commit:{commit_id}")
-            commit = await session.get(CommitRow, commit_id) if _is_uuid_shaped(commit_id) else None
+            commit = await session.get(CommitRow, commit_id) if is_uuid(commit_id) else None
             if commit is None or commit.org_id != org_id or not await self._commit_is_live(session, commit_id):
                 raise NotFound(f"commit {commit_id!r} not found in your organization")
             before = {"name": commit.name, "description": commit.description}
@@ -408,7 +407,7 @@ class OrchestratorStore:
 
     async def visible_commit_ids(self, org_id: str, commit_ids: Iterable[str]) -> set[str]:
         """Those of the commits the org may see: its own, and public ones (not deleted)."""
-        wanted = sorted({commit_id for commit_id in commit_ids if _is_uuid_shaped(commit_id)})
+        wanted = sorted({commit_id for commit_id in commit_ids if is_uuid(commit_id)})
         if not wanted:
             return set()
         async with self.db.read() as session:
@@ -426,7 +425,7 @@ class OrchestratorStore:
         return commit
 
     async def _commit(self, commit_id: str) -> CommitRow | None:
-        if not _is_uuid_shaped(commit_id):
+        if not is_uuid(commit_id):
             return None
         async with self.db.read() as session:
             commit = await session.get(CommitRow, commit_id)
@@ -472,13 +471,14 @@ class OrchestratorStore:
         the audit entry of its end."""
         async with self.db.write() as session:
             await serialize(session, f"commit:{commit_id}")
-            commit = await session.get(CommitRow, commit_id) if _is_uuid_shaped(commit_id) else None
+            commit = await session.get(CommitRow, commit_id) if is_uuid(commit_id) else None
             if commit is None or commit.org_id != org_id or not await self._commit_is_live(session, commit_id):
                 raise NotFound(f"commit {commit_id!r} not found in your organization")
-            users = await session.exec(
-                select(VmRow.id, VmRow.org_id).where(VmRow.parent_commit_id == commit_id, col(VmRow.deleted_at).is_(None))
+            users = list(
+                await session.exec(
+                    select(VmRow.id, VmRow.org_id).where(VmRow.parent_commit_id == commit_id, col(VmRow.deleted_at).is_(None))
+                )
             )
-            users = list(users)
             vm_ids = [vm_id for vm_id, owner in users if owner == org_id]  # another org's VM is never named
             if vm_ids:
                 raise Conflict(f"commit {commit_id} is in use by VM {', '.join(vm_ids)}: delete the VM first")
@@ -541,7 +541,7 @@ class OrchestratorStore:
                 for commit in await session.exec(select(CommitRow).where(*mine, col(CommitRow.id).not_in(list(candidates)))):
                     if as_utc(commit.created_at) < cutoff:
                         chosen.append(Collectable(commit, reason))
-            named = [commit_id for commit_id in candidates if _is_uuid_shaped(commit_id)]
+            named = [commit_id for commit_id in candidates if is_uuid(commit_id)]
             for commit in await session.exec(select(CommitRow).where(*mine, col(CommitRow.id).in_(named))):
                 reason, min_age_days = candidates[commit.id]
                 if min_age_days <= 0 or as_utc(commit.created_at) <= now - timedelta(days=min_age_days):
@@ -580,9 +580,9 @@ class OrchestratorStore:
             roots[("commit", commit_id)] = layer_id
         # Layers an unsettled intent names stay until it is settled (an operator may need them).
         for operation in await session.exec(select(OperationRow)):
-            for end, layer_id in (("old", operation.old_layer_id), ("new", operation.new_layer_id)):
-                if layer_id in layers:
-                    roots[("operation", f"{operation.id}:{end}")] = layer_id
+            for end, held in (("old", operation.old_layer_id), ("new", operation.new_layer_id)):
+                if held in layers:
+                    roots[("operation", f"{operation.id}:{end}")] = held
         return LayerGraph(layers, roots)
 
     async def collect_garbage_layers(self) -> list[str]:
@@ -668,14 +668,14 @@ class OrchestratorStore:
 
     async def get_domain(self, org_id: str, domain_id: str) -> DomainRow:
         async with self.db.read() as session:
-            domain = await session.get(DomainRow, domain_id) if _is_uuid_shaped(domain_id) else None
+            domain = await session.get(DomainRow, domain_id) if is_uuid(domain_id) else None
         if domain is None or domain.org_id != org_id:
             raise NotFound(f"domain {domain_id!r} not found in your organization")
         return domain
 
     async def delete_domain(self, org_id: str, domain_id: str) -> DomainRow:
         async with self.db.write() as session:
-            domain = await session.get(DomainRow, domain_id) if _is_uuid_shaped(domain_id) else None
+            domain = await session.get(DomainRow, domain_id) if is_uuid(domain_id) else None
             if domain is None or domain.org_id != org_id:
                 raise NotFound(f"domain {domain_id!r} not found in your organization")
             await session.delete(domain)

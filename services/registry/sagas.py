@@ -4,7 +4,9 @@ an undo that cannot run yet (a peer is down) is retried in the background. A row
 finished or undone on the next start, so nothing a saga made outlives it unaccounted for.
 
 A fork: the orchestrator's VM and commit (noted there under the saga's id), the repository (made or
-reused), the tag. A repository delete: its tags in the tagging service, then its row.
+reused), the tag. A repository delete: its tags in the tagging service, then its row. The registry asks
+each service directly, with what it has looked up itself (the source commit, a repository's id), so no
+callee calls back into the registry or into another callee: the calls of a fork form a tree.
 
 Garbage collection spans the services too, though it needs no saga (each deletion stands alone): the
 tagging service plans what the repositories' rules let go, the orchestrator deletes it."""
@@ -20,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from services.common.auth import ServiceCredential, acting_key_id, caller_metadata, principal_of
+from services.common.auth import ServiceCredential, acting_key_id, principal_of
 from services.common.errors import AlreadyExists
 from services.common.faults import fault_point
 from services.common.peers import COLLECT_TIMEOUT
@@ -53,6 +55,21 @@ def tag_taken(repo_name: str, tag_name: str) -> AlreadyExists:
 
 
 @dataclass(frozen=True)
+class ForkSource:
+    """A public repository's tag and the commit it names, as the registry looked them up for a fork."""
+
+    org_name: str
+    repo_name: str
+    tag_name: str
+    commit_id: str
+    description: str
+
+    @property
+    def reference(self) -> str:
+        return f"{self.org_name}/{self.repo_name}:{self.tag_name}"
+
+
+@dataclass(frozen=True)
 class Forked:
     repo_name: str
     tag_name: str
@@ -65,38 +82,43 @@ class Sagas:
         self, store: RegistryStore, tagging: grpc.aio.Channel, orchestrator: grpc.aio.Channel, credential: ServiceCredential
     ) -> None:
         self.store = store
-        self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
-        self.tagging_internal = tagging_pb2_grpc.TaggingInternalServiceStub(tagging)
+        self.tagging = tagging_pb2_grpc.TaggingInternalServiceStub(tagging)
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorInternalServiceStub(orchestrator)
         self.credential = credential
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # Forward
 
-    async def fork(self, org_id: str, source: tuple[str, str, str], repo_name: str, tag_name: str) -> Forked:
-        """Checked by the caller: the source is public, the names are valid, the tag looked free."""
+    async def fork(self, org_id: str, source: ForkSource, repo_name: str, tag_name: str) -> Forked:
+        """Checked by the caller: the source is public and names its commit, the names are valid, the tag looked free."""
         return await self._shielded(self._fork(org_id, source, repo_name, tag_name))
 
-    async def _fork(self, org_id: str, source: tuple[str, str, str], repo_name: str, tag_name: str) -> Forked:
-        source_org, source_repo, source_tag = source
-        request = {"source_org": source_org, "source_repo": source_repo, "source_tag": source_tag}
+    async def _fork(self, org_id: str, source: ForkSource, repo_name: str, tag_name: str) -> Forked:
+        request = {"source_org": source.org_name, "source_repo": source.repo_name, "source_tag": source.tag_name}
         saga = await self.store.begin_saga(FORK, org_id, "started", {**request, "repo_name": repo_name, "tag_name": tag_name})
         fault_point("fork.after_saga_record")
         forked = None
+        # Each call as the org with the service credential, which carries the org's name and limits: internal
+        # calls, given what they need, so neither callee asks the registry (or the other) anything.
+        metadata = self.credential.metadata(org_id)
         try:
-            # Called as the org with the service credential: the fork is an internal call, noted under the saga.
-            forked = await self.orchestrator.ForkPublicTag(
-                orchestrator_pb2.ForkPublicTagRequest(org_name=source_org, repo_name=source_repo, tag_name=source_tag, saga_id=saga.id),
-                metadata=self.credential.metadata(org_id),
+            forked = await self.orchestrator.ForkCommit(
+                orchestrator_pb2.ForkCommitRequest(
+                    source_commit_id=source.commit_id, source_reference=source.reference, description=source.description, saga_id=saga.id
+                ),
+                metadata=metadata,
             )
             await self.store.advance_saga(saga.id, "forked", vm_id=forked.vm_id, commit_id=forked.commit_id)
             fault_point("fork.after_orchestrator")
-            await self.store.fork_repository(saga.id, org_id, repo_name)
+            noted = await self.store.fork_repository(saga.id, org_id, repo_name)
             fault_point("fork.after_repository")
-            await self.tagging.CreateRepositoryTag(
-                tagging_pb2.CreateRepositoryTagRequest(repo_name=repo_name, tag_name=tag_name, commit_id=forked.commit_id),
-                metadata=caller_metadata(),
-            )
+            await self.tagging.AddRepositoryTag(
+                tagging_pb2.AddRepositoryTagRequest(
+                    repository_id=json.loads(noted.payload)["repository_id"], repo_name=repo_name, tag_name=tag_name,
+                    commit_id=forked.commit_id, actor_key_id=acting_key_id(org_id),
+                ),
+                metadata=metadata,
+            )  # fmt: skip
             fault_point("fork.after_tag")
         except Exception as error:
             if await self._settle_after_failure(saga.id) and forked is not None:
@@ -125,15 +147,11 @@ class Sagas:
     async def _finish_repository_deletion(self, saga: SagaRow) -> None:
         payload = json.loads(saga.payload)
         if await self.store.repository_exists(payload["repository_id"]):
-            try:
-                await self.tagging.DeleteRepositoryTags(
-                    tagging_pb2.DeleteRepositoryTagsRequest(repo_name=payload["repo_name"]),
-                    metadata=self.credential.metadata(saga.org_id),
-                    timeout=PEER_TIMEOUT,
-                )
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
+            await self.tagging.DeleteRepositoryTags(
+                tagging_pb2.DeleteRepositoryTagsRequest(repository_id=payload["repository_id"], repo_name=payload["repo_name"]),
+                metadata=self.credential.metadata(saga.org_id),
+                timeout=PEER_TIMEOUT,
+            )
             await self.store.advance_saga(saga.id, "tags_deleted")
             fault_point("repo_delete.after_tags")
         await self.store.finish_repository_deletion(saga.id, payload["repository_id"])
@@ -154,7 +172,7 @@ class Sagas:
         self, org_id: str, repositories: list[governance_pb2.RepositoryRetention], untagged_older_than_days: int, dry_run: bool
     ) -> orchestrator_pb2.CollectCommitsResponse:
         metadata = self.credential.metadata(org_id)
-        plan = await self.tagging_internal.PlanRetention(
+        plan = await self.tagging.PlanRetention(
             tagging_pb2.PlanRetentionRequest(repositories=repositories), metadata=metadata, timeout=PEER_TIMEOUT
         )
         collected = await self.orchestrator.CollectCommits(
@@ -211,18 +229,19 @@ class Sagas:
                 abandoned.vm_id or "-", abandoned.commit_id or "-", repository)  # fmt: skip
         return "undone"
 
+    async def lookup_tags(self, org_id: str, keys: list[tagging_pb2.TagKey]) -> list[tagging_pb2.FoundTag]:
+        """Tags by repository id (an empty tag name: all of that repository's), asked as the org."""
+        answer = await self.tagging.LookupTags(
+            tagging_pb2.LookupTagsRequest(keys=keys), metadata=self.credential.metadata(org_id), timeout=PEER_TIMEOUT
+        )
+        return list(answer.tags)
+
     async def _tag_points_at(self, saga: SagaRow, payload: dict[str, Any]) -> bool:
-        try:
-            answer = await self.tagging.GetRepositoryTag(
-                tagging_pb2.GetRepositoryTagRequest(repo_name=payload["repo_name"], tag_name=payload["tag_name"]),
-                metadata=self.credential.metadata(saga.org_id),
-                timeout=PEER_TIMEOUT,
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                return False
-            raise
-        return bool(answer.tag.commit_id == payload["commit_id"])
+        """Whether the fork's tag names its commit. Before the repository step no tag can: the commit is new."""
+        if not payload.get("repository_id"):
+            return False
+        key = tagging_pb2.TagKey(repository_id=payload["repository_id"], tag_name=payload["tag_name"])
+        return any(found.tag.commit_id == payload["commit_id"] for found in await self.lookup_tags(saga.org_id, [key]))
 
     async def _remove_repository(self, saga: SagaRow, payload: dict[str, Any]) -> bool:
         """The repository this saga made, if it is still empty: hidden first, so no tag can be added to it
@@ -232,21 +251,12 @@ class Sagas:
 
     async def _remove_if_untagged(self, hidden: SagaRow) -> bool:
         payload = json.loads(hidden.payload)
-        try:
-            tags = await self.tagging.ListRepositoryTags(
-                tagging_pb2.ListRepositoryTagsRequest(repo_name=payload["repo_name"]),
-                metadata=self.credential.metadata(hidden.org_id),
-                timeout=PEER_TIMEOUT,
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            tags = None
-        if tags is not None and tags.tags:
+        existed = await self.store.repository_exists(payload["repository_id"])
+        if await self.lookup_tags(hidden.org_id, [tagging_pb2.TagKey(repository_id=payload["repository_id"])]):
             await self.store.end_saga(hidden.id)  # tagged by another fork or a person: it is theirs too now
             return False
         await self.store.finish_repository_deletion(hidden.id, payload["repository_id"])
-        return tags is not None
+        return existed
 
     def recover(self, sagas: list[SagaRow]) -> None:
         """Settle the sagas a crash left, read before the service answered any call, in the background: the

@@ -6,24 +6,21 @@ from fnmatch import fnmatchcase
 import grpc
 
 from services.common import audit
-from services.common.auth import ServiceCredential, bearer_token, caller_metadata, current_principal
-from services.common.errors import Conflict, InvalidArgument, Unauthenticated, secrets_refusal
+from services.common.auth import ServiceCredential, bearer_token, current_principal
+from services.common.errors import Conflict, InvalidArgument, NotFound, Unauthenticated, secrets_refusal
 from services.common.names import validate_repo_name, validate_tag_name
 from services.common.paging import Page
 from services.common.peers import SCAN_TIMEOUT
 from services.common.quotas import LIMITS, OrgLimits
 from services.common.timestamps import to_timestamp
 from services.registry.models import ApiKeyRow, OrgRow, RepositoryRow
-from services.registry.sagas import Sagas, tag_taken
+from services.registry.sagas import ForkSource, Sagas, tag_taken
 from services.registry.store import PublicRepo, RegistryStore, immutable_tags_of, retention_of
 from vers.common.v1 import governance_pb2
 from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from vers.registry.v1 import registry_pb2 as pb
 from vers.registry.v1 import registry_pb2_grpc
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
-
-# The largest page of tags asked of the tagging service when every tag of a repository is needed.
-TAG_PAGE = 1000
 
 
 def org_pb(org: OrgRow) -> pb.Org:
@@ -81,8 +78,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, store: RegistryStore, tagging: grpc.aio.Channel, orchestrator: grpc.aio.Channel, credential: ServiceCredential, sagas: Sagas
     ) -> None:
         self.store = store
-        self.tagging = tagging_pb2_grpc.TaggingServiceStub(tagging)
-        self.tagging_internal = tagging_pb2_grpc.TaggingInternalServiceStub(tagging)
+        self.tagging = tagging_pb2_grpc.TaggingInternalServiceStub(tagging)
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorInternalServiceStub(orchestrator)
         self.credential = credential
         self.sagas = sagas
@@ -123,7 +119,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def SetOrgLimits(self, request: pb.SetOrgLimitsRequest, context: grpc.aio.ServicerContext) -> pb.SetOrgLimitsResponse:
         if not request.org:
             raise InvalidArgument("org is required: the organization's name (or id)")
-        changes = {name: getattr(request, name) for name in LIMITS if request.HasField(name)}
+        present = {field.name for field, _ in request.ListFields()}  # the limits given, even as 0
+        changes = {name: getattr(request, name) for name in LIMITS if name in present}
         org, limits = await self.store.set_org_limits(request.org, changes)
         return pb.SetOrgLimitsResponse(org=org_pb(org), limits=limits_pb(limits))
 
@@ -165,9 +162,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return pb.ListRepositoriesResponse(repositories=[repository_pb(repo) for repo in repos], next_page_token=token)
 
     async def GetRepository(self, request: pb.GetRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.GetRepositoryResponse:
-        # The services deleting a repository's tags still see it; no one else does once its deletion began.
-        principal = current_principal()
-        repo = await self.store.get_repository(principal.org_id, request.repo_name, being_deleted=principal.is_service)
+        # No one sees it once its deletion began (the services finishing it go by its id).
+        repo = await self.store.get_repository(current_principal().org_id, request.repo_name)
         return pb.GetRepositoryResponse(repository=repository_pb(repo))
 
     async def DeleteRepository(self, request: pb.DeleteRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRepositoryResponse:
@@ -183,7 +179,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         patterns = immutable_tags_of(repo)
         if not patterns:
             return
-        for tag in await self._tags(repo.name):
+        for tag in await self._tags(repo):
             rule = next((pattern for pattern in patterns if fnmatchcase(tag.tag_name, pattern)), None)
             if rule is not None:
                 raise Conflict(
@@ -191,19 +187,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     f"remove the rule first with vers repo policy {repo.name} --no-immutable-tags, then delete the repository"
                 )
 
-    async def _tags(self, repo_name: str) -> list[tagging_pb2.RepositoryTag]:
-        """Every tag of the caller's repository, all pages."""
-        tags: list[tagging_pb2.RepositoryTag] = []
-        token = ""
-        while True:
-            page = await self.tagging.ListRepositoryTags(
-                tagging_pb2.ListRepositoryTagsRequest(repo_name=repo_name, page_size=TAG_PAGE, page_token=token),
-                metadata=caller_metadata(),
-            )
-            tags.extend(page.tags)
-            token = page.next_page_token
-            if not token:
-                return tags
+    async def _tags(self, repo: RepositoryRow) -> list[tagging_pb2.RepositoryTag]:
+        """Every tag of the caller's repository, asked by its id: the tagging service need not ask back."""
+        found = await self.sagas.lookup_tags(repo.org_id, [tagging_pb2.TagKey(repository_id=repo.id)])
+        return [tag.tag for tag in found]
 
     async def SetRepositoryVisibility(
         self, request: pb.SetRepositoryVisibilityRequest, context: grpc.aio.ServicerContext
@@ -213,7 +200,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         forced = None
         if request.is_public:
             repo = await self.store.get_repository(org_id, request.repo_name)
-            commit_ids = list(dict.fromkeys(tag.commit_id for tag in await self._tags(repo.name)))
+            commit_ids = list(dict.fromkeys(tag.commit_id for tag in await self._tags(repo)))
             purpose = f"repository {repo.name} made public"
             findings = await self._scan(org_id, commit_ids, request.force, purpose)
             if findings and not request.force:
@@ -241,15 +228,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         missing = [f for f in ("source_org", "source_repo", "source_tag") if not getattr(request, f)]
         if missing:
             raise InvalidArgument(f"fork needs {', '.join(missing)}: the source is org/repo:tag of a public repository")
+        org_id = current_principal().org_id
         repo_name = validate_repo_name(request.repo_name or request.source_repo)
         tag_name = validate_tag_name(request.tag_name or request.source_tag)
-        await self.store.get_public_repository(request.source_org, request.source_repo)
-        await self._require_free_tag(repo_name, tag_name)
-        await self.store.require_repository_room(current_principal().org_id, repo_name)
+        source = await self._fork_source(org_id, request, repo_name, tag_name)
+        await self.store.require_repository_room(org_id, repo_name)
         # An existing repository of that name is reused, also one a concurrent fork just made.
-        forked = await self.sagas.fork(
-            current_principal().org_id, (request.source_org, request.source_repo, request.source_tag), repo_name, tag_name
-        )
+        forked = await self.sagas.fork(org_id, source, repo_name, tag_name)
         return pb.ForkRepositoryResponse(
             repo_name=repo_name,
             tag_name=tag_name,
@@ -258,17 +243,24 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             vm_id=forked.vm_id,
         )
 
-    async def _require_free_tag(self, repo_name: str, tag_name: str) -> None:
-        """Refuse before any VM is made when the target tag exists."""
+    async def _fork_source(self, org_id: str, request: pb.ForkRepositoryRequest, repo_name: str, tag_name: str) -> ForkSource:
+        """The public tag's commit, and a refusal before any VM is made when the target tag exists: the
+        registry finds both repositories itself and asks the tagging service for both tags in one call."""
+        public = (await self.store.get_public_repository(request.source_org, request.source_repo)).repo
         try:
-            await self.tagging.GetRepositoryTag(
-                tagging_pb2.GetRepositoryTagRequest(repo_name=repo_name, tag_name=tag_name), metadata=caller_metadata()
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                return
-            raise
-        raise tag_taken(repo_name, tag_name)
+            target: RepositoryRow | None = await self.store.get_repository(org_id, repo_name)
+        except NotFound:
+            target = None  # made by the fork (or refused then, while one of that name is being deleted)
+        keys = [tagging_pb2.TagKey(repository_id=public.id, tag_name=request.source_tag)]
+        if target is not None:
+            keys.append(tagging_pb2.TagKey(repository_id=target.id, tag_name=tag_name))
+        found = {(tag.repository_id, tag.tag.tag_name): tag.tag for tag in await self.sagas.lookup_tags(org_id, keys)}
+        if target is not None and (target.id, tag_name) in found:
+            raise tag_taken(repo_name, tag_name)
+        tag = found.get((public.id, request.source_tag))
+        if tag is None:
+            raise NotFound(f"tag {request.source_tag!r} not found in repository '{request.source_org}/{request.source_repo}'")
+        return ForkSource(request.source_org, request.source_repo, request.source_tag, tag.commit_id, tag.description)
 
     async def GetOrgRetention(self, request: pb.GetOrgRetentionRequest, context: grpc.aio.ServicerContext) -> pb.GetOrgRetentionResponse:
         days = await self.store.org_retention(current_principal().org_id)
@@ -288,12 +280,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         """The registry's entries merged with the tagging service's and the orchestrator's, oldest first."""
         org_id = current_principal().org_id
         query = audit.AuditQuery.of(org_id, request)
-        fields = {"since": request.since, "type": request.type, "page_size": request.page_size, "page_token": request.page_token}
+        since, type_, page_size, page_token = request.since, request.type, request.page_size, request.page_token
         metadata = self.credential.metadata(org_id)
         own, tagging, orchestrator = await asyncio.gather(
             audit.list_events(self.store.db, "registry", query),
-            self.tagging_internal.ListAuditEvents(tagging_pb2.ListAuditEventsRequest(**fields), metadata=metadata),
-            self.orchestrator.ListAuditEvents(orchestrator_pb2.ListAuditEventsRequest(**fields), metadata=metadata),
+            self.tagging.ListAuditEvents(
+                tagging_pb2.ListAuditEventsRequest(since=since, type=type_, page_size=page_size, page_token=page_token), metadata=metadata
+            ),
+            self.orchestrator.ListAuditEvents(
+                orchestrator_pb2.ListAuditEventsRequest(since=since, type=type_, page_size=page_size, page_token=page_token),
+                metadata=metadata,
+            ),
         )
         events, token = audit.merge(query, own, list(tagging.events), list(orchestrator.events))
         return pb.ListAuditEventsResponse(events=events, next_page_token=token)

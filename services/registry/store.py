@@ -284,7 +284,7 @@ class RegistryStore:
 
     async def list_api_keys(self, org_id: str, offset: int = 0, limit: int | None = None) -> list[ApiKeyRow]:
         async with self.db.read() as session:
-            query = select(ApiKeyRow).where(ApiKeyRow.org_id == org_id).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+            query = select(ApiKeyRow).where(ApiKeyRow.org_id == org_id).order_by(col(ApiKeyRow.created_at), col(ApiKeyRow.id))
             return list(await session.exec(query.offset(offset).limit(limit)))
 
     async def delete_api_key(self, org_id: str, key_id: str) -> None:
@@ -353,10 +353,10 @@ class RegistryStore:
             if org is not None:
                 check(self.limits_of(org), "max_repositories", await self._count(session, RepositoryRow, org_id), 1, org.name)
 
-    async def get_repository(self, org_id: str, name: str, *, being_deleted: bool = False) -> RepositoryRow:
-        """With `being_deleted`, also one whose deletion has begun (the services finishing it see it)."""
+    async def get_repository(self, org_id: str, name: str) -> RepositoryRow:
+        """The org's repository; NotFound once its deletion has begun (the services finishing it use its id)."""
         async with self.db.read() as session:
-            return await self._repository(session, org_id, name, being_deleted=being_deleted)
+            return await self._repository(session, org_id, name)
 
     async def set_visibility(self, org_id: str, name: str, is_public: bool, forced: dict[str, Any] | None = None) -> RepositoryRow:
         """`forced`: what the secret scan found that publishing goes past (recorded as a forced publish)."""
@@ -371,13 +371,13 @@ class RegistryStore:
                 audit.record(session, org_id, "publish.forced", name, after=forced)
             return repo
 
-    async def _repository(self, session: AsyncSession, org_id: str, name: str, *, being_deleted: bool = False) -> RepositoryRow:
+    async def _repository(self, session: AsyncSession, org_id: str, name: str) -> RepositoryRow:
         validate_repo_name(name)
         query = select(RepositoryRow).where(RepositoryRow.org_id == org_id, RepositoryRow.name == name)
         repo = (await session.exec(query)).first()
         if repo is None:
             raise NotFound(f"repository {name!r} not found in your organization")
-        if not being_deleted and repo.id in await self._being_deleted(session, org_id):
+        if repo.id in await self._being_deleted(session, org_id):
             raise NotFound(f"repository {name!r} is being deleted")
         return repo
 

@@ -21,7 +21,7 @@ async def build(settings: Settings) -> Service:
     peers = Peers(settings)
     store = TaggingStore(db, OrgLimits.defaults(settings), settings.tag_history_max_events)
     servicer = TaggingServicer(store, peers.channel("registry"), peers.channel("orchestrator"))
-    internal = TaggingInternalServicer(store)
+    internal = TaggingInternalServicer(store, peers.channel("registry"))
 
     def register(server: grpc.aio.Server) -> None:
         tagging_pb2_grpc.add_TaggingServiceServicer_to_server(servicer, server)

@@ -63,6 +63,12 @@ def parse_reference(ref: str) -> tuple[str, str]:
     return validate_repo_name(repo), validate_tag_name(tag)
 
 
+async def caller_repository(registry: registry_pb2_grpc.RegistryServiceAsyncStub, repo_name: str) -> registry_pb2.Repository:
+    """The repository of the caller's org, as the registry (which owns repositories) answers the caller."""
+    answer = await registry.GetRepository(registry_pb2.GetRepositoryRequest(repo_name=repo_name), metadata=caller_metadata())
+    return answer.repository
+
+
 class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
     def __init__(self, store: TaggingStore, registry: grpc.aio.Channel, orchestrator: grpc.aio.Channel) -> None:
         self.store = store
@@ -70,8 +76,7 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(orchestrator)
 
     async def _repo(self, repo_name: str) -> registry_pb2.Repository:
-        answer = await self.registry.GetRepository(registry_pb2.GetRepositoryRequest(repo_name=repo_name), metadata=caller_metadata())
-        return answer.repository
+        return await caller_repository(self.registry, repo_name)
 
     async def _public_repo(self, org_name: str, repo_name: str) -> registry_pb2.PublicRepository:
         answer = await self.registry.GetPublicRepository(
@@ -133,17 +138,6 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         await self.store.delete_tag(current_principal(), repo.repo_id, repo.name, request.tag_name, repo.immutable_tags)
         return pb.DeleteRepositoryTagResponse()
 
-    async def DeleteRepositoryTags(
-        self, request: pb.DeleteRepositoryTagsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DeleteRepositoryTagsResponse:
-        repo = await self._repo(request.repo_name)
-        principal = current_principal()
-        # the registry's deletion of the whole repository (it checked the rules) takes immutable tags too; an
-        # org's own call of this path does not
-        immutable = () if principal.is_service else list(repo.immutable_tags)
-        deleted = await self.store.delete_repository_tags(principal.org_id, repo.repo_id, repo.name, immutable)
-        return pb.DeleteRepositoryTagsResponse(deleted=deleted)
-
     async def ListRepositoryTagHistory(
         self, request: pb.ListRepositoryTagHistoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRepositoryTagHistoryResponse:
@@ -198,17 +192,14 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
         await self.store.delete_commit_tag(current_principal().org_id, request.tag_name)
         return pb.DeleteCommitTagResponse()
 
-    async def ListCommitReferences(
-        self, request: pb.ListCommitReferencesRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListCommitReferencesResponse:
-        try:  # another org's commit is not found, as everywhere: asked of the orchestrator as the caller
-            await self.orchestrator.GetCommit(orchestrator_pb2.GetCommitRequest(commit_id=request.commit_id), metadata=caller_metadata())
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(error.details() or f"commit {request.commit_id!r} not found") from None
-            raise
-        references, legacy = await self.store.references(current_principal().org_id, request.commit_id)
-        return pb.ListCommitReferencesResponse(references=references, legacy_tags=legacy)
+
+class TaggingInternalServicer(tagging_pb2_grpc.TaggingInternalServiceServicer):
+    """Calls only the platform's own services make (the service credential, acting for an org). They take
+    what the caller has checked (a repository's id, a commit the org owns) rather than asking it back."""
+
+    def __init__(self, store: TaggingStore, registry: grpc.aio.Channel) -> None:
+        self.store = store
+        self.registry = registry_pb2_grpc.RegistryServiceStub(registry)
 
     async def ResolveReference(self, request: pb.ResolveReferenceRequest, context: grpc.aio.ServicerContext) -> pb.ResolveReferenceResponse:
         if bool(request.ref) == bool(request.tag_name):
@@ -217,16 +208,26 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
             tag = await self.store.get_commit_tag(current_principal().org_id, request.tag_name)
             return pb.ResolveReferenceResponse(commit_id=tag.commit_id, reference=tag.name)
         repo_name, tag_name = parse_reference(request.ref)
-        repo = await self._repo(repo_name)
+        repo = await caller_repository(self.registry, repo_name)
         found = await self.store.get_tag(repo.repo_id, repo.name, tag_name)
         return pb.ResolveReferenceResponse(commit_id=found.commit_id, reference=f"{repo.name}:{found.name}")
 
+    async def LookupTags(self, request: pb.LookupTagsRequest, context: grpc.aio.ServicerContext) -> pb.LookupTagsResponse:
+        found = await self.store.lookup_tags([(key.repository_id, key.tag_name) for key in request.keys])
+        return pb.LookupTagsResponse(tags=[pb.FoundTag(repository_id=tag.repo_id, tag=tag_pb(tag)) for tag in found])
 
-class TaggingInternalServicer(tagging_pb2_grpc.TaggingInternalServiceServicer):
-    """Calls only the platform's own services make (the service credential, acting for an org)."""
+    async def AddRepositoryTag(self, request: pb.AddRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.AddRepositoryTagResponse:
+        tag = await self.store.create_tag(
+            current_principal(), request.repository_id, request.repo_name, request.tag_name, request.commit_id, request.description,
+            actor_key_id=request.actor_key_id,
+        )  # fmt: skip
+        return pb.AddRepositoryTagResponse(tag=tag_pb(tag))
 
-    def __init__(self, store: TaggingStore) -> None:
-        self.store = store
+    async def DeleteRepositoryTags(
+        self, request: pb.DeleteRepositoryTagsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteRepositoryTagsResponse:
+        deleted = await self.store.delete_repository_tags(current_principal().org_id, request.repository_id, request.repo_name)
+        return pb.DeleteRepositoryTagsResponse(deleted=deleted)
 
     async def ReserveCommitDeletion(
         self, request: pb.ReserveCommitDeletionRequest, context: grpc.aio.ServicerContext

@@ -22,10 +22,11 @@ from services.tagging.models import CommitTagRow, DeletedCommitRow, RepoTagRow, 
 from vers.common.v1 import governance_pb2
 
 
-def _event(tag: RepoTagRow, caller: Principal, action: str, old: str, new: str) -> TagEventRow:
+def _event(tag: RepoTagRow, caller: Principal, action: str, old: str, new: str, key_id: str | None = None) -> TagEventRow:
+    """The tag's history event; made by `key_id` when given (a service acting for that key), else by the caller."""
     return TagEventRow(
         repo_id=tag.repo_id, tag_name=tag.name, action=action, old_commit_id=old, new_commit_id=new,
-        org_id=caller.org_id, api_key_id=caller.key_id,
+        org_id=caller.org_id, api_key_id=caller.key_id if key_id is None else key_id,
     )  # fmt: skip
 
 
@@ -38,14 +39,14 @@ def _change(tag: RepoTagRow | CommitTagRow, commit_id: str | None, description: 
     tag.updated_at = utcnow()
 
 
-def _record_tag_change(session: AsyncSession, tag: RepoTagRow, old: str, new: str) -> None:
+def _record_tag_change(session: AsyncSession, tag: RepoTagRow, old: str, new: str, key_id: str | None = None) -> None:
     """tag.create, tag.move or tag.delete of `repo:tag`; a description-only update changes no commit and is none."""
     if old == new:
         return
     type = "tag.create" if not old else "tag.delete" if not new else "tag.move"
     before = {"commit_id": old} if old else None
     after = {"commit_id": new} if new else None
-    record(session, tag.org_id, type, f"{tag.repo_name}:{tag.name}", before, after)
+    record(session, tag.org_id, type, f"{tag.repo_name}:{tag.name}", before, after, key_id=key_id)
 
 
 def _record_commit_tag_change(session: AsyncSession, tag: CommitTagRow, old: str, new: str) -> None:
@@ -178,7 +179,7 @@ class TaggingStore:
             )
         ).first()  # fmt: skip
         if oldest_kept is not None:
-            await session.exec(delete(TagEventRow).where(TagEventRow.repo_id == event.repo_id, col(TagEventRow.id) < oldest_kept))  # type: ignore[call-overload]
+            await session.exec(delete(TagEventRow).where(col(TagEventRow.repo_id) == event.repo_id, col(TagEventRow.id) < oldest_kept))
 
     async def _require_tag_room(self, session: AsyncSession, org_id: str) -> None:
         """Inside the write transaction that adds a tag: repository tags and legacy tags of the org together
@@ -206,7 +207,10 @@ class TaggingStore:
 
     # Repository tags
 
-    async def create_tag(self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str, description: str) -> RepoTagRow:
+    async def create_tag(
+        self, caller: Principal, repo_id: str, repo_name: str, name: str, commit_id: str, description: str, actor_key_id: str | None = None
+    ) -> RepoTagRow:
+        """`actor_key_id`: the key a service creates the tag for (the registry's fork), in the history and audit log."""
         validate_tag_name(name)
         validate_text("description", description)
         tag = RepoTagRow(
@@ -221,9 +225,21 @@ class TaggingStore:
             await _require_not_deleted(session, commit_id)
             await self._require_tag_room(session, caller.org_id)
             await insert_unique(session, tag, conflict)
-            await self._record(session, _event(tag, caller, "created", "", commit_id))
-            _record_tag_change(session, tag, "", commit_id)
+            await self._record(session, _event(tag, caller, "created", "", commit_id, actor_key_id))
+            _record_tag_change(session, tag, "", commit_id, actor_key_id)
             return tag
+
+    async def lookup_tags(self, keys: Sequence[tuple[str, str]]) -> list[RepoTagRow]:
+        """The tags of (repository id, tag name) that exist, in the order of the keys; an empty name stands for
+        every tag of that repository, by name."""
+        found: list[RepoTagRow] = []
+        async with self.db.read() as session:
+            for repo_id, name in keys:
+                query = select(RepoTagRow).where(RepoTagRow.repo_id == repo_id)
+                if name:
+                    query = query.where(RepoTagRow.name == validate_tag_name(name))
+                found.extend(await session.exec(query.order_by(RepoTagRow.name)))
+        return found
 
     async def list_tags(self, repo_id: str, offset: int = 0, limit: int | None = None) -> list[RepoTagRow]:
         async with self.db.read() as session:
@@ -295,12 +311,8 @@ class TaggingStore:
                 _require_mutable(tag, repo_name, immutable)
             for tag in tags:
                 _record_tag_change(session, tag, tag.commit_id, "")
-            await session.exec(delete(RepoTagRow).where(col(RepoTagRow.repo_id) == repo_id))  # type: ignore[call-overload]
+            await session.exec(delete(RepoTagRow).where(col(RepoTagRow.repo_id) == repo_id))
             return len(tags)
-
-    async def references(self, org_id: str, commit_id: str) -> tuple[list[str], list[str]]:
-        async with self.db.read() as session:
-            return await self._references(session, org_id, commit_id)
 
     @staticmethod
     async def _references(session: AsyncSession, org_id: str, commit_id: str) -> tuple[list[str], list[str]]:

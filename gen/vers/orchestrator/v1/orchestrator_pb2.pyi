@@ -752,36 +752,39 @@ class BranchByRefResponse(_message.Message):
 Global___BranchByRefResponse: _TypeAlias = BranchByRefResponse  # noqa: Y015
 
 @_typing.final
-class ForkPublicTagRequest(_message.Message):
+class ForkCommitRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    ORG_NAME_FIELD_NUMBER: _builtins.int
-    REPO_NAME_FIELD_NUMBER: _builtins.int
-    TAG_NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_COMMIT_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_REFERENCE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
     SAGA_ID_FIELD_NUMBER: _builtins.int
-    org_name: _builtins.str
-    repo_name: _builtins.str
-    tag_name: _builtins.str
+    source_commit_id: _builtins.str
+    """The commit a public repository's tag names."""
+    source_reference: _builtins.str
+    """That tag, `org/repo:tag`: the new commit's name and the messages say it."""
+    description: _builtins.str
+    """The new commit's description: the tag's."""
     saga_id: _builtins.str
     """The registry's saga: one fork per id, whatever the number of calls."""
     def __init__(
         self,
         *,
-        org_name: _builtins.str = ...,
-        repo_name: _builtins.str = ...,
-        tag_name: _builtins.str = ...,
+        source_commit_id: _builtins.str = ...,
+        source_reference: _builtins.str = ...,
+        description: _builtins.str = ...,
         saga_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_name", b"org_name", "repo_name", b"repo_name", "saga_id", b"saga_id", "tag_name", b"tag_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "saga_id", b"saga_id", "source_commit_id", b"source_commit_id", "source_reference", b"source_reference"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ForkPublicTagRequest: _TypeAlias = ForkPublicTagRequest  # noqa: Y015
+Global___ForkCommitRequest: _TypeAlias = ForkCommitRequest  # noqa: Y015
 
 @_typing.final
-class ForkPublicTagResponse(_message.Message):
+class ForkCommitResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
@@ -800,7 +803,7 @@ class ForkPublicTagResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ForkPublicTagResponse: _TypeAlias = ForkPublicTagResponse  # noqa: Y015
+Global___ForkCommitResponse: _TypeAlias = ForkCommitResponse  # noqa: Y015
 
 @_typing.final
 class AbandonForkRequest(_message.Message):

@@ -2029,10 +2029,10 @@ class OrchestratorInternalServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.ForkPublicTag = channel.unary_unary(
-                '/vers.orchestrator.v1.OrchestratorInternalService/ForkPublicTag',
-                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.SerializeToString,
-                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.FromString,
+        self.ForkCommit = channel.unary_unary(
+                '/vers.orchestrator.v1.OrchestratorInternalService/ForkCommit',
+                request_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkCommitRequest.SerializeToString,
+                response_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkCommitResponse.FromString,
                 _registered_method=True)
         self.AbandonFork = channel.unary_unary(
                 '/vers.orchestrator.v1.OrchestratorInternalService/AbandonFork',
@@ -2060,10 +2060,11 @@ class OrchestratorInternalServiceServicer:
     """Calls between the platform's services; no REST path, the service credential only.
     """
 
-    def ForkPublicTag(self, request, context):
-        """Starts a VM in the org from a public repository's tag (copy-on-write) and commits it there: the
-        fork's own copy, and the only way to use another org's commit. The registry's fork saga calls it
-        with the saga's id: called again with that id, it answers with the same VM and commit.
+    def ForkCommit(self, request, context):
+        """Starts a VM in the org from a published commit (copy-on-write) and commits it there: the fork's own
+        copy, and the only way to use another org's commit. The registry's fork saga calls it with the commit
+        of the public repository's tag, which it has looked up itself, and the saga's id: called again with
+        that id, it answers with the same VM and commit. It asks no other service anything.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -2106,10 +2107,10 @@ class OrchestratorInternalServiceServicer:
 
 def add_OrchestratorInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'ForkPublicTag': grpc.unary_unary_rpc_method_handler(
-                    servicer.ForkPublicTag,
-                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.FromString,
-                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.SerializeToString,
+            'ForkCommit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkCommit,
+                    request_deserializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkCommitRequest.FromString,
+                    response_serializer=vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkCommitResponse.SerializeToString,
             ),
             'AbandonFork': grpc.unary_unary_rpc_method_handler(
                     servicer.AbandonFork,
@@ -2144,7 +2145,7 @@ class OrchestratorInternalService:
     """
 
     @staticmethod
-    def ForkPublicTag(request,
+    def ForkCommit(request,
             target,
             options=(),
             channel_credentials=None,
@@ -2157,9 +2158,9 @@ class OrchestratorInternalService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vers.orchestrator.v1.OrchestratorInternalService/ForkPublicTag',
-            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagRequest.SerializeToString,
-            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkPublicTagResponse.FromString,
+            '/vers.orchestrator.v1.OrchestratorInternalService/ForkCommit',
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkCommitRequest.SerializeToString,
+            vers_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkCommitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -608,10 +608,11 @@ class OrchestratorInternalServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrchestratorInternalServiceAsyncStub: ...
-    ForkPublicTag: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkPublicTagRequest, _orchestrator_pb2.ForkPublicTagResponse]
-    """Starts a VM in the org from a public repository's tag (copy-on-write) and commits it there: the
-    fork's own copy, and the only way to use another org's commit. The registry's fork saga calls it
-    with the saga's id: called again with that id, it answers with the same VM and commit.
+    ForkCommit: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkCommitRequest, _orchestrator_pb2.ForkCommitResponse]
+    """Starts a VM in the org from a published commit (copy-on-write) and commits it there: the fork's own
+    copy, and the only way to use another org's commit. The registry's fork saga calls it with the commit
+    of the public repository's tag, which it has looked up itself, and the saga's id: called again with
+    that id, it answers with the same VM and commit. It asks no other service anything.
     """
     AbandonFork: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.AbandonForkRequest, _orchestrator_pb2.AbandonForkResponse]
     """Undoes the fork of a saga: deletes the VM and the commit it made, and refuses that saga id from then
@@ -636,10 +637,11 @@ class OrchestratorInternalServiceAsyncStub(OrchestratorInternalServiceStub):
     """Calls between the platform's services; no REST path, the service credential only."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    ForkPublicTag: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkPublicTagRequest, _orchestrator_pb2.ForkPublicTagResponse]  # type: ignore[assignment]
-    """Starts a VM in the org from a public repository's tag (copy-on-write) and commits it there: the
-    fork's own copy, and the only way to use another org's commit. The registry's fork saga calls it
-    with the saga's id: called again with that id, it answers with the same VM and commit.
+    ForkCommit: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkCommitRequest, _orchestrator_pb2.ForkCommitResponse]  # type: ignore[assignment]
+    """Starts a VM in the org from a published commit (copy-on-write) and commits it there: the fork's own
+    copy, and the only way to use another org's commit. The registry's fork saga calls it with the commit
+    of the public repository's tag, which it has looked up itself, and the saga's id: called again with
+    that id, it answers with the same VM and commit. It asks no other service anything.
     """
     AbandonFork: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.AbandonForkRequest, _orchestrator_pb2.AbandonForkResponse]  # type: ignore[assignment]
     """Undoes the fork of a saga: deletes the VM and the commit it made, and refuses that saga id from then
@@ -663,14 +665,15 @@ class OrchestratorInternalServiceServicer(metaclass=_abc_1.ABCMeta):
     """Calls between the platform's services; no REST path, the service credential only."""
 
     @_abc_1.abstractmethod
-    def ForkPublicTag(
+    def ForkCommit(
         self,
-        request: _orchestrator_pb2.ForkPublicTagRequest,
+        request: _orchestrator_pb2.ForkCommitRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_orchestrator_pb2.ForkPublicTagResponse, _abc.Awaitable[_orchestrator_pb2.ForkPublicTagResponse]]:
-        """Starts a VM in the org from a public repository's tag (copy-on-write) and commits it there: the
-        fork's own copy, and the only way to use another org's commit. The registry's fork saga calls it
-        with the saga's id: called again with that id, it answers with the same VM and commit.
+    ) -> _typing.Union[_orchestrator_pb2.ForkCommitResponse, _abc.Awaitable[_orchestrator_pb2.ForkCommitResponse]]:
+        """Starts a VM in the org from a published commit (copy-on-write) and commits it there: the fork's own
+        copy, and the only way to use another org's commit. The registry's fork saga calls it with the commit
+        of the public repository's tag, which it has looked up itself, and the saga's id: called again with
+        that id, it answers with the same VM and commit. It asks no other service anything.
         """
 
     @_abc_1.abstractmethod

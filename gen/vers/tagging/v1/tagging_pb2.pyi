@@ -385,15 +385,19 @@ class DeleteRepositoryTagsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPO_NAME_FIELD_NUMBER: _builtins.int
+    REPOSITORY_ID_FIELD_NUMBER: _builtins.int
     repo_name: _builtins.str
+    """For the audit entries."""
+    repository_id: _builtins.str
     def __init__(
         self,
         *,
         repo_name: _builtins.str = ...,
+        repository_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repo_name", b"repo_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["repo_name", b"repo_name", "repository_id", b"repository_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -801,60 +805,13 @@ class DeleteCommitTagResponse(_message.Message):
 Global___DeleteCommitTagResponse: _TypeAlias = DeleteCommitTagResponse  # noqa: Y015
 
 @_typing.final
-class ListCommitReferencesRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    COMMIT_ID_FIELD_NUMBER: _builtins.int
-    commit_id: _builtins.str
-    def __init__(
-        self,
-        *,
-        commit_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_id", b"commit_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListCommitReferencesRequest: _TypeAlias = ListCommitReferencesRequest  # noqa: Y015
-
-@_typing.final
-class ListCommitReferencesResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REFERENCES_FIELD_NUMBER: _builtins.int
-    LEGACY_TAGS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def references(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """`repo:tag` of each repository tag."""
-
-    @_builtins.property
-    def legacy_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of legacy org-scoped tags."""
-
-    def __init__(
-        self,
-        *,
-        references: _abc.Iterable[_builtins.str] | None = ...,
-        legacy_tags: _abc.Iterable[_builtins.str] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["legacy_tags", b"legacy_tags", "references", b"references"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListCommitReferencesResponse: _TypeAlias = ListCommitReferencesResponse  # noqa: Y015
-
-@_typing.final
 class ResolveReferenceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REF_FIELD_NUMBER: _builtins.int
     TAG_NAME_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
-    """`repo:tag` in the caller's org; exclusive with `tag_name`."""
+    """`repo:tag` in the org the call acts for; exclusive with `tag_name`."""
     tag_name: _builtins.str
     """A legacy org-scoped tag name; exclusive with `ref`."""
     def __init__(
@@ -1034,3 +991,146 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class TagKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPOSITORY_ID_FIELD_NUMBER: _builtins.int
+    TAG_NAME_FIELD_NUMBER: _builtins.int
+    repository_id: _builtins.str
+    tag_name: _builtins.str
+    """Empty: every tag of the repository."""
+    def __init__(
+        self,
+        *,
+        repository_id: _builtins.str = ...,
+        tag_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["repository_id", b"repository_id", "tag_name", b"tag_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagKey: _TypeAlias = TagKey  # noqa: Y015
+
+@_typing.final
+class LookupTagsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___TagKey]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___TagKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupTagsRequest: _TypeAlias = LookupTagsRequest  # noqa: Y015
+
+@_typing.final
+class FoundTag(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPOSITORY_ID_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    repository_id: _builtins.str
+    @_builtins.property
+    def tag(self) -> Global___RepositoryTag: ...
+    def __init__(
+        self,
+        *,
+        repository_id: _builtins.str = ...,
+        tag: Global___RepositoryTag | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tag", b"tag"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["repository_id", b"repository_id", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FoundTag: _TypeAlias = FoundTag  # noqa: Y015
+
+@_typing.final
+class LookupTagsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedCompositeFieldContainer[Global___FoundTag]:
+        """The tags that exist, in the order of the keys (a repository's own by name)."""
+
+    def __init__(
+        self,
+        *,
+        tags: _abc.Iterable[Global___FoundTag] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupTagsResponse: _TypeAlias = LookupTagsResponse  # noqa: Y015
+
+@_typing.final
+class AddRepositoryTagRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPOSITORY_ID_FIELD_NUMBER: _builtins.int
+    REPO_NAME_FIELD_NUMBER: _builtins.int
+    TAG_NAME_FIELD_NUMBER: _builtins.int
+    COMMIT_ID_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    ACTOR_KEY_ID_FIELD_NUMBER: _builtins.int
+    repository_id: _builtins.str
+    repo_name: _builtins.str
+    tag_name: _builtins.str
+    commit_id: _builtins.str
+    description: _builtins.str
+    actor_key_id: _builtins.str
+    """The API key of the person the platform acts for, kept in the tag's history and the audit log."""
+    def __init__(
+        self,
+        *,
+        repository_id: _builtins.str = ...,
+        repo_name: _builtins.str = ...,
+        tag_name: _builtins.str = ...,
+        commit_id: _builtins.str = ...,
+        description: _builtins.str = ...,
+        actor_key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_key_id", b"actor_key_id", "commit_id", b"commit_id", "description", b"description", "repo_name", b"repo_name", "repository_id", b"repository_id", "tag_name", b"tag_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddRepositoryTagRequest: _TypeAlias = AddRepositoryTagRequest  # noqa: Y015
+
+@_typing.final
+class AddRepositoryTagResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tag(self) -> Global___RepositoryTag: ...
+    def __init__(
+        self,
+        *,
+        tag: Global___RepositoryTag | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tag", b"tag"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddRepositoryTagResponse: _TypeAlias = AddRepositoryTagResponse  # noqa: Y015

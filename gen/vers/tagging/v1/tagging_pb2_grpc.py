@@ -60,11 +60,6 @@ class TaggingServiceStub:
                 request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagRequest.SerializeToString,
                 response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagResponse.FromString,
                 _registered_method=True)
-        self.DeleteRepositoryTags = channel.unary_unary(
-                '/vers.tagging.v1.TaggingService/DeleteRepositoryTags',
-                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsRequest.SerializeToString,
-                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsResponse.FromString,
-                _registered_method=True)
         self.ListRepositoryTagHistory = channel.unary_unary(
                 '/vers.tagging.v1.TaggingService/ListRepositoryTagHistory',
                 request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListRepositoryTagHistoryRequest.SerializeToString,
@@ -105,16 +100,6 @@ class TaggingServiceStub:
                 request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagRequest.SerializeToString,
                 response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagResponse.FromString,
                 _registered_method=True)
-        self.ListCommitReferences = channel.unary_unary(
-                '/vers.tagging.v1.TaggingService/ListCommitReferences',
-                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesRequest.SerializeToString,
-                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesResponse.FromString,
-                _registered_method=True)
-        self.ResolveReference = channel.unary_unary(
-                '/vers.tagging.v1.TaggingService/ResolveReference',
-                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceRequest.SerializeToString,
-                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceResponse.FromString,
-                _registered_method=True)
 
 
 class TaggingServiceServicer:
@@ -148,13 +133,6 @@ class TaggingServiceServicer:
 
     def DeleteRepositoryTag(self, request, context):
         """Deletes the tag; never the commit.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DeleteRepositoryTags(self, request, context):
-        """Deletes every tag of the repository (never a commit); the registry calls it when a repository is deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -211,20 +189,6 @@ class TaggingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ListCommitReferences(self, request, context):
-        """The caller's tags and legacy tags that point at a commit (a commit is kept while any does).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ResolveReference(self, request, context):
-        """Resolves `repo:tag` (in the caller's org) or a legacy tag name to the commit it names.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_TaggingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,11 +216,6 @@ def add_TaggingServiceServicer_to_server(servicer, server):
                     servicer.DeleteRepositoryTag,
                     request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagRequest.FromString,
                     response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagResponse.SerializeToString,
-            ),
-            'DeleteRepositoryTags': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeleteRepositoryTags,
-                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsRequest.FromString,
-                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsResponse.SerializeToString,
             ),
             'ListRepositoryTagHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRepositoryTagHistory,
@@ -297,16 +256,6 @@ def add_TaggingServiceServicer_to_server(servicer, server):
                     servicer.DeleteCommitTag,
                     request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagRequest.FromString,
                     response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteCommitTagResponse.SerializeToString,
-            ),
-            'ListCommitReferences': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListCommitReferences,
-                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesRequest.FromString,
-                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesResponse.SerializeToString,
-            ),
-            'ResolveReference': grpc.unary_unary_rpc_method_handler(
-                    servicer.ResolveReference,
-                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceRequest.FromString,
-                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,33 +394,6 @@ class TaggingService:
             '/vers.tagging.v1.TaggingService/DeleteRepositoryTag',
             vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagRequest.SerializeToString,
             vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DeleteRepositoryTags(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vers.tagging.v1.TaggingService/DeleteRepositoryTags',
-            vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsRequest.SerializeToString,
-            vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -698,63 +620,10 @@ class TaggingService:
             metadata,
             _registered_method=True)
 
-    @staticmethod
-    def ListCommitReferences(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vers.tagging.v1.TaggingService/ListCommitReferences',
-            vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesRequest.SerializeToString,
-            vers_dot_tagging_dot_v1_dot_tagging__pb2.ListCommitReferencesResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ResolveReference(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vers.tagging.v1.TaggingService/ResolveReference',
-            vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceRequest.SerializeToString,
-            vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
 
 class TaggingInternalServiceStub:
-    """Calls between the platform's services; no REST path, the service credential only.
+    """Calls between the platform's services; no REST path, the service credential only. Each takes what its
+    caller already knows (a repository's id, a vetted commit), so none of them calls back into the caller.
     """
 
     def __init__(self, channel):
@@ -763,6 +632,26 @@ class TaggingInternalServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.ResolveReference = channel.unary_unary(
+                '/vers.tagging.v1.TaggingInternalService/ResolveReference',
+                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceRequest.SerializeToString,
+                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceResponse.FromString,
+                _registered_method=True)
+        self.LookupTags = channel.unary_unary(
+                '/vers.tagging.v1.TaggingInternalService/LookupTags',
+                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.LookupTagsRequest.SerializeToString,
+                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.LookupTagsResponse.FromString,
+                _registered_method=True)
+        self.AddRepositoryTag = channel.unary_unary(
+                '/vers.tagging.v1.TaggingInternalService/AddRepositoryTag',
+                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.AddRepositoryTagRequest.SerializeToString,
+                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.AddRepositoryTagResponse.FromString,
+                _registered_method=True)
+        self.DeleteRepositoryTags = channel.unary_unary(
+                '/vers.tagging.v1.TaggingInternalService/DeleteRepositoryTags',
+                request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsRequest.SerializeToString,
+                response_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsResponse.FromString,
+                _registered_method=True)
         self.ReserveCommitDeletion = channel.unary_unary(
                 '/vers.tagging.v1.TaggingInternalService/ReserveCommitDeletion',
                 request_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionRequest.SerializeToString,
@@ -781,8 +670,43 @@ class TaggingInternalServiceStub:
 
 
 class TaggingInternalServiceServicer:
-    """Calls between the platform's services; no REST path, the service credential only.
+    """Calls between the platform's services; no REST path, the service credential only. Each takes what its
+    caller already knows (a repository's id, a vetted commit), so none of them calls back into the caller.
     """
+
+    def ResolveReference(self, request, context):
+        """Resolves `repo:tag` (in the org) or a legacy tag name to the commit it names: the orchestrator's
+        restore and branch by reference. Asks the registry for the repository (it says whether one exists and
+        is not being deleted); never the orchestrator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupTags(self, request, context):
+        """The tags asked for, by repository id: the registry's own lookups (a fork's source tag and its target,
+        the tags a repository holds before it is published or deleted). Tags that do not exist are left out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddRepositoryTag(self, request, context):
+        """Creates a tag the caller has vetted: the repository is the caller's own (given by id and name) and the
+        commit one the org owns (the registry's fork: the commit the orchestrator has just made for the org).
+        The tag quota and a commit being deleted are checked here, as for any tag; nothing is asked of a peer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRepositoryTags(self, request, context):
+        """Deletes every tag of the repository (never a commit), immutable ones too: the registry's deletion of the
+        repository, which checked its rules first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def ReserveCommitDeletion(self, request, context):
         """Marks the caller's commit as being deleted when no tag or legacy tag of the org names it: from then
@@ -812,6 +736,26 @@ class TaggingInternalServiceServicer:
 
 def add_TaggingInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'ResolveReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveReference,
+                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceRequest.FromString,
+                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceResponse.SerializeToString,
+            ),
+            'LookupTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupTags,
+                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.LookupTagsRequest.FromString,
+                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.LookupTagsResponse.SerializeToString,
+            ),
+            'AddRepositoryTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRepositoryTag,
+                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.AddRepositoryTagRequest.FromString,
+                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.AddRepositoryTagResponse.SerializeToString,
+            ),
+            'DeleteRepositoryTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRepositoryTags,
+                    request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsRequest.FromString,
+                    response_serializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsResponse.SerializeToString,
+            ),
             'ReserveCommitDeletion': grpc.unary_unary_rpc_method_handler(
                     servicer.ReserveCommitDeletion,
                     request_deserializer=vers_dot_tagging_dot_v1_dot_tagging__pb2.ReserveCommitDeletionRequest.FromString,
@@ -836,8 +780,117 @@ def add_TaggingInternalServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TaggingInternalService:
-    """Calls between the platform's services; no REST path, the service credential only.
+    """Calls between the platform's services; no REST path, the service credential only. Each takes what its
+    caller already knows (a repository's id, a vetted commit), so none of them calls back into the caller.
     """
+
+    @staticmethod
+    def ResolveReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.tagging.v1.TaggingInternalService/ResolveReference',
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceRequest.SerializeToString,
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.ResolveReferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.tagging.v1.TaggingInternalService/LookupTags',
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.LookupTagsRequest.SerializeToString,
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.LookupTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddRepositoryTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.tagging.v1.TaggingInternalService/AddRepositoryTag',
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.AddRepositoryTagRequest.SerializeToString,
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.AddRepositoryTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRepositoryTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vers.tagging.v1.TaggingInternalService/DeleteRepositoryTags',
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsRequest.SerializeToString,
+            vers_dot_tagging_dot_v1_dot_tagging__pb2.DeleteRepositoryTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def ReserveCommitDeletion(request,

@@ -40,8 +40,6 @@ class TaggingServiceStub:
     """Moves the tag to another commit and/or changes its description, in one atomic update."""
     DeleteRepositoryTag: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagRequest, _tagging_pb2.DeleteRepositoryTagResponse]
     """Deletes the tag; never the commit."""
-    DeleteRepositoryTags: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagsRequest, _tagging_pb2.DeleteRepositoryTagsResponse]
-    """Deletes every tag of the repository (never a commit); the registry calls it when a repository is deleted."""
     ListRepositoryTagHistory: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ListRepositoryTagHistoryRequest, _tagging_pb2.ListRepositoryTagHistoryResponse]
     """Every create, move and delete of the tag, newest first."""
     ListPublicRepositoryTags: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ListPublicRepositoryTagsRequest, _tagging_pb2.ListPublicRepositoryTagsResponse]
@@ -53,10 +51,6 @@ class TaggingServiceStub:
     GetCommitTag: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.GetCommitTagRequest, _tagging_pb2.GetCommitTagResponse]
     UpdateCommitTag: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.UpdateCommitTagRequest, _tagging_pb2.UpdateCommitTagResponse]
     DeleteCommitTag: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.DeleteCommitTagRequest, _tagging_pb2.DeleteCommitTagResponse]
-    ListCommitReferences: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ListCommitReferencesRequest, _tagging_pb2.ListCommitReferencesResponse]
-    """The caller's tags and legacy tags that point at a commit (a commit is kept while any does)."""
-    ResolveReference: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ResolveReferenceRequest, _tagging_pb2.ResolveReferenceResponse]
-    """Resolves `repo:tag` (in the caller's org) or a legacy tag name to the commit it names."""
 
 @_typing.type_check_only
 class TaggingServiceAsyncStub(TaggingServiceStub):
@@ -70,8 +64,6 @@ class TaggingServiceAsyncStub(TaggingServiceStub):
     """Moves the tag to another commit and/or changes its description, in one atomic update."""
     DeleteRepositoryTag: _aio.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagRequest, _tagging_pb2.DeleteRepositoryTagResponse]  # type: ignore[assignment]
     """Deletes the tag; never the commit."""
-    DeleteRepositoryTags: _aio.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagsRequest, _tagging_pb2.DeleteRepositoryTagsResponse]  # type: ignore[assignment]
-    """Deletes every tag of the repository (never a commit); the registry calls it when a repository is deleted."""
     ListRepositoryTagHistory: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ListRepositoryTagHistoryRequest, _tagging_pb2.ListRepositoryTagHistoryResponse]  # type: ignore[assignment]
     """Every create, move and delete of the tag, newest first."""
     ListPublicRepositoryTags: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ListPublicRepositoryTagsRequest, _tagging_pb2.ListPublicRepositoryTagsResponse]  # type: ignore[assignment]
@@ -83,10 +75,6 @@ class TaggingServiceAsyncStub(TaggingServiceStub):
     GetCommitTag: _aio.UnaryUnaryMultiCallable[_tagging_pb2.GetCommitTagRequest, _tagging_pb2.GetCommitTagResponse]  # type: ignore[assignment]
     UpdateCommitTag: _aio.UnaryUnaryMultiCallable[_tagging_pb2.UpdateCommitTagRequest, _tagging_pb2.UpdateCommitTagResponse]  # type: ignore[assignment]
     DeleteCommitTag: _aio.UnaryUnaryMultiCallable[_tagging_pb2.DeleteCommitTagRequest, _tagging_pb2.DeleteCommitTagResponse]  # type: ignore[assignment]
-    ListCommitReferences: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ListCommitReferencesRequest, _tagging_pb2.ListCommitReferencesResponse]  # type: ignore[assignment]
-    """The caller's tags and legacy tags that point at a commit (a commit is kept while any does)."""
-    ResolveReference: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ResolveReferenceRequest, _tagging_pb2.ResolveReferenceResponse]  # type: ignore[assignment]
-    """Resolves `repo:tag` (in the caller's org) or a legacy tag name to the commit it names."""
 
 class TaggingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tags inside repositories, legacy org-scoped commit tags, and reference resolution."""
@@ -127,14 +115,6 @@ class TaggingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tagging_pb2.DeleteRepositoryTagResponse, _abc.Awaitable[_tagging_pb2.DeleteRepositoryTagResponse]]:
         """Deletes the tag; never the commit."""
-
-    @_abc_1.abstractmethod
-    def DeleteRepositoryTags(
-        self,
-        request: _tagging_pb2.DeleteRepositoryTagsRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_tagging_pb2.DeleteRepositoryTagsResponse, _abc.Awaitable[_tagging_pb2.DeleteRepositoryTagsResponse]]:
-        """Deletes every tag of the repository (never a commit); the registry calls it when a repository is deleted."""
 
     @_abc_1.abstractmethod
     def ListRepositoryTagHistory(
@@ -195,31 +175,35 @@ class TaggingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tagging_pb2.DeleteCommitTagResponse, _abc.Awaitable[_tagging_pb2.DeleteCommitTagResponse]]: ...
 
-    @_abc_1.abstractmethod
-    def ListCommitReferences(
-        self,
-        request: _tagging_pb2.ListCommitReferencesRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_tagging_pb2.ListCommitReferencesResponse, _abc.Awaitable[_tagging_pb2.ListCommitReferencesResponse]]:
-        """The caller's tags and legacy tags that point at a commit (a commit is kept while any does)."""
-
-    @_abc_1.abstractmethod
-    def ResolveReference(
-        self,
-        request: _tagging_pb2.ResolveReferenceRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_tagging_pb2.ResolveReferenceResponse, _abc.Awaitable[_tagging_pb2.ResolveReferenceResponse]]:
-        """Resolves `repo:tag` (in the caller's org) or a legacy tag name to the commit it names."""
-
 def add_TaggingServiceServicer_to_server(servicer: TaggingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class TaggingInternalServiceStub:
-    """Calls between the platform's services; no REST path, the service credential only."""
+    """Calls between the platform's services; no REST path, the service credential only. Each takes what its
+    caller already knows (a repository's id, a vetted commit), so none of them calls back into the caller.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TaggingInternalServiceAsyncStub: ...
+    ResolveReference: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ResolveReferenceRequest, _tagging_pb2.ResolveReferenceResponse]
+    """Resolves `repo:tag` (in the org) or a legacy tag name to the commit it names: the orchestrator's
+    restore and branch by reference. Asks the registry for the repository (it says whether one exists and
+    is not being deleted); never the orchestrator.
+    """
+    LookupTags: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.LookupTagsRequest, _tagging_pb2.LookupTagsResponse]
+    """The tags asked for, by repository id: the registry's own lookups (a fork's source tag and its target,
+    the tags a repository holds before it is published or deleted). Tags that do not exist are left out.
+    """
+    AddRepositoryTag: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.AddRepositoryTagRequest, _tagging_pb2.AddRepositoryTagResponse]
+    """Creates a tag the caller has vetted: the repository is the caller's own (given by id and name) and the
+    commit one the org owns (the registry's fork: the commit the orchestrator has just made for the org).
+    The tag quota and a commit being deleted are checked here, as for any tag; nothing is asked of a peer.
+    """
+    DeleteRepositoryTags: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagsRequest, _tagging_pb2.DeleteRepositoryTagsResponse]
+    """Deletes every tag of the repository (never a commit), immutable ones too: the registry's deletion of the
+    repository, which checked its rules first.
+    """
     ReserveCommitDeletion: _grpc.UnaryUnaryMultiCallable[_tagging_pb2.ReserveCommitDeletionRequest, _tagging_pb2.ReserveCommitDeletionResponse]
     """Marks the caller's commit as being deleted when no tag or legacy tag of the org names it: from then
     on no tag can be created on it or moved to it. In one transaction, so a tag made at the same time
@@ -235,9 +219,29 @@ class TaggingInternalServiceStub:
 
 @_typing.type_check_only
 class TaggingInternalServiceAsyncStub(TaggingInternalServiceStub):
-    """Calls between the platform's services; no REST path, the service credential only."""
+    """Calls between the platform's services; no REST path, the service credential only. Each takes what its
+    caller already knows (a repository's id, a vetted commit), so none of them calls back into the caller.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    ResolveReference: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ResolveReferenceRequest, _tagging_pb2.ResolveReferenceResponse]  # type: ignore[assignment]
+    """Resolves `repo:tag` (in the org) or a legacy tag name to the commit it names: the orchestrator's
+    restore and branch by reference. Asks the registry for the repository (it says whether one exists and
+    is not being deleted); never the orchestrator.
+    """
+    LookupTags: _aio.UnaryUnaryMultiCallable[_tagging_pb2.LookupTagsRequest, _tagging_pb2.LookupTagsResponse]  # type: ignore[assignment]
+    """The tags asked for, by repository id: the registry's own lookups (a fork's source tag and its target,
+    the tags a repository holds before it is published or deleted). Tags that do not exist are left out.
+    """
+    AddRepositoryTag: _aio.UnaryUnaryMultiCallable[_tagging_pb2.AddRepositoryTagRequest, _tagging_pb2.AddRepositoryTagResponse]  # type: ignore[assignment]
+    """Creates a tag the caller has vetted: the repository is the caller's own (given by id and name) and the
+    commit one the org owns (the registry's fork: the commit the orchestrator has just made for the org).
+    The tag quota and a commit being deleted are checked here, as for any tag; nothing is asked of a peer.
+    """
+    DeleteRepositoryTags: _aio.UnaryUnaryMultiCallable[_tagging_pb2.DeleteRepositoryTagsRequest, _tagging_pb2.DeleteRepositoryTagsResponse]  # type: ignore[assignment]
+    """Deletes every tag of the repository (never a commit), immutable ones too: the registry's deletion of the
+    repository, which checked its rules first.
+    """
     ReserveCommitDeletion: _aio.UnaryUnaryMultiCallable[_tagging_pb2.ReserveCommitDeletionRequest, _tagging_pb2.ReserveCommitDeletionResponse]  # type: ignore[assignment]
     """Marks the caller's commit as being deleted when no tag or legacy tag of the org names it: from then
     on no tag can be created on it or moved to it. In one transaction, so a tag made at the same time
@@ -252,7 +256,51 @@ class TaggingInternalServiceAsyncStub(TaggingInternalServiceStub):
     """The org's audit events this service recorded (tag changes)."""
 
 class TaggingInternalServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Calls between the platform's services; no REST path, the service credential only."""
+    """Calls between the platform's services; no REST path, the service credential only. Each takes what its
+    caller already knows (a repository's id, a vetted commit), so none of them calls back into the caller.
+    """
+
+    @_abc_1.abstractmethod
+    def ResolveReference(
+        self,
+        request: _tagging_pb2.ResolveReferenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tagging_pb2.ResolveReferenceResponse, _abc.Awaitable[_tagging_pb2.ResolveReferenceResponse]]:
+        """Resolves `repo:tag` (in the org) or a legacy tag name to the commit it names: the orchestrator's
+        restore and branch by reference. Asks the registry for the repository (it says whether one exists and
+        is not being deleted); never the orchestrator.
+        """
+
+    @_abc_1.abstractmethod
+    def LookupTags(
+        self,
+        request: _tagging_pb2.LookupTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tagging_pb2.LookupTagsResponse, _abc.Awaitable[_tagging_pb2.LookupTagsResponse]]:
+        """The tags asked for, by repository id: the registry's own lookups (a fork's source tag and its target,
+        the tags a repository holds before it is published or deleted). Tags that do not exist are left out.
+        """
+
+    @_abc_1.abstractmethod
+    def AddRepositoryTag(
+        self,
+        request: _tagging_pb2.AddRepositoryTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tagging_pb2.AddRepositoryTagResponse, _abc.Awaitable[_tagging_pb2.AddRepositoryTagResponse]]:
+        """Creates a tag the caller has vetted: the repository is the caller's own (given by id and name) and the
+        commit one the org owns (the registry's fork: the commit the orchestrator has just made for the org).
+        The tag quota and a commit being deleted are checked here, as for any tag; nothing is asked of a peer.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRepositoryTags(
+        self,
+        request: _tagging_pb2.DeleteRepositoryTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tagging_pb2.DeleteRepositoryTagsResponse, _abc.Awaitable[_tagging_pb2.DeleteRepositoryTagsResponse]]:
+        """Deletes every tag of the repository (never a commit), immutable ones too: the registry's deletion of the
+        repository, which checked its rules first.
+        """
 
     @_abc_1.abstractmethod
     def ReserveCommitDeletion(
