@@ -11,8 +11,14 @@ the fast tier slow.
 
 from __future__ import annotations
 
-import asyncio
 import os
+
+# The tests fork this process (pexpect's terminals) while its gRPC servers run; each child only execs a program.
+# grpc's fork handlers would run in the child before the exec, and there they can print epoll errors onto the
+# terminal the test reads, or stop the child. Read by grpc when it is first imported, so set before that.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+
+import asyncio
 import shutil
 import signal
 import uuid

@@ -120,6 +120,14 @@ async def make_objects(platform: Platform, org: Org) -> dict[str, str]:
         key = (await http.post("/api/v1/keys", json={"label": "fuzzed"})).json()["api_key"]["id"]
         await http.put("/api/v1/env_vars", json={"vars": {"FUZZED": "value"}})
         await http.patch(f"/api/v1/vm/{vm}/label", json={"labels": {"fuzzed": "yes"}})
+        image = f"img-{uuid.uuid4().hex[:8]}"
+        await http.post("/api/v1/images/create", json={"image_name": image, "source": {"type": "recipe", "recipe": "default"}})
+        for _ in range(600):  # built in a few seconds
+            if (await http.get(f"/api/v1/images/{image}/status")).json()["status"] != "creating":
+                break
+            await asyncio.sleep(0.1)
+        listed = (await http.get("/api/v1/images")).json()["images"]
+        image_id = next(made["base_image_id"] for made in listed if made["image_name"] == image)
     return {
         "vm_id": vm,
         "vm_or_commit_id": vm,
@@ -132,6 +140,8 @@ async def make_objects(platform: Platform, org: Org) -> dict[str, str]:
         "key_id": key,
         "key": "FUZZED",
         "label_name": "fuzzed",
+        "image_name": image,
+        "base_image_id": image_id,
     }
 
 

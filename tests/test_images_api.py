@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gzip
 import inspect
 import io
 import subprocess
@@ -32,30 +34,42 @@ METHODS = ("list_images", "get_image_status", "create_image", "upload_image", "d
 MARKER = b"made from an uploaded root\n"
 
 
-def root_tar() -> bytes:
-    """A tar of a tiny root file system: static busybox with its applets (what the Vers init needs), a file
-    of another user, a setuid program and a sticky folder, as a real root has."""
+def add(
+    archive: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", mode: int = 0o644, uid: int = 0, link: str = ""
+) -> None:
+    member = tarfile.TarInfo(name)
+    member.type, member.mode, member.uid, member.gid, member.linkname, member.size = kind, mode, uid, uid, link, len(data)
+    archive.addfile(member, io.BytesIO(data) if data else None)
+
+
+def tar_of(*members: tuple[str, bytes, bytes, str]) -> bytes:
+    """A tar of (name, type, data, link name) members."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as archive:
+        for name, kind, data, link in members:
+            add(archive, name, kind, data, 0o777 if kind == tarfile.SYMTYPE else 0o644, link=link)
+    return out.getvalue()
 
-        def add(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", mode: int = 0o644, uid: int = 0, link: str = "") -> None:
-            member = tarfile.TarInfo(name)
-            member.type, member.mode, member.uid, member.gid, member.linkname, member.size = kind, mode, uid, uid, link, len(data)
-            archive.addfile(member, io.BytesIO(data) if data else None)
 
+def root_tar() -> bytes:
+    """A tar of a tiny root file system: static busybox with its applets (what the Vers init needs), a file
+    of another user, a setuid program (and a hard link to it) and a sticky folder, as a real root has."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
         for folder in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "root", "srv"):
-            add(folder, tarfile.DIRTYPE, mode=0o755)
-        add("tmp", tarfile.DIRTYPE, mode=0o1777)
-        add("bin/busybox", data=Path("/bin/busybox").read_bytes(), mode=0o755)
+            add(archive, folder, tarfile.DIRTYPE, mode=0o755)
+        add(archive, "tmp", tarfile.DIRTYPE, mode=0o1777)
+        add(archive, "bin/busybox", data=Path("/bin/busybox").read_bytes(), mode=0o755)
         applets = subprocess.run(["/bin/busybox", "--list-full"], capture_output=True, text=True, check=True).stdout.split()
         for applet in applets:
             if applet != "bin/busybox" and applet.split("/")[0] in ("bin", "sbin", "usr"):
-                add(applet, tarfile.SYMTYPE, link="/bin/busybox")
-        add("etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/srv:/bin/sh\n")
-        add("etc/group", data=b"root:x:0:\nuser:x:1000:\n")
-        add("srv/marker", data=MARKER, mode=0o640, uid=1000)
-        add("usr/bin/setuid-tool", data=b"#!/bin/sh\n", mode=0o4755)
-        add("dev/null", tarfile.CHRTYPE, mode=0o666)  # left out: the guest's /dev is a devtmpfs
+                add(archive, applet, tarfile.SYMTYPE, link="/bin/busybox")
+        add(archive, "etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/srv:/bin/sh\n")
+        add(archive, "etc/group", data=b"root:x:0:\nuser:x:1000:\n")
+        add(archive, "srv/marker", data=MARKER, mode=0o640, uid=1000)
+        add(archive, "usr/bin/setuid-tool", data=b"#!/bin/sh\n", mode=0o4755)
+        add(archive, "usr/bin/setuid-link", tarfile.LNKTYPE, mode=0o4755, link="usr/bin/setuid-tool")
+        add(archive, "dev/null", tarfile.CHRTYPE, mode=0o666)  # left out: the guest's /dev is a devtmpfs
     return out.getvalue()
 
 
@@ -113,10 +127,17 @@ async def test_upload_image(world: World) -> None:
         await world.sdk.upload_image(body)
     with pytest.raises(BadRequestError, match="size_mib"):
         await world.sdk.upload_image({**body, "image_name": "small", "size_mib": 100})
-    broken = await world.sdk.upload_image({**body, "image_name": "broken", "tarball_b64": base64.b64encode(b"not a tar").decode()})
-    assert broken["status"] == "creating"
-    failed = await wait_built(world.sdk, "broken")
-    assert failed["status"] == "failed" and "not a tar" in str(failed["error_message"])
+    with pytest.raises(BadRequestError, match="not a tar"):
+        await world.sdk.upload_image({**body, "image_name": "broken", "tarball_b64": base64.b64encode(b"not a tar").decode()})
+    # Bad metadata in a JSON body is refused before its tar is stored.
+    with pytest.raises(BadRequestError, match="size_mib"):
+        await world.sdk.upload_image({**body, "image_name": "odd-size", "size_mib": "big"})
+    with pytest.raises(BadRequestError, match="description"):
+        await world.sdk.upload_image({**body, "image_name": "long", "description": "x" * 5000})
+    for name in ("broken", "odd-size", "long"):  # no record is left of a refused upload
+        with pytest.raises(NotFoundError):
+            await world.sdk.get_image_status(name)
+    assert not [p for p in (world.platform.settings.data_dir / "org-images").iterdir() if p.name.startswith(".upload-")]
 
 
 async def test_get_image_status(world: World) -> None:
@@ -131,7 +152,7 @@ async def test_list_images(world: World) -> None:
     listed = await world.sdk.list_images()
     names = [image["image_name"] for image in listed["images"]]
     assert listed["total"] == len(names) and listed["offset"] == 0 and listed["limit"] == 50
-    assert names[0] == "default" and {"tiny", "tiny-form", "broken"} <= set(names)
+    assert names[0] == "default" and {"tiny", "tiny-form"} <= set(names) and "broken" not in names
     tiny = next(image for image in listed["images"] if image["image_name"] == "tiny")
     assert tiny["owner_id"] == world.org.id and tiny["is_public"] is False and tiny["source_type"] == "upload"
     assert tiny["size_mib"] == 512 and tiny["description"] == "busybox" and tiny["created_at"]
@@ -155,7 +176,9 @@ async def test_the_disk_keeps_owners_and_modes_and_boots(world: World, tmp_path:
     disk = world.platform.settings.data_dir / "org-images" / image["base_image_id"] / "rootfs.qcow2"
     stat = debugfs(disk, tmp_path, "stat /srv/marker")
     assert "User:  1000" in stat and "Mode:  0640" in stat, stat
-    assert "Mode:  04755" in debugfs(disk, tmp_path, "stat /usr/bin/setuid-tool")
+    setuid = debugfs(disk, tmp_path, "stat /usr/bin/setuid-tool")
+    assert "Mode:  04755" in setuid and "Links: 2" in setuid, setuid  # the mode from the tar, set inside the image
+    assert setuid.split()[1] == debugfs(disk, tmp_path, "stat /usr/bin/setuid-link").split()[1]  # one inode
     assert "Mode:  01777" in debugfs(disk, tmp_path, "stat /tmp")
 
     vm = await world.sdk.create_new_root_vm({"vm_config": {"image_name": "tiny"}}, M.CreateNewRootVmParams(wait_boot=True))
@@ -222,3 +245,74 @@ async def test_the_baker_uploads_its_root_through_the_api(world: World, tmp_path
         client.close()
     status = await world.sdk.get_image_status(built.name)
     assert status["status"] == "completed" and status["size_mib"] == 512  # the API's smallest disk
+
+
+async def test_uploads_that_reach_outside_the_image_are_refused(world: World, tmp_path: Path) -> None:
+    """Every member is checked before anything is unpacked: links and paths that lead out of the image, names
+    given twice, compressed or oversized uploads are refused with a 400 naming the member, and nothing outside
+    the build folder is created, linked or changed."""
+    data = world.platform.settings.data_dir
+    canary = data / "canary.secret"
+    canary.write_text("the platform's secret\n")
+    outside = tmp_path / "outside"
+    R, D, S, L = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
+    oversized = io.BytesIO()
+    with tarfile.open(fileobj=oversized, mode="w") as archive:  # a header saying 513 MiB: refused before its data is read
+        member = tarfile.TarInfo("huge")
+        member.size = 513 * 1024 * 1024
+        archive.addfile(member)
+    uploads = {
+        "absolute hard link": (tar_of(("x", L, b"", str(canary)), ("x", R, b"overwritten", "")), "outside the root"),
+        "hard link with ..": (tar_of(("etc", D, b"", ""), ("etc/x", L, b"", "../../../canary.secret")), "outside the root"),
+        "hard link to nothing given": (tar_of(("x", L, b"", "canary.secret")), "not an earlier regular file"),
+        "file through a link": (tar_of(("d", S, b"", str(tmp_path)), ("d/outside", R, b"written", "")), "not a folder"),
+        "name given twice": (tar_of(("a", R, b"1", ""), ("./a", R, b"2", "")), "a second time"),
+        "name with ..": (tar_of(("etc/../../../canary.secret", R, b"overwritten", "")), "outside the root"),
+        "absolute name": (tar_of((str(canary), R, b"overwritten", "")), "outside the root"),
+        "compressed": (gzip.compress(root_tar()), "gzip-compressed: send a plain"),
+        "files beyond size_mib": (oversized.getvalue(), "more than the disk's 512 MiB"),
+    }
+    async with world.platform.client(world.org) as http:
+        for number, (case, (tar, expected)) in enumerate(uploads.items()):
+            answer = await http.post(
+                "/api/v1/images/upload",
+                params={"image_name": f"escape-{number}", "size_mib": 512},
+                content=tar,
+                headers={"content-type": "application/x-tar"},
+            )
+            assert answer.status_code == 400 and expected in answer.json()["error"], (case, answer.text)
+            assert (await http.get(f"/api/v1/images/escape-{number}/status")).status_code == 404, case
+    assert canary.read_text() == "the platform's secret\n" and canary.stat().st_nlink == 1
+    assert not outside.exists()
+    assert not [p for p in (data / "org-images").iterdir() if p.name.startswith(".")]
+
+
+def processes_naming(folder: Path) -> list[int]:
+    """The processes whose command line names `folder` (a build's names its image's folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if str(folder).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+async def test_a_build_over_its_time_is_stopped(world: World) -> None:
+    """A build runs in a process of its own: past VERS_IMAGE_BUILD_TIMEOUT_SECONDS it is killed (with the
+    programs it runs), the image fails saying why, and no disk is installed for it."""
+    settings = world.platform.settings
+    timeout = settings.image_build_timeout_seconds
+    settings.image_build_timeout_seconds = 0
+    try:
+        body = {"image_name": "too-slow", "size_mib": 512, "tarball_b64": base64.b64encode(root_tar()).decode()}
+        assert (await world.sdk.upload_image(body))["status"] == "creating"
+        failed = await wait_built(world.sdk, "too-slow")
+    finally:
+        settings.image_build_timeout_seconds = timeout
+    assert failed["status"] == "failed" and "VERS_IMAGE_BUILD_TIMEOUT_SECONDS (0 s)" in str(failed["error_message"])
+    image = next(i for i in (await world.sdk.list_images())["images"] if i["image_name"] == "too-slow")
+    folder = settings.data_dir / "org-images" / image["base_image_id"]
+    assert not processes_naming(folder) and not folder.exists()
+    await asyncio.sleep(0.5)
+    assert not folder.exists() and not [p for p in folder.parent.iterdir() if p.name.startswith(".build-")]
+    await world.sdk.delete_image(image["base_image_id"])

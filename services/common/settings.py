@@ -48,11 +48,13 @@ class Settings(BaseSettings):
     images_dir: str = Field("", validation_alias="VERS_IMAGES_DIR")
     run_dir: str = Field("", validation_alias="VERS_RUN_DIR")
     # Images an organization uploads or builds (POST /api/v1/images/upload and /create): how many it may
-    # keep and their disks' MiB in all, the largest upload, and how long one build may take.
+    # keep and their disks' MiB in all, the largest upload, how long one build may take, and how many builds
+    # run at once on the host (each in a process of its own; an organization's run one at a time).
     org_max_images: int = Field(50, validation_alias="VERS_ORG_MAX_IMAGES")
     org_max_image_mib: int = Field(131072, validation_alias="VERS_ORG_MAX_IMAGE_MIB")
     image_max_upload_bytes: int = Field(8 * 1024**3, validation_alias="VERS_IMAGE_MAX_UPLOAD_BYTES")
     image_build_timeout_seconds: int = Field(1800, validation_alias="VERS_IMAGE_BUILD_TIMEOUT_SECONDS")
+    image_max_concurrent_builds: int = Field(2, ge=1, validation_alias="VERS_IMAGE_MAX_CONCURRENT_BUILDS")
     org_max_vcpus: int = Field(32, validation_alias="VERS_ORG_MAX_VCPUS")
     org_max_memory_mib: int = Field(32768, validation_alias="VERS_ORG_MAX_MEMORY_MIB")
     boot_timeout_seconds: float = Field(120.0, validation_alias="VERS_BOOT_TIMEOUT_SECONDS")

@@ -2,12 +2,14 @@
 under TCG), a busybox initramfs with the virtio and ext4 drivers, and a root disk per image (qcow2).
 
 `python -m services.orchestrator.images build` (`make images`) builds what is missing or out of date
-into VERS_DATA_DIR/images; a second call with nothing changed is a no-op.
+into VERS_DATA_DIR/images; a second call with nothing changed is a no-op. `python -m
+services.orchestrator.images build-image SPEC` builds one image of the images API (see `build_image`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -16,13 +18,15 @@ import lzma
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from services.common.files import fsync_dir, fsync_tree, write_atomic
@@ -289,14 +293,16 @@ def inside_root(rootfs: Path, relative: str) -> Path:
     return current
 
 
-def install_vers_init(rootfs: Path) -> None:
-    """The Vers init at /sbin/vers-init (where the initramfs hands over), replacing whatever is there."""
+def install_vers_init(rootfs: Path) -> str:
+    """The Vers init at /sbin/vers-init (where the initramfs hands over), replacing whatever is there; its
+    path inside the root (a merged /usr puts it in /usr/sbin)."""
     sbin = inside_root(rootfs, "sbin")
     sbin.mkdir(parents=True, exist_ok=True)
     target = sbin / "vers-init"
     target.unlink(missing_ok=True)
     shutil.copy2(GUEST_FILES / "vers-init", target)
     target.chmod(0o755)
+    return "/" + target.relative_to(rootfs).as_posix()
 
 
 # 4 KiB blocks whatever the disk's size (mkfs picks 1 KiB for a small one): a block the guest deletes is one
@@ -309,7 +315,7 @@ def build_disk(rootfs: Path, target: Path, size_mib: int) -> None:
     with raw.open("wb") as out:
         out.truncate(size_mib * 1024 * 1024)
     _run("mkfs.ext4", "-q", "-F", *FILESYSTEM_OPTIONS, "-L", "vers-root", "-d", rootfs, raw)
-    _run("qemu-img", "convert", "-O", "qcow2", raw, target)
+    _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, target)
     raw.unlink()
 
 
@@ -317,47 +323,234 @@ class DiskError(Exception):
     """A root disk could not be made from what was given; the message says why and what to change."""
 
 
-def _unpackable(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
-    """A member as unpacked into a root file system: never outside the folder (tarfile's tar filter: no
-    absolute or `..` paths, nothing written through a link), with its mode and owner kept (a root needs
-    setuid programs, a sticky /tmp, files of other users); devices and FIFOs are left out (the guest's /dev
-    is a devtmpfs)."""
-    if member.isdev():
-        return None
-    return tarfile.tar_filter(member, destination).replace(mode=member.mode, uid=member.uid, gid=member.gid, deep=False)
+# At most this many members in an uploaded root (a Debian root with a desktop has about 150 000 files).
+MAX_MEMBERS = 500_000
+# The first bytes of compressed files: an upload is a plain tar, so that what it unpacks to is bounded by
+# what was uploaded (and by size_mib).
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+# tarfile reads a pax header or a GNU long name whole into memory: larger ones are refused.
+HEADER_MAX_BYTES = 1024 * 1024
+S_IFMT = {tarfile.REGTYPE: stat.S_IFREG, tarfile.DIRTYPE: stat.S_IFDIR, tarfile.SYMTYPE: stat.S_IFLNK}
 
 
-def unpack_root(tarball: Path, rootfs: Path) -> list[tuple[str, int, int]]:
-    """Unpack a tar of a root file system into `rootfs`; the owners this process could not give the files
-    (it is not root), as (path, uid, gid), for `own_files`."""
-    rootfs.mkdir(parents=True, exist_ok=True)
-    owners = []
+@dataclass(frozen=True)
+class Member:
+    """A member of an uploaded root that is unpacked: `path` relative to the root, normalized; for a hard
+    link, `link` is the path of the earlier regular file it names."""
+
+    path: str
+    info: tarfile.TarInfo
+    link: str = ""
+
+
+# What the disk build sets inside the image (debugfs), where the unpacked file cannot carry it: (path in
+# the image, uid, gid, mode with its file type bits).
+Fix = tuple[str, int, int, int]
+
+
+def _member_path(member: tarfile.TarInfo, name: str, what: str = "") -> str:
+    """`name` (a member's name, or the target of a hard link) relative to the root, or DiskError when it
+    would be outside it."""
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or ".." in parts:
+        raise DiskError(
+            f"member {member.name!r} of the upload {what}names {name!r}, a path outside the root: a root's tar holds "
+            "relative paths without '..' (make it with `tar -C ROOT -cf root.tar .`)"
+        )
+    return "/".join(parts)
+
+
+def _vetted(archive: tarfile.TarFile, size_mib: int) -> list[Member]:
+    """Every member of `archive` to unpack, in order, read before anything is written: refused (DiskError naming
+    the member) are paths outside the root, a name given twice, anything below a name that is not a folder
+    (nothing is written through a link), hard links to anything but an earlier regular file, members other
+    than files, folders, links, devices and FIFOs, more than MAX_MEMBERS members and files adding up to more
+    than the disk. Devices and FIFOs are left out (the guest's /dev is a devtmpfs)."""
+    members: list[Member] = []
+    kinds: dict[str, bytes] = {}  # path -> member type; folders implied by deeper names are DIRTYPE
+    named: set[str] = set()
+    total = 0
+    for count, info in enumerate(archive, start=1):
+        if count > MAX_MEMBERS:
+            raise DiskError(f"the upload has more than {MAX_MEMBERS} members, the most a root may have")
+        path = _member_path(info, info.name)
+        if not path or info.isdev():
+            continue  # the root folder itself ("./"); devices and FIFOs
+        if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+            raise DiskError(
+                f"member {info.name!r} of the upload is of tar type {info.type!r}: a root holds files, folders, links and devices"
+            )
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if kinds.setdefault(folder, tarfile.DIRTYPE) != tarfile.DIRTYPE:
+                raise DiskError(
+                    f"member {info.name!r} of the upload is below {folder!r}, which is not a folder: nothing is unpacked through a link"
+                )
+        kind = tarfile.REGTYPE if info.isreg() else info.type
+        if path in named or (path in kinds and kind != tarfile.DIRTYPE):
+            raise DiskError(f"member {info.name!r} of the upload names {path!r} a second time: each path may be given once")
+        named.add(path)
+        kinds[path] = kind
+        link = ""
+        if info.islnk():
+            link = _member_path(info, info.linkname, "is a hard link that ")
+            if kinds.get(link) != tarfile.REGTYPE or link == path:
+                raise DiskError(
+                    f"member {info.name!r} of the upload is a hard link to {info.linkname!r}, which is not an earlier regular file of "
+                    "the upload: a hard link may only name a file given before it"
+                )
+            kinds[path] = tarfile.LNKTYPE  # a link to a link is to the same file, but is refused: tar never makes one
+        elif info.isreg():
+            total += info.size
+            if total > size_mib * 1024 * 1024:
+                raise DiskError(
+                    f"the files of the upload add up to more than the disk's {size_mib} MiB (at {info.name!r}): give a larger size_mib"
+                )
+        members.append(Member(path, info, link))
+    return members
+
+
+class _Header(tarfile.TarInfo):
+    """A member header whose extended headers (pax records, GNU long names) are at most HEADER_MAX_BYTES."""
+
+    def _bounded(self) -> None:
+        if self.size > HEADER_MAX_BYTES:
+            raise DiskError(f"the upload has an extended tar header of {self.size} bytes, more than the {HEADER_MAX_BYTES} a root needs")
+
+    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        self._bounded()
+        return super()._proc_pax(tarfile)  # type: ignore[misc]  # a private method, not in typeshed
+
+    def _proc_gnulong(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        self._bounded()
+        return super()._proc_gnulong(tarfile)  # type: ignore[misc]  # a private method, not in typeshed
+
+
+def _open_tar(tarball: Path) -> tarfile.TarFile:
+    with tarball.open("rb") as head:
+        start = head.read(8)
+    for magic, kind in COMPRESSED.items():
+        if start.startswith(magic):
+            raise DiskError(f"the upload is {kind}-compressed: send a plain (uncompressed) tar of the root file system")
+    return tarfile.open(tarball, mode="r:", tarinfo=_Header)
+
+
+def _not_a_root(error: Exception) -> DiskError:
+    return DiskError(f"the upload is not a tar of a root file system that can be unpacked: {error}")
+
+
+def check_root(tarball: Path, size_mib: int) -> None:
+    """DiskError, naming what to change, unless `tarball` is a plain tar that `unpack_root` unpacks."""
     try:
-        with tarfile.open(tarball) as archive:
-            for member in archive:
-                kept = _unpackable(member, str(rootfs))
-                if kept is None:
-                    continue
-                archive.extract(kept, rootfs, numeric_owner=True, filter="fully_trusted")
-                if os.geteuid() != 0 and (kept.uid or kept.gid):
-                    owners.append(("/" + os.path.normpath(kept.name).lstrip("/"), kept.uid, kept.gid))
+        with _open_tar(tarball) as archive:
+            _vetted(archive, size_mib)
     except (tarfile.TarError, OSError) as error:
-        raise DiskError(f"the upload is not a tar of a root file system that can be unpacked: {error}") from None
-    return owners
+        raise _not_a_root(error) from None
 
 
-def own_files(raw: Path, owners: Sequence[tuple[str, int, int]]) -> None:
-    """Give files inside an unmounted ext4 image their owners (debugfs, no root needed)."""
-    if not owners:
-        return
+def _folder(root: int, parts: Sequence[str], member: Member) -> int:
+    """A descriptor of the folder `parts` below the root descriptor, made (0755) where missing, each step
+    opened without following links: a link or a file on the way is DiskError, so nothing lands outside."""
+    fd = os.dup(root)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=fd)
+                made = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                os.fchmod(made, 0o755)  # as tar makes them, whatever this process's umask
+                os.close(made)
+            try:
+                below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:
+                raise DiskError(f"member {member.info.name!r} of the upload is below {part!r}, which is not a folder") from None
+            os.close(fd)
+            fd = below
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _unpack_member(archive: tarfile.TarFile, root: int, member: Member) -> None:
+    """Make one vetted member below the root descriptor: never opening what exists, never following a link."""
+    *folders, name = member.path.split("/")
+    parent = _folder(root, folders, member)
+    try:
+        info = member.info
+        if info.isdir():
+            with contextlib.suppress(FileExistsError):  # a folder an earlier member's path made
+                os.mkdir(name, 0o700, dir_fd=parent)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            os.fchmod(fd, (info.mode & 0o777) | 0o700)  # the owner may still write in it; debugfs sets the mode
+            os.close(fd)
+        elif info.issym():
+            os.symlink(info.linkname, name, dir_fd=parent)
+        elif info.islnk():
+            *link_folders, link_name = member.link.split("/")
+            source = _folder(root, link_folders, member)
+            try:
+                os.link(link_name, name, src_dir_fd=source, dst_dir_fd=parent, follow_symlinks=False)
+            finally:
+                os.close(source)
+        else:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+            with os.fdopen(fd, "wb") as out:
+                data = archive.extractfile(info)
+                if data is not None:
+                    shutil.copyfileobj(data, out, 1024 * 1024)
+                os.fchmod(out.fileno(), info.mode & 0o777)
+    finally:
+        os.close(parent)
+
+
+def _fix(member: Member) -> Fix | None:
+    """What the unpacked member lacks that debugfs gives it in the image: an owner other than this process's
+    (files are not chowned on the host), setuid/setgid/sticky bits (a hardened service may not set them), a
+    folder's own mode (unpacked with the owner's rwx); None when it has it all. Hard links share the file's."""
+    info = member.info
+    if info.islnk():
+        return None
+    kind = S_IFMT[tarfile.REGTYPE if info.isreg() else info.type]
+    mode = 0o777 if info.issym() else info.mode & 0o7777
+    written = mode if info.issym() else (mode & 0o777) | (0o700 if info.isdir() else 0)
+    if (info.uid, info.gid) == (os.geteuid(), os.getegid()) and mode == written:
+        return None
+    return ("/" + member.path, info.uid, info.gid, kind | mode)
+
+
+def unpack_root(tarball: Path, rootfs: Path, size_mib: int) -> list[Fix]:
+    """Unpack a plain tar of a root file system into `rootfs` (see `_vetted` for what is refused, before
+    anything is written); the owners and modes the disk build sets inside the image, for `fix_files`."""
+    rootfs.mkdir(parents=True, exist_ok=True)
+    try:
+        with _open_tar(tarball) as archive:
+            members = _vetted(archive, size_mib)
+            root = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                for member in members:
+                    _unpack_member(archive, root, member)
+            finally:
+                os.close(root)
+    except (tarfile.TarError, OSError) as error:
+        raise _not_a_root(error) from None
+    return [fix for fix in map(_fix, members) if fix is not None]
+
+
+def fix_files(raw: Path, fixes: Sequence[Fix], timeout: float | None = None) -> None:
+    """Give files inside an unmounted ext4 image their owners and modes (debugfs, no root needed)."""
     commands = []
-    for path, uid, gid in owners:
+    for path, uid, gid, mode in fixes:
         if any(c in path for c in '"\n\\'):
-            raise DiskError(f"the upload names a file {path!r} with a quote, backslash or newline, which the disk build cannot own")
-        commands += [f'sif "{path}" uid {uid}', f'sif "{path}" gid {gid}']
-    script = raw.with_suffix(".owners")
+            raise DiskError(
+                f"the upload names a file {path!r} with a quote, backslash or newline, whose owner or mode the disk build cannot set"
+            )
+        commands += [f'sif "{path}" uid {uid}', f'sif "{path}" gid {gid}', f'sif "{path}" mode 0{mode:o}']
+    if not commands:
+        return
+    script = raw.with_suffix(".fixes")
     script.write_text("\n".join(commands) + "\n")
-    _run("debugfs", "-w", "-f", script, raw)
+    _run("debugfs", "-w", "-f", script, raw, timeout=timeout)
     script.unlink()
 
 
@@ -374,23 +567,23 @@ def files_mib(rootfs: Path) -> int:
     return _mib(total)
 
 
-def build_disk_from_root(rootfs: Path, target: Path, size_mib: int, owners: Sequence[tuple[str, int, int]] = ()) -> None:
+def build_disk_from_root(rootfs: Path, target: Path, size_mib: int, fixes: Sequence[Fix] = (), timeout: float | None = None) -> None:
     """An ext4 qcow2 of `size_mib` holding `rootfs` with the Vers init as its PID 1 (the image's own init is
-    not used: VMs are driven through the platform's agent)."""
-    install_vers_init(rootfs)
+    not used: VMs are driven through the platform's agent); each program run at most `timeout` seconds."""
+    init = install_vers_init(rootfs)
     raw = target.with_suffix(".raw")
     with raw.open("wb") as out:
         out.truncate(size_mib * 1024 * 1024)
     try:
-        _run("mkfs.ext4", "-q", "-F", *FILESYSTEM_OPTIONS, "-L", "vers-root", "-d", rootfs, raw)
+        _run("mkfs.ext4", "-q", "-F", *FILESYSTEM_OPTIONS, "-L", "vers-root", "-d", rootfs, raw, timeout=timeout)
     except subprocess.CalledProcessError as error:
         detail = (error.stderr or "").strip().splitlines()
         raise DiskError(
             f"the files (about {files_mib(rootfs)} MiB) do not fit a disk of {size_mib} MiB, or cannot be read: "
             f"{detail[-1] if detail else error}; give a larger size_mib"
         ) from None
-    own_files(raw, owners)
-    _run("qemu-img", "convert", "-O", "qcow2", raw, target)
+    fix_files(raw, [fix for fix in fixes if fix[0] != init], timeout)
+    _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, target, timeout=timeout)
     raw.unlink()
 
 
@@ -443,10 +636,48 @@ def build_all(root: Path) -> None:
     register(root, {DEFAULT_IMAGE: build_default_image(root)}, kernel)
 
 
+# The recipes the orchestrator builds itself, offline (the images API's "recipe" source): name -> what fills the root.
+RECIPES: dict[str, Callable[[Path], None]] = {DEFAULT_IMAGE: populate_default_rootfs}
+# The exit status of `build-image` when the source cannot make a disk (its stderr says why).
+BUILD_REFUSED = 3
+
+
+def build_image(spec: Mapping[str, Any]) -> int:
+    """One image of the images API, built in a process of its own that the orchestrator kills on timeout (with
+    its process group: mkfs, debugfs, qemu-img), apart from the orchestrator's threads. `spec`: the `scratch`
+    folder to work in, the `target` folder to install, the `source` ("upload": `tarball` on a disk of
+    `size_mib`; "recipe": `recipe` with `size_mib` MiB of room), the `manifest`, and `timeout` in seconds.
+    Prints {"size_mib": ...}, the disk's size."""
+    deadline = time.monotonic() + float(spec["timeout"])
+    scratch = Path(spec["scratch"])
+    rootfs = scratch / "rootfs"
+    fixes: list[Fix] = []
+    if spec["source"] == "upload":
+        size = int(spec["size_mib"])
+        fixes = unpack_root(Path(spec["tarball"]), rootfs, size)
+    else:
+        RECIPES[spec["recipe"]](rootfs)
+        size = files_mib(rootfs) * 5 // 4 + 16 + int(spec["size_mib"])
+    staged = scratch / "image"
+    staged.mkdir()
+    build_disk_from_root(rootfs, staged / "rootfs.qcow2", size, fixes, timeout=max(deadline - time.monotonic(), 1))
+    install_folder(staged, Path(spec["target"]), {**spec["manifest"], "disk_mib": size})
+    print(json.dumps({"size_mib": size}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m services.orchestrator.images")
-    parser.add_argument("command", choices=["build"])
-    parser.parse_args()
+    parser.add_argument("command", choices=["build", "build-image"])
+    parser.add_argument("spec", nargs="?", default="{}", help="build-image: what to build, as JSON")
+    arguments = parser.parse_args()
+    if arguments.command == "build-image":
+        try:
+            return build_image(json.loads(arguments.spec))
+        except DiskError as refused:
+            print(refused, file=sys.stderr)
+            return BUILD_REFUSED
+    os.umask(0o022)  # the images folder is shared by every data folder on the machine
     root = images_dir()
     build_all(root)
     print(f"images ready in {root}")
@@ -454,5 +685,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    os.umask(0o022)
     sys.exit(main())

@@ -16,10 +16,14 @@ import binascii
 import contextlib
 import json
 import logging
+import os
 import shutil
+import signal
+import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,20 +36,10 @@ from sqlmodel import Field, SQLModel, select
 from services.common.auth import Principal, current_principal
 from services.common.db import Database, insert_unique, time_column
 from services.common.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.names import validate_text
 from services.common.settings import Settings
 from services.common.timestamps import as_utc, utcnow
-from services.orchestrator.images import (
-    DEFAULT_IMAGE,
-    DiskError,
-    Image,
-    build_disk_from_root,
-    files_mib,
-    find_image,
-    install_folder,
-    list_images,
-    populate_default_rootfs,
-    unpack_root,
-)
+from services.orchestrator.images import BUILD_REFUSED, DEFAULT_IMAGE, RECIPES, DiskError, Image, check_root, find_image, list_images
 from services.orchestrator.layout import Layout
 from services.orchestrator.models import LayerRow
 from vers.orchestrator.v1 import images_pb2 as pb
@@ -58,15 +52,15 @@ NAME_MAX = 128
 UPLOAD_MIB_DEFAULT, UPLOAD_MIB_MIN, UPLOAD_MIB_MAX = 512, 512, 32768
 ROOM_MIB_DEFAULT, ROOM_MIB_MAX = 256, 32768
 LIST_DEFAULT, LIST_MAX = 50, 100
-# The recipes the orchestrator builds itself, offline: name -> what fills the root.
-RECIPES: dict[str, Callable[[Path], None]] = {DEFAULT_IMAGE: populate_default_rootfs}
 UPLOAD_FIELDS = (b"file", b"tarball")
 # Upload bodies read as a whole (JSON with the tar in base64) are held in memory: they obey the JSON limit.
 JSON_TYPES = ("application/json",)
-
-
-# Owners unpacking could not give files (path, uid, gid), given inside the disk instead.
-Owners = list[tuple[str, int, int]]
+# An organization's uploads being received at once, and its builds running at once (the others wait their
+# turn): one organization cannot hold the host's build slots (VERS_IMAGE_MAX_CONCURRENT_BUILDS) alone.
+ORG_UPLOADS_IN_FLIGHT = 2
+ORG_CONCURRENT_BUILDS = 1
+# How much of a build's error output its image's error_message keeps.
+BUILD_ERROR_CHARS = 2000
 
 
 class ImageRow(SQLModel, table=True):
@@ -109,6 +103,9 @@ class ImageCatalog:
         self.builtin_root = layout.images
         self.root = layout.org_images
         self.builds: set[asyncio.Task[None]] = set()
+        self.build_slots = asyncio.Semaphore(settings.image_max_concurrent_builds)
+        self.org_build_slots: dict[str, asyncio.Semaphore] = {}
+        self.uploading: Counter[str] = Counter()
         # Completed images by (owner, name), and the public ones by name: what `lookup` reads, in the
         # engine's synchronous path; changed only here, with the database.
         self._own: dict[tuple[str, str], ImageRow] = {}
@@ -215,6 +212,8 @@ class ImageCatalog:
     async def reserve(self, principal: Principal, name: str, size_mib: int, source_type: str, description: str | None) -> ImageRow:
         """The image's record, status "creating", within the org's limits; AlreadyExists for a name it has."""
         validate_image_name(name)
+        if description is not None:
+            validate_text("description", description)
         if find_image(self.builtin_root, name) is not None:
             raise AlreadyExists(f"image {name!r} is built into the platform: choose another name")
         row = ImageRow(
@@ -240,21 +239,19 @@ class ImageCatalog:
             await insert_unique(session, row, f"image {name!r} already exists")
         return row
 
-    def build(self, row: ImageRow, fill: Callable[[Path], Owners], size: Callable[[Path], int], done: Callable[[], None]) -> None:
-        """Build the image's disk in the background: `fill` puts the files in a root folder (and says whose
-        they are), `size` gives the disk's MiB once they are there; `done` runs at the end whatever happens."""
-        task = asyncio.create_task(self._build(row, fill, size, done))
+    def build(self, row: ImageRow, source: Mapping[str, object], done: Callable[[], None] = lambda: None) -> None:
+        """Build the image's disk in the background, in a process of its own (`images build-image`, with
+        `source` in its spec); `done` runs at the end whatever happens."""
+        task = asyncio.create_task(self._build(row, source, done))
         self.builds.add(task)
         task.add_done_callback(self.builds.discard)
 
-    async def _build(self, row: ImageRow, fill: Callable[[Path], Owners], size: Callable[[Path], int], done: Callable[[], None]) -> None:
+    async def _build(self, row: ImageRow, source: Mapping[str, object], done: Callable[[], None]) -> None:
         error = ""
         try:
-            await asyncio.wait_for(asyncio.to_thread(self._build_disk, row, fill, size), self.settings.image_build_timeout_seconds)
-        except DiskError as failure:
-            error = str(failure)
-        except TimeoutError:
-            error = f"the build took longer than VERS_IMAGE_BUILD_TIMEOUT_SECONDS ({self.settings.image_build_timeout_seconds} s)"
+            org_slot = self.org_build_slots.setdefault(row.org_id, asyncio.Semaphore(ORG_CONCURRENT_BUILDS))
+            async with org_slot, self.build_slots:
+                error = await self._build_disk(row, source)
         except Exception as failure:  # a build's failure is the image's status, never the orchestrator's
             log.exception("building image %s", row.id)
             error = f"the build failed: {failure}"
@@ -272,16 +269,44 @@ class ImageCatalog:
         else:
             self._remember(stored)
 
-    def _build_disk(self, row: ImageRow, fill: Callable[[Path], Owners], size: Callable[[Path], int]) -> None:
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=".build-") as scratch:
-            rootfs = Path(scratch) / "rootfs"
-            owners = fill(rootfs)
-            row.size_mib = size(rootfs)
-            staged = Path(scratch) / "image"
-            staged.mkdir()
-            build_disk_from_root(rootfs, staged / "rootfs.qcow2", row.size_mib, owners)
-            manifest = {"name": row.image_name, "owner_id": row.org_id, "disk_mib": row.size_mib, "source_type": row.source_type}
-            install_folder(staged, self.folder(row), manifest)
+    async def _build_disk(self, row: ImageRow, source: Mapping[str, object]) -> str:
+        """Run the build's process and wait for it at most VERS_IMAGE_BUILD_TIMEOUT_SECONDS; on timeout (or when
+        the orchestrator stops) its whole process group is killed and waited for, so nothing installs a disk
+        after. The error, or "" once the disk is in the image's folder (and row.size_mib its size)."""
+        timeout = self.settings.image_build_timeout_seconds
+        scratch = Path(tempfile.mkdtemp(dir=self.root, prefix=".build-"))
+        spec = {
+            **source, "scratch": str(scratch), "target": str(self.folder(row)), "timeout": timeout,
+            "manifest": {"name": row.image_name, "owner_id": row.org_id, "source_type": row.source_type},
+        }  # fmt: skip
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.orchestrator.images", "build-image", json.dumps(spec),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            )  # fmt: skip
+            try:
+                out, err = await asyncio.wait_for(process.communicate(), timeout)
+            except TimeoutError:
+                return (
+                    f"the build took longer than VERS_IMAGE_BUILD_TIMEOUT_SECONDS ({timeout} s) and was stopped: "
+                    "make the image again, smaller"
+                )
+            finally:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    await process.wait()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        message = err.decode(errors="replace").strip()
+        if process.returncode == BUILD_REFUSED:
+            return message[-BUILD_ERROR_CHARS:]
+        if process.returncode != 0:
+            log.error("building image %s failed (exit status %s): %s", row.id, process.returncode, message)
+            # what a tool printed names the host's folders: it stays in the platform's log
+            return f"the build failed on the platform (image {row.id} in its log): make the image again, or ask the operator"
+        row.size_mib = int(json.loads(out.decode().strip().splitlines()[-1])["size_mib"])
+        return ""
 
     async def create(self, principal: Principal, request: pb.CreateImageRequest) -> pb.CreateImageResponse:
         source = request.source
@@ -303,78 +328,113 @@ class ImageCatalog:
         validate_image_name(request.image_name)
         # The record counts the room until the build knows the files' size.
         row = await self.reserve(principal, request.image_name, room, "recipe", description)
-        populate = RECIPES[source.recipe]
-
-        def fill(rootfs: Path) -> Owners:
-            populate(rootfs)
-            return []
-
-        self.build(row, fill, lambda rootfs: files_mib(rootfs) * 5 // 4 + 16 + room, lambda: None)
+        self.build(row, {"source": "recipe", "recipe": source.recipe, "size_mib": room})
         return pb.CreateImageResponse(image_name=row.image_name, job_id=row.job_id, status=row.status)
 
     async def upload(self, principal: Principal, messages: AsyncIterator[pb.UploadImageRequest]) -> pb.UploadImageResponse:
+        """Check the name, size and the org's quota from the first message (a JSON body's once it is read,
+        before its tar is stored), then store the tar and check every member's header (400 naming what is
+        wrong), then build in the background."""
         first = await anext(messages, None)
         if first is None:
             raise InvalidArgument("an upload needs a body: a tar of a root file system")
+        org = principal.org_id
+        if self.uploading[org] >= ORG_UPLOADS_IN_FLIGHT:
+            raise ResourceExhausted(
+                f"organization {principal.org_label} is sending {ORG_UPLOADS_IN_FLIGHT} uploads already, the most at once: "
+                "wait for one to end"
+            )
         spool = Path(tempfile.mkdtemp(dir=self.root, prefix=".upload-"))
+        self.uploading[org] += 1
+        tarball = spool / "root.tar"
+        row: ImageRow | None = None
         try:
-            fields = await self._receive(first, messages, spool / "root.tar")
-            name = first.image_name or str(fields.get("image_name", ""))
-            size = first.size_mib or int(fields.get("size_mib") or UPLOAD_MIB_DEFAULT)
-            description = first.description or str(fields.get("description", "")) or None
-            if not name:
-                raise InvalidArgument("image_name is missing: give it in the query string (?image_name=NAME&size_mib=512)")
-            if not UPLOAD_MIB_MIN <= size <= UPLOAD_MIB_MAX:
-                raise InvalidArgument(f"size_mib (the disk's size) must be between {UPLOAD_MIB_MIN} and {UPLOAD_MIB_MAX}, not {size}")
-            row = await self.reserve(principal, name, size, "upload", description)
+            content_type, options = parse_options_header(first.body.content_type)
+            if content_type.decode("latin-1") in JSON_TYPES:
+                fields, tar = await self._receive_json(first, messages)
+                row = await self.reserve(principal, *_upload_metadata(first, fields), "upload", _description(first, fields))
+                tarball.write_bytes(tar)
+            else:
+                row = await self.reserve(principal, *_upload_metadata(first, {}), "upload", _description(first, {}))
+                await self._receive(first, messages, tarball, content_type, options)
+            try:
+                await asyncio.to_thread(check_root, tarball, row.size_mib)
+            except DiskError as refused:
+                raise InvalidArgument(str(refused)) from None
         except BaseException:
             shutil.rmtree(spool, ignore_errors=True)
+            if row is not None:
+                await self._discard(row)
             raise
-        tarball = spool / "root.tar"
-        self.build(row, lambda rootfs: unpack_root(tarball, rootfs), lambda _rootfs: size, lambda: shutil.rmtree(spool, ignore_errors=True))
+        finally:
+            self.uploading[org] -= 1
+            if not self.uploading[org]:
+                del self.uploading[org]
+        self.build(
+            row, {"source": "upload", "tarball": str(tarball), "size_mib": row.size_mib}, lambda: shutil.rmtree(spool, ignore_errors=True)
+        )
         return pb.UploadImageResponse(image_name=row.image_name, job_id=row.job_id, status=row.status)
 
-    async def _receive(self, first: pb.UploadImageRequest, messages: AsyncIterator[pb.UploadImageRequest], tarball: Path) -> dict[str, Any]:
-        """Write the upload's tar to `tarball`, from whichever body it came in: multipart/form-data (field
-        `file` or `tarball`), JSON ({"tarball_b64": ...}, with the other fields in it), or the tar itself.
-        The JSON's other fields are returned."""
+    async def _discard(self, row: ImageRow) -> None:
+        """Drop the record of an upload refused after its name was reserved."""
+        async with self.db.write() as session:
+            stored = await session.get(ImageRow, row.id)
+            if stored is not None:
+                await session.delete(stored)
+
+    async def _receive(
+        self,
+        first: pb.UploadImageRequest,
+        messages: AsyncIterator[pb.UploadImageRequest],
+        tarball: Path,
+        content_type: bytes,
+        options: dict[bytes, bytes],
+    ) -> None:
+        """Write the upload's tar to `tarball` as it arrives, from a multipart/form-data body (field `file` or
+        `tarball`) or the tar itself, at most VERS_IMAGE_MAX_UPLOAD_BYTES."""
         limit = self.settings.image_max_upload_bytes
-        content_type, options = parse_options_header(first.body.content_type)
-        is_json = content_type.decode() in JSON_TYPES
-        if is_json:
-            limit = min(limit, self.settings.http_max_body_bytes)
         with tarball.open("wb") as out:
             sink = _Multipart(options.get(b"boundary", b""), out) if content_type == b"multipart/form-data" else None
-            received, held = 0, bytearray()
+            received = 0
             async for chunk in _chunks(first, messages):
                 received += len(chunk)
                 if received > limit:
-                    setting = "VERS_HTTP_MAX_BODY_BYTES (a JSON upload)" if is_json else "VERS_IMAGE_MAX_UPLOAD_BYTES"
                     raise ResourceExhausted(
-                        f"the upload is larger than {limit} bytes ({setting}): upload a smaller root, or raise the setting"
+                        f"the upload is larger than {limit} bytes (VERS_IMAGE_MAX_UPLOAD_BYTES): "
+                        "upload a smaller root, or raise the setting"
                     )
                 if sink is not None:
                     sink.write(chunk)
-                elif is_json:
-                    held += chunk
                 else:
                     out.write(chunk)
             if sink is not None:
                 sink.finish()
-                return {}
-            if not is_json:
-                if not received:
-                    raise InvalidArgument("an upload needs a body: a tar of a root file system")
-                return {}
-            try:
-                document = json.loads(held)
-                out.write(base64.b64decode(document["tarball_b64"], validate=True))
-            except (ValueError, KeyError, TypeError, binascii.Error):
-                raise InvalidArgument(
-                    'a JSON upload is {"image_name": ..., "size_mib": ..., "tarball_b64": "<the tar in base64>"}; '
-                    "or send multipart/form-data with the field 'file' or 'tarball'"
-                ) from None
-            return {k: v for k, v in document.items() if k in ("image_name", "size_mib", "description")}
+            elif not received:
+                raise InvalidArgument("an upload needs a body: a tar of a root file system")
+
+    async def _receive_json(
+        self, first: pb.UploadImageRequest, messages: AsyncIterator[pb.UploadImageRequest]
+    ) -> tuple[dict[str, Any], bytes]:
+        """A JSON upload ({"tarball_b64": ...}, with the other fields in it), held in memory: at most
+        VERS_HTTP_MAX_BODY_BYTES. Its other fields, and the tar."""
+        limit = min(self.settings.image_max_upload_bytes, self.settings.http_max_body_bytes)
+        held = bytearray()
+        async for chunk in _chunks(first, messages):
+            held += chunk
+            if len(held) > limit:
+                raise ResourceExhausted(
+                    f"the upload is larger than {limit} bytes (VERS_HTTP_MAX_BODY_BYTES, a JSON upload): send the tar as "
+                    "multipart/form-data or as the body itself, or raise the setting"
+                )
+        try:
+            document = json.loads(held)
+            tar = base64.b64decode(document["tarball_b64"], validate=True)
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise InvalidArgument(
+                'a JSON upload is {"image_name": ..., "size_mib": ..., "tarball_b64": "<the tar in base64>"}; '
+                "or send multipart/form-data with the field 'file' or 'tarball'"
+            ) from None
+        return {k: v for k, v in document.items() if k in ("image_name", "size_mib", "description")}, tar
 
     async def delete(self, principal: Principal, base_image_id: str) -> pb.DeleteImageResponse:
         with contextlib.suppress(ValueError):
@@ -397,6 +457,31 @@ class ImageCatalog:
         if any(info.base_image_id == base_image_id for info in self._builtins()):
             raise FailedPrecondition("that image is built with the platform (make images): it cannot be deleted through the API")
         raise NotFound(f"image {base_image_id} not found")
+
+
+def _upload_metadata(first: pb.UploadImageRequest, fields: Mapping[str, Any]) -> tuple[str, int]:
+    """An upload's image name and disk size (MiB), from the first message (the query string) or a JSON body's
+    fields; InvalidArgument unless both are usable."""
+    name = first.image_name or fields.get("image_name") or ""
+    if not name:
+        raise InvalidArgument("image_name is missing: give it in the query string (?image_name=NAME&size_mib=512)")
+    if not isinstance(name, str):
+        raise InvalidArgument(f"image_name must be a string, not {name!r}")
+    size = first.size_mib or fields.get("size_mib") or UPLOAD_MIB_DEFAULT
+    if isinstance(size, str) and size.isascii() and size.isdigit():
+        size = int(size)
+    if isinstance(size, bool) or not isinstance(size, int) or not UPLOAD_MIB_MIN <= size <= UPLOAD_MIB_MAX:
+        raise InvalidArgument(
+            f"size_mib (the disk's size) must be a whole number between {UPLOAD_MIB_MIN} and {UPLOAD_MIB_MAX}, not {size!r}"
+        )
+    return name, size
+
+
+def _description(first: pb.UploadImageRequest, fields: Mapping[str, Any]) -> str | None:
+    description = first.description or fields.get("description") or None
+    if description is not None and not isinstance(description, str):
+        raise InvalidArgument(f"description must be a string, not {description!r}")
+    return description
 
 
 def info_pb(row: ImageRow) -> pb.BaseImageInfo:

@@ -136,7 +136,7 @@ class Sagas:
 
     async def _delete_repository(self, org_id: str, repo_name: str) -> None:
         # From the saga's row on the repository is hidden, so no tag can be added while its tags go.
-        saga = await self.store.begin_repository_deletion(org_id, repo_name)
+        saga = await self.store.begin_repository_deletion(org_id, repo_name, acting_key_id(org_id))
         try:
             await self._finish_repository_deletion(saga)
         except Exception:
@@ -148,7 +148,9 @@ class Sagas:
         payload = json.loads(saga.payload)
         if await self.store.repository_exists(payload["repository_id"]):
             await self.tagging.DeleteRepositoryTags(
-                tagging_pb2.DeleteRepositoryTagsRequest(repository_id=payload["repository_id"], repo_name=payload["repo_name"]),
+                tagging_pb2.DeleteRepositoryTagsRequest(
+                    repository_id=payload["repository_id"], repo_name=payload["repo_name"], actor_key_id=payload.get("actor_key_id", "")
+                ),
                 metadata=self.credential.metadata(saga.org_id),
                 timeout=PEER_TIMEOUT,
             )

@@ -517,12 +517,18 @@ class RegistryStore:
         async with self.db.read() as session:
             return await session.get(RepositoryRow, repo_id) is not None
 
-    async def begin_repository_deletion(self, org_id: str, name: str) -> SagaRow:
-        """From here on the repository is hidden and refused to all but the services deleting its tags."""
+    async def begin_repository_deletion(self, org_id: str, name: str, actor_key_id: str = "") -> SagaRow:
+        """From here on the repository is hidden and refused to all but the services deleting its tags.
+        `actor_key_id`: the person's key its tags' deletions are recorded under."""
         async with self.db.write() as session:
             await serialize(session, f"repository:{org_id}:{name}")
             repo = await self._repository(session, org_id, name)
-            payload = {"repository_id": repo.id, "repo_name": repo.name}
+            # A fork that made or chose this repository (in a transaction serialized with this one) tags it next:
+            # deleted now, the tag would be left on a repository that is gone.
+            forks = await session.exec(select(SagaRow).where(SagaRow.org_id == org_id, SagaRow.kind == FORK))
+            if any(json.loads(fork.payload).get("repository_id") == repo.id for fork in forks):
+                raise Conflict(f"a fork into repository {name!r} is under way: delete the repository once it has landed")
+            payload = {"repository_id": repo.id, "repo_name": repo.name, "actor_key_id": actor_key_id}
             saga = SagaRow(id=str(uuid.uuid4()), kind=REPO_DELETE, org_id=org_id, step="started", payload=json.dumps(payload))
             session.add(saga)
             # Recorded here, where the caller's decision is made: from this row on the deletion only goes forward.

@@ -226,7 +226,9 @@ class TaggingInternalServicer(tagging_pb2_grpc.TaggingInternalServiceServicer):
     async def DeleteRepositoryTags(
         self, request: pb.DeleteRepositoryTagsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteRepositoryTagsResponse:
-        deleted = await self.store.delete_repository_tags(current_principal().org_id, request.repository_id, request.repo_name)
+        deleted = await self.store.delete_repository_tags(
+            current_principal().org_id, request.repository_id, request.repo_name, actor_key_id=request.actor_key_id or None
+        )
         return pb.DeleteRepositoryTagsResponse(deleted=deleted)
 
     async def ReserveCommitDeletion(

@@ -300,18 +300,22 @@ class TaggingStore:
             )
             return list(await session.exec(query.offset(offset).limit(limit)))
 
-    async def delete_repository_tags(self, org_id: str, repo_id: str, repo_name: str = "", immutable: Sequence[str] = ()) -> int:
+    async def delete_repository_tags(
+        self, org_id: str, repo_id: str, repo_name: str = "", immutable: Sequence[str] = (), actor_key_id: str | None = None
+    ) -> int:
         """Every tag of a repository, each with its audit entry; refused whole while one matches an `immutable`
         pattern (the registry's deletion of the repository passes none: the repository goes with them).
         Serialized with the org's tag creations, so none slips in between unrecorded."""
         async with self.db.write() as session:
             await serialize(session, f"org:{org_id}")
-            tags = list(await session.exec(select(RepoTagRow).where(RepoTagRow.repo_id == repo_id).order_by(RepoTagRow.name)))
+            # the org's own repository only, whatever id a caller names
+            mine = (col(RepoTagRow.repo_id) == repo_id, col(RepoTagRow.org_id) == org_id)
+            tags = list(await session.exec(select(RepoTagRow).where(*mine).order_by(RepoTagRow.name)))
             for tag in tags:
                 _require_mutable(tag, repo_name, immutable)
             for tag in tags:
-                _record_tag_change(session, tag, tag.commit_id, "")
-            await session.exec(delete(RepoTagRow).where(col(RepoTagRow.repo_id) == repo_id))
+                _record_tag_change(session, tag, tag.commit_id, "", actor_key_id)
+            await session.exec(delete(RepoTagRow).where(*mine))
             return len(tags)
 
     @staticmethod

@@ -386,18 +386,22 @@ class DeleteRepositoryTagsRequest(_message.Message):
 
     REPO_NAME_FIELD_NUMBER: _builtins.int
     REPOSITORY_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_KEY_ID_FIELD_NUMBER: _builtins.int
     repo_name: _builtins.str
     """For the audit entries."""
     repository_id: _builtins.str
+    actor_key_id: _builtins.str
+    """The key of the person who deleted the repository, which the tags' audit entries name ("" for the platform)."""
     def __init__(
         self,
         *,
         repo_name: _builtins.str = ...,
         repository_id: _builtins.str = ...,
+        actor_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["repo_name", b"repo_name", "repository_id", b"repository_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_key_id", b"actor_key_id", "repo_name", b"repo_name", "repository_id", b"repository_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
