@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install images images-all gen lint lint-protos breaking-protos protos-baseline bench-vm bench-net bench-fsck bench-registry bench-hostile bench-scan bench-files clean
+.PHONY: run test test-fast install images images-all gen lint lint-protos breaking-protos protos-baseline bench-vm bench-net bench-fsck bench-registry bench-hostile bench-scan bench-files bench-db bench-hosts clean
 
 run: $(STAMP) images
 	$(PY) -m services.platform
@@ -47,6 +47,15 @@ bench-scan: $(STAMP)
 
 bench-files: $(STAMP) images
 	$(PY) bench/files.py
+
+# Tag moves per second on SQLite and on PostgreSQL (a server of its own in a temporary folder); no VM.
+bench-db: $(STAMP)
+	$(PY) bench/db.py
+
+# Several VM hosts on this machine: branch to first exec of a commit from another host (cold and warm
+# cache) against the same host, and the commit with its copy to the shared store.
+bench-hosts: $(STAMP) images
+	$(PY) bench/hosts.py
 
 install: $(STAMP)
 

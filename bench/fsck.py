@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from services.common.db import Database  # noqa: E402
+from services.common.migrations import migrate  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.common.timestamps import utcnow  # noqa: E402
 from services.orchestrator import models as orchestrator  # noqa: E402
@@ -110,13 +111,13 @@ async def populate(settings: Settings, commits: int) -> dict[str, int]:
             ))  # fmt: skip
             tags.append(tagging.RepoTagRow(id=str(uuid.uuid4()), repo_id=repo.id, repo_name=repo.name, org_id=org.id,
                                            name=f"v{depth}", commit_id=commit_id))  # fmt: skip
-    for service, tables, batch in (
-        ("registry", registry.TABLES, [org, *repos]),
-        ("tagging", tagging.TABLES, tags),
-        ("orchestrator", orchestrator.TABLES, [*layers, *vms, *rows]),
+    for service, batch in (
+        ("registry", [org, *repos]),
+        ("tagging", tags),
+        ("orchestrator", [*layers, *vms, *rows]),
     ):
         db = Database(settings.database_url(service))
-        await db.create_tables(tables)
+        await migrate(db, service)
         async with db.write() as session:
             for row in batch:
                 session.add(row)

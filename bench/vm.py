@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from services.common.db import Database  # noqa: E402
+from services.common.migrations import migrate  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.orchestrator.engine import Engine  # noqa: E402
-from services.orchestrator.models import TABLES, CommitRow, VmRow  # noqa: E402
+from services.orchestrator.models import CommitRow, VmRow  # noqa: E402
 from services.orchestrator.store import OrchestratorStore  # noqa: E402
 from services.orchestrator.vmconfig import VmConfig  # noqa: E402
 
@@ -175,7 +176,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vers-bench-") as data:
         settings = Settings(data_dir=Path(data), images_dir=str(Settings().image_root))
         db = Database(settings.database_url("orchestrator"))
-        await db.create_tables(TABLES)
+        await migrate(db, "orchestrator")
         engine = Engine(settings, OrchestratorStore(db, max_vcpus=1000, max_memory_mib=10**7))
         await engine.start()
         try:

@@ -28,6 +28,9 @@ command -v node >/dev/null || apt_packages+=(nodejs)
 command -v npm >/dev/null || apt_packages+=(npm)
 # supported images (vers admin images bake): Debian root disks
 command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
+# tests: PostgreSQL's server binaries (/usr/lib/postgresql/<version>/bin); the suite starts its own server in a
+# temporary folder, so the cluster Debian's package makes and starts is stopped and not started at boot
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || apt_packages+=(postgresql)
 
 if [ ${#apt_packages[@]} -gt 0 ]; then
   sudo=""
@@ -35,6 +38,13 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${apt_packages[*]}"
   $sudo apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${apt_packages[@]}"
+  if [[ " ${apt_packages[*]} " == *" postgresql "* ]]; then
+    pg_lsclusters --no-header 2>/dev/null | while read -r version cluster _; do
+      $sudo pg_ctlcluster "$version" "$cluster" stop 2>/dev/null || true
+      $sudo sed -i 's/^auto/manual/' "/etc/postgresql/$version/$cluster/start.conf" 2>/dev/null || true
+    done
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then $sudo systemctl disable --now -q postgresql || true; fi
+  fi
 fi
 
 # When the platform runs as root, QEMU drops to this user once it has opened its files (VERS_QEMU_USER;

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import sqlite3
-import struct
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
@@ -42,9 +41,10 @@ from services.common.db import Database, execute_sql
 from services.common.errors import DataLoss
 from services.common.settings import Settings
 from services.common.timestamps import as_utc
+from services.orchestrator.commitstore import PART
 from services.orchestrator.integrity import Verifier
 from services.orchestrator.layout import Layout
-from services.orchestrator.machine import kill_process, process_is_vm
+from services.orchestrator.machine import kill_process, process_is_vm, qcow2_backing
 from services.orchestrator.models import LIVE_STATES, VmState
 
 GRACE_SECONDS = 60.0
@@ -234,19 +234,6 @@ def sqlite_absence(path: Path, tables: Iterable[str]) -> str:
     except sqlite3.Error as error:
         return f"it cannot be read ({error})"
     return "" if names & set(tables) else "the file has none of its tables"
-
-
-def qcow2_backing(path: Path) -> str | None:
-    """The backing file a qcow2 header names (None: none); ValueError if it is not a qcow2 file."""
-    with path.open("rb") as disk:
-        header = disk.read(20)
-        if len(header) < 20 or header[:4] != b"QFI\xfb":
-            raise ValueError("not a qcow2 file")
-        offset, size = struct.unpack(">QI", header[8:20])
-        if not offset:
-            return None
-        disk.seek(offset)
-        return disk.read(size).decode(errors="replace")
 
 
 def _same_file(named: str, expected: str, folder: Path) -> bool:
@@ -538,6 +525,10 @@ class Survey:
         self.repositories = {row["id"] for row in tables["repositories"]}
         self.layers = {row["id"]: row for row in tables["layers"]}
         self.vms = {row["id"]: row for row in tables["vms"]}
+        # Of several hosts, the VMs whose files this host holds (writable layer, run and sleep folders): the checks
+        # of files look at these; what the layers and commits are reachable from counts every host's.
+        here = fsck.settings.host_name if fsck.settings.orchestrator_role == "host" else ""
+        self.local_vms = {vm_id: row for vm_id, row in self.vms.items() if row.get("host_id", "") == here}
         self.commits = {row["id"]: row for row in tables["commits"]}
         self.deletions = {row["commit_id"]: row for row in tables["commit_deletions"]}
         self.tag_refused = {row["commit_id"] for row in tables["deleted_commits"]}
@@ -635,13 +626,17 @@ class Survey:
     # Commits
 
     def verify(self, commit: Row) -> str:
-        """Why the commit's files cannot be trusted; empty when they can."""
-        folder = self.fsck.layout.commit_folder(commit["id"])
+        """Why the commit's files cannot be trusted; empty when they can. With a shared commit store, its copies
+        there are checked (every host copies from them; a host's own copy that differs is copied anew when used),
+        or this host's when the store has none (a commit made before the store was set)."""
+        layout = self.fsck.layout
+        in_store = layout.store is not None and layout.store_commit_folder(commit["id"]).is_dir()
+        folder = layout.store_commit_folder(commit["id"]) if in_store else layout.commit_folder(commit["id"])
         checksums = commit.get("checksums") or "{}"
         try:
             if "files" not in json.loads(checksums):  # recorded before commits had checksums
                 return "" if (folder / "state").exists() else f"commit {commit['id']} is damaged: its state file is missing"
-            self.fsck.verifier.verify(commit["id"], checksums, commit["layer_id"])
+            self.fsck.verifier.verify(commit["id"], checksums, commit["layer_id"], in_store=in_store)
         except DataLoss as error:
             return error.message
         except (OSError, ValueError, KeyError, TypeError) as error:
@@ -692,7 +687,7 @@ class Survey:
     def check_run_dir(self) -> None:
         """Live VMs, none of them runs under fsck's run folder, and some run under another: VERS_RUN_DIR is not
         the platform's, and every VM would look gone."""
-        live = [vm for vm in self.vms.values() if vm["deleted_at"] is None and vm["state"] in LIVE_STATES]
+        live = [vm for vm in self.local_vms.values() if vm["deleted_at"] is None and vm["state"] in LIVE_STATES]
         if any(self.by_vm.get(vm["id"]) for vm in live):
             return
         away = {vm["id"]: found for vm in live if (found := self.runs_elsewhere(vm)) is not None and not self.ours(found[1])}
@@ -706,7 +701,7 @@ class Survey:
                  refuses=f"fsck is not looking in the platform's run folder; run it with VERS_RUN_DIR={_some(folders)}")  # fmt: skip
 
     def check_vms(self) -> None:
-        for vm in self.vms.values():
+        for vm in self.local_vms.values():
             if vm["deleted_at"] is None and vm["state"] == VmState.DEAD:
                 # its disk is never opened again, but its rows are still walked by the garbage collection
                 for layer_id in self.chain_ids(vm["layer_id"]):
@@ -815,12 +810,14 @@ class Survey:
         if row is None:
             return frozenset({("layer-row-missing", layer_id)})
         path = self.fsck.layout.layer_file(layer_id)
+        if not path.exists() and self.fsck.layout.store is not None:
+            path = self.fsck.layout.store_layer_file(layer_id)  # a frozen layer this host has no copy of
         if not path.exists():
             in_flight = layer_id in self.busy_layers or self.young(row["created_at"])
             return frozenset() if in_flight else frozenset({("layer-missing", layer_id)})
         found = set()
         parent, base = row["parent_id"], row.get("base_path") or ""
-        expected = str(self.fsck.layout.layer_file(parent)) if parent else base
+        expected = str(path.parent / f"{parent}.qcow2") if parent else base
         try:
             named = qcow2_backing(path)
         except (OSError, ValueError) as error:
@@ -883,8 +880,11 @@ class Survey:
 
     def check_files(self) -> None:
         now = self.now
-        if self.fsck.layout.layers.is_dir():
-            for path in sorted(self.fsck.layout.layers.glob("*.qcow2")):
+        layout = self.fsck.layout
+        layer_folders = [layout.layers, *([layout.store_layers] if layout.store is not None else [])]
+        commit_folders = [layout.commits, *([layout.store_commits] if layout.store is not None else [])]
+        for folder in layer_folders:
+            for path in sorted(folder.glob("*.qcow2")) if folder.is_dir() else []:
                 layer_id = path.stem
                 if layer_id in self.layers or layer_id in self.busy_layers or layer_id in self.open_layers or self.fsck.is_young(path, now):
                     continue
@@ -893,9 +893,9 @@ class Survey:
                 self.add("orphan-layer-file", str(path), "no layer row names this layer file", "remove it",
                          self.remove(path, partial(self.fsck.layer_owner, layer_id)))  # fmt: skip
         owned = {c["id"] for c in self.commits.values() if c["deleted_at"] is None} | set(self.deletions) | self.busy_commits
-        for path in self._entries(self.fsck.layout.commits):
-            if path.name in owned or self.fsck.is_young(path, now):
-                continue
+        for path in [entry for folder in commit_folders for entry in self._entries(folder)]:
+            if path.name in owned or self.fsck.is_young(path, now) or PART in path.name:
+                continue  # a copy to or from the commit store under way (the orchestrator removes stale ones)
             why = "no commit row names it" if path.name not in self.commits else f"commit {path.name} was deleted"
             self.add("orphan-commit-folder", str(path), f"a commit folder, but {why}", "remove it",
                      self.remove(path, partial(self.fsck.commit_owner, path.name)))  # fmt: skip
@@ -1117,6 +1117,8 @@ class Survey:
                     raise Skipped(f"layer {layer_id} still has a child layer")
                 await execute_sql(session, "DELETE FROM layers WHERE id = :id", {"id": layer_id})
             self.fsck.layout.layer_file(layer_id).unlink(missing_ok=True)
+            if self.fsck.layout.store is not None:
+                self.fsck.layout.store_layer_file(layer_id).unlink(missing_ok=True)
             return f"removed garbage layer {layer_id} (row and file)"
 
         return act

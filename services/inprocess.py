@@ -4,8 +4,12 @@ socket. Used by the test suite and the benchmarks; `make run` starts separate pr
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 
@@ -77,3 +81,65 @@ class InProcessPlatform:
             await self._task
         for service in reversed(list(self.running.values())):
             await service.stop(0)
+
+
+@dataclass
+class HostAgentProcess:
+    """A host agent beside an in-process platform whose orchestrator is the API of several hosts (its settings'
+    orchestrator_role "api"): `python -m services.orchestrator` in the host role, a process of its own with
+    its own data and run folders, sharing the API's database, service secret and commit store."""
+
+    name: str
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def beside(cls, api: Settings, name: str, data_dir: Path, **settings: str) -> HostAgentProcess:
+        """An agent of the platform whose settings are `api`; `settings` are more variables (VERS_*) for it."""
+        (port,) = free_ports(1)
+        env = {
+            **os.environ,
+            "VERS_ORCHESTRATOR_ROLE": "host",
+            "VERS_HOST_ID": name,
+            "VERS_HOST_ADDR": f"127.0.0.1:{port}",
+            "VERS_DATA_DIR": str(data_dir),
+            "VERS_IMAGES_DIR": str(api.image_root),
+            "ORCHESTRATOR_DATABASE_URL": api.database_url("orchestrator"),
+            "REGISTRY_ADDR": api.registry_addr,
+            "TAGGING_ADDR": api.tagging_addr,
+            "ORCHESTRATOR_ADDR": api.orchestrator_addr,
+            "VERS_SERVICE_SECRET": api.service_secret,
+            "VERS_ENV_VARS_KEY": api.env_vars_key,
+            "VERS_COMMIT_STORE": api.commit_store,
+            "VERS_HOST_HEARTBEAT_SECONDS": str(api.host_heartbeat_seconds),
+            "VERS_KEEP_VMS_RUNNING": "true",
+            "VERS_LOG_LEVEL": "WARNING",
+            **settings,
+        }
+        return cls(name, env)
+
+    @property
+    def run_dir(self) -> Path:
+        return Settings(data_dir=Path(self.env["VERS_DATA_DIR"])).vm_run_dir
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "services.orchestrator"], env=self.env)
+
+    def kill(self) -> None:
+        """As a machine that fails: the agent ends at once (its VMs' QEMUs are processes of their own)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+
+    def runs(self, vm_id: str) -> bool:
+        """Whether the VM's QEMU runs on this host: its pid file is in this host's run folder."""
+        return (self.run_dir / vm_id / "qemu.pid").exists()

@@ -22,7 +22,7 @@ import asyncio
 import shutil
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +30,11 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from services.common.settings import Settings, get_settings
+from services.common.settings import SERVICES, Settings, get_settings
 from services.inprocess import InProcessPlatform, free_ports
 from services.orchestrator.images import build_all
 from services.orchestrator.network import GuestNetwork
+from tests.postgres import TempPostgres
 
 __all__ = ["IMAGES", "ROOT", "Org", "Platform", "discard", "free_ports", "kill_vms_under"]
 
@@ -162,14 +163,58 @@ def discard(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest_asyncio.fixture(scope="session")
-async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
-    platform = await Platform.start(test_settings(tmp_path_factory.mktemp("vers-data")))
-    yield platform  # type: ignore[misc]
+async def _running(settings: Settings) -> AsyncIterator[Platform]:
+    platform = await Platform.start(settings)
+    yield platform
     kill_vms_under(platform.settings.vm_run_dir)
     await asyncio.sleep(0.3)  # let the orchestrator see its VMs exit while the loop still runs
     await platform.stop()
     discard(platform.settings.data_dir)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def sqlite_platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
+    """The suite's platform: its databases are SQLite files in its data folder, as `make run`'s are."""
+    async for platform in _running(test_settings(tmp_path_factory.mktemp("vers-data"))):
+        yield platform
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[TempPostgres]:
+    """The suite's PostgreSQL server, started by the first test that needs it, stopped and removed at the end."""
+    server = TempPostgres()
+    yield server
+    server.stop()
+
+
+def postgres_urls(server: TempPostgres, prefix: str) -> dict[str, str]:
+    """New databases on `server`, one per service, as the settings' *_database_url fields."""
+    return {f"{service}_database_url": server.create_database(f"{prefix}_{service}") for service in SERVICES}
+
+
+@pytest_asyncio.fixture(scope="session")
+async def postgres_platform(postgres: TempPostgres, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Platform]:
+    """The same platform with its three databases on PostgreSQL."""
+    settings = test_settings(tmp_path_factory.mktemp("vers-data-pg")).model_copy(update=postgres_urls(postgres, "suite"))
+    async for platform in _running(settings):
+        yield platform
+
+
+# Each backend's platform fixture.
+BACKENDS = {"sqlite": "sqlite_platform", "postgresql": "postgres_platform"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The tests of a module marked `both_backends` run on each backend's platform."""
+    if "platform" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
+        metafunc.parametrize("platform", list(BACKENDS), indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def platform(request: pytest.FixtureRequest) -> Platform:
+    """The platform a test runs against: the SQLite one, or in a module marked `both_backends` each in turn.
+    Both are started once for the session; this only chooses."""
+    return request.getfixturevalue(BACKENDS[getattr(request, "param", "sqlite")])  # type: ignore[no-any-return]
 
 
 @pytest_asyncio.fixture

@@ -267,6 +267,7 @@ def test_format_json_on_every_command(site: Site, supported_python: str) -> None
         ("env", "list"), ("env", "set"), ("env", "delete"),  # test_env_vars.py
         ("deploy",),  # test_deploy_git.py
         ("mcp", "serve"),  # test_mcp.py: it speaks MCP on stdout, not --format
+        ("admin", "hosts", "list"), ("admin", "hosts", "remove"),  # test_hosts.py
     }  # fmt: skip
     assert set(_leaf_commands(cli)) - interactive - baked_in_test_bake - networked - governance - elsewhere == set(answers)
 

@@ -25,6 +25,7 @@ from sqlalchemy import text
 
 from services import fsck as checker
 from services.common.db import Database
+from services.common.migrations import migrate
 from services.common.settings import Settings
 from services.common.timestamps import utcnow
 from services.orchestrator import models as orchestrator
@@ -306,7 +307,7 @@ async def test_another_database_than_the_platforms_is_reported_and_nothing_repai
     never_made, empty, no_rows = tmp_path / "never-made.db", tmp_path / "empty.db", tmp_path / "no-rows.db"
     empty.touch()
     db = Database(f"sqlite+aiosqlite:///{no_rows}")
-    await db.create_tables(orchestrator.TABLES)
+    await migrate(db, "orchestrator")
     await db.close()
     for database in (never_made, empty, no_rows):
         url = f"sqlite+aiosqlite:///{database}"
@@ -382,9 +383,9 @@ async def test_a_stopped_platforms_data_folder(tmp_path: Path) -> None:
             orchestrator.CommitDeletionRow(commit_id=ids["deleting"], org_id=ids["org"], started_at=LONG_AGO),
         ],
     }  # fmt: skip
-    for service, models in (("registry", registry), ("tagging", tagging), ("orchestrator", orchestrator)):
+    for service in ("registry", "tagging", "orchestrator"):
         db = Database(settings.database_url(service))
-        await db.create_tables(models.TABLES)
+        await migrate(db, service)
         async with db.write() as session:
             for row in rows[service]:
                 session.add(row)

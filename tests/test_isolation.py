@@ -213,6 +213,7 @@ class Objects:
             "ref": f"{self.repo}:{self.tag}",
             "image_name": self.image,
             "base_image_id": self.image_id,
+            "host_id": "no-such-host",  # hosts are the administrator's (a single-host platform lists itself alone)
         }
         return values[name]
 

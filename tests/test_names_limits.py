@@ -15,6 +15,8 @@ from services.common.names import validate_repo_name, validate_tag_name
 from services.common.paging import MAX_PAGE_SIZE, Page
 from tests.conftest import ROOT, Org, Platform
 
+pytestmark = pytest.mark.both_backends
+
 DOTS = [".", "..", "..."]
 
 

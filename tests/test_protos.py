@@ -100,7 +100,7 @@ DOCUMENTED_ROWS = [
     ("POST", "/api/v1/images/upload"),
     ("DELETE", "/api/v1/images/images/{base_image_id}"),
     # README, "A tour of the REST API" and the sections after it: the console and tunnel WebSockets, files as
-    # tar, repository policy and tag history, keys, the audit log, retention and gc, the administrator's orgs
+    # tar, repository policy and tag history, keys, the audit log, retention and gc, the administrator's orgs;
     ("GET", "/api/v1/vm/{vm_id}/console"),
     ("GET", "/api/v1/vm/{vm_id}/tunnel"),
     ("GET", "/api/v1/vm/{vm_id}/files/tar"),
@@ -117,6 +117,9 @@ DOCUMENTED_ROWS = [
     ("POST", "/api/v1/admin/orgs"),
     ("GET", "/api/v1/admin/orgs"),
     ("PATCH", "/api/v1/admin/orgs/{org}/limits"),
+    # README, "Several VM hosts": the administrator's list of the host agents
+    ("GET", "/api/v1/admin/hosts"),
+    ("DELETE", "/api/v1/admin/hosts/{host_id}"),
 ]
 # Routes that are WebSockets on the gateway, not operations of the OpenAPI document.
 WEBSOCKETS = {("GET", "/api/v1/vm/{vm_id}/console"), ("GET", "/api/v1/vm/{vm_id}/tunnel")}

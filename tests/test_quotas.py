@@ -18,17 +18,15 @@ from services.common import auth
 from services.common.auth import CachedResolver, Principal, RegistryResolver, ServiceAwareResolver, ServiceCredential
 from services.common.db import Database
 from services.common.errors import ResourceExhausted, Unauthenticated
+from services.common.migrations import migrate
 from services.common.quotas import OrgLimits
-from services.common.settings import Settings
-from services.orchestrator.models import TABLES as ORCHESTRATOR_TABLES
+from services.common.settings import SERVICES, Settings
 from services.orchestrator.models import CommitRow, DomainRow, LayerRow, OperationRow, VmRow
 from services.orchestrator.store import OrchestratorStore
 from services.registry.app import ensure_admin_key
-from services.registry.models import TABLES as REGISTRY_TABLES
 from services.registry.store import RegistryStore
-from services.tagging.models import TABLES as TAGGING_TABLES
 from services.tagging.store import TaggingStore
-from tests.conftest import Org, Platform
+from tests.conftest import BACKENDS, Org, Platform
 from tests.test_names_limits import vers
 
 pytestmark = pytest.mark.vm
@@ -148,12 +146,16 @@ async def test_a_service_acting_for_an_org_gets_its_limits(platform: Platform, o
 # Stores: the checks in the transaction that adds the thing (tags, commits, domains, VMs)
 
 
-@pytest_asyncio.fixture
-async def databases(tmp_path: Path) -> AsyncIterator[dict[str, Database]]:
-    made = {name: Database(f"sqlite+aiosqlite:///{tmp_path / name}.db") for name in ("tagging", "orchestrator", "registry")}
-    await made["tagging"].create_tables(TAGGING_TABLES)
-    await made["orchestrator"].create_tables(ORCHESTRATOR_TABLES)
-    await made["registry"].create_tables(REGISTRY_TABLES)
+@pytest_asyncio.fixture(params=list(BACKENDS))
+async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict[str, Database]]:
+    """Each service's database, on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        urls = {name: f"sqlite+aiosqlite:///{tmp_path / name}.db" for name in SERVICES}
+    else:
+        urls = {name: request.getfixturevalue("postgres").create_database(f"quotas_{uuid.uuid4().hex[:8]}_{name}") for name in SERVICES}
+    made = {name: Database(url) for name, url in urls.items()}
+    for name, db in made.items():
+        await migrate(db, name)
     yield made
     for db in made.values():
         await db.close()

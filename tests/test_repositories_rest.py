@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import Org, Platform
 
+pytestmark = pytest.mark.both_backends
+
 INVALID_NAMES = ["", "x" * 65, "a/b", "a:b", "my app", " lead", "trail ", "héllo", "名前", "a\nb", "tab\tname", ".", "..", "..."]
 VALID_NAMES = ["x" * 64, "a", "v1.2.3", "my_app", "my-app", "My.App_2-x", ".a", "a..", "_", "-"]
 

@@ -14,6 +14,8 @@ from vers.registry.v1 import registry_pb2 as pb
 from vers.registry.v1 import registry_pb2_grpc
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
+pytestmark = pytest.mark.both_backends
+
 
 def channel(platform: Platform, service: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(platform.settings.addr(service))

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest_asyncio
 
 from services.common.db import Database
+from services.common.migrations import migrate
 from services.orchestrator.engine import Engine
-from services.orchestrator.models import TABLES, VmState
+from services.orchestrator.models import VmState
 from services.orchestrator.store import OrchestratorStore
 from services.orchestrator.supervisor import Supervisor
 from services.orchestrator.vmconfig import VmConfig
@@ -36,7 +37,7 @@ async def test_a_record_goes_when_the_last_holder_lets_go() -> None:
 async def engine(images: Path, tmp_path: Path) -> AsyncIterator[Engine]:
     settings = conftest.test_settings(tmp_path / "data")
     db = Database(settings.database_url("orchestrator"))
-    await db.create_tables(TABLES)
+    await migrate(db, "orchestrator")
     engine = Engine(settings, OrchestratorStore(db, max_vcpus=64, max_memory_mib=65536))
     await engine.start()
     yield engine

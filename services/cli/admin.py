@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click_default_group import DefaultGroup
 
 from services.cli.app import LIMIT_LABELS, Context, command
 from services.cli.output import Output
@@ -176,3 +177,38 @@ def admin_fsck(ctx: Context, out: Output, repair: bool, as_json: bool, grace: fl
 
 
 TOP_COMMANDS: list[click.Command] = [admin]
+
+
+@admin.group("hosts", cls=DefaultGroup, default="list", default_if_no_args=True)
+def admin_hosts() -> None:
+    """The VM hosts (with the administrator's key as the caller's: `vers login` with it, or VERS_API_KEY)."""
+
+
+@command(admin_hosts, "list")
+def admin_hosts_list(ctx: Context, out: Output) -> None:
+    """Every host and its room, as of its last heartbeat."""
+    answer = ctx.client.request("GET", "/api/v1/admin/hosts")
+    rows = [
+        [
+            host["host_id"],
+            host["state"],
+            host["address"],
+            host.get("accelerator", ""),
+            str(host["room"].get("vm_count", 0)),
+            f"{host['room'].get('memory_free_mib', '0')} / {host['room'].get('memory_total_mib', '0')}",
+            str(host["room"].get("disk_free_mib", "0")),
+            host.get("heartbeat_at", ""),
+        ]
+        for host in answer.get("hosts", [])
+    ]
+    columns = ["HOST", "STATE", "ADDRESS", "ACCEL", "VMS", "MEMORY FREE / TOTAL (MiB)", "DISK FREE (MiB)", "LAST HEARTBEAT"]
+    out.table(answer, columns, rows, "No hosts.")
+
+
+@command(admin_hosts, "remove")
+@click.argument("host")
+def admin_hosts_remove(ctx: Context, out: Output, host: str) -> None:
+    """Forget a dead host that is not coming back: the VMs asleep on it become dead (then deletable)."""
+    answer = ctx.client.request("DELETE", f"/api/v1/admin/hosts/{seg(host)}")
+    dead = answer.get("dead_vm_ids", [])
+    out.result(answer, f"Removed host {host}" + (f"; its sleeping VMs are dead: {', '.join(dead)}" if dead else ""))

@@ -1,7 +1,8 @@
 """The audit log: every change a service makes for an org is recorded in that service's own database, in the
 transaction that makes the change (so a change is never without its entry, nor an entry without its change).
 The registry answers `GET /api/v1/audit` by merging its own entries with the tagging service's and the
-orchestrator's, oldest first. Entries are append-only: the database refuses to update or delete one."""
+orchestrator's, oldest first. Entries are append-only: on SQLite the database refuses to update or delete one
+(triggers its migrations make, services/common/migrations.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sqlmodel import Field, SQLModel, col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.auth import acting_key_id
-from services.common.db import Database, execute_sql, time_column
+from services.common.db import Database, time_column
 from services.common.errors import InvalidArgument
 from services.common.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from services.common.timestamps import as_utc, utcnow
@@ -35,24 +36,6 @@ class AuditEventRow(SQLModel, table=True):
     target: str = ""
     before: str = ""
     after: str = ""
-
-
-APPEND_ONLY = (
-    "CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events "
-    "BEGIN SELECT RAISE(ABORT, 'audit entries cannot be changed'); END",
-    "CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events "
-    "BEGIN SELECT RAISE(ABORT, 'audit entries cannot be deleted'); END",
-)
-
-
-async def create_audit_table(db: Database) -> None:
-    """The table, and on SQLite the triggers that make it append-only."""
-    # SQLModel's metaclass adds __table__ to table models without declaring it.
-    await db.create_tables([AuditEventRow.__table__])  # type: ignore[attr-defined]
-    if db.is_sqlite:
-        async with db.write() as session:
-            for statement in APPEND_ONLY:
-                await execute_sql(session, statement)
 
 
 def _json(value: Any) -> str:

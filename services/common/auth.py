@@ -209,6 +209,9 @@ class RegistryResolver:
 
 
 SERVICE_TOKEN_PREFIX = "vers-svc."
+# The org a service token names when a service acts for no organization (a host agent's heartbeat): no org has
+# this id (theirs are UUIDs), so it reaches none of an org's data.
+PLATFORM_ITSELF = "platform"
 
 
 class ServiceCredential:
@@ -271,8 +274,8 @@ class ServiceAwareResolver:
     async def resolve(self, token: str) -> Principal:
         if token.startswith(SERVICE_TOKEN_PREFIX):
             principal = self.credential.principal(token)
-            if principal.limits is not None:
-                return principal  # the calling service said the org's name and limits, signed
+            if principal.limits is not None or principal.org_id == PLATFORM_ITSELF:
+                return principal  # the calling service said the org's name and limits, signed; or acts for no org
             enrich = getattr(self._inner, "service_principal", None)
             return await enrich(principal) if enrich is not None else principal
         return await self._inner.resolve(token)

@@ -4,7 +4,9 @@ SQLite gets WAL (readers never block the writer), busy_timeout, foreign keys, an
 that start with BEGIN IMMEDIATE: the write lock is taken up front, so a transaction that reads and
 then writes never has to upgrade its lock and cannot fail with "database is locked" midway. Writes of
 one process are also serialized in-process, so they queue on an asyncio lock instead of SQLite's.
-The models and queries are portable SQL; PostgreSQL runs them with ordinary transactions.
+The models and queries are portable SQL; PostgreSQL runs them with ordinary transactions (READ COMMITTED),
+so a read that a write depends on takes a lock there (`serialize`, or SELECT ... FOR UPDATE). The schema is
+made and upgraded by services/common/migrations.py.
 """
 
 from __future__ import annotations
@@ -12,19 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, ColumnDefault, Connection, CursorResult, DateTime, Table, event, inspect, text
+from sqlalchemy import Column, Connection, CursorResult, DateTime, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.common.errors import AlreadyExists
@@ -59,31 +60,6 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
     return engine
 
 
-def _add_missing_columns(connection: Connection, tables: list[Table]) -> None:
-    """Columns added to a table after its database was made: added with their default, so data made by the
-    previous version is read as it was. Only additions; anything more needs a real migration."""
-    inspector = inspect(connection)
-    for table in tables:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            default = column.default.arg if isinstance(column.default, ColumnDefault) and column.default.is_scalar else None
-            if default is None and not column.nullable:
-                raise RuntimeError(f"column {table.name}.{column.name} was added without a default: it needs a migration")
-            kind = column.type.compile(dialect=connection.dialect)
-            clause = f" NOT NULL DEFAULT {_literal(default)}" if default is not None else ""
-            connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}{clause}")
-
-
-def _literal(value: object) -> str:
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int | float):
-        return str(value)
-    return "'" + str(value).replace("'", "''") + "'"
-
-
 class Database:
     def __init__(self, url: str) -> None:
         parsed = make_url(url)
@@ -106,12 +82,6 @@ class Database:
         else:
             self._read_engine = self._write_engine = create_async_engine(url, pool_pre_ping=True)
             self._write_lock = None
-
-    async def create_tables(self, tables: Iterable[Table]) -> None:
-        tables = list(tables)
-        async with self._write_engine.begin() as conn:
-            await conn.run_sync(SQLModel.metadata.create_all, tables=tables)
-            await conn.run_sync(_add_missing_columns, tables)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -15,7 +15,7 @@ from google.protobuf import any_pb2, descriptor_pool
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from services.common.auth import Principal, TokenResolver, bearer_token, reset_principal, set_principal
+from services.common.auth import PLATFORM_ITSELF, Principal, TokenResolver, bearer_token, reset_principal, set_principal
 from services.common.errors import DomainError, PermissionDenied, Unauthenticated
 from vers.common.v1 import annotations_pb2
 
@@ -79,6 +79,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             raise PermissionDenied("this call needs the platform administrator's key (admin.key in VERS_DATA_DIR)")
         if access is Access.INTERNAL and not principal.is_service:
             raise PermissionDenied("this call is made only between the platform's own services")
+        if principal.org_id == PLATFORM_ITSELF and access is not Access.INTERNAL:
+            raise PermissionDenied("the platform's own credential acts for no organization: it makes only calls between services")
         return principal
 
 

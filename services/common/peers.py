@@ -62,8 +62,9 @@ class DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(client_call_details, request)
 
 
-def open_channel(settings: Settings, address: str) -> grpc.aio.Channel:
-    options = message_size_options(settings)
+def open_channel(settings: Settings, address: str, options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+    """`options` are more channel arguments, besides the message sizes."""
+    options = message_size_options(settings) + (options or [])
     interceptors = [DefaultDeadline(settings.rpc_timeout_seconds)]
     credentials = client_credentials(settings)
     if credentials is None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES = ("registry", "tagging", "orchestrator")
@@ -47,6 +49,9 @@ class Settings(BaseSettings):
     # Built guest images (kernel, initramfs, root disks); "images" in the data folder when empty.
     images_dir: str = Field("", validation_alias="VERS_IMAGES_DIR")
     run_dir: str = Field("", validation_alias="VERS_RUN_DIR")
+    # Where commits (frozen disk layers, memory, device state) and organizations' images are kept: "local" (the
+    # data folder, one host) or the absolute path of a shared POSIX folder (NFS, CephFS) every host mounts there.
+    commit_store: str = Field("local", validation_alias="VERS_COMMIT_STORE")
     # Images an organization uploads or builds (POST /api/v1/images/upload and /create): how many it may
     # keep and their disks' MiB in all, the largest upload, how long one build may take, and how many builds
     # run at once on the host (each in a process of its own; an organization's run one at a time).
@@ -75,6 +80,10 @@ class Settings(BaseSettings):
     # Environment variables: how many one organization may set (values kept encrypted, env-vars.key in the
     # data folder).
     org_max_env_vars: int = Field(100, validation_alias="VERS_ORG_MAX_ENV_VARS")
+    # The key their values are encrypted with (a Fernet key: `python -c "from cryptography.fernet import Fernet;
+    # print(Fernet.generate_key().decode())"`); env-vars.key in the data folder, made on first use, when empty.
+    # Set it to the same key on every host agent of several hosts.
+    env_vars_key: str = Field("", validation_alias="VERS_ENV_VARS_KEY")
 
     # Exec: output kept per stream (stdout, stderr) of one exec (a command writing more has its pipe
     # closed, as with `| head -c`), the timeout when a request gives none, the longest a request may ask
@@ -106,6 +115,21 @@ class Settings(BaseSettings):
     host_reserve_memory_mib: int = Field(1024, validation_alias="VERS_HOST_RESERVE_MEMORY_MIB")
     host_reserve_disk_mib: int = Field(2048, validation_alias="VERS_HOST_RESERVE_DISK_MIB")
     host_reserve_run_mib: int = Field(256, validation_alias="VERS_HOST_RESERVE_RUN_MIB")
+    # Memory this host offers VMs in all (MiB); 0: all the machine has.
+    host_memory_mib: int = Field(0, ge=0, validation_alias="VERS_HOST_MEMORY_MIB")
+
+    # Several VM hosts. The orchestrator's role: "all" (the API and the VMs in one process, on one machine),
+    # "api" (the API alone, any number of replicas sharing ORCHESTRATOR_DATABASE_URL; it runs no VM and sends
+    # each VM's calls to the host agent it runs on) or "host" (a host agent: runs QEMU on this machine).
+    orchestrator_role: Literal["all", "api", "host"] = Field("all", validation_alias="VERS_ORCHESTRATOR_ROLE")
+    # A host agent's name (the machine's hostname when empty), the address the API reaches it at, and where
+    # it listens (VERS_HOST_ADDR when empty). It tells the API it is alive every VERS_HOST_HEARTBEAT_SECONDS;
+    # the API marks a host silent for VERS_HOST_DEAD_SECONDS dead, with the VMs that ran on it.
+    host_id: str = Field("", validation_alias="VERS_HOST_ID")
+    host_addr: str = Field("127.0.0.1:50054", validation_alias="VERS_HOST_ADDR")
+    host_listen_addr: str = Field("", validation_alias="VERS_HOST_LISTEN_ADDR")
+    host_heartbeat_seconds: float = Field(2.0, gt=0, validation_alias="VERS_HOST_HEARTBEAT_SECONDS")
+    host_dead_seconds: float = Field(15.0, gt=0, validation_alias="VERS_HOST_DEAD_SECONDS")
     # When the platform runs as root, QEMU runs as this user (made by scripts/bootstrap.sh); empty: as
     # the platform's own user.
     qemu_user: str = Field("vers-qemu", validation_alias="VERS_QEMU_USER")
@@ -158,6 +182,10 @@ class Settings(BaseSettings):
     # The secret the services sign their calls to each other with (see ServiceCredential); when empty,
     # `service.secret` in the data folder, made on first start. Set it where services share no folder.
     service_secret: str = Field("", validation_alias="VERS_SERVICE_SECRET")
+    # The administrator's API key, given by the operator where the registry keeps no data folder of its own
+    # (a Kubernetes Secret): "vers_" and at least 32 random characters. The registry makes it the administrator
+    # key on start and revokes any other; when empty, admin.key in the data folder, made on the first start.
+    admin_key: str = Field("", validation_alias="VERS_ADMIN_KEY")
     # On a stop, running VMs are put to sleep and woken on the next start; true leaves them running for
     # the next orchestrator to adopt (deployments under systemd, where restarts are short).
     keep_vms_running: bool = Field(False, validation_alias="VERS_KEEP_VMS_RUNNING")
@@ -172,7 +200,14 @@ class Settings(BaseSettings):
         return getattr(self, f"{service}_addr")
 
     def listen_addr(self, service: str) -> str:
+        if service == "orchestrator" and self.orchestrator_role == "host":
+            return self.host_listen_addr or self.host_addr
         return getattr(self, f"{service}_listen_addr") or self.addr(service)
+
+    @property
+    def host_name(self) -> str:
+        """This host agent's name: VERS_HOST_ID, else the machine's hostname."""
+        return self.host_id or socket.gethostname()
 
     def database_url(self, service: str) -> str:
         url = getattr(self, f"{service}_database_url")
@@ -188,6 +223,31 @@ class Settings(BaseSettings):
     @property
     def service_secret_file(self) -> Path:
         return self.data_dir / "service.secret"
+
+    @model_validator(mode="after")
+    def _a_database_per_service(self) -> Settings:
+        """Each service's tables and schema revisions are its own (they share names: audit_events, alembic_version)."""
+        urls = [(service, getattr(self, f"{service}_database_url")) for service in SERVICES]
+        for index, (service, url) in enumerate(urls):
+            for other, other_url in urls[index + 1 :]:
+                if url and url == other_url:
+                    raise ValueError(
+                        f"{service.upper()}_DATABASE_URL and {other.upper()}_DATABASE_URL name the same database: each "
+                        f"service needs a database of its own (createdb vers_{service}; createdb vers_{other})"
+                    )
+        return self
+
+    @field_validator("commit_store")
+    @classmethod
+    def _commit_store_is_local_or_absolute(cls, value: str) -> str:
+        if value != "local" and not value.startswith("/"):
+            raise ValueError(f'VERS_COMMIT_STORE must be "local" or the absolute path of a shared folder, not {value!r}')
+        return value
+
+    @property
+    def commit_store_path(self) -> Path | None:
+        """The shared commit store's folder; None for "local" (commits stay in the data folder)."""
+        return None if self.commit_store == "local" else Path(self.commit_store)
 
     @property
     def image_root(self) -> Path:

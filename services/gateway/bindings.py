@@ -11,7 +11,7 @@ from google.api import http_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from vers.common.v1 import annotations_pb2 as vers_annotations
-from vers.orchestrator.v1 import images_pb2, orchestrator_pb2
+from vers.orchestrator.v1 import hosts_pb2, images_pb2, orchestrator_pb2
 from vers.registry.v1 import registry_pb2
 from vers.tagging.v1 import tagging_pb2
 
@@ -20,6 +20,7 @@ SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = (
     tagging_pb2.DESCRIPTOR.services_by_name["TaggingService"],
     orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
     images_pb2.DESCRIPTOR.services_by_name["ImagesService"],
+    hosts_pb2.DESCRIPTOR.services_by_name["HostsService"],
 )
 
 _VARIABLE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")

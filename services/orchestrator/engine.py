@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import resource
 import shutil
 import subprocess
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -35,6 +37,7 @@ from services.common.settings import Settings
 from services.orchestrator import secrets
 from services.orchestrator.accel import choose_accelerator
 from services.orchestrator.agent import ExecResult, OnOutput
+from services.orchestrator.commitstore import PART, open_commit_store
 from services.orchestrator.envvars import EnvVars
 from services.orchestrator.execs import ExecRegistry
 from services.orchestrator.images import DEFAULT_IMAGE, Image, find_image
@@ -54,9 +57,11 @@ from services.orchestrator.models import (
     require_not_paused,
 )  # fmt: skip
 from services.orchestrator.network import GuestNetwork, guest_resolvers, new_ssh_key, parse_ranges
+from services.orchestrator.placement import HOST_FULL
 from services.orchestrator.store import Collectable, LayerGraph, OrchestratorStore
 from services.orchestrator.supervisor import LiveVm, Supervisor
 from services.orchestrator.vmconfig import MAX_DISK_MIB, VmConfig, check_branch_count, check_network, image_named
+from vers.orchestrator.v1.hosts_pb2 import HostRoom
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +71,8 @@ MAX_FORWARDED_PORTS = 32
 MAX_TUNNELS_PER_VM = 256
 SSH_PORT = 22
 MIB = 1024 * 1024
+# How often a host agent lets go of its copies of deleted commits, and how old a copy with no row must be.
+CACHE_EVICTION_SECONDS = 300
 
 
 # Deletes a commit's reservation in the tagging service: raises Conflict when a tag still names it.
@@ -96,13 +103,15 @@ class Engine:
         # The VMs running here, and those being changed or connected to: one record each.
         self.supervisor = Supervisor()
         self.verifier = Verifier(self.layout)
+        # Where commits are kept for every host (VERS_COMMIT_STORE): the data folder itself, or a shared folder.
+        self.commit_store = open_commit_store(self.layout)
         # Streamed execs and the VMs' exec logs.
         self.execs = ExecRegistry(self)
         self.env_vars = EnvVars(settings, store.db)
         self.reserve_deletion: ReserveDeletion | None = None
         # The image a name means to the caller: the app gives each organization its own and the public ones
         # (services.orchestrator.images_api); the built images alone until then.
-        self.image_lookup: Callable[[str], Image] = lambda name: image_named(self.layout.images, name)
+        self.image_lookup: Callable[[str], Awaitable[Image]] = self._builtin_image
         self._tasks: set[asyncio.Task[None]] = set()
         self._changes: set[asyncio.Future[Any]] = set()
         self._finishing_deletions: asyncio.Task[None] | None = None
@@ -111,8 +120,12 @@ class Engine:
         # ...and one at a time on this host: each takes every scan thread and reads disks at full speed
         self._scan_turn = asyncio.Semaphore(1)
         self._closing = False
+        self._evicted_at = time.monotonic()
         # Host room promised to changes under way (VMs starting, commits, sleeps), not yet used.
         self._reserved: Counter[str] = Counter()
+
+    async def _builtin_image(self, name: str) -> Image:
+        return image_named(self.layout.images, name)
 
     # Start-up and shutdown
 
@@ -120,6 +133,7 @@ class Engine:
         for folder in self.layout.private_folders:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             _check_private(folder)
+        await asyncio.to_thread(self.commit_store.prepare)
         image = find_image(self.layout.images, DEFAULT_IMAGE)
         if image is None:
             log.warning("no images in %s: run `make images`", self.layout.images)
@@ -131,6 +145,7 @@ class Engine:
         if soft < hard:  # every connection into a VM is two descriptors here
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         await asyncio.to_thread(self.network.setup)
+        await self._claim_local_vms()
         await self._recover()
         await self._wake_after_shutdown()
         if await self.store.commit_deletions():
@@ -189,6 +204,16 @@ class Engine:
                 log.warning("VM %s could not wake after the restart: %s", vm.id, error)
 
     # Recovery: what a crash left half-done is finished or undone, before any request is served
+
+    async def _claim_local_vms(self) -> None:
+        """A VM whose writable layer is in this host's folder is this host's, whatever host its row names: one made
+        before the platform had several hosts (host ""), or before this orchestrator's role changed. Claimed
+        before the start-up's reconciliation, which would otherwise stop its QEMU and remove its saved memory."""
+        claimed = await self.store.claim_vms({path.stem for path in self.layout.layers.glob("*.qcow2")})
+        if claimed:
+            log.warning(
+                "VMs %s have their disks on this host: they are this host's (%r) from now on", ", ".join(claimed), self.store.host_id
+            )
 
     async def _recover(self) -> None:
         processes = find_processes(self.layout.run)
@@ -258,7 +283,7 @@ class Engine:
             # No QEMU to ask: an overlay it never wrote to reads as the layer under it, so keeping one is safe.
             switched = new_layer.exists()
         if await self.store.commit_row(op.commit_id) is None:
-            shutil.rmtree(self.layout.commit_folder(op.commit_id), ignore_errors=True)
+            await asyncio.to_thread(self.commit_store.delete_commit, op.commit_id)  # and its copy in a shared store
         (self.layout.run_folder(op.vm_id) / f"ram-{op.commit_id}").unlink(missing_ok=True)
         if not switched:
             new_layer.unlink(missing_ok=True)
@@ -328,7 +353,11 @@ class Engine:
 
     async def _remove_orphans(self) -> None:
         """Files no row owns: commit folders of no commit, layers of no layer row, saved states of VMs
-        that are not asleep, run folders of VMs that do not run, RAM copies of interrupted commits."""
+        that are not asleep, run folders of VMs that do not run, RAM copies of interrupted commits. With a
+        shared commit store, this host's copies of deleted commits go too, and the store's files that no row
+        of any host names (listed before the rows are read: what another host publishes meanwhile is named by
+        its operation in flight)."""
+        listed = await asyncio.to_thread(self.commit_store.stored)
         vms = {vm.id: vm for vm in await self.store.all_vms()}
         commits = {commit.id for commit in await self.store.live_commits()}
         commits |= {row.commit_id for row in await self.store.commit_deletions()}
@@ -338,10 +367,15 @@ class Engine:
         busy_vms = {vm_id for op in unsettled for vm_id in (op.vm_id, *json.loads(op.vm_ids))}
         commits |= {op.commit_id for op in unsettled if op.commit_id}
         layers |= {layer for op in unsettled for layer in (op.old_layer_id, op.new_layer_id) if layer}
+        if self.commit_store.shared:
+            in_flight = await self.store.commits_in_flight()  # of every host
+            for removed in await asyncio.to_thread(self.commit_store.remove_orphans, listed, commits | in_flight, layers):
+                log.warning("removed %s from the commit store: no commit or layer row names it", removed)
         orphans: list[Path] = []
         orphans += [p for p in self.layout.commits.iterdir() if p.name not in commits]
         orphans += [p for p in self.layout.layers.glob("*.qcow2") if p.stem not in layers]
         orphans += list(self.layout.layers.glob(f"{secrets.WORKSPACE_PREFIX}*"))  # a scan a crash cut short
+        orphans += list(self.layout.layers.glob(f"*{PART}*"))  # a copy from the commit store a crash cut short
         orphans += [
             p
             for p in self.layout.sleeping.iterdir()
@@ -364,7 +398,10 @@ class Engine:
     @asynccontextmanager
     async def _exclusive(self, vm: VmRow) -> AsyncIterator[VmRow]:
         """One change of a VM at a time, made on its row as it is once the change's turn comes; a change
-        that waits longer than half a call's deadline for its turn is refused rather than made late."""
+        that waits longer than half a call's deadline for its turn is refused rather than made late. A VM of
+        another host is changed there (a dead one anywhere: only its records are left)."""
+        if vm.host_id != self.store.host_id and vm.state != VmState.DEAD:
+            raise FailedPrecondition(f"VM {vm.id} runs on host {vm.host_id!r}, not on this one: send its calls to the orchestrator API")
         with self.supervisor.hold(vm.id, vm.org_id) as record:
             try:
                 async with asyncio.timeout(self.settings.rpc_timeout_seconds / 2):
@@ -466,33 +503,62 @@ class Engine:
         (RAM files) and the data folder's disk. What is free now is not enough to go by (a VM's memory is
         used as its guest touches it): the VMs running here count with all of their memory, and changes
         under way with what they were promised."""
+        needs = {"memory": memory_mib, "run": run_mib, "disk": disk_mib}
+        for kind, (resource_name, room, reserve, setting) in self._rooms().items():
+            need = needs[kind]
+            if room is not None and room - need < reserve:
+                raise ResourceExhausted(
+                    f"this host has {max(room, 0)} MiB of {resource_name} left for new work and keeps {reserve} MiB of it "
+                    f"free ({setting}): {what} needs {need} MiB. Delete VMs or commits, put VMs to sleep, try again "
+                    f"later, or ask the operator to make room or lower {setting}",
+                    details=[HOST_FULL],
+                )
+
+    def _rooms(self) -> dict[str, tuple[str, int | None, int, str]]:
+        """Each resource new work takes on this host: its name for messages, the MiB left for new work (None
+        where the system does not say), the reserve kept free and the setting that sets it."""
         settings = self.settings
         running = self.supervisor.running()
         running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"]
         running_run = sum(r.run_mib for r in running) + self._reserved["run"]
         memory_total, memory_free = _memory()
+        if settings.host_memory_mib:
+            memory_total = min(memory_total or settings.host_memory_mib, settings.host_memory_mib)
         run_total, run_free = _space(self.layout.run)
         _disk_total, disk_free = _space(self.layout.data)
         if disk_free is not None:
             disk_free -= self._reserved["disk"]
-        needs = (
-            ("memory", memory_free, memory_total, running_memory, memory_mib, settings.host_reserve_memory_mib,
-             "VERS_HOST_RESERVE_MEMORY_MIB"),
-            (f"tmpfs at {self.layout.run}", run_free, run_total, running_run, run_mib, settings.host_reserve_run_mib,
-             "VERS_HOST_RESERVE_RUN_MIB"),
-            (f"disk at {self.layout.data}", disk_free, None, 0, disk_mib,
-             settings.host_reserve_disk_mib, "VERS_HOST_RESERVE_DISK_MIB"),
-        )  # fmt: skip
-        for resource_name, free, total, promised, need, reserve, setting in needs:
-            if free is None:
-                continue
-            room = free if total is None else min(free, total - promised)
-            if room - need < reserve:
-                raise ResourceExhausted(
-                    f"this host has {max(room, 0)} MiB of {resource_name} left for new work and keeps {reserve} MiB of it "
-                    f"free ({setting}): {what} needs {need} MiB. Delete VMs or commits, put VMs to sleep, try again "
-                    f"later, or ask the operator to make room or lower {setting}"
-                )
+
+        def room(free: int | None, total: int | None, promised: int) -> int | None:
+            return free if free is None or total is None else min(free, total - promised)
+
+        return {
+            "memory": ("memory", room(memory_free, memory_total, running_memory), settings.host_reserve_memory_mib,
+                       "VERS_HOST_RESERVE_MEMORY_MIB"),
+            "run": (f"tmpfs at {self.layout.run}", room(run_free, run_total, running_run), settings.host_reserve_run_mib,
+                    "VERS_HOST_RESERVE_RUN_MIB"),
+            "disk": (f"disk at {self.layout.data}", disk_free, settings.host_reserve_disk_mib, "VERS_HOST_RESERVE_DISK_MIB"),
+        }  # fmt: skip
+
+    def room(self) -> HostRoom:
+        """What this host offers VMs and has left for new ones, its reserves taken off (a host agent's heartbeat)."""
+        rooms = self._rooms()
+        memory_total, _free = _memory()
+        if self.settings.host_memory_mib:
+            memory_total = min(memory_total or self.settings.host_memory_mib, self.settings.host_memory_mib)
+
+        def left(kind: str) -> int:
+            _name, room, reserve, _setting = rooms[kind]
+            return max(room - reserve, 0) if room is not None else 0
+
+        return HostRoom(
+            memory_total_mib=memory_total or 0,
+            memory_free_mib=left("memory"),
+            disk_free_mib=left("disk"),
+            run_free_mib=left("run"),
+            vcpus=os.cpu_count() or 1,
+            vm_count=len(self.supervisor.running()),
+        )
 
     @contextmanager
     def _room(self, what: str, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0) -> Iterator[None]:
@@ -534,7 +600,7 @@ class Engine:
         return vm
 
     async def _create_root(self, org_id: str, config: VmConfig) -> VmRow:
-        image = self.image_lookup(config.image_name)
+        image = await self.image_lookup(config.image_name)
         config = config.checked(image, self.network)
         memory, disk = config.mem_size_mib, config.fs_size_mib
         layer = LayerRow(id=str(uuid.uuid4()), base_path=str(image.disk))
@@ -591,7 +657,12 @@ class Engine:
         assert len(ids) == count
         if commit.network:
             check_network(commit.network, self.network)
-        await asyncio.to_thread(self.verifier.verify, commit.id, commit.checksums, commit.layer_id)
+        if not self.layout.commit_folder(commit.id).exists():
+            # a copy from the shared commit store comes first: a host without room for the VMs or the copy says so
+            # before it copies anything (and the orchestrator API tries another host)
+            what = f"{count} VM(s) of {commit.mem_size_mib} MiB and this host's copy of commit {commit.id}"
+            self._admit(what, memory_mib=count * commit.mem_size_mib, disk_mib=commit.size_bytes // MIB)
+        await self._ready(commit)
         layers = [LayerRow(id=str(uuid.uuid4()), parent_id=commit.layer_id) for _ in range(count)]
         shape = commit.model_dump(include=set(MachineShape.model_fields))
         # A fork keeps no link upstream: a VM started from another org's commit does not name it. A public
@@ -631,6 +702,37 @@ class Engine:
         await self.store.finish(operation.id)
         return [r for r in results if isinstance(r, VmRow)]
 
+    async def _ready(self, commit: CommitRow) -> None:
+        """The commit's files on this host, as they were made: copied from a shared commit store when this host
+        lacks them, then checked against the commit's checksums. A copy of this host's that does not match is
+        dropped and copied again; when the store's own copy does not match, DataLoss says so."""
+        chain = [layer.id for layer in await self.store.layer_chain(commit.layer_id)]
+        for attempt in range(2):
+            try:
+                fetched = await asyncio.to_thread(self.commit_store.fetch, commit.id, chain)
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                raise ResourceExhausted(
+                    f"this host's disk filled up while it copied commit {commit.id} from the commit store: delete VMs or "
+                    f"commits, or ask the operator to make room",
+                    details=[HOST_FULL],
+                ) from None
+            try:
+                await asyncio.to_thread(self.verifier.verify, commit.id, commit.checksums, commit.layer_id)
+                return
+            except DataLoss as error:
+                if not self.commit_store.shared:
+                    raise
+                self.verifier.forget(commit.id)
+                await asyncio.to_thread(self.commit_store.drop_cached, commit.id, commit.layer_id)
+                if fetched or attempt:
+                    raise DataLoss(
+                        f"{error.message}, in the commit store {self.commit_store.describe()}: put the file back from a backup, "
+                        f"or delete the commit"
+                    ) from error
+                log.warning("this host's copy of commit %s is damaged (%s): copying it again from the commit store", commit.id, error)
+
     async def _discard(self, vm_id: str) -> None:
         """A VM that never reached its caller: stopped and deleted."""
         record = self.supervisor.get(vm_id)
@@ -645,7 +747,8 @@ class Engine:
         frozen = self.layout.layer_file(commit.layer_id)
         machine = None
         try:
-            await _qemu_img("create", *LAYER_OPTIONS, "-b", frozen, "-F", "qcow2", self.layout.layer_file(vm.layer_id))
+            # named by its name alone: both are in the layers folder, and the chain works in any folder it is copied to
+            await _qemu_img("create", *LAYER_OPTIONS, "-b", frozen.name, "-F", "qcow2", self.layout.layer_file(vm.layer_id))
             ram_file = Path(vm.ram_source) if vm.ram_source else None
             machine = await Machine.launch(self._spec(vm, incoming=True, ram_file=ram_file))
             fault_point("restore.after_launch")
@@ -729,6 +832,9 @@ class Engine:
             size = sum(_allocated(path) for path in (*folder.iterdir(), frozen))
             # On disk, with the folder entries that name them, before any row says the commit exists.
             await asyncio.to_thread(self._flush_commit, folder, frozen)
+            # In a shared store, whole and flushed, before any row says the commit exists (or its call answers).
+            chain = [layer.id for layer in await self.store.layer_chain(vm.layer_id)]
+            await asyncio.to_thread(self.commit_store.publish, commit_id, chain, json.dumps(checksums))
             fault_point("commit.before_record")
             commit = CommitRow(
                 id=commit_id, org_id=vm.org_id, name=name or f"commit of {vm.id}", description=description,
@@ -755,7 +861,7 @@ class Engine:
         """A commit that failed leaves no commit; if QEMU already writes to the new layer, the VM's row moves
         there with it, so what the VM writes from now on is never lost to a stale row."""
         if await self.store.commit_row(folder.name) is None:
-            shutil.rmtree(folder, ignore_errors=True)
+            await asyncio.to_thread(self.commit_store.delete_commit, folder.name)  # and its copy in a shared store
         if await self._writes_to(machine, self.layout.layer_file(new_layer.id)):
             await self.store.add_commit(None, vm.id, new_layer, operation_id)
         else:
@@ -801,7 +907,7 @@ class Engine:
     async def _finish_commit_deletion(self, commit_id: str) -> None:
         fault_point("commit_delete.after_reserve")
         self.verifier.forget(commit_id)
-        shutil.rmtree(self.layout.commit_folder(commit_id), ignore_errors=True)
+        await asyncio.to_thread(self.commit_store.delete_commit, commit_id)  # other hosts' copies go at their next start
         await self.store.finish_commit_deletion(commit_id)
         await self.collect_garbage()
 
@@ -832,17 +938,16 @@ class Engine:
 
     async def collect_garbage(self) -> None:
         for layer_id in await self.store.collect_garbage_layers():
-            self.layout.layer_file(layer_id).unlink(missing_ok=True)
+            await asyncio.to_thread(self.commit_store.delete_layer, layer_id)
 
     # Bytes a commit holds
 
     def _commit_folder_bytes(self, commit_id: str) -> int:
-        folder = self.layout.commit_folder(commit_id)
-        return sum(_allocated_or_none(path) for path in folder.iterdir()) if folder.is_dir() else 0
+        return self.commit_store.folder_bytes(commit_id)
 
     def _layer_bytes(self, graph: LayerGraph, commits: Sequence[CommitRow]) -> dict[str, int]:
-        """Allocated bytes of the layers of these commits' chains (an image's root disk under them counts not)."""
-        return {layer_id: _allocated_or_none(self.layout.layer_file(layer_id)) for c in commits for layer_id in graph.chain(c.layer_id)}
+        """Allocated bytes of the layers of these commits' chains in the store (an image's root disk under them counts not)."""
+        return {layer_id: self.commit_store.layer_bytes(layer_id) for c in commits for layer_id in graph.chain(c.layer_id)}
 
     async def commit_bytes(self, commits: Sequence[CommitRow]) -> dict[str, tuple[int, int]]:
         """Each commit's bytes held alone (its memory and device state, and the layers of its chain nothing
@@ -915,9 +1020,10 @@ class Engine:
         kept = await self.store.secret_scan(commit.id, rules_version)
         if kept is not None:
             return kept
+        chain = await self.store.layer_chain(commit.layer_id)
+        await asyncio.to_thread(self.commit_store.fetch, commit.id, [layer.id for layer in chain])  # a shared store's, to this host
         folder = self.layout.commit_folder(commit.id)
         memory = [folder / name for name in ("ram", "state") if (folder / name).exists()]
-        chain = await self.store.layer_chain(commit.layer_id)
         base = Path(chain[-1].base_path) if chain and chain[-1].base_path else None
         allow = [pattern.strip() for pattern in self.settings.secret_scan_allow_paths.split(",") if pattern.strip()]
         async with self._scan_turn:
@@ -1262,6 +1368,52 @@ class Engine:
         except Exception as error:
             log.warning("VM %s: %s", vm_id, error)
 
+    async def reconcile_host(self) -> None:
+        """A host agent's, after each heartbeat: stop the VMs marked dead, and now and then let go of the copies
+        of deleted commits and layers that other hosts deleted (each host caches what it reads from the store)."""
+        await self.stop_vms_marked_dead()
+        now = time.monotonic()
+        if now - self._evicted_at >= CACHE_EVICTION_SECONDS:
+            self._evicted_at = now
+            await self.evict_cache()
+
+    async def evict_cache(self) -> None:
+        """This host's copies of what is gone from the shared commit store: the folders of commits no row keeps
+        (deleted, not being made or deleted), and layer files no row names, untouched for CACHE_EVICTION_SECONDS
+        (a layer's row comes before its file; a commit being made is in flight)."""
+        if not self.commit_store.shared:
+            return
+        listed = await asyncio.to_thread(lambda: ([p for p in self.layout.commits.iterdir()], list(self.layout.layers.glob("*.qcow2"))))
+        commits = {commit.id for commit in await self.store.live_commits()} | await self.store.commits_in_flight()
+        commits |= {row.commit_id for row in await self.store.commit_deletions()}
+        layers = set(await self.store.layer_ids())
+        unsettled = await self.store.operations()
+        layers |= {layer for op in unsettled for layer in (op.old_layer_id, op.new_layer_id) if layer}
+        stale = time.time() - CACHE_EVICTION_SECONDS
+        folders, files = listed
+        gone = [p for p in folders if p.name not in commits and _untouched_since(p, stale)]
+        gone += [p for p in files if p.stem not in layers and _untouched_since(p, stale)]
+        for path in gone:
+            log.info("removing %s, this host's copy of what the commit store no longer has", path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    async def stop_vms_marked_dead(self) -> None:
+        """A host agent the API heard nothing from for VERS_HOST_DEAD_SECONDS has had its live VMs marked dead
+        (its machine was cut off, say, not down): any of them still running here is stopped once it is heard
+        again, for nothing may use them any more (their commits branch on other hosts)."""
+        running = self.supervisor.running()  # before the rows: a VM started in between has its row already
+        kept = {vm.id: vm for vm in await self.store.all_vms()}
+        for record in running:
+            vm = kept.get(record.vm_id)
+            if (machine := record.machine) is None or (vm is not None and vm.state != VmState.DEAD):
+                continue
+            log.warning("stopping VM %s: its record says it is dead (this host was declared dead)", record.vm_id)
+            machine.agent.closing(f"VM {record.vm_id} was declared dead while the command ran")
+            await machine.kill()
+
     async def delete_vm(self, vm: VmRow) -> None:
         await self._whole(self._delete_vm(vm))
 
@@ -1299,6 +1451,13 @@ def _check_private(folder: Path) -> None:
         os.chmod(folder, 0o700, follow_symlinks=False)
 
 
+def _untouched_since(path: Path, moment: float) -> bool:
+    try:
+        return path.stat().st_mtime < moment
+    except OSError:  # gone meanwhile
+        return False
+
+
 def _memory() -> tuple[int | None, int | None]:
     """This host's memory and what of it is available now, in MiB (None where /proc does not say)."""
     found: dict[str, int] = {}
@@ -1324,14 +1483,6 @@ def _space(folder: Path) -> tuple[int | None, int | None]:
 def _allocated(path: Path) -> int:
     """Bytes a file takes on disk (a RAM file's untouched pages take none)."""
     return path.stat().st_blocks * 512
-
-
-def _allocated_or_none(path: Path) -> int:
-    """As _allocated; 0 for a file already gone (removed by a deletion under way)."""
-    try:
-        return _allocated(path)
-    except FileNotFoundError:
-        return 0
 
 
 def _freed_bytes(

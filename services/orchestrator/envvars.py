@@ -98,13 +98,32 @@ class EnvVars:
 
     def __init__(self, settings: Settings, db: Database) -> None:
         self.key_file = Path(settings.data_dir) / KEY_FILE
+        # Several hosts share one key (they read the same rows): VERS_ENV_VARS_KEY, where it is set.
+        self.key = settings.env_vars_key.encode()
         self.max_vars = settings.org_max_env_vars
         self.db = db
         self._fernet: Fernet | None = None
 
+    def check_key(self) -> None:
+        """At start: VERS_ENV_VARS_KEY must be a Fernet key, and the same as the data folder's env-vars.key when
+        there is one (made before the setting was given): the values stored so far could not be read otherwise."""
+        if not self.key:
+            return
+        try:
+            Fernet(self.key)
+        except ValueError:
+            raise RuntimeError("VERS_ENV_VARS_KEY is not a Fernet key (32 bytes in URL-safe base64): see deploy/vers.env") from None
+        if self.key_file.exists() and self.key_file.read_bytes().strip() != self.key:
+            raise RuntimeError(
+                f"VERS_ENV_VARS_KEY is not the key in {self.key_file}, which encrypted the environment variables stored so far: "
+                f"set VERS_ENV_VARS_KEY to that file's content, or unset it"
+            )
+
     def _cipher(self) -> Fernet:
         """The key, made on first use: written whole and private from its first byte; when two processes make
         one at once, the first written is the one both use."""
+        if self._fernet is None and self.key:
+            self._fernet = Fernet(self.key)
         if self._fernet is None:
             if not self.key_file.exists():
                 write_atomic(self.key_file, Fernet.generate_key(), 0o600, exclusive=True)
@@ -119,7 +138,8 @@ class EnvVars:
         """A key for digests of values (the secret scan's record of which values it looked for), derived from
         the encryption key: no one without it can try guesses, even of short values, against a digest."""
         self._cipher()  # the key file, made if it is not yet
-        return hashlib.sha256(b"vers env-vars digest key\x00" + self.key_file.read_bytes().strip()).digest()
+        key = self.key or self.key_file.read_bytes().strip()
+        return hashlib.sha256(b"vers env-vars digest key\x00" + key).digest()
 
     def _seal(self, org_id: str, name: str, value: str) -> str:
         return self._cipher().encrypt(json.dumps([org_id, name, value]).encode()).decode()

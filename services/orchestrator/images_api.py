@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from sqlalchemy import UniqueConstraint, func
 from sqlmodel import Field, SQLModel, select
 
 from services.common.auth import Principal, current_principal
-from services.common.db import Database, insert_unique, time_column
+from services.common.db import Database, insert_unique, serialize, time_column
 from services.common.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.names import validate_text
 from services.common.settings import Settings
@@ -78,6 +79,8 @@ class ImageRow(SQLModel, table=True):
     error_message: str = ""
     job_id: str
     created_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    # The host agent that builds it ("" on a single-host platform): a start fails only its own unfinished builds.
+    host_id: str = ""
 
 
 IMAGE_TABLES = [ImageRow.__table__]  # type: ignore[attr-defined]
@@ -102,48 +105,41 @@ class ImageCatalog:
         layout = Layout.of(settings)
         self.builtin_root = layout.images
         self.root = layout.org_images
+        self.data_root = layout.data / "org-images"
         self.builds: set[asyncio.Task[None]] = set()
         self.build_slots = asyncio.Semaphore(settings.image_max_concurrent_builds)
         self.org_build_slots: dict[str, asyncio.Semaphore] = {}
         self.uploading: Counter[str] = Counter()
-        # Completed images by (owner, name), and the public ones by name: what `lookup` reads, in the
-        # engine's synchronous path; changed only here, with the database.
-        self._own: dict[tuple[str, str], ImageRow] = {}
-        self._public: dict[str, ImageRow] = {}
+        # This host's builds, and the prefix of their scratch folders (the images' folder may be a shared store's).
+        self.host_id = settings.host_name if settings.orchestrator_role == "host" else ""
+        self.scratch_prefix = f".build-{hashlib.sha256(self.host_id.encode()).hexdigest()[:16]}-" if self.host_id else ".build-"
 
     def folder(self, row: ImageRow) -> Path:
+        """The image's folder: in the shared commit store when there is one, except for an image made before it
+        was set, which stays in this host's data folder (VMs and commits stand on its disk at that path)."""
+        before_the_store = self.data_root / row.id
+        if self.root != self.data_root and not (self.root / row.id).exists() and before_the_store.exists():
+            return before_the_store
         return self.root / row.id
 
     async def start(self) -> None:
-        """Builds a stop interrupted are failed (their uploads are gone); folders of no record are removed."""
+        """This host's builds a stop interrupted are failed (their uploads are gone); folders of no record, and
+        this host's scratch folders, are removed."""
         self.root.mkdir(parents=True, exist_ok=True)
         async with self.db.write() as session:
-            for row in (await session.exec(select(ImageRow).where(ImageRow.status == CREATING))).all():
+            interrupted = select(ImageRow).where(ImageRow.status == CREATING, ImageRow.host_id == self.host_id)
+            for row in (await session.exec(interrupted)).all():
                 row.status, row.error_message = FAILED, "the orchestrator stopped during the build: make the image again"
                 session.add(row)
-            rows = (await session.exec(select(ImageRow))).all()
-        known = {row.id for row in rows}
+            known = set((await session.exec(select(ImageRow.id))).all())
         for folder in self.root.iterdir():
-            if folder.name not in known or folder.name.startswith("."):
+            if folder.name.startswith(self.scratch_prefix) or (not folder.name.startswith(".") and folder.name not in known):
                 shutil.rmtree(folder, ignore_errors=True)
-        for row in rows:
-            if row.status == COMPLETED:
-                self._remember(row)
 
     async def close(self) -> None:
         for task in list(self.builds):
             task.cancel()
         await asyncio.gather(*self.builds, return_exceptions=True)
-
-    def _remember(self, row: ImageRow) -> None:
-        self._own[(row.org_id, row.image_name)] = row
-        if row.is_public:
-            self._public[row.image_name] = row
-
-    def _forget(self, row: ImageRow) -> None:
-        self._own.pop((row.org_id, row.image_name), None)
-        if self._public.get(row.image_name) is row or (row.is_public and row.image_name in self._public):
-            self._public.pop(row.image_name, None)
 
     def _image(self, row: ImageRow) -> Image:
         kernel = find_image(self.builtin_root, DEFAULT_IMAGE)
@@ -151,17 +147,20 @@ class ImageCatalog:
             raise FailedPrecondition(f"no kernel in {self.builtin_root}: run `make images` on the platform's machine")
         return Image(row.image_name, self.folder(row), kernel.kernel_folder)
 
-    def lookup(self, name: str) -> Image:
+    async def lookup(self, name: str) -> Image:
         """The image `name` means to the calling organization: its own, else a public one, else one built
         with the platform; "" is the default image. Anything else is refused naming what it may boot."""
         org_id = current_principal().org_id
-        row = self._own.get((org_id, name)) or self._public.get(name)
-        if row is not None:
-            return self._image(row)
+        async with self.db.read() as session:
+            query = select(ImageRow).where(ImageRow.status == COMPLETED, (ImageRow.org_id == org_id) | ImageRow.is_public)
+            rows = (await session.exec(query)).all()
+        named = sorted((row for row in rows if row.image_name == name), key=lambda row: row.org_id != org_id)
+        if named:
+            return self._image(named[0])
         builtin = find_image(self.builtin_root, name or DEFAULT_IMAGE)
         if builtin is not None:
             return builtin
-        visible = sorted({*list_images(self.builtin_root), *self._public, *(n for (o, n) in self._own if o == org_id)})
+        visible = sorted({*list_images(self.builtin_root), *(row.image_name for row in rows)})
         raise InvalidArgument(f"image {name!r} does not exist; images: {', '.join(visible) or 'none: run `make images`'}")
 
     # The API's answers.
@@ -218,9 +217,10 @@ class ImageCatalog:
             raise AlreadyExists(f"image {name!r} is built into the platform: choose another name")
         row = ImageRow(
             id=str(uuid.uuid4()), org_id=principal.org_id, image_name=name, is_public=principal.is_admin, size_mib=size_mib,
-            source_type=source_type, description=description, job_id=str(uuid.uuid4()),
+            source_type=source_type, description=description, job_id=str(uuid.uuid4()), host_id=self.host_id,
         )  # fmt: skip
         async with self.db.write() as session:
+            await serialize(session, f"images:{row.org_id}")  # two uploads at once are counted one after the other (PostgreSQL)
             count, mib = (
                 await session.exec(select(func.count(), func.coalesce(func.sum(ImageRow.size_mib), 0)).where(ImageRow.org_id == row.org_id))
             ).one()
@@ -234,7 +234,8 @@ class ImageCatalog:
                     f"organization {principal.org_label} has images of {mib} MiB; {size_mib} MiB more is beyond its limit "
                     f"(VERS_ORG_MAX_IMAGE_MIB={self.settings.org_max_image_mib}): delete images, or ask the operator to raise it"
                 )
-            if public := self._public.get(name) if row.is_public else None:
+            public = (await session.exec(select(ImageRow).where(ImageRow.image_name == name, ImageRow.is_public))).first()
+            if row.is_public and public is not None:
                 raise AlreadyExists(f"a public image {name!r} exists (base_image_id {public.id}): choose another name")
             await insert_unique(session, row, f"image {name!r} already exists")
         return row
@@ -266,15 +267,13 @@ class ImageCatalog:
             session.add(stored)
         if error:
             shutil.rmtree(self.folder(row), ignore_errors=True)
-        else:
-            self._remember(stored)
 
     async def _build_disk(self, row: ImageRow, source: Mapping[str, object]) -> str:
         """Run the build's process and wait for it at most VERS_IMAGE_BUILD_TIMEOUT_SECONDS; on timeout (or when
         the orchestrator stops) its whole process group is killed and waited for, so nothing installs a disk
         after. The error, or "" once the disk is in the image's folder (and row.size_mib its size)."""
         timeout = self.settings.image_build_timeout_seconds
-        scratch = Path(tempfile.mkdtemp(dir=self.root, prefix=".build-"))
+        scratch = Path(tempfile.mkdtemp(dir=self.root, prefix=self.scratch_prefix))
         spec = {
             **source, "scratch": str(scratch), "target": str(self.folder(row)), "timeout": timeout,
             "manifest": {"name": row.image_name, "owner_id": row.org_id, "source_type": row.source_type},
@@ -451,7 +450,6 @@ class ImageCatalog:
                     if users:
                         raise Conflict(f"image {row.image_name!r} is in use by VMs (or commits made from them): delete them first")
                     await session.delete(row)
-                    self._forget(row)
                     shutil.rmtree(self.folder(row), ignore_errors=True)
                     return pb.DeleteImageResponse(base_image_id=base_image_id, deleted=True)
         if any(info.base_image_id == base_image_id for info in self._builtins()):

@@ -49,9 +49,13 @@ class Verifier:
         head = {"size": layer.stat().st_size, "head_sha256": file_digest(layer, HEAD_BYTES)}
         return {"files": files, "layer": head}
 
-    def verify(self, commit_id: str, checksums: str, layer_id: str) -> None:
-        """DataLoss naming the file when one of the commit's is missing or does not match what was recorded."""
-        folder, layer = self.layout.commit_folder(commit_id), self.layout.layer_file(layer_id)
+    def verify(self, commit_id: str, checksums: str, layer_id: str, in_store: bool = False) -> None:
+        """DataLoss naming the file when one of the commit's is missing or does not match what was recorded: this
+        host's copies, or with `in_store` those of the shared commit store (`vers admin fsck` reads them)."""
+        if in_store:
+            folder, layer = self.layout.store_commit_folder(commit_id), self.layout.store_layer_file(layer_id)
+        else:
+            folder, layer = self.layout.commit_folder(commit_id), self.layout.layer_file(layer_id)
         recorded = json.loads(checksums)
         for name, expected in recorded["files"].items():
             path = folder / name
@@ -70,7 +74,9 @@ class Verifier:
             raise DataLoss(f"commit {commit_id} is damaged: its disk layer does not match its checksum")
 
     def forget(self, commit_id: str) -> None:
-        """The commit is being deleted: what was known of its files goes."""
-        folder = self.layout.commit_folder(commit_id)
-        for path in [p for p in self._verified if p.parent == folder]:
+        """The commit is being deleted, or its copies here dropped: what was known of its files goes."""
+        folders = {self.layout.commit_folder(commit_id)}
+        if self.layout.store is not None:
+            folders.add(self.layout.store_commit_folder(commit_id))
+        for path in [p for p in self._verified if p.parent in folders]:
             del self._verified[path]

@@ -10,6 +10,7 @@ import logging
 import os
 import pwd
 import signal
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -96,10 +97,35 @@ def _option(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
-def qemu_args(spec: LaunchSpec, user: str = "", disk_fds: tuple[int, int] | None = None) -> list[str]:
+def qcow2_backing(path: Path) -> str | None:
+    """The backing file a qcow2 header names (None: none); ValueError if it is not a qcow2 file."""
+    with path.open("rb") as disk:
+        header = disk.read(20)
+        if len(header) < 20 or header[:4] != b"QFI\xfb":
+            raise ValueError("not a qcow2 file")
+        offset, size = struct.unpack(">QI", header[8:20])
+        if not offset:
+            return None
+        disk.seek(offset)
+        return disk.read(size).decode(errors="replace")
+
+
+def relative_backing(disk: Path) -> Path | None:
+    """The file under a layer whose header names it relative to the layer's folder (as layers name the layer
+    under them, so a chain works in any folder): QEMU resolves such a name beside the name it opened the layer
+    by, and a layer passed as a descriptor is opened as /dev/fdset/N, so the file is named to it in full.
+    None when the header names none, or an absolute path (an image's root disk, a layer made before)."""
+    named = qcow2_backing(disk)
+    if not named or os.path.isabs(named) or named.startswith("json:"):
+        return None
+    return disk.parent / named
+
+
+def qemu_args(spec: LaunchSpec, user: str = "", disk_fds: tuple[int, int] | None = None, backing: Path | None = None) -> list[str]:
     """QEMU's command line. `user`: what it drops to once its files are open (`-runas`); `disk_fds`: the
     disk layer opened for writing and for reading, passed as fdset DISK_FDSET, so QEMU never opens a layer
-    by its path after start-up."""
+    by its path after start-up; `backing`: the file under that layer when its header names it by a relative
+    name (relative_backing)."""
     paths = sockets(spec.run_folder)
     if spec.ram_mode == "anonymous":
         memory = f"memory-backend-ram,id=ram0,size={spec.mem_mib}M"
@@ -122,6 +148,7 @@ def qemu_args(spec: LaunchSpec, user: str = "", disk_fds: tuple[int, int] | None
             item for mode, fd in zip(("rw", "ro"), disk_fds, strict=True)
             for item in ("-add-fd", f"fd={fd},set={DISK_FDSET},opaque={_option(f'{mode}:{spec.disk}')}")
         ]  # fmt: skip
+    under = f"backing.driver=qcow2,backing.file.driver=file,backing.file.filename={_option(backing)}," if backing else ""
     args = [
         *spec.prefix, *privilege_drop(user), "qemu-system-x86_64", "-name", f"vers-{spec.vm_id}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-sandbox", sandbox,
@@ -132,7 +159,7 @@ def qemu_args(spec: LaunchSpec, user: str = "", disk_fds: tuple[int, int] | None
         # init_on_free: memory a guest frees (a removed file's page cache, an ended process) is zeroed, so
         # a later commit's memory image does not hold it
         "-append", "console=ttyS0 quiet panic=-1 init_on_free=1",
-        *add_fds, "-drive", f"file={disk},{locking}if=virtio,format=qcow2,discard=unmap",
+        *add_fds, "-drive", f"file={disk},{locking}{under}if=virtio,format=qcow2,discard=unmap",
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={paths['agent']},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=agent",
@@ -205,10 +232,11 @@ class Machine:
         os.close(os.open(spec.run_folder / "serial.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         user = drop_user(spec.qemu_user)
         log_fd = os.open(spec.run_folder / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        backing = relative_backing(spec.disk)
         disk_fds = (os.open(spec.disk, os.O_RDWR), os.open(spec.disk, os.O_RDONLY))
         try:
             process = await asyncio.create_subprocess_exec(
-                *qemu_args(spec, user, disk_fds), stdin=asyncio.subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                *qemu_args(spec, user, disk_fds, backing), stdin=asyncio.subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                 pass_fds=disk_fds, umask=0o077,
                 start_new_session=True,  # a VM outlives an orchestrator restart and is adopted again
             )  # fmt: skip
@@ -425,10 +453,13 @@ class Machine:
 
     async def _new_layer(self, new_disk: Path) -> str:
         """The overlay the VM goes on in, on the layer it writes to now, passed to QEMU in a new fdset
-        (opened for writing and for reading; QEMU itself never opens it by path); its block node's name."""
+        (opened for writing and for reading; QEMU itself never opens it by path); its block node's name. Its
+        header names that layer by its name alone when both are in one folder (the layers folder), so the
+        chain works wherever it is copied (a shared commit store, another host's data folder)."""
         top = await self._top_image()
+        under = Path(await self._real_path(str(top["filename"])))
         process = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", *LAYER_OPTIONS, "-u", "-b", await self._real_path(str(top["filename"])),
+            "qemu-img", "create", "-q", *LAYER_OPTIONS, "-u", "-b", under.name if under.parent == new_disk.parent else str(under),
             "-F", "qcow2", str(new_disk), str(top["virtual-size"]),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, umask=0o077,
         )  # fmt: skip
@@ -551,5 +582,5 @@ def copy_sparse(source: Path, target: Path) -> None:
 
 __all__ = [
     "RAM_MODES", "LaunchSpec", "Machine", "QmpClosed", "QmpError", "copy_sparse", "drop_user", "find_processes",
-    "keep_tail", "kill_process", "qemu_args",
+    "keep_tail", "kill_process", "qcow2_backing", "qemu_args", "relative_backing",
 ]  # fmt: skip

@@ -64,6 +64,8 @@ class VmRow(MachineShape, table=True):
     parent_commit_id: str | None = Field(default=None, index=True)
     grandparent_vm_id: str | None = None
     pid: int = 0
+    # The host agent it runs on (VERS_HOST_ID), which all of its calls go to; "" on a single-host platform.
+    host_id: str = Field(default="", index=True)
 
 
 def require_not_paused(vm: VmRow) -> None:
@@ -91,6 +93,31 @@ class CommitRow(MachineShape, table=True):
     size_bytes: int = 0
     # Published by its owner (UpdateCommit, after the secret scan): any org may branch or restore it by id.
     is_public: bool = False
+
+
+class HostState(StrEnum):
+    UP = "up"
+    DEAD = "dead"  # silent for VERS_HOST_DEAD_SECONDS: its live VMs were marked dead
+
+
+class HostRow(SQLModel, table=True):
+    """A host agent, as it said in its last heartbeat (several VM hosts: VERS_ORCHESTRATOR_ROLE)."""
+
+    __tablename__ = "hosts"
+
+    id: str = Field(primary_key=True)
+    address: str
+    state: str = HostState.UP
+    accelerator: str = ""
+    instance: str = ""  # the agent process's random id (HostStatus.instance)
+    memory_total_mib: int = 0
+    memory_free_mib: int = 0
+    disk_free_mib: int = 0
+    run_free_mib: int = 0
+    vcpus: int = 0
+    vm_count: int = 0
+    registered_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
+    heartbeat_at: datetime = Field(default_factory=utcnow, sa_column=time_column())
 
 
 class OperationRow(SQLModel, table=True):
@@ -193,7 +220,7 @@ class EnvVarRow(SQLModel, table=True):
 
 MODELS = (
     LayerRow, VmRow, CommitRow, OperationRow, CommitDeletionRow, ForkRequestRow, SshKeyRow, DomainRow, SecretScanRow,
-    EnvVarRow,
+    EnvVarRow, HostRow,
 )  # fmt: skip
 # SQLModel's metaclass adds __table__ to table models without declaring it.
 TABLES = [model.__table__ for model in MODELS]  # type: ignore[union-attr]

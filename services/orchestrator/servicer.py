@@ -11,7 +11,7 @@ import grpc
 
 from services.common.audit import service_page
 from services.common.auth import ServiceCredential, current_principal
-from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.faults import fault_point
 from services.common.names import (
     COMMIT_DESCRIPTION_MAX_BYTES,
@@ -32,6 +32,7 @@ from services.orchestrator.execs import ExecStreamMethods, new_exec_id
 from services.orchestrator.files import FileMethods
 from services.orchestrator.models import CommitRow, ForkRequestRow, SecretScanRow, VmRow, require_not_paused
 from services.orchestrator.network import GUEST_ADDRESS
+from services.orchestrator.placement import HOST_FULL
 from services.orchestrator.publishing import CommitMethods
 from services.orchestrator.store import OrchestratorStore
 from services.orchestrator.vmadmin import VmAdminMethods, parse_label_filters
@@ -377,11 +378,13 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
             raise Conflict(f"fork {saga_id} was abandoned (its saga was undone): fork again")
         try:
             # The registry found the commit (the tag of a public repository); the secret scan is checked here.
-            if row.vm_id is None or (row.state != "done" and await self.store.vm(row.vm_id) is None):
+            made = await self.store.vm(row.vm_id) if row.vm_id is not None else None
+            if made is None or made.deleted_at is not None:
                 source = await self.store.published_commit(request.source_commit_id)
                 await self._require_scanned(source, request.source_reference)
-                # The VM's id is noted before the VM is made, so a crash in between leaves nothing unnoted.
-                if row.vm_id is None:
+                # The VM's id is noted before the VM is made, so a crash in between leaves nothing unnoted; a new
+                # one when the VM noted before is gone (a host without room discarded it: the fork goes on another).
+                if row.vm_id is None or made is not None:
                     row = await self._note(saga_id, vm_id=str(uuid.uuid4()))
                 await self.engine.restore(org_id, source, vm_ids=[row.vm_id or ""])
                 fault_point("fork.after_restore")
@@ -395,6 +398,10 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
                     await self.engine.commit(vm, name, request.description, keep_paused=False, commit_id=row.commit_id)
                 row = await self._note(saga_id, state="done")
                 fault_point("fork.after_commit")
+        except ResourceExhausted as error:
+            if HOST_FULL not in error.details:  # this host has no room: the fork goes on another, with the VM it discarded
+                await self._abandon(saga_id, org_id)
+            raise
         except Exception:
             await self._abandon(saga_id, org_id)
             raise

@@ -94,8 +94,13 @@ class Collectable:
 
 
 class OrchestratorStore:
-    def __init__(self, db: Database, max_vcpus: int, max_memory_mib: int, default_limits: OrgLimits | None = None) -> None:
+    def __init__(
+        self, db: Database, max_vcpus: int, max_memory_mib: int, default_limits: OrgLimits | None = None, host_id: str = ""
+    ) -> None:
         self.db = db
+        # The host whose VMs this store's engine runs: it adds VMs for that host, and start-up reconciliation
+        # (live_vms, all_vms, operations) sees only those ("" on a single-host platform, where all are).
+        self.host_id = host_id
         self.max_vcpus = max_vcpus
         self.max_memory_mib = max_memory_mib
         if default_limits is None:
@@ -139,6 +144,7 @@ class OrchestratorStore:
                 session.add(layer)
             await session.flush()
             for vm in vms:
+                vm.host_id = self.host_id
                 session.add(vm)
             session.add(operation)
 
@@ -252,7 +258,9 @@ class OrchestratorStore:
 
     async def live_vms(self) -> list[VmRow]:
         async with self.db.read() as session:
-            query = select(VmRow).where(col(VmRow.state).in_(LIVE_STATES), col(VmRow.deleted_at).is_(None))
+            query = select(VmRow).where(
+                col(VmRow.state).in_(LIVE_STATES), col(VmRow.deleted_at).is_(None), col(VmRow.host_id) == self.host_id
+            )
             return list(await session.exec(query))
 
     async def update_vm(self, vm_id: str, **changes: Any) -> VmRow:
@@ -301,14 +309,39 @@ class OrchestratorStore:
 
     async def operations(self) -> list[OperationRow]:
         async with self.db.read() as session:
-            return list(await session.exec(select(OperationRow).order_by(col(OperationRow.started_at))))
+            query = (
+                select(OperationRow)
+                .join(VmRow, col(VmRow.id) == col(OperationRow.vm_id))
+                .where(col(VmRow.host_id) == self.host_id)
+                .order_by(col(OperationRow.started_at))
+            )
+            return list(await session.exec(query))
+
+    async def commits_in_flight(self) -> set[str]:
+        """The commits that operations in flight on any host are making (a shared commit store keeps their files)."""
+        async with self.db.read() as session:
+            return {commit_id for commit_id in await session.exec(select(OperationRow.commit_id)) if commit_id}
 
     async def vm(self, vm_id: str) -> VmRow | None:
         """Any VM row, of any org and state (start-up reconciliation)."""
         return await self._row(VmRow, vm_id)
 
+    async def claim_vms(self, layer_ids: set[str]) -> list[str]:
+        """The VMs not deleted whose writable layer is one of `layer_ids` (files on this store's host) become this
+        host's; returns their ids."""
+        async with self.db.write() as session:
+            query = select(VmRow).where(col(VmRow.deleted_at).is_(None), col(VmRow.host_id) != self.host_id)
+            claimed = [vm for vm in await session.exec(query) if vm.layer_id in layer_ids]
+            for vm in claimed:
+                vm.host_id = self.host_id
+                session.add(vm)
+            return [vm.id for vm in claimed]
+
     async def all_vms(self) -> list[VmRow]:
-        return await self._undeleted(VmRow)
+        """The VMs of this store's host that are not deleted."""
+        async with self.db.read() as session:
+            query = select(VmRow).where(col(VmRow.deleted_at).is_(None), col(VmRow.host_id) == self.host_id)
+            return list(await session.exec(query))
 
     async def _row(self, model: type[Row], key: str) -> Row | None:
         async with self.db.read() as session:
@@ -687,6 +720,11 @@ class OrchestratorStore:
             return (await session.exec(select(DomainRow).where(DomainRow.name == name))).first()
 
     # Forks
+
+    async def fork_request(self, saga_id: str) -> ForkRequestRow | None:
+        """A saga's fork, of any org (the API of several hosts sends its calls to its VM's host)."""
+        async with self.db.read() as session:
+            return await session.get(ForkRequestRow, saga_id)
 
     async def claim_fork(self, saga_id: str, org_id: str) -> ForkRequestRow:
         """The fork of a saga, recorded as running on the saga's first call."""

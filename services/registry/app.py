@@ -4,18 +4,17 @@ import asyncio
 import logging
 from pathlib import Path
 
-from services.common.audit import create_audit_table
 from services.common.db import Database
 from services.common.errors import Unauthenticated
 from services.common.files import write_atomic
+from services.common.migrations import migrate
 from services.common.peers import Peers
 from services.common.quotas import OrgLimits
 from services.common.server import Service
 from services.common.settings import Settings
-from services.registry.models import TABLES
 from services.registry.sagas import Sagas, reason
 from services.registry.servicer import RegistryServicer
-from services.registry.store import RegistryStore
+from services.registry.store import TOKEN_PREFIX, RegistryStore
 from vers.registry.v1 import registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,33 @@ async def ensure_admin_key(store: RegistryStore, platform_org_id: str, key_file:
     write_atomic(key_file, new_key.token + "\n", 0o600)
     revoked = await store.revoke_admin_keys(platform_org_id, keep_key_id=new_key.key.id)
     log.info("administrator key written to %s%s", key_file, f"; {revoked} earlier administrator keys revoked" if revoked else "")
+
+
+# An administrator key the operator gives (VERS_ADMIN_KEY) is at least this long after its prefix, as a made one is.
+GIVEN_ADMIN_KEY_MIN_CHARS = 32
+
+
+async def ensure_given_admin_key(store: RegistryStore, platform_org_id: str, token: str) -> None:
+    """Make `token` (VERS_ADMIN_KEY) the administrator key: recorded (its hash) when the registry does not know it
+    yet, and every other administrator key revoked, so that a key changed in the operator's secret store replaces
+    the old one at the next start. No file is written."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) < len(TOKEN_PREFIX) + GIVEN_ADMIN_KEY_MIN_CHARS:
+        raise ValueError(
+            f'VERS_ADMIN_KEY must be "{TOKEN_PREFIX}" followed by at least {GIVEN_ADMIN_KEY_MIN_CHARS} random characters: '
+            f"""make one with python3 -c 'import secrets; print("{TOKEN_PREFIX}" + secrets.token_urlsafe(32))'"""
+        )
+    try:
+        known = await store.resolve(token)
+    except Unauthenticated:
+        key_id = (await store.create_api_key(platform_org_id, "platform administrator", is_admin=True, token=token)).key.id
+        log.info("administrator key from VERS_ADMIN_KEY recorded")
+    else:
+        if not known.is_admin:
+            raise ValueError(f"VERS_ADMIN_KEY is an API key of organization {known.org_name!r}: give the administrator a key of its own")
+        key_id = known.key_id
+    revoked = await store.revoke_admin_keys(platform_org_id, keep_key_id=key_id)
+    if revoked:
+        log.info("%d earlier administrator key(s) revoked: VERS_ADMIN_KEY is the administrator key", revoked)
 
 
 class ScheduledCollection:
@@ -82,11 +108,13 @@ class ScheduledCollection:
 
 async def build(settings: Settings) -> Service:
     db = Database(settings.database_url("registry"))
-    await db.create_tables(TABLES)
-    await create_audit_table(db)
+    await migrate(db, "registry")
     store = RegistryStore(db, OrgLimits.defaults(settings))
     platform_org = await store.ensure_org(PLATFORM_ORG)
-    await ensure_admin_key(store, platform_org.id, settings.admin_key_file)
+    if settings.admin_key:
+        await ensure_given_admin_key(store, platform_org.id, settings.admin_key)
+    else:
+        await ensure_admin_key(store, platform_org.id, settings.admin_key_file)
     peers = Peers(settings)
     sagas = Sagas(store, peers.channel("tagging"), peers.channel("orchestrator"), peers.credential)
     # Read before the first call is served, so only sagas a stop or crash cut short are settled.

@@ -239,6 +239,7 @@ class RegistryStore:
 
     async def ensure_org(self, name: str) -> OrgRow:
         async with self.db.write() as session:
+            await serialize(session, f"org-name:{name}")  # replicas starting at once on PostgreSQL: one makes it, the others read it
             org = (await session.exec(select(OrgRow).where(OrgRow.name == name))).first()
             if org is None:
                 org = OrgRow(id=str(uuid.uuid4()), name=name)
@@ -249,13 +250,14 @@ class RegistryStore:
         async with self.db.read() as session:
             return list(await session.exec(select(OrgRow).order_by(OrgRow.name).offset(offset).limit(limit)))
 
-    async def create_api_key(self, org_id: str, label: str, *, is_admin: bool = False) -> NewKey:
-        """A new key; within the org's limit, except the administrator's own (made by the platform)."""
+    async def create_api_key(self, org_id: str, label: str, *, is_admin: bool = False, token: str = "") -> NewKey:
+        """A new key; within the org's limit, except the administrator's own (made by the platform). `token`: the
+        key's value when the operator chose it (VERS_ADMIN_KEY), else a new random one."""
         validate_label("label", label, KEY_LABEL_MAX)
         async with self.db.write() as session:
             if not is_admin:
                 await self._require_room(session, org_id, ApiKeyRow, "max_api_keys")
-            return await self._add_key(session, org_id, label, is_admin=is_admin)
+            return await self._add_key(session, org_id, label, is_admin=is_admin, token=token)
 
     async def revoke_admin_keys(self, org_id: str, keep_key_id: str) -> int:
         """Every administrator key of the org but `keep_key_id` revoked; how many were."""
@@ -267,8 +269,8 @@ class RegistryStore:
                 audit.record(session, org_id, "key.revoke", key.id, before={"label": key.label, "is_admin": key.is_admin})
             return len(revoked)
 
-    async def _add_key(self, session: AsyncSession, org_id: str, label: str, *, is_admin: bool) -> NewKey:
-        token = _new_token()
+    async def _add_key(self, session: AsyncSession, org_id: str, label: str, *, is_admin: bool, token: str = "") -> NewKey:
+        token = token or _new_token()
         key = ApiKeyRow(id=str(uuid.uuid4()), org_id=org_id, label=label, token_hash=hash_token(token), is_admin=is_admin)
         await insert_unique(session, key, "API key collision; try again")
         audit.record(session, org_id, "key.create", key.id, after={"label": label, "is_admin": is_admin})

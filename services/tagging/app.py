@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import grpc
 
-from services.common.audit import create_audit_table
 from services.common.db import Database
+from services.common.migrations import migrate
 from services.common.peers import Peers
 from services.common.quotas import OrgLimits
 from services.common.server import Service
 from services.common.settings import Settings
-from services.tagging.models import TABLES
 from services.tagging.servicer import TaggingInternalServicer, TaggingServicer
 from services.tagging.store import TaggingStore
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
@@ -16,8 +15,7 @@ from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
 
 async def build(settings: Settings) -> Service:
     db = Database(settings.database_url("tagging"))
-    await db.create_tables(TABLES)
-    await create_audit_table(db)
+    await migrate(db, "tagging")
     peers = Peers(settings)
     store = TaggingStore(db, OrgLimits.defaults(settings), settings.tag_history_max_events)
     servicer = TaggingServicer(store, peers.channel("registry"), peers.channel("orchestrator"))

@@ -250,10 +250,13 @@ class TaggingStore:
         async with self.db.read() as session:
             return await self._tag(session, repo_id, repo_name, name)
 
-    async def _tag(self, session: AsyncSession, repo_id: str, repo_name: str, name: str) -> RepoTagRow:
+    async def _tag(self, session: AsyncSession, repo_id: str, repo_name: str, name: str, lock: bool = False) -> RepoTagRow:
+        """The tag; with `lock`, its row is locked until the transaction ends (SELECT ... FOR UPDATE on PostgreSQL,
+        whose READ COMMITTED would let two moves read the same old commit; SQLite's writes run one at a time), so
+        each move's history event starts where the one before it ended."""
         validate_tag_name(name)
         query = select(RepoTagRow).where(RepoTagRow.repo_id == repo_id, RepoTagRow.name == name)
-        tag = (await session.exec(query)).first()
+        tag = (await session.exec(query.with_for_update() if lock else query)).first()
         if tag is None:
             raise NotFound(f"tag {name!r} not found in repository {repo_name!r}")
         return tag
@@ -273,7 +276,7 @@ class TaggingStore:
         if description is not None:
             validate_text("description", description)
         async with self.db.write() as session:
-            tag = await self._tag(session, repo_id, repo_name, name)
+            tag = await self._tag(session, repo_id, repo_name, name, lock=True)
             old = tag.commit_id
             if commit_id is not None and commit_id != old:
                 _require_mutable(tag, repo_name, immutable)
@@ -287,7 +290,7 @@ class TaggingStore:
 
     async def delete_tag(self, caller: Principal, repo_id: str, repo_name: str, name: str, immutable: Sequence[str] = ()) -> None:
         async with self.db.write() as session:
-            tag = await self._tag(session, repo_id, repo_name, name)
+            tag = await self._tag(session, repo_id, repo_name, name, lock=True)
             _require_mutable(tag, repo_name, immutable)
             await session.delete(tag)
             await self._record(session, _event(tag, caller, "deleted", tag.commit_id, ""))
@@ -346,10 +349,11 @@ class TaggingStore:
         async with self.db.read() as session:
             return await self._commit_tag(session, org_id, name)
 
-    async def _commit_tag(self, session: AsyncSession, org_id: str, name: str) -> CommitTagRow:
+    async def _commit_tag(self, session: AsyncSession, org_id: str, name: str, lock: bool = False) -> CommitTagRow:
+        """The legacy tag; with `lock`, its row is locked until the transaction ends (as `_tag`)."""
         validate_tag_name(name)
         query = select(CommitTagRow).where(CommitTagRow.org_id == org_id, CommitTagRow.name == name)
-        tag = (await session.exec(query)).first()
+        tag = (await session.exec(query.with_for_update() if lock else query)).first()
         if tag is None:
             raise NotFound(f"tag {name!r} not found in your organization")
         return tag
@@ -358,7 +362,7 @@ class TaggingStore:
         if description is not None:
             validate_text("description", description)
         async with self.db.write() as session:
-            tag = await self._commit_tag(session, org_id, name)
+            tag = await self._commit_tag(session, org_id, name, lock=True)
             await _require_not_deleted(session, commit_id)
             old = tag.commit_id
             _change(tag, commit_id, description)
@@ -368,7 +372,7 @@ class TaggingStore:
 
     async def delete_commit_tag(self, org_id: str, name: str) -> None:
         async with self.db.write() as session:
-            tag = await self._commit_tag(session, org_id, name)
+            tag = await self._commit_tag(session, org_id, name, lock=True)
             await session.delete(tag)
             _record_commit_tag_change(session, tag, tag.commit_id, "")
 

@@ -11,16 +11,16 @@ import pytest_asyncio
 
 from services.common.db import Database
 from services.common.errors import Conflict
+from services.common.migrations import migrate
 from services.common.quotas import OrgLimits
 from services.common.settings import Settings
-from services.registry.models import TABLES
 from services.registry.store import FORK, RegistryStore
 
 
 @pytest_asyncio.fixture
 async def store(tmp_path: Path) -> AsyncIterator[RegistryStore]:
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}")
-    await db.create_tables(TABLES)
+    await migrate(db, "registry")
     yield RegistryStore(db, OrgLimits.defaults(Settings()))
     await db.close()
 

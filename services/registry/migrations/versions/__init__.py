@@ -1,0 +1,1 @@
+"""One module per revision of the registry database, oldest first by name."""

@@ -1,0 +1,1 @@
+"""One module per revision of the tagging database, oldest first by name."""
