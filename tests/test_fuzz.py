@@ -142,6 +142,7 @@ async def make_objects(platform: Platform, org: Org) -> dict[str, str]:
         "label_name": "fuzzed",
         "image_name": image,
         "base_image_id": image_id,
+        "host_id": "forgotten-host",  # removing a host no one knows is nothing to do (the one host is up)
     }
 
 
