@@ -521,9 +521,7 @@ class Engine:
         running = self.supervisor.running()
         running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"]
         running_run = sum(r.run_mib for r in running) + self._reserved["run"]
-        memory_total, memory_free = _memory()
-        if settings.host_memory_mib:
-            memory_total = min(memory_total or settings.host_memory_mib, settings.host_memory_mib)
+        memory_total, memory_free = self._memory()
         run_total, run_free = _space(self.layout.run)
         _disk_total, disk_free = _space(self.layout.data)
         if disk_free is not None:
@@ -540,12 +538,18 @@ class Engine:
             "disk": (f"disk at {self.layout.data}", disk_free, settings.host_reserve_disk_mib, "VERS_HOST_RESERVE_DISK_MIB"),
         }  # fmt: skip
 
+    def _memory(self) -> tuple[int | None, int | None]:
+        """This host's memory for VMs (VERS_HOST_MEMORY_MIB when it offers less than the machine has) and what of
+        the machine's is available now, in MiB."""
+        total, free = _memory()
+        if self.settings.host_memory_mib:
+            total = min(total or self.settings.host_memory_mib, self.settings.host_memory_mib)
+        return total, free
+
     def room(self) -> HostRoom:
         """What this host offers VMs and has left for new ones, its reserves taken off (a host agent's heartbeat)."""
         rooms = self._rooms()
-        memory_total, _free = _memory()
-        if self.settings.host_memory_mib:
-            memory_total = min(memory_total or self.settings.host_memory_mib, self.settings.host_memory_mib)
+        memory_total, _free = self._memory()
 
         def left(kind: str) -> int:
             _name, room, reserve, _setting = rooms[kind]
