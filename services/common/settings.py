@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     host_reserve_run_mib: int = Field(256, validation_alias="VERS_HOST_RESERVE_RUN_MIB")
     # Memory this host offers VMs in all (MiB); 0: all the machine has.
     host_memory_mib: int = Field(0, ge=0, validation_alias="VERS_HOST_MEMORY_MIB")
+    # Booted root VMs kept ready on this host, per image of VERS_ROOT_POOL_IMAGES (comma separated), in the
+    # shape a request that names no vCPUs, memory, disk size or network gets: a new root VM of that image and
+    # shape is one of them, taken by one organization for good, and the pool boots another behind it. 0: none.
+    root_pool_size: int = Field(1, ge=0, le=16, validation_alias="VERS_ROOT_POOL_SIZE")
+    root_pool_images: str = Field("default", validation_alias="VERS_ROOT_POOL_IMAGES")
 
     # Several VM hosts. The orchestrator's role: "all" (the API and the VMs in one process, on one machine),
     # "api" (the API alone, any number of replicas sharing ORCHESTRATOR_DATABASE_URL; it runs no VM and sends

@@ -58,6 +58,7 @@ from services.orchestrator.models import (
 )  # fmt: skip
 from services.orchestrator.network import GuestNetwork, guest_resolvers, new_ssh_key, parse_ranges
 from services.orchestrator.placement import HOST_FULL
+from services.orchestrator.pool import RootPool
 from services.orchestrator.store import Collectable, LayerGraph, OrchestratorStore
 from services.orchestrator.supervisor import LiveVm, Supervisor
 from services.orchestrator.vmconfig import MAX_DISK_MIB, VmConfig, check_branch_count, check_network, image_named
@@ -78,6 +79,9 @@ CACHE_EVICTION_SECONDS = 300
 # Deletes a commit's reservation in the tagging service: raises Conflict when a tag still names it.
 ReserveDeletion = Callable[[str, str], Awaitable[None]]
 SHUTDOWN_SLEEPS_AT_ONCE = 2
+# Kills a console shell that runs already (every process reading the console), so vers-init starts it anew with
+# /etc/environment as it is now: a VM from the pool may have started one before its organization's variables.
+RESTART_CONSOLE = 'for f in /proc/[0-9]*/fd/0; do [ "$f" -ef /dev/hvc0 ] && p=${f#/proc/} && kill -KILL "${p%%/*}"; done 2>/dev/null; true'
 # The states a VM can be asked to go to.
 SETTABLE_STATES = (VmState.PAUSED, VmState.RUNNING, VmState.SLEEPING)
 
@@ -123,6 +127,14 @@ class Engine:
         self._evicted_at = time.monotonic()
         # Host room promised to changes under way (VMs starting, commits, sleeps), not yet used.
         self._reserved: Counter[str] = Counter()
+        # Booted root VMs kept ready for new root VMs (VERS_ROOT_POOL_SIZE): each boots the engine's own way.
+        self.pool = RootPool(
+            settings.root_pool_size, [name.strip() for name in settings.root_pool_images.split(",") if name.strip()],
+            lookup=self._builtin_image, checked=lambda config, image: config.checked(image, self.network),
+            boot=self._launch_root, room=self._pool_room,
+            ready=lambda machine: machine.agent.wait_ready(self.settings.boot_timeout_seconds),
+            run_folder=self.layout.run_folder, layer_file=lambda layer_id: self.layout.layer_file(layer_id),
+        )  # fmt: skip
 
     async def _builtin_image(self, name: str) -> Image:
         return image_named(self.layout.images, name)
@@ -150,11 +162,14 @@ class Engine:
         await self._wake_after_shutdown()
         if await self.store.commit_deletions():
             self._finish_deletions_later()
+        if image is not None:
+            self.pool.start()
 
     async def close(self) -> None:
         """Stop managing the VMs: put them to sleep (memory to disk), so nothing runs unmanaged and the next
         start wakes them where they were; with VERS_KEEP_VMS_RUNNING they go on running, to be adopted."""
         self._closing = True
+        await self.pool.close()
         await self.execs.close()
         while self._changes:
             await asyncio.gather(*self._changes, return_exceptions=True)
@@ -502,7 +517,21 @@ class Engine:
         """Refuse `what` unless this host keeps its reserves free after it: memory, the run folder's tmpfs
         (RAM files) and the data folder's disk. What is free now is not enough to go by (a VM's memory is
         used as its guest touches it): the VMs running here count with all of their memory, and changes
-        under way with what they were promised."""
+        under way with what they were promised. The pool's booted VMs are let go when their room is needed."""
+        try:
+            self._check_room(what, memory_mib, run_mib, disk_mib)
+        except ResourceExhausted:
+            if not self.pool.release():
+                raise
+            self._check_room(what, memory_mib, run_mib, disk_mib)
+
+    def _pool_room(self, config: VmConfig) -> None:
+        """Room for one more VM of `config` for the pool, and for one like it beside it (the pool never takes
+        the last room a request could have)."""
+        need = 2 * config.mem_size_mib
+        self._check_room(f"a booted VM of {config.mem_size_mib} MiB for the pool", need, need, 0)
+
+    def _check_room(self, what: str, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0) -> None:
         needs = {"memory": memory_mib, "run": run_mib, "disk": disk_mib}
         for kind, (resource_name, room, reserve, setting) in self._rooms().items():
             need = needs[kind]
@@ -519,8 +548,9 @@ class Engine:
         where the system does not say), the reserve kept free and the setting that sets it."""
         settings = self.settings
         running = self.supervisor.running()
-        running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"]
-        running_run = sum(r.run_mib for r in running) + self._reserved["run"]
+        # the pool's VMs count as any VM does (they are let go when a request needs their room: _admit)
+        running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"] + self.pool.memory_mib
+        running_run = sum(r.run_mib for r in running) + self._reserved["run"] + self.pool.memory_mib
         memory_total, memory_free = self._memory()
         run_total, run_free = _space(self.layout.run)
         _disk_total, disk_free = _space(self.layout.data)
@@ -607,9 +637,11 @@ class Engine:
         image = await self.image_lookup(config.image_name)
         config = config.checked(image, self.network)
         memory, disk = config.mem_size_mib, config.fs_size_mib
-        layer = LayerRow(id=str(uuid.uuid4()), base_path=str(image.disk))
+        # A booted VM of the pool when one of this image and shape is ready: its ids become the new VM's.
+        pooled = self.pool.take(config, image)
+        layer = LayerRow(id=pooled.layer_id if pooled else str(uuid.uuid4()), base_path=str(image.disk))
         vm = VmRow(
-            id=str(uuid.uuid4()), org_id=org_id, labels=json.dumps(dict(config.labels or {})),
+            id=pooled.vm_id if pooled else str(uuid.uuid4()), org_id=org_id, labels=json.dumps(dict(config.labels or {})),
             vcpu_count=config.vcpu_count, mem_size_mib=memory, fs_size_mib=disk, image_name=image.name,
             kernel_path=str(image.kernel), initramfs_path=str(image.initramfs), layer_id=layer.id, ram_mode="shared",
             network=config.network,
@@ -617,27 +649,62 @@ class Engine:
         # The row (with the VM's id, which names its QEMU) exists before QEMU does, so a crash in between
         # leaves a process that the next start finds and adopts.
         operation = OperationRow(id=str(uuid.uuid4()), vm_id=vm.id, kind="create")
-        await self.store.add_vms(org_id, [vm], [layer], operation)  # within the org's limits, or refused
-        async with self._room_or_discard([vm], operation, f"a VM of {memory} MiB", memory_mib=memory, run_mib=memory):
-            return await self._start_root(vm, image, disk, operation)
-
-    async def _start_root(self, vm: VmRow, image: Image, disk: int, operation: OperationRow) -> VmRow:
-        memory, layer = vm.mem_size_mib, LayerRow(id=vm.layer_id)
-        folder = self.layout.run_folder(vm.id)
         try:
-            await _qemu_img("create", *LAYER_OPTIONS, "-b", image.disk, "-F", "qcow2", self.layout.layer_file(layer.id), f"{disk}M")
-            folder.mkdir(mode=0o700, parents=True)
-            with os.fdopen(os.open(folder / "ram", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as ram:
-                ram.truncate(memory * MIB)
-            machine = await Machine.launch(self._spec(vm, incoming=False, ram_file=folder / "ram"))
+            await self.store.add_vms(org_id, [vm], [layer], operation)  # within the org's limits, or refused
+        except BaseException:
+            if pooled is not None:  # no org had it: it stays in the pool
+                self.pool.give_back(pooled)
+            raise
+        try:
+            async with self._room_or_discard([vm], operation, f"a VM of {memory} MiB", memory_mib=memory, run_mib=memory):
+                if pooled is not None:
+                    return await self._start_pooled(vm, pooled.machine, operation)
+                return await self._start_root(vm, image, operation)
+        except BaseException:
+            if pooled is not None and self.supervisor.get(vm.id) is None:
+                await pooled.machine.kill()
+            raise
+
+    async def _launch_root(self, vm: VmRow, image: Image) -> Machine:
+        """A root VM's disk (a layer over its image's), its RAM file, and its QEMU started, booting."""
+        folder = self.layout.run_folder(vm.id)
+        layer = self.layout.layer_file(vm.layer_id)
+        await _qemu_img("create", *LAYER_OPTIONS, "-b", image.disk, "-F", "qcow2", layer, f"{vm.fs_size_mib}M")
+        folder.mkdir(mode=0o700, parents=True)
+        with os.fdopen(os.open(folder / "ram", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as ram:
+            ram.truncate(vm.mem_size_mib * MIB)
+        return await Machine.launch(self._spec(vm, incoming=False, ram_file=folder / "ram"))
+
+    async def _start_root(self, vm: VmRow, image: Image, operation: OperationRow) -> VmRow:
+        try:
+            machine = await self._launch_root(vm, image)
         except Exception as error:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(self.layout.run_folder(vm.id), ignore_errors=True)
             await self.store.finish(operation.id, vm.id, state=VmState.DEAD)
             raise Internal(f"VM {vm.id} could not start: {error}") from error
         fault_point("create.after_launch")
         done = await self.store.finish(operation.id, vm.id, pid=machine.pid)
         assert done is not None
         self._attach(vm, machine, booted=False)
+        return done
+
+    async def _start_pooled(self, vm: VmRow, machine: Machine, operation: OperationRow) -> VmRow:
+        """A booted VM of the pool made the org's: its variables written as a fresh VM's are once it has booted,
+        and a console shell that started before them (vers-init waits 30 s for them) started again."""
+        try:
+            await self.env_vars.install(machine.agent, vm.org_id, vm.id)
+            restarted = await machine.agent.exec(["sh", "-c", RESTART_CONSOLE], timeout_secs=30)
+            if restarted.exit_code != 0:
+                raise Internal(f"its console could not be started again (exit code {restarted.exit_code})")
+        except Exception as error:
+            await machine.kill()
+            shutil.rmtree(self.layout.run_folder(vm.id), ignore_errors=True)
+            await self.store.finish(operation.id, vm.id, state=VmState.DEAD)
+            raise Internal(f"VM {vm.id} could not start: {error}") from error
+        fault_point("create.after_launch")
+        done = await self.store.finish(operation.id, vm.id, pid=machine.pid, state=VmState.RUNNING)
+        assert done is not None
+        self._attach(done, machine, booted=True)
         return done
 
     def _spec(self, vm: VmRow, incoming: bool, ram_file: Path | None) -> LaunchSpec:
@@ -1396,6 +1463,7 @@ class Engine:
         stale = time.time() - CACHE_EVICTION_SECONDS
         folders, files = listed
         gone = [p for p in folders if p.name not in commits and _untouched_since(p, stale)]
+        layers |= self.pool.layer_ids()  # a pooled VM's layer has no row until the VM is taken
         gone += [p for p in files if p.stem not in layers and _untouched_since(p, stale)]
         for path in gone:
             log.info("removing %s, this host's copy of what the commit store no longer has", path)
