@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install images images-all gen lint lint-protos breaking-protos protos-baseline bench-vm bench-net bench-fsck bench-registry bench-hostile bench-scan bench-files bench-db bench-hosts clean
+.PHONY: run test test-fast install images images-all gen lint lint-protos breaking-protos protos-baseline bench bench-vm bench-net bench-fsck bench-registry bench-fork bench-hostile bench-scan bench-files bench-db bench-hosts clean
 
 run: $(STAMP) images
 	$(PY) -m services.platform
@@ -27,6 +27,10 @@ images: $(STAMP)
 images-all: $(STAMP) images
 	VERS_API_KEY=$${VERS_API_KEY:-$$(cat $${VERS_DATA_DIR:-.vers}/admin.key)} $(VENV)/bin/vers admin images bake
 
+# Every benchmark, one after another: each prints its figures (the issue's goals next to their goal, with the
+# machine's facts) and writes bench/results/<name>.json. About 25 minutes on 2 cores under TCG.
+bench: bench-vm bench-registry bench-fork bench-hosts bench-net bench-files bench-hostile bench-fsck bench-scan bench-db
+
 bench-vm: $(STAMP) images
 	$(PY) bench/vm.py
 
@@ -38,6 +42,10 @@ bench-fsck: $(STAMP)
 
 bench-registry: $(STAMP) images
 	$(PY) bench/registry.py
+
+# A public tag forked into another organization over REST (and once through `vers repo fork`).
+bench-fork: $(STAMP) images
+	$(PY) bench/fork.py
 
 bench-hostile: $(STAMP) images
 	$(PY) bench/hostile.py

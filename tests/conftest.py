@@ -81,8 +81,9 @@ IMAGES = ROOT / ".vers" / "images"
 # The suite's own settings, in the environment of this process and of every platform, `vers` and script
 # it starts: no guest's DNS query leaves this machine; the host's disk reserve is tested on platforms of
 # its own (test_hostile_guest.py), the suite's keep a small one so that it runs with a few GiB of disk free. No
-# pool of booted VMs (on two cores its boots would slow every other test): test_pool.py starts platforms with one.
-SUITE_ENVIRONMENT = {"VERS_GUEST_DNS": "none", "VERS_HOST_RESERVE_DISK_MIB": "256", "VERS_ROOT_POOL_SIZE": "0"}
+# pools of booted VMs or waiting QEMU processes (on two cores they would slow every other test): test_pool.py
+# starts engines with them.
+SUITE_ENVIRONMENT = {"VERS_GUEST_DNS": "none", "VERS_HOST_RESERVE_DISK_MIB": "256", "VERS_ROOT_POOL_SIZE": "0", "VERS_BRANCH_POOL_SIZE": "0"}
 
 
 def pytest_configure() -> None:
@@ -141,6 +142,7 @@ def test_settings(data_dir: Path) -> Settings:
         auth_failures_per_minute=100_000,
         host_reserve_disk_mib=int(SUITE_ENVIRONMENT["VERS_HOST_RESERVE_DISK_MIB"]),
         root_pool_size=int(SUITE_ENVIRONMENT["VERS_ROOT_POOL_SIZE"]),
+        branch_pool_size=int(SUITE_ENVIRONMENT["VERS_BRANCH_POOL_SIZE"]),
     )
 
 

@@ -62,7 +62,8 @@ async def test_fork_copies_the_running_vm_into_the_forkers_org(platform: Platfor
         assert commit["owner_id"] == other_org.id
         assert commit["commit_id"] != source.commit_id
         assert (await http.get("/api/v1/repositories/base/tags/latest")).json()["commit_id"] == fork["commit_id"]
-        assert (await http.get(f"/api/v1/vm/{fork['vm_id']}/metadata")).json()["parent_commit_id"] == ""
+        # the VM starts from the org's own copy, never naming the other org's commit
+        assert (await http.get(f"/api/v1/vm/{fork['vm_id']}/metadata")).json()["parent_commit_id"] == fork["commit_id"]
         restored = (await http.post("/api/v1/vm/from_commit", json={"ref": "base:latest"})).json()["vm_id"]
         assert await sh(http, restored, "cat /root/origin") == "upstream"
         for vm in (restored, fork["vm_id"]):
@@ -130,3 +131,57 @@ async def test_the_fork_is_independent_of_its_source(platform: Platform, source:
         assert await sh(http, again, "cat /root/origin") == "upstream"
         for vm in (again, fork["vm_id"]):
             await http.delete(f"/api/v1/vm/{vm}")
+
+
+async def counts_on(http: httpx.AsyncClient, vm: str, at_least: int) -> None:
+    """The commit's counter runs on in the VM, from where it was (or later)."""
+    first = int(await sh(http, vm, "cat /run/counter"))
+    assert first >= at_least
+    await asyncio.sleep(0.4)
+    assert int(await sh(http, vm, "cat /run/counter")) > first, "the forked process does not run"
+
+
+async def test_a_fork_is_a_copy_that_outlives_its_source_and_the_source_outlives_it(platform: Platform, source: Source) -> None:
+    """A fork's commit is a copy in the forker's org with its own id, sharing the source's files: deleting the
+    copy leaves the source whole, and the source's owner deleting its commit leaves the copy whole."""
+    upstream = source.http
+    at_commit = int(await sh(upstream, source.vm_id, "echo short-lived > /root/origin; sync; cat /run/counter"))
+    commit = (await upstream.post(f"/api/v1/vm/{source.vm_id}/commit", json={"name": "short-lived"})).json()["commit_id"]
+    assert (await upstream.post("/api/v1/repositories", json={"name": "short-lived"})).status_code == 201
+    assert (await upstream.patch("/api/v1/repositories/short-lived/visibility", json={"is_public": True})).status_code == 200
+    tagged = await upstream.post("/api/v1/repositories/short-lived/tags", json={"tag_name": "latest", "commit_id": commit})
+    assert tagged.status_code == 201, tagged.text
+    forker = await platform.new_org("copier")
+    async with platform.client(forker) as http:
+        forks = []
+        for tag in ("first", "second"):
+            answer = await http.post("/api/v1/repositories/fork", json=fork_body(source, "short-lived", repo_name="copies", tag_name=tag))
+            assert answer.status_code == 201, answer.text
+            forks.append(answer.json())
+        first, second = forks
+        for fork in forks:
+            copy = (await http.get(f"/api/v1/commits/{fork['commit_id']}")).json()
+            assert copy["owner_id"] == forker.id and copy["commit_id"] != commit
+        assert first["commit_id"] != second["commit_id"]
+
+        # The forker deletes its first copy (VM, tag, commit): the source's commit still branches, whole.
+        assert (await http.delete(f"/api/v1/vm/{first['vm_id']}")).status_code == 200
+        assert (await http.delete("/api/v1/repositories/copies/tags/first")).status_code == 204
+        assert (await http.delete(f"/api/v1/commits/{first['commit_id']}")).status_code == 204
+    branched = await upstream.post("/api/v1/vm/from_commit", json={"commit_id": commit})
+    assert branched.status_code == 201, branched.text
+    assert await sh(upstream, branched.json()["vm_id"], "cat /root/origin") == "short-lived"
+    await counts_on(upstream, branched.json()["vm_id"], at_commit)
+    assert (await upstream.delete(f"/api/v1/vm/{branched.json()['vm_id']}")).status_code == 200
+
+    # The source's owner deletes its tag and commit: the second copy still branches, its state intact.
+    assert (await upstream.delete("/api/v1/repositories/short-lived/tags/latest")).status_code == 204
+    assert (await upstream.delete(f"/api/v1/commits/{commit}")).status_code == 204
+    async with platform.client(forker) as http:
+        assert await sh(http, second["vm_id"], "cat /root/origin") == "short-lived"
+        assert (await http.delete(f"/api/v1/vm/{second['vm_id']}")).status_code == 200
+        again = await http.post("/api/v1/vm/from_commit", json={"commit_id": second["commit_id"]})
+        assert again.status_code == 201, again.text
+        assert await sh(http, again.json()["vm_id"], "cat /root/origin") == "short-lived"
+        await counts_on(http, again.json()["vm_id"], at_commit)
+        assert (await http.delete(f"/api/v1/vm/{again.json()['vm_id']}")).status_code == 200

@@ -35,8 +35,9 @@ FORK_FAULTS = {
     "fork.after_orchestrator": ("forked", ("done", True, True), "undone"),
     "fork.after_repository": ("repository", ("done", True, True), "undone"),
     "fork.after_tag": ("repository", ("done", True, True), "finished"),
-    "fork.after_restore": ("started", ("running", True, False), "undone"),  # in the orchestrator
-    "fork.after_commit": ("started", ("done", True, True), "undone"),  # in the orchestrator
+    "fork.after_copy": ("started", ("running", False, True), "undone"),  # in the orchestrator
+    "fork.after_restore": ("started", ("running", True, True), "undone"),  # in the orchestrator
+    "fork.after_done": ("started", ("done", True, True), "undone"),  # in the orchestrator
 }
 
 
@@ -237,9 +238,11 @@ async def check_settled(http: httpx.AsyncClient, site: Site, crashed: Crashed) -
     tag = await http.get(f"/api/v1/repositories/{crashed.body['repo_name']}/tags/{crashed.body['tag_name']}")
     if outcome == "finished":
         assert tag.status_code == 200, (crashed.fault, tag.text)
-        commit = (await http.get(f"/api/v1/commits/{tag.json()['commit_id']}")).json()
-        assert (vms - crashed.before[0], commits - crashed.before[1]) == ({commit["parent_vm_id"]}, {commit["commit_id"]})
-        assert (await http.get(f"/api/v1/vm/{commit['parent_vm_id']}/status")).json()["state"] == "running"
+        commit_id = tag.json()["commit_id"]
+        [vm] = vms - crashed.before[0]
+        assert commits - crashed.before[1] == {commit_id}
+        assert (await http.get(f"/api/v1/vm/{vm}/metadata")).json()["parent_commit_id"] == commit_id
+        assert (await http.get(f"/api/v1/vm/{vm}/status")).json()["state"] == "running"
         assert fork_request(site.data, crashed.saga_id) == ("done", True, True)
     else:
         assert (await http.get(f"/api/v1/repositories/{crashed.body['repo_name']}")).status_code == 404, crashed.fault

@@ -137,3 +137,59 @@ async def test_a_stop_leaves_nothing_of_the_pool(images: Path, tmp_path: Path) -
     assert pooled_id not in find_processes(engine.layout.run)
     assert not layer.exists() and not engine.layout.run_folder(pooled_id).exists()
     conftest.discard(engine.settings.data_dir)
+
+
+async def branch_pool_ready(engine: Engine, commit_id: str) -> str:
+    """The id of the QEMU waiting for a branch of the commit, once there is one."""
+    async with asyncio.timeout(60):
+        while not (waiting := [p.vm_id for p in engine.branch_pool._pooled if p.key == commit_id]):
+            await asyncio.sleep(0.1)
+    return waiting[0]
+
+
+async def test_a_branch_takes_a_qemu_waiting_for_its_commit(images: Path, tmp_path: Path) -> None:
+    engine, db = await start(tmp_path / "data", root_pool_size=0, branch_pool_size=1, branch_pool_commits=1)
+
+    async def no_tags(org_id: str, commit_id: str) -> None:
+        return None  # no tagging service here: no tag names the commits
+
+    engine.reserve_deletion = no_tags
+    try:
+        base = await engine.create_root(ORG, VmConfig(), wait_boot=True)
+        await run(engine, base, "(i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done) >/dev/null 2>&1 &")
+        await asyncio.sleep(0.5)
+        first, _ = await engine.commit(base, "first", "", keep_paused=False)
+        second, _ = await engine.commit(base, "second", "", keep_paused=False)
+        [cold] = await engine.restore(ORG, first)  # the commit is branched: a QEMU starts to wait for the next
+        waiting = await branch_pool_ready(engine, first.id)
+        assert await engine.store.vm(waiting) is None  # no row: nobody's VM until taken
+        [warm] = await engine.restore(ORG, first)
+        assert warm.id == waiting and warm.parent_commit_id == first.id
+        counted = int(await run(engine, warm, "cat /run/counter"))
+        await asyncio.sleep(0.5)
+        assert int(await run(engine, warm, "cat /run/counter")) > counted  # the commit's process runs on in it
+
+        # One commit at a time (VERS_BRANCH_POOL_COMMITS=1): branching another lets the first's QEMU go.
+        again = await branch_pool_ready(engine, first.id)
+        [other] = await engine.restore(ORG, second)
+        await branch_pool_ready(engine, second.id)
+        assert engine.branch_pool._count(first.id) == 0
+        async with asyncio.timeout(30):
+            while again in find_processes(engine.layout.run):
+                await asyncio.sleep(0.1)
+
+        # A deleted commit's waiting QEMU goes with it, and its layer file.
+        pending = engine.branch_pool._pooled[0]
+        for vm in (cold, warm, other):
+            await engine.delete_vm(vm)
+        await engine.delete_commit(ORG, second.id)
+        assert engine.branch_pool.ready == 0
+        async with asyncio.timeout(30):
+            while pending.vm_id in find_processes(engine.layout.run) or engine.layout.layer_file(pending.layer_id).exists():
+                await asyncio.sleep(0.1)
+        await engine.delete_vm(base)
+    finally:
+        conftest.kill_vms_under(engine.layout.run)
+        await engine.close()
+        await db.close()
+        conftest.discard(engine.settings.data_dir)

@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     # shape is one of them, taken by one organization for good, and the pool boots another behind it. 0: none.
     root_pool_size: int = Field(1, ge=0, le=16, validation_alias="VERS_ROOT_POOL_SIZE")
     root_pool_images: str = Field("default", validation_alias="VERS_ROOT_POOL_IMAGES")
+    # QEMU processes kept started, waiting for a branch's state, for each of the VERS_BRANCH_POOL_COMMITS commits
+    # branched last on this host: a branch of one of them skips starting QEMU. 0: none.
+    branch_pool_size: int = Field(1, ge=0, le=16, validation_alias="VERS_BRANCH_POOL_SIZE")
+    branch_pool_commits: int = Field(4, ge=0, le=256, validation_alias="VERS_BRANCH_POOL_COMMITS")
 
     # Several VM hosts. The orchestrator's role: "all" (the API and the VMs in one process, on one machine),
     # "api" (the API alone, any number of replicas sharing ORCHESTRATOR_DATABASE_URL; it runs no VM and sends

@@ -5,12 +5,14 @@ disk, a chain of frozen qcow2 layers, each backed by the one under it, the lowes
 runs a VM from files on its own host: the VM's writable layer (never in the store) stands on the commit's layers,
 which must be there too, in the host's data folder (services.orchestrator.layout.Layout `layers/`, `commits/`).
 
-The engine asks a store for five things, and a backend implements them as its medium allows:
+The engine asks a store for six things, and a backend implements them as its medium allows:
 
 - `publish`: a commit just made is written to the store, whole and durable, before its row is recorded (the
   commit call answers only after that): a host that fails a moment later loses nothing of it.
 - `fetch`: a commit about to be branched or restored is made present on this host: its folder and every layer of
   its chain, copied from the store when this host lacks them (a host keeps what it copied: its cache).
+- `link`: a commit is copied under a new id (a fork's), its files hard-linked rather than copied: the same files
+  under a second name, which outlive the deletion of either name.
 - `drop_cached`: this host's copies of a commit go (they did not match the commit's checksums), so the next
   `fetch` copies them again from the store.
 - `delete_commit`, `delete_layer`: a deleted commit's folder, and a layer nothing stands on any more, go from
@@ -93,6 +95,15 @@ class CommitStore(Protocol):
         succeed. True when anything was copied. Raises DataLoss naming what is neither here nor in the store."""
         ...
 
+    def link(self, source_id: str, commit_id: str) -> bool:
+        """The folder of commit `source_id` again as the folder of `commit_id` (its layers are shared: rows name
+        them), in the store and on this host, as hard links of its files: no byte is copied, and each name keeps
+        the files whole whatever becomes of the other. Durable when it returns, each folder appearing whole under
+        its name; a folder already there (a copy a crash cut short after it appeared) is kept, being the same
+        files. True when this host has the copy too (a shared store's host may not have the source: a restore
+        then copies the new one in). Raises DataLoss when the source's files are not in the store."""
+        ...
+
     def drop_cached(self, commit_id: str, layer_id: str) -> None:
         """This host's copies of the commit's folder and of the layer it froze go (they did not match the
         commit's checksums), so that the next `fetch` copies them from the store again; a store that is this
@@ -150,6 +161,10 @@ class LocalCommitStore:
 
     def fetch(self, commit_id: str, layer_ids: Sequence[str]) -> bool:
         return False  # a missing file is reported by the checksum check, which names it
+
+    def link(self, source_id: str, commit_id: str) -> bool:
+        _link_folder(_existing_folder(self.layout.commit_folder(source_id), source_id), self.layout.commit_folder(commit_id))
+        return True
 
     def drop_cached(self, commit_id: str, layer_id: str) -> None:
         return None  # the only copies: kept for an operator to look at
@@ -234,6 +249,15 @@ class SharedPathCommitStore:
             _copy_folder_in(kept, folder)
             copied = True
         return copied
+
+    def link(self, source_id: str, commit_id: str) -> bool:
+        kept = _existing_folder(self.layout.store_commit_folder(source_id), source_id)
+        _link_folder(kept, self.layout.store_commit_folder(commit_id))  # its checksums file too: the copy's are the same
+        try:
+            _link_folder(self.layout.commit_folder(source_id), self.layout.commit_folder(commit_id))
+        except FileNotFoundError:
+            return False  # this host has no copy of the source (or let it go meanwhile)
+        return True
 
     def drop_cached(self, commit_id: str, layer_id: str) -> None:
         shutil.rmtree(self.layout.commit_folder(commit_id), ignore_errors=True)
@@ -345,6 +369,34 @@ def _copy_folder_in(source: Path, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _existing_folder(folder: Path, commit_id: str) -> Path:
+    if not folder.is_dir():
+        raise DataLoss(f"commit {commit_id} cannot be copied: its memory and device state are missing ({folder})")
+    return folder
+
+
+def _link_folder(source: Path, target: Path) -> None:
+    """The files of `source` as the folder `target`, each a hard link (the same file under a second name),
+    durably: linked under a partial name, flushed, renamed. A folder already there is kept (the same files)."""
+    if target.is_dir():
+        return
+    partial = _part_name(target)
+    try:
+        partial.mkdir(mode=0o700)
+        for path in sorted(source.iterdir()):
+            if PART not in path.name:
+                os.link(path, partial / path.name)
+        fsync_dir(partial)
+        try:
+            os.rename(partial, target)
+        except OSError:
+            if not target.is_dir():  # not a copy that came first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    fsync_dir(target.parent)
 
 
 def _link_once(partial: Path, target: Path) -> None:

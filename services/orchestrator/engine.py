@@ -58,7 +58,7 @@ from services.orchestrator.models import (
 )  # fmt: skip
 from services.orchestrator.network import GuestNetwork, guest_resolvers, new_ssh_key, parse_ranges
 from services.orchestrator.placement import HOST_FULL
-from services.orchestrator.pool import RootPool
+from services.orchestrator.pool import WAITING_MIB, BranchPool, Pooled, RootPool
 from services.orchestrator.store import Collectable, LayerGraph, OrchestratorStore
 from services.orchestrator.supervisor import LiveVm, Supervisor
 from services.orchestrator.vmconfig import MAX_DISK_MIB, VmConfig, check_branch_count, check_network, image_named
@@ -135,6 +135,11 @@ class Engine:
             ready=lambda machine: machine.agent.wait_ready(self.settings.boot_timeout_seconds),
             run_folder=self.layout.run_folder, layer_file=lambda layer_id: self.layout.layer_file(layer_id),
         )  # fmt: skip
+        # QEMU processes waiting for a branch of the commits branched last (VERS_BRANCH_POOL_SIZE, _COMMITS).
+        self.branch_pool = BranchPool(
+            settings.branch_pool_size, settings.branch_pool_commits, launch=self._launch_waiting, room=self._branch_pool_room,
+            run_folder=self.layout.run_folder, layer_file=lambda layer_id: self.layout.layer_file(layer_id),
+        )  # fmt: skip
 
     async def _builtin_image(self, name: str) -> Image:
         return image_named(self.layout.images, name)
@@ -170,6 +175,7 @@ class Engine:
         start wakes them where they were; with VERS_KEEP_VMS_RUNNING they go on running, to be adopted."""
         self._closing = True
         await self.pool.close()
+        await self.branch_pool.close()
         await self.execs.close()
         while self._changes:
             await asyncio.gather(*self._changes, return_exceptions=True)
@@ -521,7 +527,8 @@ class Engine:
         try:
             self._check_room(what, memory_mib, run_mib, disk_mib)
         except ResourceExhausted:
-            if not self.pool.release():
+            released = [self.pool.release(), self.branch_pool.release()]
+            if not any(released):
                 raise
             self._check_room(what, memory_mib, run_mib, disk_mib)
 
@@ -530,6 +537,10 @@ class Engine:
         the last room a request could have)."""
         need = 2 * config.mem_size_mib
         self._check_room(f"a booted VM of {config.mem_size_mib} MiB for the pool", need, need, 0)
+
+    def _branch_pool_room(self, commit: CommitRow) -> None:
+        """Room for one more QEMU waiting for a branch, and for a VM of the commit's beside it."""
+        self._check_room("a QEMU waiting for a branch", WAITING_MIB + commit.mem_size_mib, commit.mem_size_mib, 0)
 
     def _check_room(self, what: str, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0) -> None:
         needs = {"memory": memory_mib, "run": run_mib, "disk": disk_mib}
@@ -549,7 +560,8 @@ class Engine:
         settings = self.settings
         running = self.supervisor.running()
         # the pool's VMs count as any VM does (they are let go when a request needs their room: _admit)
-        running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"] + self.pool.memory_mib
+        pooled = self.pool.memory_mib + self.branch_pool.memory_mib
+        running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"] + pooled
         running_run = sum(r.run_mib for r in running) + self._reserved["run"] + self.pool.memory_mib
         memory_total, memory_free = self._memory()
         run_total, run_free = _space(self.layout.run)
@@ -734,34 +746,38 @@ class Engine:
             what = f"{count} VM(s) of {commit.mem_size_mib} MiB and this host's copy of commit {commit.id}"
             self._admit(what, memory_mib=count * commit.mem_size_mib, disk_mib=commit.size_bytes // MIB)
         await self._ready(commit)
+        # QEMU processes started for this commit before, waiting for its state (a fork's VM has its id noted already)
+        waiting: list[Pooled] = [] if vm_ids else self.branch_pool.take(commit, count)
+        ids[: len(waiting)] = [pooled.vm_id for pooled in waiting]
         layers = [LayerRow(id=str(uuid.uuid4()), parent_id=commit.layer_id) for _ in range(count)]
-        shape = commit.model_dump(include=set(MachineShape.model_fields))
-        # A fork keeps no link upstream: a VM started from another org's commit does not name it. A public
-        # commit branched by id is named (it is public), so its owner cannot delete it under the VM; the
-        # owner's VM it was made from is not (another org's VM is never shown).
-        own = commit.org_id == org_id
-        linked = own or commit.is_public
-        vms = [
-            VmRow(
-                id=vm_id,
-                org_id=org_id,
-                **shape,
-                layer_id=layer.id,
-                ram_mode="private" if commit.ram_format == "file" else "anonymous",
-                ram_source=str(self.layout.commit_folder(commit.id) / "ram") if commit.ram_format == "file" else "",
-                parent_commit_id=commit.id if linked else None,
-                grandparent_vm_id=commit.parent_vm_id if own else None,
-            )
-            for vm_id, layer in zip(ids, layers, strict=True)
-        ]
+        for layer, pooled in zip(layers, waiting, strict=False):
+            layer.id = pooled.layer_id
+        vms = [self._restored_row(org_id, commit, vm_id, layer.id) for vm_id, layer in zip(ids, layers, strict=True)]
         operation = OperationRow(
             id=str(uuid.uuid4()), vm_id=vms[0].id, kind="restore", commit_id=commit.id, vm_ids=json.dumps([vm.id for vm in vms])
         )
-        await self.store.add_vms(org_id, vms, layers, operation, source=commit)
-        async with self._room_or_discard(
-            vms, operation, f"{count} VM(s) of {commit.mem_size_mib} MiB", memory_mib=count * commit.mem_size_mib
-        ):
-            results = await asyncio.gather(*(self._start_restored(vm, commit) for vm in vms), return_exceptions=True)
+        try:
+            await self.store.add_vms(org_id, vms, layers, operation, source=commit)
+        except NotFound:
+            self.branch_pool.drop(commit.id)  # deleted meanwhile (on another host)
+            raise
+        except BaseException:
+            for pooled in waiting:  # no org had them: they wait on
+                self.branch_pool.give_back(pooled)
+            raise
+        machines: list[Machine | None] = [pooled.machine for pooled in waiting] + [None] * (count - len(waiting))
+        try:
+            async with self._room_or_discard(
+                vms, operation, f"{count} VM(s) of {commit.mem_size_mib} MiB", memory_mib=count * commit.mem_size_mib
+            ):
+                results = await asyncio.gather(
+                    *(self._start_restored(vm, commit, machine) for vm, machine in zip(vms, machines, strict=True)), return_exceptions=True
+                )
+        except BaseException:
+            for pooled in waiting:
+                if self.supervisor.get(pooled.vm_id) is None:
+                    await pooled.machine.kill()
+            raise
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             for vm in vms:
@@ -772,6 +788,36 @@ class Engine:
         fault_point("restore.after_start")
         await self.store.finish(operation.id)
         return [r for r in results if isinstance(r, VmRow)]
+
+    def _restored_row(self, org_id: str, commit: CommitRow, vm_id: str, layer_id: str) -> VmRow:
+        """The row of a VM started from `commit`: its shape, a new layer over the commit's frozen one, its RAM the
+        commit's memory file mapped copy-on-write (or loaded from the state, for a stream commit)."""
+        # A fork keeps no link upstream: a VM started from another org's commit does not name it. A public
+        # commit branched by id is named (it is public), so its owner cannot delete it under the VM; the
+        # owner's VM it was made from is not (another org's VM is never shown).
+        own = commit.org_id == org_id
+        linked = own or commit.is_public
+        return VmRow(
+            id=vm_id,
+            org_id=org_id,
+            **commit.model_dump(include=set(MachineShape.model_fields)),
+            layer_id=layer_id,
+            ram_mode="private" if commit.ram_format == "file" else "anonymous",
+            ram_source=str(self.layout.commit_folder(commit.id) / "ram") if commit.ram_format == "file" else "",
+            parent_commit_id=commit.id if linked else None,
+            grandparent_vm_id=commit.parent_vm_id if own else None,
+        )
+
+    async def _launch_waiting(self, commit: CommitRow, vm_id: str, layer_id: str) -> Machine:
+        """A QEMU for a branch of `commit`, its disk layer made and its memory file mapped, waiting for the state."""
+        vm = self._restored_row("", commit, vm_id, layer_id)
+        await self._new_branch_layer(commit, vm)
+        return await Machine.launch(self._spec(vm, incoming=True, ram_file=Path(vm.ram_source) if vm.ram_source else None))
+
+    async def _new_branch_layer(self, commit: CommitRow, vm: VmRow) -> None:
+        # named by its name alone: both are in the layers folder, and the chain works in any folder it is copied to
+        frozen = self.layout.layer_file(commit.layer_id)
+        await _qemu_img("create", *LAYER_OPTIONS, "-b", frozen.name, "-F", "qcow2", self.layout.layer_file(vm.layer_id))
 
     async def _ready(self, commit: CommitRow) -> None:
         """The commit's files on this host, as they were made: copied from a shared commit store when this host
@@ -796,6 +842,7 @@ class Engine:
                 if not self.commit_store.shared:
                     raise
                 self.verifier.forget(commit.id)
+                self.branch_pool.drop(commit.id)
                 await asyncio.to_thread(self.commit_store.drop_cached, commit.id, commit.layer_id)
                 if fetched or attempt:
                     raise DataLoss(
@@ -814,14 +861,13 @@ class Engine:
         await self.store.mark_vm_deleted(vm_id)
         shutil.rmtree(self.layout.run_folder(vm_id), ignore_errors=True)
 
-    async def _start_restored(self, vm: VmRow, commit: CommitRow) -> VmRow:
-        frozen = self.layout.layer_file(commit.layer_id)
-        machine = None
+    async def _start_restored(self, vm: VmRow, commit: CommitRow, machine: Machine | None = None) -> VmRow:
+        """The VM's QEMU started (or `machine`, one of the pool's waiting for it), the commit's state loaded, resumed."""
         try:
-            # named by its name alone: both are in the layers folder, and the chain works in any folder it is copied to
-            await _qemu_img("create", *LAYER_OPTIONS, "-b", frozen.name, "-F", "qcow2", self.layout.layer_file(vm.layer_id))
-            ram_file = Path(vm.ram_source) if vm.ram_source else None
-            machine = await Machine.launch(self._spec(vm, incoming=True, ram_file=ram_file))
+            if machine is None:
+                await self._new_branch_layer(commit, vm)
+                ram_file = Path(vm.ram_source) if vm.ram_source else None
+                machine = await Machine.launch(self._spec(vm, incoming=True, ram_file=ram_file))
             fault_point("restore.after_launch")
             await machine.restore(self.layout.commit_folder(commit.id) / "state")
             await machine.resume()
@@ -948,6 +994,40 @@ class Engine:
         except Exception:
             return layer.exists()
 
+    async def copy_commit(self, org_id: str, source: CommitRow, commit_id: str, name: str, description: str) -> CommitRow:
+        """A new commit of the org that is `source` as it stands, made without running anything (a fork's: a VM
+        restored from either is the same). Its memory and device state are hard links of the source's files, in
+        a shared commit store and on this host (when it has them); its disk is the source's frozen layer chain;
+        its checksums and size are the source's, its size counted against the org's commit quota. Either commit
+        can be deleted and the other stays whole. `commit_id` is its id, noted by the caller before (a fork's
+        saga); the files of a copy whose row was not recorded go again."""
+
+        async def copy() -> CommitRow:
+            if self.layout.commit_folder(source.id).exists() or not self.commit_store.shared:
+                await self._ready(source)  # checked under its own name first: the copy's check then costs nothing
+
+            def link() -> None:
+                if self.commit_store.link(source.id, commit_id):
+                    self.verifier.linked(commit_id)
+
+            try:
+                await asyncio.to_thread(link)
+                # Another org's VM is never named; its commit only as a VM started from it would name it.
+                upstream = source.id if source.org_id == org_id or source.is_public else None
+                row = CommitRow(
+                    id=commit_id, org_id=org_id, name=name, description=description, grandparent_commit_id=upstream,
+                    layer_id=source.layer_id, ram_format=source.ram_format, checksums=source.checksums, size_bytes=source.size_bytes,
+                    **source.model_dump(include=set(MachineShape.model_fields)),
+                )  # fmt: skip
+                return await self.store.add_commit_copy(row, source.id)
+            except BaseException:
+                if await self.store.commit_row(commit_id) is None:
+                    self.verifier.forget(commit_id)
+                    await asyncio.to_thread(self.commit_store.delete_commit, commit_id)
+                raise
+
+        return await self._whole(copy())
+
     async def delete_commit(self, org_id: str, commit_id: str, reason: str = "", key_id: str | None = None) -> None:
         """Marked as being deleted first (from then on it cannot be restored or tagged), then the tagging
         service confirms no tag names it and refuses new ones, then its files go. `reason`: why, when it is
@@ -977,6 +1057,7 @@ class Engine:
 
     async def _finish_commit_deletion(self, commit_id: str) -> None:
         fault_point("commit_delete.after_reserve")
+        self.branch_pool.drop(commit_id)
         self.verifier.forget(commit_id)
         await asyncio.to_thread(self.commit_store.delete_commit, commit_id)  # other hosts' copies go at their next start
         await self.store.finish_commit_deletion(commit_id)
@@ -1463,7 +1544,7 @@ class Engine:
         stale = time.time() - CACHE_EVICTION_SECONDS
         folders, files = listed
         gone = [p for p in folders if p.name not in commits and _untouched_since(p, stale)]
-        layers |= self.pool.layer_ids()  # a pooled VM's layer has no row until the VM is taken
+        layers |= self.pool.layer_ids() | self.branch_pool.layer_ids()  # a pooled VM's layer has no row until taken
         gone += [p for p in files if p.stem not in layers and _untouched_since(p, stale)]
         for path in gone:
             log.info("removing %s, this host's copy of what the commit store no longer has", path)

@@ -73,6 +73,17 @@ class Verifier:
         if layer.stat().st_size != expected_layer["size"] or file_digest(layer, HEAD_BYTES) != expected_layer["head_sha256"]:
             raise DataLoss(f"commit {commit_id} is damaged: its disk layer does not match its checksum")
 
+    def linked(self, commit_id: str) -> None:
+        """The commit's folder was just made of hard links to another commit's files (a copy of that commit): a
+        file verified under any of its names holds under all of them, though the new link moved its change
+        time. Only a file whose inode, size and modification time are still those verified is taken as such."""
+        for path in self.layout.commit_folder(commit_id).iterdir():
+            key = _stat_key(path)
+            names = [known for known, verified in list(self._verified.items()) if verified[:3] == key[:3]]
+            if names:
+                for name in (*names, path):
+                    self._verified[name] = key
+
     def forget(self, commit_id: str) -> None:
         """The commit is being deleted, or its copies here dropped: what was known of its files goes."""
         folders = {self.layout.commit_folder(commit_id)}

@@ -377,27 +377,30 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
         if row.state == "abandoned":
             raise Conflict(f"fork {saga_id} was abandoned (its saga was undone): fork again")
         try:
-            # The registry found the commit (the tag of a public repository); the secret scan is checked here.
-            made = await self.store.vm(row.vm_id) if row.vm_id is not None else None
-            if made is None or made.deleted_at is not None:
+            # The fork's commit first: a copy of the source commit (its files linked, its layers shared), which is
+            # what committing a VM just started from the source would make, without running anything. Its id is
+            # noted before it is made, so a crash in between leaves nothing unnoted.
+            if row.commit_id is None:
+                row = await self._note(saga_id, commit_id=str(uuid.uuid4()))
+            commit = await self.store.commit_row(row.commit_id or "")
+            if commit is None:
+                # The registry found the commit (the tag of a public repository); the secret scan is checked here.
                 source = await self.store.published_commit(request.source_commit_id)
                 await self._require_scanned(source, request.source_reference)
-                # The VM's id is noted before the VM is made, so a crash in between leaves nothing unnoted; a new
-                # one when the VM noted before is gone (a host without room discarded it: the fork goes on another).
+                await self.store.require_commit_room(org_id)
+                name = f"fork of {request.source_reference}"
+                commit = await self.engine.copy_commit(org_id, source, row.commit_id or "", name, request.description)
+                fault_point("fork.after_copy")
+            # Then its VM, started from the org's own copy. Noted before it is made too; a new id when the VM noted
+            # before is gone (a host without room discarded it: the fork goes on on another, from the same copy).
+            made = await self.store.vm(row.vm_id) if row.vm_id is not None else None
+            if made is None or made.deleted_at is not None:
                 if row.vm_id is None or made is not None:
                     row = await self._note(saga_id, vm_id=str(uuid.uuid4()))
-                await self.engine.restore(org_id, source, vm_ids=[row.vm_id or ""])
+                await self.engine.restore(org_id, commit, vm_ids=[row.vm_id or ""])
                 fault_point("fork.after_restore")
-            if row.state != "done":
-                vm = await self.store.get_vm(org_id, row.vm_id or "")
-                if row.commit_id is None:  # noted before it is made, as the VM is
-                    row = await self._note(saga_id, commit_id=str(uuid.uuid4()))
-                if await self.store.commit_row(row.commit_id or "") is None:
-                    await self.store.require_commit_room(org_id)
-                    name = f"fork of {request.source_reference}"
-                    await self.engine.commit(vm, name, request.description, keep_paused=False, commit_id=row.commit_id)
-                row = await self._note(saga_id, state="done")
-                fault_point("fork.after_commit")
+            row = await self._note(saga_id, state="done")
+            fault_point("fork.after_done")
         except ResourceExhausted as error:
             if HOST_FULL not in error.details:  # this host has no room: the fork goes on another, with the VM it discarded
                 await self._abandon(saga_id, org_id)
@@ -449,23 +452,23 @@ class OrchestratorInternalServicer(orchestrator_pb2_grpc.OrchestratorInternalSer
         return row
 
     async def _delete_made(self, row: ForkRequestRow) -> None:
-        """The fork's VM, then its commit (the VM's disk stands on the commit's layer). Two abandons at once
-        are safe: the engine deletes a VM or a commit once, and answers NotFound to the other."""
-        if row.vm_id is None:
-            return
-        commit_ids = [row.commit_id] if row.commit_id else []
-        vm = await self.store.vm(row.vm_id)
+        """The fork's VM, then its commit (the VM stands on it). Two abandons at once are safe: the engine
+        deletes a VM or a commit once, and answers NotFound to the other. A commit noted whose row was never
+        recorded (a crash cut its copy short) has its files removed, should any be left."""
+        vm = await self.store.vm(row.vm_id) if row.vm_id is not None else None
         if vm is not None and vm.deleted_at is None:
             with contextlib.suppress(NotFound):
                 await self.engine.delete_vm(vm)
-        for commit_id in commit_ids:
+        if row.commit_id is not None and await self.store.commit_row(row.commit_id) is None:
+            await asyncio.to_thread(self.engine.commit_store.delete_commit, row.commit_id)
+        elif row.commit_id is not None:
             try:
-                await self.engine.delete_commit(row.org_id, commit_id)
+                await self.engine.delete_commit(row.org_id, row.commit_id)
             except NotFound:
                 pass  # deleted before: an earlier abandon of this saga
             except Conflict as error:
-                log.warning("commit %s of the abandoned fork %s is kept: %s", commit_id, row.saga_id, error.message)
-        log.info("fork %s abandoned: VM %s and commit %s deleted", row.saga_id, row.vm_id, ", ".join(commit_ids) or "(none)")
+                log.warning("commit %s of the abandoned fork %s is kept: %s", row.commit_id, row.saga_id, error.message)
+        log.info("fork %s abandoned: VM %s and commit %s deleted", row.saga_id, row.vm_id or "(none)", row.commit_id or "(none)")
 
     # Governance (the registry's: secret scan before publishing, retention, audit log)
 

@@ -318,9 +318,12 @@ class OrchestratorStore:
             return list(await session.exec(query))
 
     async def commits_in_flight(self) -> set[str]:
-        """The commits that operations in flight on any host are making (a shared commit store keeps their files)."""
+        """The commits that operations in flight on any host are making, forks' copies among them (a shared commit
+        store keeps their files: a copy's folder is there a moment before its row)."""
         async with self.db.read() as session:
-            return {commit_id for commit_id in await session.exec(select(OperationRow.commit_id)) if commit_id}
+            made = {commit_id for commit_id in await session.exec(select(OperationRow.commit_id)) if commit_id}
+            forks = select(ForkRequestRow.commit_id).where(ForkRequestRow.state == "running")
+            return made | {commit_id for commit_id in await session.exec(forks) if commit_id}
 
     async def vm(self, vm_id: str) -> VmRow | None:
         """Any VM row, of any org and state (start-up reconciliation)."""
@@ -365,6 +368,20 @@ class OrchestratorStore:
             await session.flush()
             await self._change_vm(session, vm_id, {**changes, "layer_id": new_layer.id})
             await self._drop(session, operation_id)
+
+    async def add_commit_copy(self, copy: CommitRow, source_id: str) -> CommitRow:
+        """Record a copy of a commit (a fork's: the source's files under another id, on the source's layer chain)
+        within its org's commit limits, as a commit it took would count, and only while the source is not being
+        deleted: from then on the layers under the copy stay for as long as its row does, whatever becomes of the
+        source (the layer collection counts every org's commits)."""
+        async with self.db.write() as session:
+            await serialize(session, f"commit:{source_id}")
+            if not await self._commit_is_live(session, source_id):
+                raise NotFound("the public tag points at a commit that no longer exists")
+            await serialize(session, f"org:{copy.org_id}")
+            await self._check_commit_room(session, copy.org_id, copy.size_bytes)
+            session.add(copy)
+            return copy
 
     async def require_commit_room(self, org_id: str) -> None:
         """Before a commit is taken: the org has room for one more (its size is known only once it is taken;
