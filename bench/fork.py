@@ -1,11 +1,15 @@
-"""Fork benchmark: a public tag forked into another organization, end to end over REST.
+"""Fork and branch benchmark over REST: a public tag forked into another organization, and a commit branched to
+its first exec answered, end to end over REST.
 
 The platform runs in this process (services/inprocess.py). The organization `vers` (the administrator's)
 publishes a public repository `base` whose tag `latest` names a commit of a real VM with a counter running;
 a second organization forks it with `POST /api/v1/repositories/fork`, each time to a new tag, and each
 fork's VM is deleted after its timing. Prints the median latency next to the goal, with the machine facts,
-and `vers repo fork` timed as a person runs it (the CLI's start-up included); writes JSON (default
-bench/results/fork.json).
+and `vers repo fork` timed as a person runs it (the CLI's start-up included). Then the same commit is branched
+(`POST /api/v1/vm/branch/by_commit/{id}`) and the new VM's first exec (`POST /api/v1/vm/{id}/exec`, `true`)
+answered: with a QEMU waiting for the commit (VERS_BRANCH_POOL_SIZE=1, given the second it takes to refill
+before each branch), and on a second platform without that pool. Neither platform keeps booted root VMs, whose
+boots would share the cores with the figures. Writes JSON (default bench/results/fork.json).
 
     python bench/fork.py [--runs 10] [--cli-runs 3] [--json PATH]
 """
@@ -30,6 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.facts import Goal, print_goals  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.inprocess import InProcessPlatform  # noqa: E402
 
@@ -88,10 +93,42 @@ async def cli_fork(env: dict[str, str], tag: str) -> tuple[float, str]:
     return elapsed, found.group(1)
 
 
+async def branches(platform: InProcessPlatform, commit: str, runs: int, settle: float) -> list[float]:
+    """Each branch of `commit` to its first exec answered, in ms, over REST (as the administrator's org, which
+    owns it); `settle` seconds before each, outside the timed part."""
+    admin_key = platform.settings.admin_key_file.read_text().strip()
+    samples = []
+    async with httpx.AsyncClient(base_url=platform.url, timeout=300, headers={"Authorization": f"Bearer {admin_key}"}) as http:
+        for number in range(runs + 1):  # the first opens the connection and notes the commit as branched
+            await asyncio.sleep(settle)
+            started = time.perf_counter()
+            [vm] = checked(await http.post(f"/api/v1/vm/branch/by_commit/{commit}"), 201)["vms"]
+            checked(await http.post(f"/api/v1/vm/{vm['vm_id']}/exec", json={"command": ["true"]}), 200)
+            elapsed = (time.perf_counter() - started) * 1000
+            if number:
+                samples.append(elapsed)
+            checked(await http.delete(f"/api/v1/vm/{vm['vm_id']}"), 200)
+    return samples
+
+
+async def unpooled_branches(data: Path, runs: int) -> list[float]:
+    """Branches on a platform without QEMU processes waiting for them, of a commit of its own."""
+    settings = Settings(data_dir=data, images_dir=str(Settings().image_root), log_level="WARNING", root_pool_size=0, branch_pool_size=0)
+    platform = await InProcessPlatform.start(settings)
+    try:
+        admin_key = platform.settings.admin_key_file.read_text().strip()
+        async with httpx.AsyncClient(base_url=platform.url, timeout=300, headers={"Authorization": f"Bearer {admin_key}"}) as vers:
+            commit = await publish(vers)
+        return await branches(platform, commit, runs, 0.5)
+    finally:
+        await platform.stop()
+        shutil.rmtree(platform.settings.vm_run_dir, ignore_errors=True)
+
+
 async def run(platform: InProcessPlatform, runs: int, cli_runs: int, config: Path) -> dict[str, object]:
     admin_key = platform.settings.admin_key_file.read_text().strip()
     async with httpx.AsyncClient(base_url=platform.url, timeout=300, headers={"Authorization": f"Bearer {admin_key}"}) as vers:
-        await publish(vers)
+        commit = await publish(vers)
         forker_key = checked(await vers.post("/api/v1/admin/orgs", json={"name": "forker"}), 201)["token"]
     async with httpx.AsyncClient(base_url=platform.url, timeout=300, headers={"Authorization": f"Bearer {forker_key}"}) as http:
         first, fork = await fork_once(http, "warm-up")  # the connection opened, the source's files in the page cache
@@ -109,7 +146,11 @@ async def run(platform: InProcessPlatform, runs: int, cli_runs: int, config: Pat
             cli.append(elapsed)
             print(f"  vers repo fork {number + 1}: {elapsed:7.1f} ms")
             checked(await http.delete(f"/api/v1/vm/{vm}"), 200)
+    pooled = await branches(platform, commit, runs, 2.0)
+    print(f"  branch to first exec over REST, a QEMU waiting: {', '.join(f'{value:.0f}' for value in pooled)} ms")
     return {
+        "branch_rest_pooled_ms_median": round(statistics.median(pooled), 1),
+        "branch_rest_pooled_ms_all": [round(value, 1) for value in pooled],
         "runs": runs,
         "guest_mem_mib": GUEST_MIB,
         "fork_rest_ms_median": round(statistics.median(latencies), 1),
@@ -125,7 +166,7 @@ async def run(platform: InProcessPlatform, runs: int, cli_runs: int, config: Pat
 
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="vers-bench-") as data, tempfile.TemporaryDirectory(prefix="vers-bench-cli-") as config:
-        settings = Settings(data_dir=Path(data), images_dir=str(Settings().image_root), log_level="WARNING")
+        settings = Settings(data_dir=Path(data), images_dir=str(Settings().image_root), log_level="WARNING", root_pool_size=0)
         facts = machine_facts(settings)
         platform = await InProcessPlatform.start(settings)
         try:
@@ -134,6 +175,11 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             await platform.stop()
             shutil.rmtree(platform.settings.vm_run_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="vers-bench-") as data:
+        unpooled = await unpooled_branches(Path(data), args.runs)
+    print(f"  branch to first exec over REST, no pool: {', '.join(f'{value:.0f}' for value in unpooled)} ms")
+    figures["branch_rest_ms_median"] = round(statistics.median(unpooled), 1)
+    figures["branch_rest_ms_all"] = [round(value, 1) for value in unpooled]
     figures = {**facts, **figures}
     median, cli = figures["fork_rest_ms_median"], figures["fork_cli_ms_median"]
     print(
@@ -142,6 +188,13 @@ async def main(args: argparse.Namespace) -> None:
     )
     if cli is not None:
         print(f"`vers repo fork` (CLI start-up included), median of {args.cli_runs}: {cli} ms")
+    figures["goals"] = print_goals(
+        [
+            Goal("fork of a public tag, end to end over REST", float(str(median)), GOAL_MS, "ms"),
+            Goal("branch to first exec answered, over REST", float(str(figures["branch_rest_ms_median"])), 150, "ms"),
+            Goal("branch to first exec over REST, QEMU waiting in the pool", float(str(figures["branch_rest_pooled_ms_median"])), 60, "ms"),
+        ]
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"written to {args.json}")

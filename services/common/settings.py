@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     file_transfer_timeout_seconds: int = Field(3600, validation_alias="VERS_FILE_TRANSFER_TIMEOUT_SECONDS")
     # A guest's serial console log (ttyS0) in the run folder is cut to its last half past this size.
     serial_log_max_bytes: int = Field(1024 * 1024, validation_alias="VERS_SERIAL_LOG_MAX_BYTES")
+    # Under TCG (no KVM), the cache of guest code QEMU has translated, per VM, in MiB: a guest that runs ever new
+    # code makes its QEMU take up to this much beside the guest's memory (QEMU's own default is 1 GiB). A command
+    # translates about 12 MiB of code; below 16 guests fail to boot.
+    tcg_code_cache_mib: int = Field(64, ge=16, le=1024, validation_alias="VERS_TCG_CODE_CACHE_MIB")
     # Room a new VM, branch, commit or wake leaves free on this host: memory (MemAvailable), the data
     # folder's disk, the run folder's tmpfs. Asked for more, the request is refused.
     host_reserve_memory_mib: int = Field(1024, validation_alias="VERS_HOST_RESERVE_MEMORY_MIB")

@@ -22,8 +22,12 @@ def qemu_version() -> str:
     return subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
 
 
-def cpu_args(accel: str) -> list[str]:
-    return ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+def cpu_args(accel: str, tb_size_mib: int = 0) -> list[str]:
+    """The accelerator's options; under TCG `tb_size_mib` caps the cache of translated guest code (QEMU's default
+    reserves 1 GiB, which a guest running ever new code fills, outside its own memory limit)."""
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", "host"]
+    return ["-accel", "tcg,thread=multi" + (f",tb-size={tb_size_mib}" if tb_size_mib else ""), "-cpu", "max"]
 
 
 async def probe_kvm(image: Image) -> bool:

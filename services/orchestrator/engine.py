@@ -726,6 +726,7 @@ class Engine:
             disk=self.layout.layer_file(vm.layer_id), ram_mode=vm.ram_mode, ram_file=ram_file, incoming=incoming,
             network=vm.network, prefix=tuple(self.network.launch_prefix(vm.network)),
             qemu_user=self.settings.qemu_user, serial_log_max_bytes=self.settings.serial_log_max_bytes,
+            tcg_code_cache_mib=self.settings.tcg_code_cache_mib,
         )  # fmt: skip
 
     async def restore(self, org_id: str, commit: CommitRow, count: int = 1, vm_ids: Sequence[str] = ()) -> list[VmRow]:

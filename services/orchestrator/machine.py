@@ -60,6 +60,8 @@ class LaunchSpec:
     qemu_user: str = Settings.model_fields["qemu_user"].default
     # serial.log (the guest's ttyS0) is cut to its last half past this size.
     serial_log_max_bytes: int = Settings.model_fields["serial_log_max_bytes"].default
+    # Under TCG, the cache of translated guest code QEMU may grow to (MiB).
+    tcg_code_cache_mib: int = Settings.model_fields["tcg_code_cache_mib"].default
 
 
 def sockets(run_folder: Path) -> dict[str, Path]:
@@ -153,7 +155,7 @@ def qemu_args(spec: LaunchSpec, user: str = "", disk_fds: tuple[int, int] | None
         *spec.prefix, *privilege_drop(user), "qemu-system-x86_64", "-name", f"vers-{spec.vm_id}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-sandbox", sandbox,
         *(["-runas", user] if user else []),
-        "-machine", "pc,memory-backend=ram0", *cpu_args(spec.accel),
+        "-machine", "pc,memory-backend=ram0", *cpu_args(spec.accel, spec.tcg_code_cache_mib),
         "-smp", str(spec.vcpus), "-m", f"{spec.mem_mib}M", "-object", memory,
         "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
         # init_on_free: memory a guest frees (a removed file's page cache, an ended process) is zeroed, so

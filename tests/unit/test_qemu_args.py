@@ -62,11 +62,16 @@ def test_the_guest_does_not_run_before_qemu_is_ready() -> None:
 
 
 @pytest.mark.parametrize(
-    ("accel", "expected"), [("kvm", ["-accel", "kvm", "-cpu", "host"]), ("tcg", ["-accel", "tcg,thread=multi", "-cpu", "max"])]
+    ("accel", "expected"), [("kvm", ["-accel", "kvm", "-cpu", "host"]), ("tcg", ["-accel", "tcg,thread=multi,tb-size=64", "-cpu", "max"])]
 )
 def test_the_accelerator_and_cpu_model(accel: str, expected: list[str]) -> None:
     args = qemu(qemu_args(spec(accel=accel)))
     assert option(args, "-accel") == [expected[1]] and option(args, "-cpu") == [expected[3]]
+
+
+def test_the_translated_code_cache_is_capped_by_the_setting() -> None:
+    assert option(qemu(qemu_args(spec(accel="tcg", tcg_code_cache_mib=16))), "-accel") == ["tcg,thread=multi,tb-size=16"]
+    assert option(qemu(qemu_args(spec(accel="kvm", tcg_code_cache_mib=16))), "-accel") == ["kvm"]
 
 
 def test_memory_backends_by_ram_mode() -> None:
