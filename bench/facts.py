@@ -3,9 +3,12 @@ next to its goal."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from dataclasses import dataclass
+
+from services.common.settings import Settings
 
 
 def machine_facts(accelerator: str) -> dict[str, object]:
@@ -22,6 +25,12 @@ def machine_facts(accelerator: str) -> dict[str, object]:
         "cpu": model or platform.machine(),
         "load_before": round(os.getloadavg()[0], 2),
     }
+
+
+def facts_of(settings: Settings) -> dict[str, object]:
+    """The facts of a platform with these settings: its accelerator as the orchestrator chose it (accel.json)."""
+    accel_file = settings.image_root / "accel.json"
+    return machine_facts(json.loads(accel_file.read_text()).get("accel", "unknown") if accel_file.exists() else "unknown")
 
 
 def describe(facts: dict[str, object]) -> str:

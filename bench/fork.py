@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform as host
 import re
 import shutil
 import statistics
@@ -34,7 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.facts import Goal, print_goals  # noqa: E402
+from bench.facts import Goal, describe, facts_of, print_goals  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.inprocess import InProcessPlatform  # noqa: E402
 
@@ -43,12 +42,6 @@ GUEST_MIB = 256
 VERS = Path(sys.executable).parent / "vers"
 COUNTER = "(i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done) >/dev/null 2>&1 &"
 FORKED_VM = re.compile(r"VM:\s+(\S+)")
-
-
-def machine_facts(settings: Settings) -> dict[str, object]:
-    accel_file = settings.image_root / "accel.json"
-    accelerator = json.loads(accel_file.read_text()).get("accel", "unknown") if accel_file.exists() else "unknown"
-    return {"accelerator": accelerator, "cores": os.cpu_count(), "machine": host.machine(), "load_before": round(os.getloadavg()[0], 2)}
 
 
 def checked(answer: httpx.Response, status: int) -> dict[str, str]:
@@ -167,7 +160,7 @@ async def run(platform: InProcessPlatform, runs: int, cli_runs: int, config: Pat
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="vers-bench-") as data, tempfile.TemporaryDirectory(prefix="vers-bench-cli-") as config:
         settings = Settings(data_dir=Path(data), images_dir=str(Settings().image_root), log_level="WARNING", root_pool_size=0)
-        facts = machine_facts(settings)
+        facts = facts_of(settings)
         platform = await InProcessPlatform.start(settings)
         try:
             print(f"fork of a public tag over REST, {args.runs} runs ({GUEST_MIB} MiB guest)")
@@ -182,10 +175,7 @@ async def main(args: argparse.Namespace) -> None:
     figures["branch_rest_ms_all"] = [round(value, 1) for value in unpooled]
     figures = {**facts, **figures}
     median, cli = figures["fork_rest_ms_median"], figures["fork_cli_ms_median"]
-    print(
-        f"\nfork end to end over REST, median of {args.runs}: {median} ms   goal < {GOAL_MS:.0f} ms "
-        f"({facts['cores']} cores, {facts['machine']}, accelerator {facts['accelerator']}, load {facts['load_before']} before)"
-    )
+    print(f"\nfork end to end over REST, median of {args.runs}: {median} ms   goal < {GOAL_MS:.0f} ms ({describe(facts)})")
     if cli is not None:
         print(f"`vers repo fork` (CLI start-up included), median of {args.cli_runs}: {cli} ms")
     figures["goals"] = print_goals(

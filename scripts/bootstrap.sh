@@ -31,6 +31,9 @@ command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
 # tests: PostgreSQL's server binaries (/usr/lib/postgresql/<version>/bin); the suite starts its own server in a
 # temporary folder, so the cluster Debian's package makes and starts is stopped and not started at boot
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || apt_packages+=(postgresql)
+# bench/registry.py: HTTP load from wrk, gRPC load from h2load (nghttp2-client)
+command -v wrk >/dev/null || apt_packages+=(wrk)
+command -v h2load >/dev/null || apt_packages+=(nghttp2-client)
 
 if [ ${#apt_packages[@]} -gt 0 ]; then
   sudo=""

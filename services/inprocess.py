@@ -15,7 +15,7 @@ import uvicorn
 
 from services.common.server import RunningService, start
 from services.common.settings import SERVICES, Settings
-from services.gateway.app import UVICORN_WS, create_app
+from services.gateway.app import UVICORN_HTTP, UVICORN_WS, create_app
 from services.orchestrator.app import build as build_orchestrator
 from services.registry.app import build as build_registry
 from services.tagging.app import build as build_tagging
@@ -57,6 +57,8 @@ class InProcessPlatform:
             log_level="warning",
             lifespan="on",
             ws=UVICORN_WS,
+            http=UVICORN_HTTP,
+            access_log=False,
             ssl_certfile=settings.http_tls_cert_file or None,
             ssl_keyfile=settings.http_tls_key_file or None,
         )

@@ -102,9 +102,12 @@ NEGATIVE_CACHE_ENTRIES = 10_000
 
 
 class CachedResolver:
-    """Trusts a resolved token for a few seconds, so a burst of calls asks the registry once; remembers a token
-    the registry refused for a while longer (up to NEGATIVE_CACHE_ENTRIES of them, the least recently seen
-    dropped first), so a flood of bad tokens does not reach the registry at all."""
+    """Trusts a resolved token for a moment (VERS_AUTH_CACHE_SECONDS, 1 s by default), so a burst of calls asks
+    the registry once; remembers a token the registry refused for a while longer (up to NEGATIVE_CACHE_ENTRIES
+    of them, the least recently seen dropped first), so a flood of bad tokens does not reach the registry at all.
+
+    A key revoked in this process (the registry's) is forgotten at once by `forget_key`, even one whose lookup
+    was in flight then; the other processes stop trusting it when their entry lapses."""
 
     def __init__(self, inner: TokenResolver, ttl_seconds: float, negative_ttl_seconds: float | None = None) -> None:
         self._inner = inner
@@ -116,10 +119,18 @@ class CachedResolver:
         self._negative_ttl = negative_ttl_seconds
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._refused: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        # Bumped by every `forget_key`: a principal resolved before it is not remembered after it.
+        self._generation = 0
+
+    def forget_key(self, key_id: str) -> None:
+        """Stop trusting the API key `key_id` now (it was revoked)."""
+        self._generation += 1
+        self._cache = {token: hit for token, hit in self._cache.items() if hit[1].key_id != key_id}
 
     async def resolve(self, token: str) -> Principal:
         key = hash_token(token)
         now = time.monotonic()
+        generation = self._generation
         hit = self._cache.get(key)
         if hit and hit[0] > now:
             return hit[1]
@@ -134,13 +145,15 @@ class CachedResolver:
         except Unauthenticated as error:
             self._refuse(key, now, error.message)
             raise
-        self._remember(key, now, principal)
+        if generation == self._generation:
+            self._remember(key, now, principal)
         return principal
 
     async def service_principal(self, principal: Principal) -> Principal:
         """A service token's principal with its org's name and limits, asked of `inner` once in a while."""
         key = hash_token(principal.token)
         now = time.monotonic()
+        generation = self._generation
         hit = self._cache.get(key)
         if hit and hit[0] > now:
             return hit[1]
@@ -148,7 +161,7 @@ class CachedResolver:
         if enrich is None:
             return principal
         enriched: Principal = await enrich(principal)
-        if enriched.limits is not None:
+        if enriched.limits is not None and generation == self._generation:
             self._remember(key, now, enriched)
         return enriched
 
@@ -267,9 +280,13 @@ class ServiceCredential:
 class ServiceAwareResolver:
     """Service tokens are checked here, with the shared secret; every other token goes to `inner`."""
 
-    def __init__(self, inner: TokenResolver, credential: ServiceCredential) -> None:
+    def __init__(self, inner: CachedResolver, credential: ServiceCredential) -> None:
         self._inner = inner
         self.credential = credential
+
+    def forget_key(self, key_id: str) -> None:
+        """Stop trusting the API key `key_id` in this process now (it was revoked here)."""
+        self._inner.forget_key(key_id)
 
     async def resolve(self, token: str) -> Principal:
         if token.startswith(SERVICE_TOKEN_PREFIX):

@@ -37,10 +37,17 @@ def time_column(nullable: bool = False) -> Column[datetime]:
 
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# SQLite connections each service keeps open (each an aiosqlite thread), and as many more at busy times.
+SQLITE_CONNECTIONS = 32
 
 
 def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
-    engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    # Connections kept open: with SQLAlchemy's default (5, and 10 more closed after each use) a service under a
+    # few dozen concurrent calls opens a new connection for most of them, a thread and four PRAGMAs each.
+    # (An in-memory database has one connection, SQLAlchemy's StaticPool.)
+    in_memory = make_url(url).database in (None, "", ":memory:")
+    pool: dict[str, Any] = {} if in_memory else {"pool_size": SQLITE_CONNECTIONS, "max_overflow": SQLITE_CONNECTIONS}
+    engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

@@ -38,8 +38,12 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, validation_alias="VERS_HTTP_PORT")
     http_max_body_bytes: int = Field(4 * 1024 * 1024, validation_alias="VERS_HTTP_MAX_BODY_BYTES")
 
-    # How long a resolved bearer token is trusted before asking the registry again.
-    auth_cache_seconds: float = Field(5.0, validation_alias="VERS_AUTH_CACHE_SECONDS")
+    # How long a resolved bearer token is trusted before asking the registry again: how long a key revoked in
+    # the registry may still work in the other services (the registry itself stops trusting it at once).
+    auth_cache_seconds: float = Field(1.0, validation_alias="VERS_AUTH_CACHE_SECONDS")
+    # How long the tagging service's reads (tag get, list, history) reuse the registry's answer about a
+    # repository; 0: they ask it every time.
+    repository_cache_seconds: float = Field(1.0, ge=0, validation_alias="VERS_REPOSITORY_CACHE_SECONDS")
     # How long in-flight calls may finish after SIGTERM.
     shutdown_grace_seconds: float = Field(5.0, validation_alias="VERS_SHUTDOWN_GRACE_SECONDS")
 

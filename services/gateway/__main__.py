@@ -5,7 +5,7 @@ import uvicorn
 
 from services.common.server import PROCESS_UMASK
 from services.common.settings import get_settings
-from services.gateway.app import UVICORN_WS, create_app
+from services.gateway.app import UVICORN_HTTP, UVICORN_WS, create_app
 
 os.umask(PROCESS_UMASK)
 settings = get_settings()
@@ -15,7 +15,10 @@ uvicorn.run(
     host=settings.http_host,
     port=settings.http_port,
     ws=UVICORN_WS,
+    http=UVICORN_HTTP,
     log_level=settings.log_level.lower(),
+    # a line per request costs the gateway more than the request itself; the services log what matters
+    access_log=False,
     timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     # HTTPS when both are set (VERS_HTTP_TLS_CERT_FILE, VERS_HTTP_TLS_KEY_FILE)
     ssl_certfile=settings.http_tls_cert_file or None,

@@ -119,13 +119,16 @@ async def build(settings: Settings) -> Service:
     sagas = Sagas(store, peers.channel("tagging"), peers.channel("orchestrator"), peers.credential)
     # Read before the first call is served, so only sagas a stop or crash cut short are settled.
     sagas.recover(await store.sagas())
-    servicer = RegistryServicer(store, peers.channel("tagging"), peers.channel("orchestrator"), peers.credential, sagas)
+    resolver = peers.resolver_over(store)
+    servicer = RegistryServicer(
+        store, peers.channel("tagging"), peers.channel("orchestrator"), peers.credential, sagas, resolver.forget_key
+    )
     collection = ScheduledCollection(store, sagas, settings.gc_interval_seconds)
     collection.start()
     return Service(
         name="registry",
         service_names=[registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name],
         register=lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server),
-        resolver=peers.resolver_over(store),
+        resolver=resolver,
         on_close=[db.close, peers.close, sagas.close, collection.close],
     )

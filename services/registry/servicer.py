@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 
 import grpc
@@ -75,9 +76,17 @@ def public_repository_pb(public: PublicRepo) -> pb.PublicRepository:
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(
-        self, store: RegistryStore, tagging: grpc.aio.Channel, orchestrator: grpc.aio.Channel, credential: ServiceCredential, sagas: Sagas
+        self,
+        store: RegistryStore,
+        tagging: grpc.aio.Channel,
+        orchestrator: grpc.aio.Channel,
+        credential: ServiceCredential,
+        sagas: Sagas,
+        forget_key: Callable[[str], None],
     ) -> None:
         self.store = store
+        # Tells this process's cache of resolved keys that a key was revoked, so it stops working here at once.
+        self.forget_key = forget_key
         self.tagging = tagging_pb2_grpc.TaggingInternalServiceStub(tagging)
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorInternalServiceStub(orchestrator)
         self.credential = credential
@@ -136,6 +145,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def DeleteApiKey(self, request: pb.DeleteApiKeyRequest, context: grpc.aio.ServicerContext) -> pb.DeleteApiKeyResponse:
         await self.store.delete_api_key(current_principal().org_id, request.key_id)
+        self.forget_key(request.key_id)
         return pb.DeleteApiKeyResponse()
 
     async def CreateRepository(self, request: pb.CreateRepositoryRequest, context: grpc.aio.ServicerContext) -> pb.CreateRepositoryResponse:

@@ -8,6 +8,7 @@ from services.common.peers import Peers
 from services.common.quotas import OrgLimits
 from services.common.server import Service
 from services.common.settings import Settings
+from services.tagging.repositories import RecentRepositories
 from services.tagging.servicer import TaggingInternalServicer, TaggingServicer
 from services.tagging.store import TaggingStore
 from vers.tagging.v1 import tagging_pb2, tagging_pb2_grpc
@@ -18,8 +19,9 @@ async def build(settings: Settings) -> Service:
     await migrate(db, "tagging")
     peers = Peers(settings)
     store = TaggingStore(db, OrgLimits.defaults(settings), settings.tag_history_max_events)
-    servicer = TaggingServicer(store, peers.channel("registry"), peers.channel("orchestrator"))
-    internal = TaggingInternalServicer(store, peers.channel("registry"))
+    repositories = RecentRepositories(settings.repository_cache_seconds)
+    servicer = TaggingServicer(store, peers.channel("registry"), peers.channel("orchestrator"), repositories)
+    internal = TaggingInternalServicer(store, peers.channel("registry"), repositories)
 
     def register(server: grpc.aio.Server) -> None:
         tagging_pb2_grpc.add_TaggingServiceServicer_to_server(servicer, server)

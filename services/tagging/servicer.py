@@ -9,6 +9,7 @@ from services.common.names import validate_repo_name, validate_tag_name, validat
 from services.common.paging import Page
 from services.common.timestamps import to_timestamp
 from services.tagging.models import CommitTagRow, RepoTagRow, TagEventRow
+from services.tagging.repositories import RecentRepositories
 from services.tagging.store import TaggingStore
 from vers.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from vers.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -70,13 +71,20 @@ async def caller_repository(registry: registry_pb2_grpc.RegistryServiceAsyncStub
 
 
 class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
-    def __init__(self, store: TaggingStore, registry: grpc.aio.Channel, orchestrator: grpc.aio.Channel) -> None:
+    def __init__(
+        self, store: TaggingStore, registry: grpc.aio.Channel, orchestrator: grpc.aio.Channel, repositories: RecentRepositories
+    ) -> None:
         self.store = store
         self.registry = registry_pb2_grpc.RegistryServiceStub(registry)
         self.orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(orchestrator)
+        self.repositories = repositories
 
     async def _repo(self, repo_name: str) -> registry_pb2.Repository:
         return await caller_repository(self.registry, repo_name)
+
+    async def _repo_to_read(self, repo_name: str) -> registry_pb2.Repository:
+        """The repository for a call that only reads its tags: a recent answer of the registry will do."""
+        return await self.repositories.get(current_principal().org_id, repo_name, lambda: self._repo(repo_name))
 
     async def _public_repo(self, org_name: str, repo_name: str) -> registry_pb2.PublicRepository:
         answer = await self.registry.GetPublicRepository(
@@ -111,13 +119,13 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
     async def ListRepositoryTags(
         self, request: pb.ListRepositoryTagsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRepositoryTagsResponse:
-        repo = await self._repo(request.repo_name)
+        repo = await self._repo_to_read(request.repo_name)
         page = Page.of(f"tags:{repo.repo_id}", request.page_size, request.page_token)
         tags, token = page.cut(await self.store.list_tags(repo.repo_id, page.offset, page.fetch))
         return pb.ListRepositoryTagsResponse(repository=repo.name, tags=[tag_pb(t) for t in tags], next_page_token=token)
 
     async def GetRepositoryTag(self, request: pb.GetRepositoryTagRequest, context: grpc.aio.ServicerContext) -> pb.GetRepositoryTagResponse:
-        repo = await self._repo(request.repo_name)
+        repo = await self._repo_to_read(request.repo_name)
         return pb.GetRepositoryTagResponse(tag=tag_pb(await self.store.get_tag(repo.repo_id, repo.name, request.tag_name)))
 
     async def UpdateRepositoryTag(
@@ -141,7 +149,7 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServiceServicer):
     async def ListRepositoryTagHistory(
         self, request: pb.ListRepositoryTagHistoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRepositoryTagHistoryResponse:
-        repo = await self._repo(request.repo_name)
+        repo = await self._repo_to_read(request.repo_name)
         validate_tag_name(request.tag_name)
         page = Page.of(f"history:{repo.repo_id}:{request.tag_name}", request.page_size, request.page_token)
         events, token = page.cut(await self.store.history(repo.repo_id, request.tag_name, page.offset, page.fetch))
@@ -197,9 +205,10 @@ class TaggingInternalServicer(tagging_pb2_grpc.TaggingInternalServiceServicer):
     """Calls only the platform's own services make (the service credential, acting for an org). They take
     what the caller has checked (a repository's id, a commit the org owns) rather than asking it back."""
 
-    def __init__(self, store: TaggingStore, registry: grpc.aio.Channel) -> None:
+    def __init__(self, store: TaggingStore, registry: grpc.aio.Channel, repositories: RecentRepositories) -> None:
         self.store = store
         self.registry = registry_pb2_grpc.RegistryServiceStub(registry)
+        self.repositories = repositories
 
     async def ResolveReference(self, request: pb.ResolveReferenceRequest, context: grpc.aio.ServicerContext) -> pb.ResolveReferenceResponse:
         if bool(request.ref) == bool(request.tag_name):
@@ -226,6 +235,7 @@ class TaggingInternalServicer(tagging_pb2_grpc.TaggingInternalServiceServicer):
     async def DeleteRepositoryTags(
         self, request: pb.DeleteRepositoryTagsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteRepositoryTagsResponse:
+        self.repositories.forget_org(current_principal().org_id)  # the repository is going: reads ask the registry again
         deleted = await self.store.delete_repository_tags(
             current_principal().org_id, request.repository_id, request.repo_name, actor_key_id=request.actor_key_id or None
         )
