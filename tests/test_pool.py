@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from services.common.db import Database
-from services.common.errors import ResourceExhausted
+from services.common.errors import NotFound, ResourceExhausted
 from services.common.migrations import migrate
 from services.orchestrator.engine import Engine
 from services.orchestrator.machine import find_processes
@@ -186,6 +186,34 @@ async def test_a_branch_takes_a_qemu_waiting_for_its_commit(images: Path, tmp_pa
         assert engine.branch_pool.ready == 0
         async with asyncio.timeout(30):
             while pending.vm_id in find_processes(engine.layout.run) or engine.layout.layer_file(pending.layer_id).exists():
+                await asyncio.sleep(0.1)
+        await engine.delete_vm(base)
+    finally:
+        conftest.kill_vms_under(engine.layout.run)
+        await engine.close()
+        await db.close()
+        conftest.discard(engine.settings.data_dir)
+
+
+async def test_a_branch_refused_as_its_commit_goes_leaves_no_waiting_qemu(images: Path, tmp_path: Path) -> None:
+    """A branch that took the QEMU processes waiting for its commit, then found the commit being deleted (its row
+    read a moment before the deletion began), stops them: none runs on unknown to the pool."""
+    engine, db = await start(tmp_path / "data", root_pool_size=0, branch_pool_size=2, branch_pool_commits=1)
+    try:
+        base = await engine.create_root(ORG, VmConfig(), wait_boot=True)
+        commit, _ = await engine.commit(base, "going", "", keep_paused=False)
+        [cold] = await engine.restore(ORG, commit)
+        async with asyncio.timeout(60):
+            while engine.branch_pool._count(commit.id) < 2:
+                await asyncio.sleep(0.1)
+        waiting = [(pooled.vm_id, pooled.layer_id) for pooled in engine.branch_pool._pooled]
+        await engine.delete_vm(cold)
+        await engine.store.begin_commit_deletion(ORG, commit.id)
+        with pytest.raises(NotFound):
+            await engine.restore(ORG, commit, count=2)
+        assert engine.branch_pool.ready == 0 and engine.branch_pool.memory_mib == 0
+        async with asyncio.timeout(30):
+            while any(vm_id in find_processes(engine.layout.run) or engine.layout.layer_file(layer).exists() for vm_id, layer in waiting):
                 await asyncio.sleep(0.1)
         await engine.delete_vm(base)
     finally:

@@ -174,11 +174,11 @@ class Engine:
         """Stop managing the VMs: put them to sleep (memory to disk), so nothing runs unmanaged and the next
         start wakes them where they were; with VERS_KEEP_VMS_RUNNING they go on running, to be adopted."""
         self._closing = True
-        await self.pool.close()
-        await self.branch_pool.close()
         await self.execs.close()
         while self._changes:
             await asyncio.gather(*self._changes, return_exceptions=True)
+        await self.pool.close()  # after the changes under way, which may take from them or give back
+        await self.branch_pool.close()
         for task in [*self._tasks, *self._scans.values()]:  # watchers, boot waits (a booting VM sleeps as it is), scans
             task.cancel()
         await asyncio.gather(*self._tasks, *self._scans.values(), return_exceptions=True)
@@ -527,10 +527,10 @@ class Engine:
         try:
             self._check_room(what, memory_mib, run_mib, disk_mib)
         except ResourceExhausted:
-            released = [self.pool.release(), self.branch_pool.release()]
-            if not any(released):
-                raise
-            self._check_room(what, memory_mib, run_mib, disk_mib)
+            # the pools' QEMU processes go only when that makes the room (a request too big anyway leaves them)
+            self._check_room(what, memory_mib, run_mib, disk_mib, pools=False)
+            self.pool.release()
+            self.branch_pool.release()
 
     def _pool_room(self, config: VmConfig) -> None:
         """Room for one more VM of `config` for the pool, and for one like it beside it (the pool never takes
@@ -542,9 +542,9 @@ class Engine:
         """Room for one more QEMU waiting for a branch, and for a VM of the commit's beside it."""
         self._check_room("a QEMU waiting for a branch", WAITING_MIB + commit.mem_size_mib, commit.mem_size_mib, 0)
 
-    def _check_room(self, what: str, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0) -> None:
+    def _check_room(self, what: str, memory_mib: int = 0, run_mib: int = 0, disk_mib: int = 0, pools: bool = True) -> None:
         needs = {"memory": memory_mib, "run": run_mib, "disk": disk_mib}
-        for kind, (resource_name, room, reserve, setting) in self._rooms().items():
+        for kind, (resource_name, room, reserve, setting) in self._rooms(pools).items():
             need = needs[kind]
             if room is not None and room - need < reserve:
                 raise ResourceExhausted(
@@ -554,13 +554,13 @@ class Engine:
                     details=[HOST_FULL],
                 )
 
-    def _rooms(self) -> dict[str, tuple[str, int | None, int, str]]:
+    def _rooms(self, pools: bool = True) -> dict[str, tuple[str, int | None, int, str]]:
         """Each resource new work takes on this host: its name for messages, the MiB left for new work (None
         where the system does not say), the reserve kept free and the setting that sets it."""
         settings = self.settings
         running = self.supervisor.running()
         # the pool's VMs count as any VM does (they are let go when a request needs their room: _admit)
-        pooled = self.pool.memory_mib + self.branch_pool.memory_mib
+        pooled = self.pool.memory_mib + self.branch_pool.memory_mib if pools else 0
         running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"] + pooled
         running_run = sum(r.run_mib for r in running) + self._reserved["run"] + self.pool.memory_mib
         memory_total, memory_free = self._memory()
@@ -759,8 +759,9 @@ class Engine:
         )
         try:
             await self.store.add_vms(org_id, vms, layers, operation, source=commit)
-        except NotFound:
-            self.branch_pool.drop(commit.id)  # deleted meanwhile (on another host)
+        except NotFound:  # the commit is being deleted (or no longer public): its QEMU processes go
+            self.branch_pool.drop(commit.id)
+            await asyncio.gather(*(self.branch_pool.discard(pooled) for pooled in waiting))
             raise
         except BaseException:
             for pooled in waiting:  # no org had them: they wait on
@@ -788,6 +789,7 @@ class Engine:
             raise failures[0]
         fault_point("restore.after_start")
         await self.store.finish(operation.id)
+        self.branch_pool.branched(commit)
         return [r for r in results if isinstance(r, VmRow)]
 
     def _restored_row(self, org_id: str, commit: CommitRow, vm_id: str, layer_id: str) -> VmRow:

@@ -247,19 +247,25 @@ class Machine:
                 os.close(fd)
         try:
             qmp = await Qmp.connect(sockets(spec.run_folder)["qmp"])
-        except Exception:
+        except BaseException as error:
             process.kill()
-            await process.wait()
+            await asyncio.shield(process.wait())
+            if not isinstance(error, Exception):
+                raise
             raise RuntimeError(f"QEMU did not start: {cls.read_log(spec.run_folder)}") from None
         machine = cls(spec.vm_id, spec.run_folder, process.pid, qmp, process)
         machine.bound_serial_log(spec.serial_log_max_bytes)
-        # Connected before the guest runs: the guest learns the host side is open before it can read
-        # a command, so its answer is never written to a port it believes closed.
-        await machine.agent.connect()
-        await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-        await qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
-        if not spec.incoming:
-            await qmp.execute("cont")
+        try:
+            # Connected before the guest runs: the guest learns the host side is open before it can read
+            # a command, so its answer is never written to a port it believes closed.
+            await machine.agent.connect()
+            await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+            await qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
+            if not spec.incoming:
+                await qmp.execute("cont")
+        except BaseException:  # a cancelled start too: no QEMU is left running that nothing knows of
+            await asyncio.shield(machine.kill())
+            raise
         return machine
 
     @classmethod

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -47,6 +48,9 @@ BRANCH_REFILL_DELAY = 1.0
 # What one QEMU waiting for a branch's state counts for in this host's memory (it has touched none of the
 # guest's memory yet: its own heap and code, measured at 16 MiB private and 24 MiB PSS).
 WAITING_MIB = 48
+# How long a taken VM's layer still counts as the pool's for the cleanups that remove files no row names: its row
+# is written a moment after it is taken, and a cleanup may have read the rows before that.
+TAKEN_KEPT_SECONDS = 600.0
 
 
 @dataclass
@@ -82,9 +86,14 @@ class _Pool:
         self._starting_mib = 0
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        # Layers of VMs taken lately, by when (see TAKEN_KEPT_SECONDS); keys whose last start failed, until when
+        # they are tried again (the others are started meanwhile).
+        self._taken: dict[str, float] = {}
+        self._failed: dict[str, float] = {}
 
     def start(self) -> None:
-        if self.size > 0 and self._task is None:
+        if self.size > 0 and self._task is None and not self._closed:
             self._task = asyncio.create_task(self._refill())
             self._wanted.set()
 
@@ -100,6 +109,7 @@ class _Pool:
     @property
     def memory_mib(self) -> int:
         """The memory the pool's QEMU processes and the one being started may take."""
+        self._prune()
         return sum(pooled.memory_mib for pooled in self._pooled) + self._starting_mib
 
     @property
@@ -107,37 +117,57 @@ class _Pool:
         return len(self._pooled)
 
     def layer_ids(self) -> set[str]:
-        """The layers of the pool's VMs: files no row names yet, which nothing may remove."""
-        return {pooled.layer_id for pooled in self._pooled}
+        """The layers of the pool's VMs, and of those taken lately: files no row may name yet, which nothing
+        may remove."""
+        now = time.monotonic()
+        self._taken = {layer: when for layer, when in self._taken.items() if now - when < TAKEN_KEPT_SECONDS}
+        return {pooled.layer_id for pooled in self._pooled} | set(self._taken)
+
+    def _prune(self) -> None:
+        """A pooled QEMU that died (a guest panic, the OOM killer) leaves the pool, and its files go."""
+        self._let_go(lambda pooled: not pooled.alive, refill=True)
 
     def _count(self, key: str) -> int:
         return sum(1 for pooled in self._pooled if pooled.key == key)
 
     def _take(self, key: str, wanted: Callable[[Pooled], bool] = lambda _: True) -> Pooled | None:
+        self._prune()
         for pooled in self._pooled:
-            if pooled.key == key and pooled.alive and wanted(pooled):
+            if pooled.key == key and wanted(pooled):
                 self._pooled.remove(pooled)
+                self._taken[pooled.layer_id] = time.monotonic()
                 return pooled
         return None
 
     def give_back(self, pooled: Pooled) -> None:
         """A QEMU taken for a request that was refused before its row was written (an org's limit): no
-        organization had it, so it is as it was."""
+        organization had it, so it is as it was (or goes, once the pool is closed)."""
+        self._taken.pop(pooled.layer_id, None)
         self._pooled.append(pooled)
+        if self._closed or not pooled.alive:
+            self._let_go(lambda each: each is pooled)
+
+    async def discard(self, pooled: Pooled) -> None:
+        """A QEMU taken for a request that failed before its row was written, which must not wait on (its
+        commit is being deleted, say): killed, its files removed."""
+        await self._remove(pooled)
 
     def release(self) -> bool:
         """Let every QEMU of the pool go now, for a request that needs their room; whether there were any. They
-        are killed here and now, their files removed once they have exited."""
-        return self._let_go(lambda _: True)
+        are killed here and now, their files removed once they have exited; the pool fills again later, as room
+        allows."""
+        return self._let_go(lambda _: True, refill=True)
 
-    def _let_go(self, which: Callable[[Pooled], bool]) -> bool:
+    def _let_go(self, which: Callable[[Pooled], bool], refill: bool = False) -> bool:
         going = [pooled for pooled in self._pooled if which(pooled)]
-        self._pooled = [pooled for pooled in self._pooled if not which(pooled)]
+        self._pooled = [pooled for pooled in self._pooled if pooled not in going]
         for pooled in going:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pooled.machine.pid, signal.SIGKILL)
             task = asyncio.create_task(self._remove(pooled))
             task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        if going and refill and not self._closed:
+            self._retry_later()
         return bool(going)
 
     async def _remove(self, pooled: Pooled) -> None:
@@ -146,6 +176,7 @@ class _Pool:
         self._layer_file(pooled.layer_id).unlink(missing_ok=True)
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,22 +189,32 @@ class _Pool:
         while True:
             await self._wanted.wait()
             self._wanted.clear()
-            try:
-                while (key := self._next()) is not None:
+            while (key := self._next()) is not None:
+                try:
                     await self._add(key)
-            except asyncio.CancelledError:
-                raise
-            except ResourceExhausted as error:
-                log.info("the pool of %s waits for room: %s", self.what, error.message)
-                self._retry_later()
-            except Exception as error:
-                log.warning("a QEMU for the pool of %s could not start: %s", self.what, error)
-                self._retry_later()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    if isinstance(error, ResourceExhausted):
+                        log.info("the pool of %s waits for room: %s", self.what, error.message)
+                    else:
+                        log.warning("a QEMU for the pool of %s could not start: %s", self.what, error)
+                    # this key waits, the others are tried meanwhile
+                    self._failed[key] = time.monotonic() + RETRY_SECONDS
+                    self._retry_later()
 
     def _retry_later(self, delay: float = RETRY_SECONDS) -> None:
         asyncio.get_running_loop().call_later(delay, self._wanted.set)
 
     def _next(self) -> str | None:
+        """The first of the keys the pool keeps QEMU processes for with fewer than its size, whose last start
+        did not fail lately."""
+        self._prune()
+        now = time.monotonic()
+        self._failed = {key: until for key, until in self._failed.items() if until > now}
+        return next((key for key in self._keys() if self._count(key) < self.size and key not in self._failed), None)
+
+    def _keys(self) -> list[str]:
         raise NotImplementedError
 
     async def _add(self, key: str) -> None:
@@ -196,7 +237,7 @@ class _Pool:
             self._starting_mib = 0
 
     def _keep(self, pooled: Pooled, wanted: bool) -> None:
-        if wanted:
+        if wanted and not self._closed:
             self._pooled.append(pooled)
             log.info("QEMU of VM %s started for the pool of %s (%d ready)", pooled.vm_id, self.what, len(self._pooled))
         else:  # resized or let go meanwhile
@@ -241,8 +282,8 @@ class RootPool(_Pool):
             self._wanted.set()
         return pooled
 
-    def _next(self) -> str | None:
-        return next((image for image in self.images if self._count(image) < self.size), None)
+    def _keys(self) -> list[str]:
+        return list(self.images)
 
     async def _add(self, name: str) -> None:
         image = await self._lookup(name)
@@ -290,10 +331,13 @@ class BranchPool(_Pool):
         self._recent: OrderedDict[str, CommitRow] = OrderedDict()
 
     def take(self, commit: CommitRow, count: int) -> list[Pooled]:
-        """Up to `count` QEMU processes waiting for a branch of `commit`, taken for good. Either way the commit
-        counts as branched last, and its pool refills a moment later."""
-        taken = [pooled for _ in range(count) if (pooled := self._take(commit.id)) is not None]
-        if self.size and self.commits:
+        """Up to `count` QEMU processes waiting for a branch of `commit`, taken for good."""
+        return [pooled for _ in range(count) if (pooled := self._take(commit.id)) is not None]
+
+    def branched(self, commit: CommitRow) -> None:
+        """A branch of `commit` started (its org's limits passed): the commit counts as branched last, and its
+        QEMU processes are started again a moment later."""
+        if self.size and self.commits and not self._closed:
             self._recent[commit.id] = commit
             self._recent.move_to_end(commit.id)
             old = set(list(self._recent)[: -self.commits])
@@ -302,15 +346,14 @@ class BranchPool(_Pool):
             self._let_go(lambda pooled: pooled.key in old)
             self.start()
             self._retry_later(BRANCH_REFILL_DELAY)
-        return taken
 
     def drop(self, commit_id: str) -> None:
         """The commit is deleted (or its files on this host were found damaged): its QEMU processes go."""
         self._recent.pop(commit_id, None)
         self._let_go(lambda pooled: pooled.key == commit_id)
 
-    def _next(self) -> str | None:
-        return next((commit_id for commit_id in reversed(self._recent) if self._count(commit_id) < self.size), None)
+    def _keys(self) -> list[str]:
+        return list(reversed(self._recent))
 
     async def _add(self, commit_id: str) -> None:
         commit = self._recent[commit_id]
