@@ -83,7 +83,12 @@ IMAGES = ROOT / ".vers" / "images"
 # its own (test_hostile_guest.py), the suite's keep a small one so that it runs with a few GiB of disk free. No
 # pools of booted VMs or waiting QEMU processes (on two cores they would slow every other test): test_pool.py
 # starts engines with them.
-SUITE_ENVIRONMENT = {"VERS_GUEST_DNS": "none", "VERS_HOST_RESERVE_DISK_MIB": "256", "VERS_ROOT_POOL_SIZE": "0", "VERS_BRANCH_POOL_SIZE": "0"}
+SUITE_ENVIRONMENT = {
+    "VERS_GUEST_DNS": "none",
+    "VERS_HOST_RESERVE_DISK_MIB": "256",
+    "VERS_ROOT_POOL_SIZE": "0",
+    "VERS_BRANCH_POOL_SIZE": "0",
+}
 
 
 def pytest_configure() -> None:
