@@ -88,6 +88,14 @@ def test_the_verifier_takes_a_linked_copy_as_verified_and_still_checks_it(
     verifier.verify("copy", checksums, chain[0])
     verifier.verify(commit_id, checksums, chain[0])
     assert whole == [], "files verified under another name are hashed again"
+    # deleting the copy moves the source's files' change time, not their contents: they stay verified
+    gone = verifier.forget("copy")
+    LocalCommitStore(a).delete_commit("copy")
+    verifier.unlinked(gone)
+    verifier.verify(commit_id, checksums, chain[0])
+    assert whole == [], "the source is hashed again after its copy was deleted"
+    LocalCommitStore(a).link(commit_id, "copy")
+    verifier.linked("copy")
     # a file changed since is hashed, and refused
     (a.commit_folder("copy") / "state").chmod(0o600)
     (a.commit_folder("copy") / "state").write_bytes(b"changed")

@@ -1061,8 +1061,9 @@ class Engine:
     async def _finish_commit_deletion(self, commit_id: str) -> None:
         fault_point("commit_delete.after_reserve")
         self.branch_pool.drop(commit_id)
-        self.verifier.forget(commit_id)
+        gone = self.verifier.forget(commit_id)
         await asyncio.to_thread(self.commit_store.delete_commit, commit_id)  # other hosts' copies go at their next start
+        self.verifier.unlinked(gone)  # a fork's copy and its source share files: the other stays verified
         await self.store.finish_commit_deletion(commit_id)
         await self.collect_garbage()
 

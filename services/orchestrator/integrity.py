@@ -84,10 +84,25 @@ class Verifier:
                 for name in (*names, path):
                     self._verified[name] = key
 
-    def forget(self, commit_id: str) -> None:
-        """The commit is being deleted, or its copies here dropped: what was known of its files goes."""
+    def forget(self, commit_id: str) -> list[tuple[int, int, int, int]]:
+        """The commit is being deleted, or its copies here dropped: what was known of its files goes (and is
+        returned, for `unlinked` once they are gone)."""
         folders = {self.layout.commit_folder(commit_id)}
         if self.layout.store is not None:
             folders.add(self.layout.store_commit_folder(commit_id))
-        for path in [p for p in self._verified if p.parent in folders]:
-            del self._verified[path]
+        gone = [path for path in self._verified if path.parent in folders]
+        return [self._verified.pop(path) for path in gone]
+
+    def unlinked(self, gone: list[tuple[int, int, int, int]]) -> None:
+        """Names of verified files were removed (a deleted commit whose files other commits share, a fork's copy
+        or its source): the other names' change time moved with it, their contents did not. A name whose inode,
+        size and modification time are still those verified stays verified."""
+        moved = {key[:3] for key in gone}
+        for path, verified in list(self._verified.items()):
+            if verified[:3] in moved:
+                try:
+                    key = _stat_key(path)
+                except OSError:
+                    continue
+                if key[:3] == verified[:3]:
+                    self._verified[path] = key
