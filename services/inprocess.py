@@ -58,7 +58,6 @@ class InProcessPlatform:
             lifespan="on",
             ws=UVICORN_WS,
             http=UVICORN_HTTP,
-            access_log=False,
             ssl_certfile=settings.http_tls_cert_file or None,
             ssl_keyfile=settings.http_tls_key_file or None,
         )

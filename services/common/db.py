@@ -41,12 +41,12 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_CONNECTIONS = 32
 
 
-def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
+def _sqlite_engine(url: str, begin: str, connections: int) -> AsyncEngine:
     # Connections kept open: with SQLAlchemy's default (5, and 10 more closed after each use) a service under a
     # few dozen concurrent calls opens a new connection for most of them, a thread and four PRAGMAs each.
     # (An in-memory database has one connection, SQLAlchemy's StaticPool.)
     in_memory = make_url(url).database in (None, "", ":memory:")
-    pool: dict[str, Any] = {} if in_memory else {"pool_size": SQLITE_CONNECTIONS, "max_overflow": SQLITE_CONNECTIONS}
+    pool: dict[str, Any] = {} if in_memory else {"pool_size": connections, "max_overflow": connections}
     engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool)
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -83,8 +83,8 @@ class Database:
                 for path in (parsed.database, f"{parsed.database}-wal", f"{parsed.database}-shm"):
                     with contextlib.suppress(OSError):
                         os.chmod(path, 0o600)
-            self._read_engine = _sqlite_engine(url, "BEGIN")
-            self._write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE")
+            self._read_engine = _sqlite_engine(url, "BEGIN", SQLITE_CONNECTIONS)
+            self._write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE", 1)  # writes take turns (_write_lock)
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
         else:
             self._read_engine = self._write_engine = create_async_engine(url, pool_pre_ping=True)

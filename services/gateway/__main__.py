@@ -17,8 +17,6 @@ uvicorn.run(
     ws=UVICORN_WS,
     http=UVICORN_HTTP,
     log_level=settings.log_level.lower(),
-    # a line per request costs the gateway more than the request itself; the services log what matters
-    access_log=False,
     timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     # HTTPS when both are set (VERS_HTTP_TLS_CERT_FILE, VERS_HTTP_TLS_KEY_FILE)
     ssl_certfile=settings.http_tls_cert_file or None,

@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 # uvicorn's WebSocket implementation: wsproto, because websockets-sansio logs an error after every refused
 # handshake (Kludex/uvicorn#3138) and the legacy websockets one is deprecated.
 UVICORN_WS = "wsproto"
-# uvicorn's HTTP/1.1 parser: httptools (llhttp, in C), not h11 (pure Python), which costs several times as much
-# per request.
-UVICORN_HTTP = "httptools"
+# uvicorn's HTTP/1.1 parser: h11, named so that an installed httptools is not chosen instead. uvicorn's httptools
+# protocol keeps every header and URL byte a client sends before the request starts, with no limit (a client
+# without a key could fill the gateway's memory); with h11 uvicorn refuses a request head past 16 KiB.
+UVICORN_HTTP = "h11"
 # Forwarded from HTTP to gRPC so every service checks the caller itself.
 FORWARDED_HEADERS = ("authorization", "x-request-id")
 
