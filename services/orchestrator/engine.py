@@ -561,8 +561,9 @@ class Engine:
         running = self.supervisor.running()
         # the pool's VMs count as any VM does (they are let go when a request needs their room: _admit)
         pooled = self.pool.memory_mib + self.branch_pool.memory_mib if pools else 0
+        pooled_run = self.pool.memory_mib if pools else 0  # booted VMs' RAM files (waiting QEMUs map their commit's)
         running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"] + pooled
-        running_run = sum(r.run_mib for r in running) + self._reserved["run"] + self.pool.memory_mib
+        running_run = sum(r.run_mib for r in running) + self._reserved["run"] + pooled_run
         memory_total, memory_free = self._memory()
         run_total, run_free = _space(self.layout.run)
         _disk_total, disk_free = _space(self.layout.data)
