@@ -11,9 +11,9 @@ import pytest
 
 from services.common.errors import DataLoss
 from services.orchestrator import integrity
-from services.orchestrator.commitstore import CHECKSUMS_FILE, LocalCommitStore, SharedPathCommitStore
+from services.orchestrator.commitstore import CHECKSUMS_FILE, LocalCommitStore
 from services.orchestrator.integrity import Verifier
-from tests.test_commit_store import base, host, make_commit
+from tests.test_commit_store import base, host, make_commit, shared_hosts
 
 __all__ = ["base"]  # the fixture, used by name
 
@@ -23,11 +23,7 @@ def inode(path: Path) -> int:
 
 
 def test_a_copy_in_a_shared_store_is_the_same_files_and_outlives_its_source(tmp_path: Path, base: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    a, b = host(tmp_path, "host-a", store), host(tmp_path, "host-b", store)
-    shared_a, shared_b = SharedPathCommitStore(a), SharedPathCommitStore(b)
-    shared_a.prepare()
+    a, b, shared_a, shared_b = shared_hosts(tmp_path)
     commit_id, chain = make_commit(a, base)
     shared_a.publish(commit_id, chain, '{"files": {}}')
     ram = (a.commit_folder(commit_id) / "ram").read_bytes()

@@ -49,6 +49,16 @@ def host(tmp_path: Path, name: str, store: Path | None) -> Layout:
     return layout
 
 
+def shared_hosts(tmp_path: Path) -> tuple[Layout, Layout, SharedPathCommitStore, SharedPathCommitStore]:
+    """Hosts A and B with one shared commit store folder (A's prepared), and each one's store."""
+    store = tmp_path / "store"
+    store.mkdir()
+    a, b = host(tmp_path, "host-a", store), host(tmp_path, "host-b", store)
+    shared_a, shared_b = SharedPathCommitStore(a), SharedPathCommitStore(b)
+    shared_a.prepare()
+    return a, b, shared_a, shared_b
+
+
 def make_commit(layout: Layout, base: Path) -> tuple[str, list[str]]:
     """A commit as the engine leaves it in a host's data folder: a chain of two layers on an image's root disk
     (the lower one named by absolute path, the upper by its name alone), and a folder with state and memory."""
@@ -73,18 +83,14 @@ def base(tmp_path: Path) -> Path:
 
 
 def test_a_published_commit_is_whole_in_the_store_and_another_host_fetches_a_working_chain(tmp_path: Path, base: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    a, b = host(tmp_path, "host-a", store), host(tmp_path, "host-b", store)
-    shared_a, shared_b = SharedPathCommitStore(a), SharedPathCommitStore(b)
-    shared_a.prepare()
+    a, b, shared_a, shared_b = shared_hosts(tmp_path)
     commit_id, chain = make_commit(a, base)
 
     shared_a.publish(commit_id, chain, json.dumps({"files": {}}))
     assert {p.name for p in a.store_layers.iterdir()} == {f"{layer}.qcow2" for layer in chain}
     assert {p.name for p in a.store_commit_folder(commit_id).iterdir()} == {"state", "ram", CHECKSUMS_FILE}
     assert (a.store_commit_folder(commit_id) / "state").read_bytes() == (a.commit_folder(commit_id) / "state").read_bytes()
-    assert not [p for p in store.rglob(f"*{PART}*")], "no partial file is left"
+    assert not [p for p in (tmp_path / "store").rglob(f"*{PART}*")], "no partial file is left"
     assert shared_a.stored() == Stored(frozenset({commit_id}), frozenset(chain))
     # the memory file keeps its holes in the store
     assert (a.store_commit_folder(commit_id) / "ram").stat().st_blocks * 512 < 1 << 20

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -38,14 +39,23 @@ async def start(settings_dir: Path, **changes: object) -> tuple[Engine, Database
     return engine, db
 
 
+@asynccontextmanager
+async def running(settings_dir: Path, **changes: object) -> AsyncIterator[Engine]:
+    """An engine as `start` makes it, stopped afterwards with every QEMU under its run folder, its data removed."""
+    engine, db = await start(settings_dir, **changes)
+    try:
+        yield engine
+    finally:
+        conftest.kill_vms_under(engine.layout.run)
+        await engine.close()
+        await db.close()
+        conftest.discard(engine.settings.data_dir)
+
+
 @pytest_asyncio.fixture
 async def engine(images: Path, tmp_path: Path) -> AsyncIterator[Engine]:
-    engine, db = await start(tmp_path / "data")
-    yield engine
-    conftest.kill_vms_under(engine.layout.run)
-    await engine.close()
-    await db.close()
-    conftest.discard(engine.settings.data_dir)
+    async with running(tmp_path / "data") as engine:
+        yield engine
 
 
 async def pool_ready(engine: Engine, count: int = 1) -> list[str]:
@@ -108,8 +118,7 @@ async def test_an_org_at_its_limit_is_refused_and_the_pooled_vm_stays(engine: En
 async def test_the_pool_gives_way_to_a_request_and_waits_for_room(images: Path, tmp_path: Path) -> None:
     # Room for the reserve and two 256 MiB VMs: the pool fills (its VM and one beside it fit), and a VM of
     # 512 MiB fits only once the pool's VM is let go; then the pool has no room to boot another.
-    engine, db = await start(tmp_path / "data", host_reserve_memory_mib=1024, host_memory_mib=1024 + 512)
-    try:
+    async with running(tmp_path / "data", host_reserve_memory_mib=1024, host_memory_mib=1024 + 512) as engine:
         [pooled_id] = await pool_ready(engine)
         pid = find_processes(engine.layout.run)[pooled_id]
         big = await engine.create_root(ORG, VmConfig(mem_size_mib=512), wait_boot=False)
@@ -121,10 +130,6 @@ async def test_the_pool_gives_way_to_a_request_and_waits_for_room(images: Path, 
         await asyncio.sleep(2)
         assert engine.pool.ready == 0 and engine.pool.memory_mib == 0  # no room for another beside the VM
         await engine.delete_vm(big)
-    finally:
-        conftest.kill_vms_under(engine.layout.run)
-        await engine.close()
-        await db.close()
 
 
 async def test_a_stop_leaves_nothing_of_the_pool(images: Path, tmp_path: Path) -> None:
@@ -148,13 +153,11 @@ async def branch_pool_ready(engine: Engine, commit_id: str) -> str:
 
 
 async def test_a_branch_takes_a_qemu_waiting_for_its_commit(images: Path, tmp_path: Path) -> None:
-    engine, db = await start(tmp_path / "data", root_pool_size=0, branch_pool_size=1, branch_pool_commits=1)
-
     async def no_tags(org_id: str, commit_id: str) -> None:
         return None  # no tagging service here: no tag names the commits
 
-    engine.reserve_deletion = no_tags
-    try:
+    async with running(tmp_path / "data", root_pool_size=0, branch_pool_size=1, branch_pool_commits=1) as engine:
+        engine.reserve_deletion = no_tags
         base = await engine.create_root(ORG, VmConfig(), wait_boot=True)
         await run(engine, base, "(i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done) >/dev/null 2>&1 &")
         await asyncio.sleep(0.5)
@@ -188,18 +191,12 @@ async def test_a_branch_takes_a_qemu_waiting_for_its_commit(images: Path, tmp_pa
             while pending.vm_id in find_processes(engine.layout.run) or engine.layout.layer_file(pending.layer_id).exists():
                 await asyncio.sleep(0.1)
         await engine.delete_vm(base)
-    finally:
-        conftest.kill_vms_under(engine.layout.run)
-        await engine.close()
-        await db.close()
-        conftest.discard(engine.settings.data_dir)
 
 
 async def test_a_branch_refused_as_its_commit_goes_leaves_no_waiting_qemu(images: Path, tmp_path: Path) -> None:
     """A branch that took the QEMU processes waiting for its commit, then found the commit being deleted (its row
     read a moment before the deletion began), stops them: none runs on unknown to the pool."""
-    engine, db = await start(tmp_path / "data", root_pool_size=0, branch_pool_size=2, branch_pool_commits=1)
-    try:
+    async with running(tmp_path / "data", root_pool_size=0, branch_pool_size=2, branch_pool_commits=1) as engine:
         base = await engine.create_root(ORG, VmConfig(), wait_boot=True)
         commit, _ = await engine.commit(base, "going", "", keep_paused=False)
         [cold] = await engine.restore(ORG, commit)
@@ -216,8 +213,3 @@ async def test_a_branch_refused_as_its_commit_goes_leaves_no_waiting_qemu(images
             while any(vm_id in find_processes(engine.layout.run) or engine.layout.layer_file(layer).exists() for vm_id, layer in waiting):
                 await asyncio.sleep(0.1)
         await engine.delete_vm(base)
-    finally:
-        conftest.kill_vms_under(engine.layout.run)
-        await engine.close()
-        await db.close()
-        conftest.discard(engine.settings.data_dir)

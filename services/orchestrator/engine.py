@@ -560,8 +560,8 @@ class Engine:
         settings = self.settings
         running = self.supervisor.running()
         # the pool's VMs count as any VM does (they are let go when a request needs their room: _admit)
-        pooled = self.pool.memory_mib + self.branch_pool.memory_mib if pools else 0
         pooled_run = self.pool.memory_mib if pools else 0  # booted VMs' RAM files (waiting QEMUs map their commit's)
+        pooled = pooled_run + (self.branch_pool.memory_mib if pools else 0)
         running_memory = sum(r.memory_mib for r in running) + self._reserved["memory"] + pooled
         running_run = sum(r.run_mib for r in running) + self._reserved["run"] + pooled_run
         memory_total, memory_free = self._memory()
